@@ -1,0 +1,403 @@
+//! The `jitgate` command line: server commands (`init`, `serve`, `config check`, `demo`,
+//! `cert issue`) and admin commands over the control API (`grant ...`, `session ...`).
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context as _, Result};
+use clap::{Args, Parser, Subcommand};
+use serde::Serialize;
+
+use crate::client::ApiClient;
+use crate::config::Config;
+use crate::grants::NewGrant;
+use crate::pki::{self, files, Authority};
+use crate::types::{AccessLevel, Role, TargetName, UserName};
+
+/// jitgate: just-in-time access to PostgreSQL. Nobody keeps standing access: admins grant a
+/// user access to one target for a bounded time, and the proxy lets that user's psql
+/// sessions through only while the grant lives.
+#[derive(Debug, Parser)]
+#[command(name = "jitgate", version, propagate_version = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Create a data directory: CA, server certificate, admin identity and a commented config.
+    Init(InitArgs),
+    /// Run the proxy.
+    Serve {
+        /// Config file (see deploy/examples/jitgate.toml).
+        #[arg(long, short, env = "JITGATE_CONFIG")]
+        config: PathBuf,
+    },
+    /// Start a sandbox: throwaway PostgreSQL, proxy, demo user and a 15-minute grant.
+    Demo,
+    /// Validate configuration files.
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
+    /// Issue client certificates from the data directory's CA.
+    Cert {
+        #[command(subcommand)]
+        command: CertCommand,
+    },
+    /// Create, list and revoke grants (admin).
+    Grant {
+        #[command(subcommand)]
+        command: GrantCommand,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// List and kill live sessions (admin).
+    Session {
+        #[command(subcommand)]
+        command: SessionCommand,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+}
+
+#[derive(Debug, Args)]
+struct InitArgs {
+    /// Directory to create (holds keys: keep it private).
+    #[arg(long, env = "JITGATE_DATA_DIR")]
+    data_dir: PathBuf,
+    /// DNS name or IP address clients use to reach the proxy; repeatable.
+    /// Default: localhost and 127.0.0.1.
+    #[arg(long = "server-name")]
+    server_names: Vec<String>,
+    /// Lifetime of the admin certificate (admin.crt).
+    #[arg(long, default_value = "12h", value_parser = humantime::parse_duration)]
+    admin_ttl: Duration,
+}
+
+#[derive(Debug, Subcommand)]
+enum ConfigCommand {
+    /// Validate FILE; exits non-zero naming the offending key.
+    Check { file: PathBuf },
+}
+
+#[derive(Debug, Subcommand)]
+enum CertCommand {
+    /// Issue a client certificate: writes OUT/NAME.crt, OUT/NAME.key and OUT/ca.crt.
+    Issue {
+        #[arg(long, env = "JITGATE_DATA_DIR")]
+        data_dir: PathBuf,
+        /// User name carried by the certificate.
+        #[arg(long)]
+        user: String,
+        /// Comma-separated roles, e.g. dev,oncall.
+        #[arg(long, value_delimiter = ',')]
+        roles: Vec<String>,
+        /// Lifetime, e.g. 8h.
+        #[arg(long, default_value = "8h", value_parser = humantime::parse_duration)]
+        ttl: Duration,
+        /// Output directory.
+        #[arg(long, default_value = ".")]
+        out: PathBuf,
+    },
+}
+
+/// Where the control API is and which identity to present. Flags win over environment
+/// variables; anything unset falls back to the admin identity in `--data-dir`.
+#[derive(Debug, Args)]
+struct ApiArgs {
+    /// API address, host:port.
+    #[arg(long, env = "JITGATE_API", global = true)]
+    api: Option<String>,
+    /// Client certificate (PEM).
+    #[arg(long, env = "JITGATE_CERT", global = true)]
+    cert: Option<PathBuf>,
+    /// Client key (PEM).
+    #[arg(long, env = "JITGATE_KEY", global = true)]
+    key: Option<PathBuf>,
+    /// CA certificate that signed the proxy's server certificate (PEM).
+    #[arg(long, env = "JITGATE_CA", global = true)]
+    ca: Option<PathBuf>,
+    /// Data directory to take the API address (from jitgate.toml) and admin identity from.
+    #[arg(long, env = "JITGATE_DATA_DIR", global = true)]
+    data_dir: Option<PathBuf>,
+    /// Print JSON (an object, or an array for lists) instead of text.
+    #[arg(long, global = true)]
+    json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+enum GrantCommand {
+    /// Grant USER access to TARGET now; prints the grant id.
+    Create {
+        #[arg(long)]
+        user: String,
+        #[arg(long)]
+        target: String,
+        /// read, write or admin.
+        #[arg(long, default_value = "read")]
+        access: AccessLevel,
+        /// How long, e.g. 30m or 2h.
+        #[arg(long = "for", value_parser = humantime::parse_duration)]
+        duration: Duration,
+        /// Why (ticket, incident); recorded in the audit log.
+        #[arg(long)]
+        reason: String,
+    },
+    /// List active grants.
+    List,
+    /// Revoke a grant and cut its sessions.
+    Revoke { id: String },
+}
+
+#[derive(Debug, Subcommand)]
+enum SessionCommand {
+    /// List live sessions.
+    List,
+    /// Cut a live session.
+    Kill { id: String },
+}
+
+/// Parses the command line and runs it.
+pub fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let serving = matches!(cli.command, Command::Serve { .. } | Command::Demo);
+    let default = if serving { "info" } else { "warn" };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(dispatch(cli)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn dispatch(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Init(args) => init(args),
+        Command::Serve { config } => serve(&config).await,
+        Command::Demo => crate::demo::run().await,
+        Command::Config { command: ConfigCommand::Check { file } } => {
+            let config = Config::load(&file)?;
+            println!("{}: ok ({} targets)", file.display(), config.targets.len());
+            Ok(())
+        }
+        Command::Cert { command: CertCommand::Issue { data_dir, user, roles, ttl, out } } => {
+            let user = UserName::new(user)?;
+            let roles = roles.into_iter().map(Role::new).collect::<Result<Vec<_>, _>>()?;
+            let ca = Authority::load(&data_dir)?;
+            let (cert, key) = pki::issue_to_dir(&ca, &user, &roles, ttl, &out)?;
+            println!("wrote {}, {} and {}", cert.display(), key.display(), out.join(files::CA_CERT).display());
+            Ok(())
+        }
+        Command::Grant { command, api } => grant(command, &api).await,
+        Command::Session { command, api } => session(command, &api).await,
+    }
+}
+
+async fn serve(path: &Path) -> Result<()> {
+    let config = Config::load(path)?;
+    let listeners = crate::server::Listeners::bind(&config.listen).await?;
+    crate::server::run(config, listeners, shutdown_signal()).await?;
+    Ok(())
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+pub async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term => {}
+    }
+}
+
+/// Writes a new data directory. Refuses to overwrite an existing CA.
+pub fn init_data_dir(data_dir: &Path, server_names: &[String], admin_ttl: Duration) -> Result<()> {
+    std::fs::create_dir_all(data_dir).with_context(|| format!("creating {}", data_dir.display()))?;
+    if data_dir.join(files::CA_KEY).exists() {
+        bail!("{} already holds a CA; refusing to overwrite it", data_dir.display());
+    }
+    let data_dir = data_dir.canonicalize()?;
+    let ca = Authority::generate()?;
+    pki::write_file(&data_dir.join(files::CA_CERT), ca.cert_pem(), false)?;
+    pki::write_file(&data_dir.join(files::CA_KEY), &ca.key_pem(), true)?;
+    let names: Vec<String> = if server_names.is_empty() {
+        vec!["localhost".into(), "127.0.0.1".into()]
+    } else {
+        server_names.to_vec()
+    };
+    let (cert, key) = ca.issue_server(&names)?;
+    pki::write_file(&data_dir.join(files::SERVER_CERT), &cert, false)?;
+    pki::write_file(&data_dir.join(files::SERVER_KEY), &key, true)?;
+    let admin = UserName::new("admin")?;
+    let (cert, key) = ca.issue_client(&admin, &[Role::new("admin")?], admin_ttl)?;
+    pki::write_file(&data_dir.join(files::ADMIN_CERT), &cert, false)?;
+    pki::write_file(&data_dir.join(files::ADMIN_KEY), &key, true)?;
+    let config_path = data_dir.join("jitgate.toml");
+    if !config_path.exists() {
+        let text = CONFIG_TEMPLATE.replace("@DATA_DIR@", &data_dir.display().to_string());
+        pki::write_file(&config_path, &text, false)?;
+    }
+    Ok(())
+}
+
+fn init(args: InitArgs) -> Result<()> {
+    init_data_dir(&args.data_dir, &args.server_names, args.admin_ttl)?;
+    let dir = args.data_dir.canonicalize()?;
+    println!("initialised {}", dir.display());
+    println!("  CA:          {}/ca.crt (key ca.key: keep it private)", dir.display());
+    println!("  server cert: {}/server.crt", dir.display());
+    println!("  admin:       {}/admin.crt, admin.key (expires in {})", dir.display(), humantime::format_duration(args.admin_ttl));
+    println!("  config:      {}/jitgate.toml (add your [[targets]], then: jitgate serve --config ...)", dir.display());
+    Ok(())
+}
+
+const CONFIG_TEMPLATE: &str = r#"# jitgate configuration, written by `jitgate init`.
+# Every key is documented in deploy/examples/jitgate.toml. Check with: jitgate config check FILE
+
+# Holds ca.crt/ca.key, server.crt/server.key, the grant store (jitgate.db) and audit.jsonl.
+data_dir = "@DATA_DIR@"
+
+[listen]
+postgres = "127.0.0.1:5433"   # psql connects here (TLS + client certificate)
+api = "127.0.0.1:8443"        # control API for the jitgate CLI (mTLS, admin role)
+metrics = "127.0.0.1:9187"    # Prometheus /metrics, /healthz, /readyz (plain HTTP)
+
+# One [[targets]] table per PostgreSQL server. Clients pick it with dbname=NAME
+# (or dbname=NAME/otherdb for another database on that server).
+#
+# [[targets]]
+# name = "prod-db"
+# kind = "postgres"
+# address = "10.0.0.5:5432"
+# database = "app"
+# labels = { env = "prod" }
+# [targets.credentials.read]          # one table per access level: read, write, admin
+# user = "jit_reader"
+# password_env = "PROD_DB_READER_PASSWORD"   # or password_file = "/run/secrets/reader"
+"#;
+
+fn api_client(a: &ApiArgs) -> Result<ApiClient> {
+    let dir = a.data_dir.as_deref();
+    let from_dir = |name: &str| dir.map(|d| d.join(name));
+    let api = match (&a.api, dir) {
+        (Some(api), _) => api.clone(),
+        (None, Some(d)) => api_from_config(&d.join("jitgate.toml"))?,
+        (None, None) => bail!("no API address: pass --api HOST:PORT (or JITGATE_API), or --data-dir DIR"),
+    };
+    let pick = |v: &Option<PathBuf>, name: &str, flag: &str| {
+        v.clone().or_else(|| from_dir(name)).with_context(|| format!("no {flag}: pass --{flag} (or JITGATE_{}), or --data-dir DIR", flag.to_uppercase()))
+    };
+    let cert = pick(&a.cert, files::ADMIN_CERT, "cert")?;
+    let key = pick(&a.key, files::ADMIN_KEY, "key")?;
+    let ca = pick(&a.ca, files::CA_CERT, "ca")?;
+    Ok(ApiClient::from_files(&api, &cert, &key, &ca)?)
+}
+
+/// Reads `listen.api` from a config file without resolving its secrets.
+fn api_from_config(path: &Path) -> Result<String> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let value: toml::Value = toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+    let api = value.get("listen").and_then(|l| l.get("api")).and_then(|a| a.as_str()).unwrap_or("127.0.0.1:8443");
+    // A wildcard bind address is reached through loopback.
+    Ok(api.replace("0.0.0.0", "127.0.0.1").replace("[::]", "[::1]"))
+}
+
+fn print_json<T: Serialize>(value: &T) -> Result<()> {
+    println!("{}", serde_json::to_string_pretty(value)?);
+    Ok(())
+}
+
+fn until(t: std::time::SystemTime) -> String {
+    let left = t.duration_since(std::time::SystemTime::now()).unwrap_or_default();
+    humantime::format_duration(Duration::from_secs(left.as_secs())).to_string()
+}
+
+async fn grant(cmd: GrantCommand, a: &ApiArgs) -> Result<()> {
+    let client = api_client(a)?;
+    match cmd {
+        GrantCommand::Create { user, target, access, duration, reason } => {
+            let req = NewGrant {
+                user: UserName::new(user)?,
+                target: TargetName::new(target)?,
+                access,
+                duration_secs: duration.as_secs().max(1),
+                reason,
+            };
+            let g = client.create_grant(&req).await?;
+            if a.json {
+                print_json(&g)
+            } else {
+                println!("{}", g.id);
+                Ok(())
+            }
+        }
+        GrantCommand::List => {
+            let grants = client.list_grants().await?;
+            if a.json {
+                return print_json(&grants);
+            }
+            println!("{:<20} {:<16} {:<16} {:<6} {:<12} REASON", "ID", "USER", "TARGET", "ACCESS", "EXPIRES IN");
+            for g in grants {
+                println!("{:<20} {:<16} {:<16} {:<6} {:<12} {}", g.id, g.user, g.target, g.access, until(g.expires_at), g.reason);
+            }
+            Ok(())
+        }
+        GrantCommand::Revoke { id } => {
+            let g = client.revoke_grant(&id).await?;
+            if a.json {
+                print_json(&g)
+            } else {
+                println!("revoked {} ({} on {})", g.id, g.user, g.target);
+                Ok(())
+            }
+        }
+    }
+}
+
+async fn session(cmd: SessionCommand, a: &ApiArgs) -> Result<()> {
+    let client = api_client(a)?;
+    match cmd {
+        SessionCommand::List => {
+            let sessions = client.list_sessions().await?;
+            if a.json {
+                return print_json(&sessions);
+            }
+            println!("{:<20} {:<16} {:<16} {:<6} {:<22} {:>10} {:>10}", "ID", "USER", "TARGET", "ACCESS", "CLIENT", "BYTES IN", "BYTES OUT");
+            for s in sessions {
+                println!(
+                    "{:<20} {:<16} {:<16} {:<6} {:<22} {:>10} {:>10}",
+                    s.id, s.user, s.target, s.access, s.client_addr, s.bytes_from_client, s.bytes_to_client
+                );
+            }
+            Ok(())
+        }
+        SessionCommand::Kill { id } => {
+            let k = client.kill_session(&id).await?;
+            if a.json {
+                print_json(&k)
+            } else {
+                println!("killed {}", k.id);
+                Ok(())
+            }
+        }
+    }
+}

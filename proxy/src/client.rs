@@ -1,0 +1,138 @@
+//! Client for the control API, used by the CLI and by tests: one mTLS connection per request,
+//! HTTP/1.1, JSON bodies.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use http_body_util::{BodyExt as _, Full};
+use hyper::{Method, Request, StatusCode};
+use hyper_util::rt::TokioIo;
+use rustls::pki_types::ServerName;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use tokio::net::TcpStream;
+
+use crate::api::ApiErrorBody;
+use crate::grants::{Grant, NewGrant};
+use crate::sessions::SessionInfo;
+
+/// API call failures.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("{0}")]
+    Setup(String),
+    #[error("cannot reach the jitgate API at {addr}: {message}")]
+    Connect { addr: String, message: String },
+    #[error("{message} (HTTP {status})")]
+    Api { status: u16, message: String },
+    #[error("unexpected API response: {0}")]
+    Decode(String),
+}
+
+/// A configured API client.
+#[derive(Clone)]
+pub struct ApiClient {
+    addr: String,
+    host: String,
+    tls: Arc<rustls::ClientConfig>,
+}
+
+impl ApiClient {
+    /// `api` is `host:port` or `https://host:port`; the certificate files are PEM.
+    pub fn from_files(api: &str, cert: &Path, key: &Path, ca: &Path) -> Result<Self, ClientError> {
+        let setup = |e: crate::tls::TlsError| ClientError::Setup(e.to_string());
+        let roots = crate::tls::load_roots(ca).map_err(setup)?;
+        let certs = crate::tls::load_certs(cert).map_err(setup)?;
+        let key = crate::tls::load_key(key).map_err(setup)?;
+        let mut cfg = rustls::ClientConfig::builder_with_provider(crate::tls::provider())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| ClientError::Setup(e.to_string()))?
+            .with_root_certificates(roots)
+            .with_client_auth_cert(certs, key)
+            .map_err(|e| ClientError::Setup(e.to_string()))?;
+        cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let addr = api.trim_start_matches("https://").trim_end_matches('/').to_owned();
+        let host = addr.rsplit_once(':').map_or(addr.as_str(), |(h, _)| h).trim_matches(['[', ']']).to_owned();
+        Ok(Self { addr, host, tls: Arc::new(cfg) })
+    }
+
+    async fn call<T: DeserializeOwned>(&self, method: Method, path: &str, body: Option<Vec<u8>>) -> Result<T, ClientError> {
+        let connect = |message: String| ClientError::Connect { addr: self.addr.clone(), message };
+        let tcp = TcpStream::connect(&self.addr).await.map_err(|e| connect(e.to_string()))?;
+        let name = ServerName::try_from(self.host.clone()).map_err(|e| ClientError::Setup(e.to_string()))?;
+        let tls = tokio_rustls::TlsConnector::from(Arc::clone(&self.tls))
+            .connect(name, tcp)
+            .await
+            .map_err(|e| connect(e.to_string()))?;
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake(TokioIo::new(tls)).await.map_err(|e| connect(e.to_string()))?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        let req = Request::builder()
+            .method(method)
+            .uri(path)
+            .header(hyper::header::HOST, &self.addr)
+            .header(hyper::header::CONTENT_TYPE, "application/json")
+            .body(Full::new(bytes::Bytes::from(body.unwrap_or_default())))
+            .map_err(|e| ClientError::Setup(e.to_string()))?;
+        let resp = sender.send_request(req).await.map_err(|e| connect(e.to_string()))?;
+        let status = resp.status();
+        let bytes = resp.into_body().collect().await.map_err(|e| connect(e.to_string()))?.to_bytes();
+        if status != StatusCode::OK && status != StatusCode::CREATED {
+            let message = serde_json::from_slice::<ApiErrorBody>(&bytes)
+                .map(|b| b.error)
+                .unwrap_or_else(|_| String::from_utf8_lossy(&bytes).into_owned());
+            return Err(ClientError::Api { status: status.as_u16(), message });
+        }
+        serde_json::from_slice(&bytes).map_err(|e| ClientError::Decode(e.to_string()))
+    }
+
+    async fn post<B: Serialize, T: DeserializeOwned>(&self, path: &str, body: &B) -> Result<T, ClientError> {
+        let body = serde_json::to_vec(body).map_err(|e| ClientError::Setup(e.to_string()))?;
+        self.call(Method::POST, path, Some(body)).await
+    }
+
+    /// `GET /v1/whoami`.
+    pub async fn whoami(&self) -> Result<crate::api::WhoAmI, ClientError> {
+        self.call(Method::GET, "/v1/whoami", None).await
+    }
+
+    /// `POST /v1/grants`.
+    pub async fn create_grant(&self, req: &NewGrant) -> Result<Grant, ClientError> {
+        self.post("/v1/grants", req).await
+    }
+
+    /// `GET /v1/grants`.
+    pub async fn list_grants(&self) -> Result<Vec<Grant>, ClientError> {
+        self.call(Method::GET, "/v1/grants", None).await
+    }
+
+    /// `POST /v1/grants/{id}/revoke`.
+    pub async fn revoke_grant(&self, id: &str) -> Result<Grant, ClientError> {
+        self.post(&format!("/v1/grants/{}/revoke", encode_segment(id)), &()).await
+    }
+
+    /// `GET /v1/sessions`.
+    pub async fn list_sessions(&self) -> Result<Vec<SessionInfo>, ClientError> {
+        self.call(Method::GET, "/v1/sessions", None).await
+    }
+
+    /// `POST /v1/sessions/{id}/kill`.
+    pub async fn kill_session(&self, id: &str) -> Result<crate::api::Killed, ClientError> {
+        self.post(&format!("/v1/sessions/{}/kill", encode_segment(id)), &()).await
+    }
+}
+
+/// Percent-encodes everything but unreserved characters, so an id cannot alter the path.
+fn encode_segment(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}

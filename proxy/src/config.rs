@@ -1,0 +1,407 @@
+//! Configuration: the TOML file as written (`Raw*`, serde with `deny_unknown_fields`), and the
+//! validated [`Config`] the server runs with. Every field except `data_dir` has a default.
+//! Secrets named by `password_env` / `password_file` are resolved at load time, so a missing
+//! secret stops start-up instead of failing the first session.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::types::{AccessLevel, TargetName};
+
+/// A configuration problem, naming the offending key.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("{path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{key}: {message}")]
+    Invalid { key: String, message: String },
+}
+
+fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid { key: key.into(), message: message.into() }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    data_dir: PathBuf,
+    #[serde(default)]
+    listen: RawListen,
+    #[serde(default)]
+    tls: RawTls,
+    #[serde(default)]
+    limits: RawLimits,
+    #[serde(default)]
+    audit: RawAudit,
+    #[serde(default)]
+    targets: Vec<RawTarget>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawListen {
+    #[serde(default = "default_pg_listen")]
+    postgres: String,
+    #[serde(default = "default_api_listen")]
+    api: String,
+    #[serde(default = "default_metrics_listen")]
+    metrics: String,
+}
+
+impl Default for RawListen {
+    fn default() -> Self {
+        Self { postgres: default_pg_listen(), api: default_api_listen(), metrics: default_metrics_listen() }
+    }
+}
+
+fn default_pg_listen() -> String {
+    "127.0.0.1:5433".into()
+}
+fn default_api_listen() -> String {
+    "127.0.0.1:8443".into()
+}
+fn default_metrics_listen() -> String {
+    "127.0.0.1:9187".into()
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTls {
+    ca_cert: Option<PathBuf>,
+    server_cert: Option<PathBuf>,
+    server_key: Option<PathBuf>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLimits {
+    max_connections: Option<usize>,
+    handshake_timeout: Option<String>,
+    upstream_connect_timeout: Option<String>,
+    max_startup_message_bytes: Option<usize>,
+    shutdown_grace: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAudit {
+    path: Option<PathBuf>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTarget {
+    name: String,
+    #[serde(default = "default_kind")]
+    kind: String,
+    address: String,
+    database: String,
+    #[serde(default)]
+    labels: BTreeMap<String, String>,
+    #[serde(default)]
+    credentials: BTreeMap<String, RawCredential>,
+    #[serde(default)]
+    tls: RawUpstreamTls,
+}
+
+fn default_kind() -> String {
+    "postgres".into()
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCredential {
+    user: String,
+    password_env: Option<String>,
+    password_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawUpstreamTls {
+    mode: Option<String>,
+    ca_file: Option<PathBuf>,
+    server_name: Option<String>,
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Directory holding the CA, server certificate, grant store and audit log.
+    pub data_dir: PathBuf,
+    pub listen: Listen,
+    pub tls: TlsPaths,
+    pub limits: Limits,
+    /// Audit log file (JSON lines). Default `DATA_DIR/audit.jsonl`.
+    pub audit_path: PathBuf,
+    /// Grant store (SQLite). Always `DATA_DIR/jitgate.db`.
+    pub store_path: PathBuf,
+    pub targets: Arc<HashMap<TargetName, Arc<Target>>>,
+}
+
+/// Listener addresses.
+#[derive(Debug, Clone)]
+pub struct Listen {
+    pub postgres: SocketAddr,
+    pub api: SocketAddr,
+    pub metrics: SocketAddr,
+}
+
+/// Certificate files the proxy serves with and trusts.
+#[derive(Debug, Clone)]
+pub struct TlsPaths {
+    pub ca_cert: PathBuf,
+    pub server_cert: PathBuf,
+    pub server_key: PathBuf,
+}
+
+/// Bounds on resources and waits.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Concurrent client connections per listener. Default 10,000.
+    pub max_connections: usize,
+    /// Deadline for the TLS handshake plus startup message. Default 10s.
+    pub handshake_timeout: Duration,
+    /// Deadline for connecting and logging in to a target. Default 10s.
+    pub upstream_connect_timeout: Duration,
+    /// Largest startup message accepted, in bytes. Default 10,000 (PostgreSQL's own cap).
+    pub max_startup_message_bytes: usize,
+    /// How long shutdown waits for sessions to end. Default 5s.
+    pub shutdown_grace: Duration,
+}
+
+/// A PostgreSQL server reachable by the proxy.
+#[derive(Debug)]
+pub struct Target {
+    pub name: TargetName,
+    /// `host:port` of the server.
+    pub address: String,
+    /// Database used when the client's `dbname` names only the target.
+    pub database: String,
+    pub labels: BTreeMap<String, String>,
+    /// Upstream login per access level; a level without credentials cannot be used.
+    pub credentials: HashMap<AccessLevel, Credential>,
+    pub tls: UpstreamTls,
+}
+
+/// How the proxy logs in to a target for one access level.
+#[derive(Clone)]
+pub struct Credential {
+    pub user: String,
+    /// `None` for `trust` authentication.
+    pub password: Option<String>,
+}
+
+impl std::fmt::Debug for Credential {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Credential").field("user", &self.user).field("password", &"<redacted>").finish()
+    }
+}
+
+/// TLS towards a target.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UpstreamTls {
+    /// Plain TCP (loopback or a trusted network only).
+    Disable,
+    /// TLS, certificate not verified.
+    Require,
+    /// TLS, certificate verified against `ca_file` for `server_name`.
+    VerifyFull { ca_file: PathBuf, server_name: String },
+}
+
+impl Config {
+    /// Reads and validates a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        Self::parse(&text, path)
+    }
+
+    /// Parses and validates config text; `path` is used in messages only.
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let raw: RawConfig = toml::from_str(text)
+            .map_err(|e| ConfigError::Parse { path: path.to_owned(), message: e.to_string() })?;
+        raw.validate()
+    }
+}
+
+fn duration(key: &str, value: Option<&str>, default: Duration) -> Result<Duration, ConfigError> {
+    match value {
+        None => Ok(default),
+        Some(v) => humantime::parse_duration(v).map_err(|e| invalid(key, format!("{v:?} is not a duration ({e})"))),
+    }
+}
+
+fn socket(key: &str, value: &str) -> Result<SocketAddr, ConfigError> {
+    value.parse().map_err(|_| invalid(key, format!("{value:?} is not an IP:port address")))
+}
+
+impl RawConfig {
+    fn validate(self) -> Result<Config, ConfigError> {
+        let data_dir = self.data_dir;
+        let listen = Listen {
+            postgres: socket("listen.postgres", &self.listen.postgres)?,
+            api: socket("listen.api", &self.listen.api)?,
+            metrics: socket("listen.metrics", &self.listen.metrics)?,
+        };
+        let tls = TlsPaths {
+            ca_cert: self.tls.ca_cert.unwrap_or_else(|| data_dir.join("ca.crt")),
+            server_cert: self.tls.server_cert.unwrap_or_else(|| data_dir.join("server.crt")),
+            server_key: self.tls.server_key.unwrap_or_else(|| data_dir.join("server.key")),
+        };
+        let l = self.limits;
+        let limits = Limits {
+            max_connections: l.max_connections.unwrap_or(10_000),
+            handshake_timeout: duration("limits.handshake_timeout", l.handshake_timeout.as_deref(), Duration::from_secs(10))?,
+            upstream_connect_timeout: duration(
+                "limits.upstream_connect_timeout",
+                l.upstream_connect_timeout.as_deref(),
+                Duration::from_secs(10),
+            )?,
+            max_startup_message_bytes: l.max_startup_message_bytes.unwrap_or(jitgate_protocol::postgres::MAX_STARTUP_LEN),
+            shutdown_grace: duration("limits.shutdown_grace", l.shutdown_grace.as_deref(), Duration::from_secs(5))?,
+        };
+        if limits.max_connections == 0 {
+            return Err(invalid("limits.max_connections", "must be at least 1"));
+        }
+        if !(64..=1 << 20).contains(&limits.max_startup_message_bytes) {
+            return Err(invalid("limits.max_startup_message_bytes", "must be between 64 and 1048576"));
+        }
+        let mut targets = HashMap::new();
+        for (i, t) in self.targets.into_iter().enumerate() {
+            let target = t.validate(i)?;
+            if targets.insert(target.name.clone(), Arc::new(target)).is_some() {
+                return Err(invalid(format!("targets[{i}].name"), "duplicate target name"));
+            }
+        }
+        Ok(Config {
+            audit_path: self.audit.path.unwrap_or_else(|| data_dir.join("audit.jsonl")),
+            store_path: data_dir.join("jitgate.db"),
+            data_dir,
+            listen,
+            tls,
+            limits,
+            targets: Arc::new(targets),
+        })
+    }
+}
+
+impl RawTarget {
+    fn validate(self, i: usize) -> Result<Target, ConfigError> {
+        let key = |k: &str| format!("targets[{i}].{k}");
+        let name = TargetName::new(self.name).map_err(|e| invalid(key("name"), e.to_string()))?;
+        if self.kind != "postgres" {
+            return Err(invalid(key("kind"), format!("unsupported kind {:?}: only \"postgres\" for now", self.kind)));
+        }
+        if self.address.rsplit_once(':').and_then(|(_, p)| p.parse::<u16>().ok()).is_none() {
+            return Err(invalid(key("address"), format!("{:?} is not host:port", self.address)));
+        }
+        if self.database.is_empty() {
+            return Err(invalid(key("database"), "must not be empty"));
+        }
+        let mut credentials = HashMap::new();
+        for (level, c) in self.credentials {
+            let ckey = key(&format!("credentials.{level}"));
+            let access: AccessLevel = level.parse().map_err(|e: String| invalid(&ckey, e))?;
+            let password = match (c.password_env, c.password_file) {
+                (Some(_), Some(_)) => {
+                    return Err(invalid(&ckey, "set password_env or password_file, not both"));
+                }
+                (Some(var), None) => Some(std::env::var(&var).map_err(|_| {
+                    invalid(format!("{ckey}.password_env"), format!("environment variable {var} is not set"))
+                })?),
+                (None, Some(file)) => Some(
+                    std::fs::read_to_string(&file)
+                        .map_err(|e| invalid(format!("{ckey}.password_file"), format!("{}: {e}", file.display())))?
+                        .trim_end_matches(['\r', '\n'])
+                        .to_owned(),
+                ),
+                (None, None) => None,
+            };
+            if c.user.is_empty() {
+                return Err(invalid(format!("{ckey}.user"), "must not be empty"));
+            }
+            credentials.insert(access, Credential { user: c.user, password });
+        }
+        let tls = match self.tls.mode.as_deref().unwrap_or("disable") {
+            "disable" => UpstreamTls::Disable,
+            "require" => UpstreamTls::Require,
+            "verify-full" => {
+                let ca_file = self
+                    .tls
+                    .ca_file
+                    .ok_or_else(|| invalid(key("tls.ca_file"), "required with mode = \"verify-full\""))?;
+                let host = self.address.rsplit_once(':').map(|(h, _)| h).unwrap_or_default();
+                let server_name = self.tls.server_name.unwrap_or_else(|| host.trim_matches(['[', ']']).to_owned());
+                UpstreamTls::VerifyFull { ca_file, server_name }
+            }
+            other => {
+                return Err(invalid(key("tls.mode"), format!("{other:?}: use disable, require or verify-full")));
+            }
+        };
+        Ok(Target { name, address: self.address, database: self.database, labels: self.labels, credentials, tls })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+data_dir = "/var/lib/jitgate"
+[listen]
+postgres = "127.0.0.1:5433"
+api = "127.0.0.1:8443"
+metrics = "127.0.0.1:9187"
+[[targets]]
+name = "prod-db"
+kind = "postgres"
+address = "10.0.0.5:5432"
+database = "app"
+labels = { env = "prod" }
+[targets.credentials.read]
+user = "jit_reader"
+password_env = "JITGATE_TEST_CONFIG_PW"
+"#;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, Path::new("test.toml"))
+    }
+
+    #[test]
+    fn minimal_file_from_the_issue_is_enough() {
+        std::env::set_var("JITGATE_TEST_CONFIG_PW", "pw");
+        let c = parse(MINIMAL).unwrap();
+        assert_eq!(c.tls.ca_cert, Path::new("/var/lib/jitgate/ca.crt"));
+        assert_eq!(c.audit_path, Path::new("/var/lib/jitgate/audit.jsonl"));
+        let t = &c.targets[&TargetName::new("prod-db").unwrap()];
+        assert_eq!(t.credentials[&AccessLevel::Read].password.as_deref(), Some("pw"));
+        assert_eq!(t.tls, UpstreamTls::Disable);
+    }
+
+    #[test]
+    fn unknown_keys_are_named() {
+        let err = parse(&format!("{MINIMAL}\nbogus = 1\n")).unwrap_err().to_string();
+        assert!(err.contains("bogus"), "{err}");
+        let err = parse(&MINIMAL.replace("database = \"app\"", "database = \"app\"\ndatabse = \"x\"")).unwrap_err();
+        assert!(err.to_string().contains("databse"), "{err}");
+    }
+
+    #[test]
+    fn invalid_values_name_their_key() {
+        std::env::set_var("JITGATE_TEST_CONFIG_PW", "pw");
+        let err = parse(&MINIMAL.replace("[targets.credentials.read]", "[targets.credentials.root]")).unwrap_err();
+        assert!(err.to_string().starts_with("targets[0].credentials.root"), "{err}");
+        let err = parse(&MINIMAL.replace("127.0.0.1:9187", "nowhere")).unwrap_err();
+        assert!(err.to_string().starts_with("listen.metrics"), "{err}");
+        let err = parse(&MINIMAL.replace("JITGATE_TEST_CONFIG_PW", "JITGATE_TEST_UNSET_VAR")).unwrap_err();
+        assert!(err.to_string().contains("password_env"), "{err}");
+    }
+}

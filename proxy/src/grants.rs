@@ -1,0 +1,301 @@
+//! Grants: the in-memory table consulted at every session start, and the service that creates,
+//! revokes and expires grants while keeping the store, the audit log and live sessions in step.
+//!
+//! Each live grant owns a [`CancellationToken`]. Sessions opened under it wait on that token
+//! and on the grant's deadline, so revocation and expiry cut them the moment they happen.
+//! A lookup hands out a [`GrantPermit`], the only value that lets a session reach a target.
+
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, SystemTime};
+
+use dashmap::DashMap;
+use serde::{Deserialize, Serialize};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::audit::{AuditError, AuditEvent, AuditLog};
+use crate::metrics::Metrics;
+use crate::store::{GrantStore, StoreError};
+use crate::types::{AccessLevel, GrantId, TargetName, UserName};
+
+/// A grant as stored and shown.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Grant {
+    pub id: GrantId,
+    pub user: UserName,
+    pub target: TargetName,
+    pub access: AccessLevel,
+    pub reason: String,
+    pub created_by: UserName,
+    #[serde(with = "crate::timefmt::serde_rfc3339")]
+    pub created_at: SystemTime,
+    #[serde(with = "crate::timefmt::serde_rfc3339")]
+    pub expires_at: SystemTime,
+}
+
+/// How a grant ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GrantEnd {
+    Expired,
+    Revoked,
+}
+
+impl GrantEnd {
+    /// Stored and displayed form.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            GrantEnd::Expired => "expired",
+            GrantEnd::Revoked => "revoked",
+        }
+    }
+}
+
+/// Errors from grant operations.
+#[derive(Debug, thiserror::Error)]
+pub enum GrantError {
+    #[error("no active grant {0}")]
+    NotFound(GrantId),
+    #[error("unknown target {0}")]
+    UnknownTarget(String),
+    #[error("target {target} has no credentials for {access} access")]
+    NoCredentials { target: TargetName, access: AccessLevel },
+    #[error("duration must be between 1s and 30d")]
+    BadDuration,
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Audit(#[from] AuditError),
+}
+
+/// A grant in the table with its cut signal.
+#[derive(Debug)]
+struct LiveGrant {
+    grant: Grant,
+    deadline: Instant,
+    cut: CancellationToken,
+    end: OnceLock<GrantEnd>,
+}
+
+impl LiveGrant {
+    fn is_live(&self, now: Instant) -> bool {
+        self.end.get().is_none() && now < self.deadline
+    }
+}
+
+/// Proof that a grant was active for (user, target) at lookup time. Only [`Grants::lookup`]
+/// makes one.
+#[derive(Debug, Clone)]
+pub struct GrantPermit(Arc<LiveGrant>);
+
+impl GrantPermit {
+    /// The grant this permit stands for.
+    pub fn grant(&self) -> &Grant {
+        &self.0.grant
+    }
+    /// Instant at which the grant expires.
+    pub fn deadline(&self) -> Instant {
+        self.0.deadline
+    }
+    /// Fires when the grant is revoked or expires.
+    pub fn cut_token(&self) -> CancellationToken {
+        self.0.cut.clone()
+    }
+    /// How the grant ended, once it has.
+    pub fn ended(&self) -> Option<GrantEnd> {
+        self.0.end.get().copied()
+    }
+}
+
+type Key = (UserName, TargetName);
+
+/// What an admin asks for when creating a grant directly.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct NewGrant {
+    pub user: UserName,
+    pub target: TargetName,
+    pub access: AccessLevel,
+    /// Lifetime in seconds.
+    pub duration_secs: u64,
+    pub reason: String,
+}
+
+/// The grant service.
+pub struct Grants {
+    by_id: DashMap<GrantId, Arc<LiveGrant>>,
+    by_key: DashMap<Key, Vec<Arc<LiveGrant>>>,
+    store: Arc<dyn GrantStore>,
+    audit: Arc<AuditLog>,
+    metrics: Arc<Metrics>,
+    reapers: TaskTracker,
+    shutdown: CancellationToken,
+}
+
+/// Longest grant an admin may create directly.
+const MAX_GRANT: Duration = Duration::from_secs(30 * 86_400);
+
+impl Grants {
+    /// Rebuilds the table from the store. Grants whose time passed while the proxy was down
+    /// are ended as expired (stored, audited) and never become active.
+    pub fn restore(
+        store: Arc<dyn GrantStore>,
+        audit: Arc<AuditLog>,
+        metrics: Arc<Metrics>,
+        shutdown: CancellationToken,
+    ) -> Result<Arc<Self>, GrantError> {
+        let grants = Arc::new(Self {
+            by_id: DashMap::new(),
+            by_key: DashMap::new(),
+            store,
+            audit,
+            metrics,
+            reapers: TaskTracker::new(),
+            shutdown,
+        });
+        let now = SystemTime::now();
+        for grant in grants.store.active()? {
+            if grant.expires_at <= now {
+                grants.store.end(&grant.id, GrantEnd::Expired, now)?;
+                grants.audit.record(AuditEvent::GrantExpired {
+                    grant_id: grant.id.clone(),
+                    user: grant.user.clone(),
+                    target: grant.target.clone(),
+                    access: grant.access,
+                })?;
+            } else {
+                grants.activate(grant);
+            }
+        }
+        Ok(grants)
+    }
+
+    /// Creates a grant: audited, stored, then active.
+    pub fn create(
+        self: &Arc<Self>,
+        req: NewGrant,
+        created_by: UserName,
+        targets: &crate::config::Config,
+    ) -> Result<Grant, GrantError> {
+        let target = targets
+            .targets
+            .get(&req.target)
+            .ok_or_else(|| GrantError::UnknownTarget(req.target.to_string()))?;
+        if !target.credentials.contains_key(&req.access) {
+            return Err(GrantError::NoCredentials { target: req.target, access: req.access });
+        }
+        let duration = Duration::from_secs(req.duration_secs);
+        if duration.is_zero() || duration > MAX_GRANT {
+            return Err(GrantError::BadDuration);
+        }
+        let now = SystemTime::now();
+        let grant = Grant {
+            id: GrantId::generate(),
+            user: req.user,
+            target: req.target,
+            access: req.access,
+            reason: req.reason,
+            created_by,
+            created_at: now,
+            expires_at: now + duration,
+        };
+        self.audit.record(AuditEvent::GrantCreated { grant: grant.clone() })?;
+        self.store.insert(&grant)?;
+        self.activate(grant.clone());
+        Ok(grant)
+    }
+
+    /// Revokes a grant and cuts its sessions. Sessions are cut first, so a store failure
+    /// never leaves them running.
+    pub fn revoke(&self, id: &GrantId, by: &UserName) -> Result<Grant, GrantError> {
+        let live = self.by_id.get(id).map(|g| Arc::clone(&g)).ok_or_else(|| GrantError::NotFound(id.clone()))?;
+        if live.end.set(GrantEnd::Revoked).is_err() {
+            return Err(GrantError::NotFound(id.clone()));
+        }
+        self.deactivate(&live);
+        let g = &live.grant;
+        self.store.end(id, GrantEnd::Revoked, SystemTime::now())?;
+        self.audit.record(AuditEvent::GrantRevoked {
+            grant_id: g.id.clone(),
+            user: g.user.clone(),
+            target: g.target.clone(),
+            access: g.access,
+            by: by.clone(),
+        })?;
+        Ok(g.clone())
+    }
+
+    /// The best live grant for (user, target): the highest access level, then the latest
+    /// expiry. `None` denies.
+    pub fn lookup(&self, user: &UserName, target: &TargetName) -> Option<GrantPermit> {
+        let now = Instant::now();
+        let entry = self.by_key.get(&(user.clone(), target.clone()))?;
+        entry
+            .iter()
+            .filter(|g| g.is_live(now))
+            .max_by_key(|g| (g.grant.access, g.deadline))
+            .map(|g| GrantPermit(Arc::clone(g)))
+    }
+
+    /// Every active grant, soonest expiry first.
+    pub fn list(&self) -> Vec<Grant> {
+        let now = Instant::now();
+        let mut v: Vec<Grant> =
+            self.by_id.iter().filter(|g| g.is_live(now)).map(|g| g.grant.clone()).collect();
+        v.sort_by_key(|g| g.expires_at);
+        v
+    }
+
+    fn activate(self: &Arc<Self>, grant: Grant) {
+        let left = grant.expires_at.duration_since(SystemTime::now()).unwrap_or_default();
+        let live = Arc::new(LiveGrant {
+            deadline: Instant::now() + left,
+            cut: CancellationToken::new(),
+            end: OnceLock::new(),
+            grant,
+        });
+        let key = (live.grant.user.clone(), live.grant.target.clone());
+        self.by_key.entry(key).or_default().push(Arc::clone(&live));
+        self.by_id.insert(live.grant.id.clone(), Arc::clone(&live));
+        self.metrics.grants_active.inc();
+        let this = Arc::clone(self);
+        self.reapers.spawn(async move {
+            tokio::select! {
+                _ = tokio::time::sleep_until(live.deadline) => this.expire(&live),
+                _ = live.cut.cancelled() => {}
+                _ = this.shutdown.cancelled() => {}
+            }
+        });
+    }
+
+    fn expire(&self, live: &Arc<LiveGrant>) {
+        if live.end.set(GrantEnd::Expired).is_err() {
+            return;
+        }
+        self.deactivate(live);
+        let g = &live.grant;
+        if let Err(error) = self.store.end(&g.id, GrantEnd::Expired, SystemTime::now()) {
+            tracing::error!(grant.id = %g.id, %error, "could not store grant expiry");
+        }
+        // An audit failure is already logged and counted by the audit log.
+        let _ = self.audit.record(AuditEvent::GrantExpired {
+            grant_id: g.id.clone(),
+            user: g.user.clone(),
+            target: g.target.clone(),
+            access: g.access,
+        });
+    }
+
+    /// Removes a grant whose `end` is set from both indexes and cuts its sessions.
+    fn deactivate(&self, live: &Arc<LiveGrant>) {
+        live.cut.cancel();
+        if self.by_id.remove(&live.grant.id).is_some() {
+            self.metrics.grants_active.dec();
+        }
+        let key = (live.grant.user.clone(), live.grant.target.clone());
+        self.by_key.remove_if_mut(&key, |_, v| {
+            v.retain(|g| !Arc::ptr_eq(g, live));
+            v.is_empty()
+        });
+    }
+}

@@ -1,0 +1,27 @@
+//! jitgate: a just-in-time access proxy for PostgreSQL.
+//!
+//! The library holds the whole gateway so tests can run a real server in-process with
+//! [`server::run`]; the `jitgate` binary is a thin CLI over it ([`cli`]).
+//!
+//! Data flow: client (psql) --mTLS--> [`pg`] listener --grant lookup ([`grants`])--> upstream
+//! login with the access level's credentials --> relay until the grant ends.
+
+pub mod api;
+pub mod audit;
+pub mod cli;
+pub mod client;
+pub mod config;
+pub mod demo;
+pub mod grants;
+pub mod metrics;
+pub mod pg;
+pub mod pki;
+pub mod sandbox;
+pub mod server;
+pub mod sessions;
+pub mod store;
+pub mod timefmt;
+pub mod tls;
+pub mod types;
+
+pub use server::{run, BoundAddrs, Listeners};

@@ -1,0 +1,152 @@
+//! Prometheus metrics, registered in one place, and the metrics listener (`/metrics`,
+//! `/healthz`, `/readyz`). Labels come from bounded sets: target names from the config, cut
+//! and failure reasons from enums, never user input.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use axum::Router;
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+/// Every metric the proxy exports.
+pub struct Metrics {
+    registry: Registry,
+    /// Live proxied sessions, by target.
+    pub sessions_active: IntGaugeVec,
+    /// Sessions started, by target.
+    pub sessions_total: IntCounterVec,
+    /// Session start refusals, by reason.
+    pub sessions_denied_total: IntCounterVec,
+    /// Grants currently active.
+    pub grants_active: IntGauge,
+    /// Sessions cut by the proxy, by reason (expired, revoked, killed, cert_expired, shutdown).
+    pub session_cuts_total: IntCounterVec,
+    /// Bytes relayed, by direction (`client_to_target`, `target_to_client`).
+    pub bytes_total: IntCounterVec,
+    /// Time to connect and log in to a target, by target.
+    pub upstream_connect_seconds: HistogramVec,
+    /// Upstream connect or login failures, by target.
+    pub upstream_errors_total: IntCounterVec,
+    /// Failed client TLS handshakes, by reason.
+    pub tls_handshake_failures_total: IntCounterVec,
+    /// Audit records that could not be written.
+    pub audit_write_errors_total: IntCounterVec,
+    ready: AtomicBool,
+}
+
+impl Metrics {
+    /// Creates and registers every metric.
+    pub fn new() -> Arc<Self> {
+        let registry = Registry::new();
+        macro_rules! reg {
+            ($m:expr) => {{
+                let m = $m;
+                // Names are static and distinct, so registration cannot collide.
+                #[allow(clippy::expect_used)]
+                registry.register(Box::new(m.clone())).expect("metric names are unique");
+                m
+            }};
+        }
+        #[allow(clippy::expect_used)]
+        let m = Metrics {
+            sessions_active: reg!(IntGaugeVec::new(
+                Opts::new("jitgate_sessions_active", "Live proxied sessions"),
+                &["target", "protocol"]
+            )
+            .expect("valid metric")),
+            sessions_total: reg!(IntCounterVec::new(
+                Opts::new("jitgate_sessions_total", "Sessions started"),
+                &["target", "protocol"]
+            )
+            .expect("valid metric")),
+            sessions_denied_total: reg!(IntCounterVec::new(
+                Opts::new("jitgate_sessions_denied_total", "Session start refusals"),
+                &["reason"]
+            )
+            .expect("valid metric")),
+            grants_active: reg!(IntGauge::new("jitgate_grants_active", "Grants currently active").expect("valid metric")),
+            session_cuts_total: reg!(IntCounterVec::new(
+                Opts::new("jitgate_session_cuts_total", "Sessions cut by the proxy"),
+                &["reason"]
+            )
+            .expect("valid metric")),
+            bytes_total: reg!(IntCounterVec::new(
+                Opts::new("jitgate_bytes_total", "Bytes relayed"),
+                &["direction"]
+            )
+            .expect("valid metric")),
+            upstream_connect_seconds: reg!(HistogramVec::new(
+                HistogramOpts::new("jitgate_upstream_connect_seconds", "Time to connect and log in to a target")
+                    .buckets(vec![0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]),
+                &["target"]
+            )
+            .expect("valid metric")),
+            upstream_errors_total: reg!(IntCounterVec::new(
+                Opts::new("jitgate_upstream_errors_total", "Upstream connect or login failures"),
+                &["target"]
+            )
+            .expect("valid metric")),
+            tls_handshake_failures_total: reg!(IntCounterVec::new(
+                Opts::new("jitgate_tls_handshake_failures_total", "Failed client TLS handshakes"),
+                &["listener", "reason"]
+            )
+            .expect("valid metric")),
+            audit_write_errors_total: reg!(IntCounterVec::new(
+                Opts::new("jitgate_audit_write_errors_total", "Audit records that could not be written"),
+                &["kind"]
+            )
+            .expect("valid metric")),
+            registry,
+            ready: AtomicBool::new(false),
+        };
+        Arc::new(m)
+    }
+
+    /// Marks the proxy ready (listeners bound, grants restored) or not.
+    pub fn set_ready(&self, ready: bool) {
+        self.ready.store(ready, Ordering::Release);
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        // Encoding into a Vec cannot fail for well-formed families.
+        if TextEncoder::new().encode(&self.registry.gather(), &mut buf).is_err() {
+            return String::new();
+        }
+        String::from_utf8(buf).unwrap_or_default()
+    }
+}
+
+/// Serves `/metrics`, `/healthz` and `/readyz` until `shutdown` fires.
+pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, shutdown: CancellationToken) {
+    let app = Router::new()
+        .route("/metrics", get(render))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(ready))
+        .with_state(metrics);
+    let result = axum::serve(listener, app).with_graceful_shutdown(shutdown.cancelled_owned()).await;
+    if let Err(error) = result {
+        tracing::error!(%error, "metrics listener failed");
+    }
+}
+
+async fn render(State(m): State<Arc<Metrics>>) -> impl IntoResponse {
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], m.render())
+}
+
+async fn ready(State(m): State<Arc<Metrics>>) -> impl IntoResponse {
+    if m.ready.load(Ordering::Acquire) {
+        (StatusCode::OK, "ready\n")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+    }
+}

@@ -1,0 +1,279 @@
+//! One client connection, start to end: negotiate, check the startup, look up the grant, log
+//! in upstream, register and audit the session, relay, and record how it ended.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Instant as StdInstant, SystemTime};
+
+use jitgate_protocol::postgres::backend::{self, Report, Severity};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tokio::time::{timeout, Instant};
+use tracing::Instrument as _;
+
+use super::negotiate::{acceptor, negotiate, NegotiateError, Negotiated};
+use super::relay::{relay, RelayEnd};
+use super::startup::{self, CheckedStartup, Refusal};
+use super::upstream;
+use super::PgContext;
+use crate::audit::{AuditEvent, SessionEndReason};
+use crate::grants::{GrantEnd, GrantPermit};
+use crate::sessions::NewSession;
+
+const PROTOCOL: &str = "postgres";
+
+fn error_bytes(severity: Severity, code: &str, message: &str, hint: Option<&str>) -> Vec<u8> {
+    backend::error_response(severity, &Report { sqlstate: code, message, detail: None, hint })
+}
+
+/// Serves one accepted TCP connection on the PostgreSQL listener.
+pub async fn serve_connection(ctx: Arc<PgContext>, tcp: TcpStream, peer: SocketAddr) {
+    let _ = tcp.set_nodelay(true);
+    let limits = &ctx.config.limits;
+    let negotiated = timeout(
+        limits.handshake_timeout,
+        negotiate(tcp, acceptor(&ctx.tls), limits.max_startup_message_bytes),
+    )
+    .await;
+    let negotiated = match negotiated {
+        Err(_) => {
+            ctx.metrics.tls_handshake_failures_total.with_label_values(&[PROTOCOL, "timeout"]).inc();
+            tracing::debug!("handshake timed out");
+            return;
+        }
+        Ok(Err(NegotiateError::Handshake { reason, message })) => {
+            ctx.metrics.tls_handshake_failures_total.with_label_values(&[PROTOCOL, reason]).inc();
+            tracing::info!(reason, error = %message, "TLS handshake refused");
+            return;
+        }
+        Ok(Err(NegotiateError::Cancel { .. })) => {
+            // Query cancel through the proxy arrives with statement-level support; an unknown
+            // key does nothing, exactly as PostgreSQL treats it.
+            tracing::debug!("cancel request ignored");
+            return;
+        }
+        Ok(Err(NegotiateError::Client(reason))) => {
+            tracing::debug!(%reason, "client left during negotiation");
+            return;
+        }
+        Ok(Ok(n)) => n,
+    };
+    let span = tracing::info_span!("session", identity = %negotiated.identity.user, target = tracing::field::Empty, session.id = tracing::field::Empty);
+    run_session(ctx, negotiated, peer).instrument(span).await;
+}
+
+async fn refuse(ctx: &PgContext, n: &mut Negotiated, peer: SocketAddr, target: &str, r: Refusal) {
+    ctx.metrics.sessions_denied_total.with_label_values(&[r.reason]).inc();
+    let _ = ctx.audit.record(AuditEvent::SessionDenied {
+        user: n.identity.user.clone(),
+        target: target.to_owned(),
+        client_addr: peer,
+        reason: r.message.clone(),
+    });
+    tracing::info!(reason = r.reason, message = %r.message, "session refused");
+    let _ = n.tls.write_all(&error_bytes(Severity::Fatal, r.sqlstate, &r.message, r.hint.as_deref())).await;
+    let _ = n.tls.shutdown().await;
+}
+
+fn refusal(reason: &'static str, sqlstate: &'static str, message: String, hint: Option<String>) -> Refusal {
+    Refusal { sqlstate, message, hint, reason }
+}
+
+async fn run_session(ctx: Arc<PgContext>, mut n: Negotiated, peer: SocketAddr) {
+    let CheckedStartup { target, database, forward } = match startup::check(&n.identity, &n.params) {
+        Ok(c) => c,
+        Err(r) => {
+            let target = n.params.iter().find(|(k, _)| k == "database").map_or("", |(_, v)| v.as_str()).to_owned();
+            refuse(&ctx, &mut n, peer, &target, r).await;
+            return;
+        }
+    };
+    tracing::Span::current().record("target", target.as_str());
+    let user = n.identity.user.clone();
+    let Some(target_cfg) = ctx.config.targets.get(&target).cloned() else {
+        let msg = format!("\"{target}\" is not a jitgate target");
+        let hint = Some("set dbname to a configured target, e.g. dbname=prod-db".to_owned());
+        refuse(&ctx, &mut n, peer, target.as_str(), refusal("unknown_target", "3D000", msg, hint)).await;
+        return;
+    };
+    let Some(permit) = ctx.grants.lookup(&user, &target) else {
+        let msg = format!("no active grant for {user} on {target}");
+        let hint = format!(
+            "ask an admin to run: jitgate grant create --user {user} --target {target} --access read --for 30m --reason \"...\""
+        );
+        refuse(&ctx, &mut n, peer, target.as_str(), refusal("no_grant", "28000", msg, Some(hint))).await;
+        return;
+    };
+    if n.identity.not_after <= SystemTime::now() {
+        let msg = "client certificate has expired".to_owned();
+        let hint = Some("get a new certificate: jitgate cert issue".to_owned());
+        refuse(&ctx, &mut n, peer, target.as_str(), refusal("cert_expired", "28000", msg, hint)).await;
+        return;
+    }
+    let database = database.unwrap_or_else(|| target_cfg.database.clone());
+
+    let started = StdInstant::now();
+    let login = timeout(ctx.config.limits.upstream_connect_timeout, upstream::connect(&target_cfg, &permit, &database, &forward)).await;
+    let mut up = match login {
+        Ok(Ok(up)) => {
+            ctx.metrics.upstream_connect_seconds.with_label_values(&[target.as_str()]).observe(started.elapsed().as_secs_f64());
+            up
+        }
+        Ok(Err(e)) => {
+            ctx.metrics.upstream_errors_total.with_label_values(&[target.as_str()]).inc();
+            let msg = format!("jitgate could not log in to {target}: {e}");
+            refuse(&ctx, &mut n, peer, target.as_str(), refusal("upstream", "08001", msg, None)).await;
+            return;
+        }
+        Err(_) => {
+            ctx.metrics.upstream_errors_total.with_label_values(&[target.as_str()]).inc();
+            let msg = format!("jitgate timed out connecting to {target}");
+            refuse(&ctx, &mut n, peer, target.as_str(), refusal("upstream", "08001", msg, None)).await;
+            return;
+        }
+    };
+
+    let grant = permit.grant();
+    let registration = ctx.sessions.register(NewSession {
+        user: user.clone(),
+        roles: n.identity.roles.clone(),
+        target: target.clone(),
+        database: database.clone(),
+        access: grant.access,
+        grant_id: grant.id.clone(),
+        client_addr: peer,
+    });
+    let session = registration.handle();
+    tracing::Span::current().record("session.id", session.id.as_str());
+    let start_event = AuditEvent::SessionStart {
+        session_id: session.id.clone(),
+        grant_id: grant.id.clone(),
+        user: user.clone(),
+        roles: n.identity.roles.clone(),
+        target: target.clone(),
+        database: database.clone(),
+        access: grant.access,
+        client_addr: peer,
+    };
+    if ctx.audit.record(start_event).is_err() {
+        ctx.metrics.sessions_denied_total.with_label_values(&["audit_unavailable"]).inc();
+        let msg = "jitgate cannot write its audit log; sessions are refused until it can";
+        let _ = n.tls.write_all(&error_bytes(Severity::Fatal, "58030", msg, None)).await;
+        return;
+    }
+
+    // Login complete: the client sees the target's parameters and a proxy-issued cancel key,
+    // never the target's own.
+    let mut hello = backend::authentication_ok();
+    for (k, v) in &up.parameters {
+        hello.extend_from_slice(&backend::parameter_status(k, v));
+    }
+    hello.extend_from_slice(&backend::backend_key_data(rand::random::<i32>() & i32::MAX, rand::random()));
+    hello.extend_from_slice(&backend::ready_for_query(b'I'));
+    let labels = [target.as_str(), PROTOCOL];
+    ctx.metrics.sessions_total.with_label_values(&labels).inc();
+    ctx.metrics.sessions_active.with_label_values(&labels).inc();
+    tracing::info!(access = %grant.access, grant.id = %grant.id, "session started");
+
+    let end = if n.tls.write_all(&hello).await.is_err() || n.tls.flush().await.is_err() {
+        RelayEnd::Closed(SessionEndReason::ClientClosed)
+    } else if !n.leftover.is_empty() && up.stream.write_all(&n.leftover).await.is_err() {
+        RelayEnd::Closed(SessionEndReason::UpstreamClosed)
+    } else {
+        let cut = cut_signal(&ctx, &permit, session, Instant::now() + remaining(n.identity.not_after));
+        let target_name = target.to_string();
+        let grant_id = grant.id.to_string();
+        let session_id = session.id.to_string();
+        let fatal = move |reason| fatal_for(reason, &target_name, &grant_id, &session_id);
+        relay(&mut n.tls, &mut up.stream, session, cut, fatal).await
+    };
+
+    let reason = match end {
+        RelayEnd::Closed(r) => r,
+        RelayEnd::Cut(r) => {
+            ctx.metrics.session_cuts_total.with_label_values(&[r.as_str()]).inc();
+            if let Some(key) = up.backend_key {
+                // Stop a statement in progress on the server too; best effort, bounded.
+                let target_cfg = Arc::clone(&target_cfg);
+                let wait = ctx.config.limits.upstream_connect_timeout;
+                tokio::spawn(async move {
+                    let _ = timeout(wait, upstream::cancel(&target_cfg, key)).await;
+                });
+            }
+            r
+        }
+    };
+    drop(up);
+    let bytes_from_client = session.bytes_from_client.load(std::sync::atomic::Ordering::Relaxed);
+    let bytes_to_client = session.bytes_to_client.load(std::sync::atomic::Ordering::Relaxed);
+    ctx.metrics.sessions_active.with_label_values(&labels).dec();
+    ctx.metrics.bytes_total.with_label_values(&["client_to_target"]).inc_by(bytes_from_client);
+    ctx.metrics.bytes_total.with_label_values(&["target_to_client"]).inc_by(bytes_to_client);
+    let _ = ctx.audit.record(AuditEvent::SessionEnd {
+        session_id: session.id.clone(),
+        grant_id: grant.id.clone(),
+        user,
+        roles: session.roles.clone(),
+        target,
+        access: grant.access,
+        client_addr: peer,
+        reason,
+        bytes_from_client,
+        bytes_to_client,
+        duration_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+    });
+    tracing::info!(reason = reason.as_str(), bytes_from_client, bytes_to_client, "session ended");
+}
+
+fn remaining(t: SystemTime) -> std::time::Duration {
+    t.duration_since(SystemTime::now()).unwrap_or_default()
+}
+
+/// Resolves with the reason the session must end: grant revoked or expired, session killed,
+/// certificate expired, or proxy shutdown.
+async fn cut_signal(
+    ctx: &PgContext,
+    permit: &GrantPermit,
+    session: &crate::sessions::SessionHandle,
+    cert_deadline: Instant,
+) -> SessionEndReason {
+    let grant_cut = permit.cut_token();
+    tokio::select! {
+        _ = grant_cut.cancelled() => match permit.ended() {
+            Some(GrantEnd::Revoked) => SessionEndReason::GrantRevoked,
+            _ => SessionEndReason::GrantExpired,
+        },
+        _ = tokio::time::sleep_until(permit.deadline()) => SessionEndReason::GrantExpired,
+        _ = session.killed() => session.kill_reason().unwrap_or(SessionEndReason::Killed),
+        _ = tokio::time::sleep_until(cert_deadline) => SessionEndReason::CertExpired,
+        _ = ctx.shutdown.cancelled() => SessionEndReason::Shutdown,
+    }
+}
+
+/// The FATAL the client sees when the proxy cuts its session.
+fn fatal_for(reason: SessionEndReason, target: &str, grant_id: &str, session_id: &str) -> Vec<u8> {
+    let (code, message, hint) = match reason {
+        SessionEndReason::GrantExpired => (
+            "57P01",
+            format!("jitgate: access to {target} ended: grant {grant_id} expired"),
+            Some("ask for a new grant to reconnect"),
+        ),
+        SessionEndReason::GrantRevoked => (
+            "57P01",
+            format!("jitgate: access to {target} ended: grant {grant_id} was revoked"),
+            None,
+        ),
+        SessionEndReason::Killed => (
+            "57P01",
+            format!("jitgate: session {session_id} was terminated by an administrator"),
+            None,
+        ),
+        SessionEndReason::CertExpired => (
+            "57P01",
+            format!("jitgate: access to {target} ended: your client certificate expired"),
+            Some("get a new certificate, then reconnect"),
+        ),
+        _ => ("57P01", "jitgate is shutting down".to_owned(), Some("reconnect in a moment")),
+    };
+    error_bytes(Severity::Fatal, code, &message, hint)
+}

@@ -1,0 +1,149 @@
+//! Checks on the client's `StartupMessage`: the user must be the certificate's, the database
+//! names a target (`prod-db` or `prod-db/otherdb`), and only allowlisted parameters pass
+//! upstream. Everything else is refused with a PostgreSQL error the client can act on.
+
+use crate::pki::Identity;
+use crate::types::TargetName;
+
+/// Startup parameters passed to the target, compared case-insensitively as PostgreSQL does
+/// for GUC names. They change presentation and timeouts, never identity or privileges.
+const FORWARDED: &[&str] = &[
+    "application_name",
+    "client_encoding",
+    "datestyle",
+    "intervalstyle",
+    "timezone",
+    "extra_float_digits",
+    "search_path",
+    "bytea_output",
+    "lc_monetary",
+    "lc_numeric",
+    "lc_time",
+    "statement_timeout",
+    "lock_timeout",
+    "idle_in_transaction_session_timeout",
+    "standard_conforming_strings",
+    "geqo",
+    "default_transaction_isolation",
+];
+
+/// A startup that passed every check.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CheckedStartup {
+    pub target: TargetName,
+    /// Database on the target, when the client named one (`prod-db/otherdb`).
+    pub database: Option<String>,
+    /// Parameters to forward, in the order received.
+    pub forward: Vec<(String, String)>,
+}
+
+/// A refused startup: SQLSTATE, message and hint for the client.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    pub sqlstate: &'static str,
+    pub message: String,
+    pub hint: Option<String>,
+    /// Bounded label for metrics.
+    pub reason: &'static str,
+}
+
+fn refuse(sqlstate: &'static str, reason: &'static str, message: String, hint: Option<String>) -> Refusal {
+    Refusal { sqlstate, message, hint, reason }
+}
+
+/// Checks startup parameters against the client's identity.
+pub fn check(identity: &Identity, params: &[(String, String)]) -> Result<CheckedStartup, Refusal> {
+    let mut user = None;
+    let mut database = None;
+    let mut forward = Vec::new();
+    for (name, value) in params {
+        match name.to_ascii_lowercase().as_str() {
+            "user" => user = Some(value.as_str()),
+            "database" => database = Some(value.as_str()),
+            lower if FORWARDED.contains(&lower) => forward.push((name.clone(), value.clone())),
+            "options" => {
+                return Err(refuse(
+                    "42501",
+                    "startup_param",
+                    "startup parameter \"options\" is not allowed through jitgate".into(),
+                    Some("remove PGOPTIONS/options and use SET after connecting".into()),
+                ))
+            }
+            "replication" => {
+                return Err(refuse(
+                    "42501",
+                    "startup_param",
+                    "replication connections are not allowed through jitgate".into(),
+                    None,
+                ))
+            }
+            _ => {
+                return Err(refuse(
+                    "42501",
+                    "startup_param",
+                    format!("startup parameter {name:?} is not allowed through jitgate"),
+                    Some("use SET after connecting".into()),
+                ))
+            }
+        }
+    }
+    let me = identity.user.as_str();
+    let Some(user) = user else {
+        return Err(refuse("28000", "user_mismatch", "no user in startup message".into(), Some(format!("connect with user={me}"))));
+    };
+    if user != me {
+        return Err(refuse(
+            "28000",
+            "user_mismatch",
+            format!("user \"{user}\" does not match the certificate's user \"{me}\""),
+            Some(format!("connect with user={me}")),
+        ));
+    }
+    // libpq defaults dbname to the user name; that is no target.
+    let db = database.unwrap_or(user);
+    let (target, database) = match db.split_once('/') {
+        Some((t, d)) if !d.is_empty() => (t, Some(d.to_owned())),
+        Some(_) => return Err(refuse("3D000", "unknown_target", format!("database \"{db}\" names no database after '/'"), None)),
+        None => (db, None),
+    };
+    let target = TargetName::new(target).map_err(|_| {
+        refuse(
+            "3D000",
+            "unknown_target",
+            format!("\"{target}\" is not a jitgate target"),
+            Some("set dbname to a target name, e.g. dbname=prod-db or dbname=prod-db/otherdb".into()),
+        )
+    })?;
+    Ok(CheckedStartup { target, database, forward })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::types::UserName;
+
+    fn alice() -> Identity {
+        Identity { user: UserName::new("alice").unwrap(), roles: vec![], not_after: std::time::SystemTime::now() }
+    }
+
+    fn p(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect()
+    }
+
+    #[test]
+    fn accepts_target_and_subdatabase() {
+        let c = check(&alice(), &p(&[("user", "alice"), ("database", "prod-db/other"), ("DateStyle", "ISO")])).unwrap();
+        assert_eq!(c.target.as_str(), "prod-db");
+        assert_eq!(c.database.as_deref(), Some("other"));
+        assert_eq!(c.forward, p(&[("DateStyle", "ISO")]));
+    }
+
+    #[test]
+    fn refuses_smuggled_options_and_other_users() {
+        assert_eq!(check(&alice(), &p(&[("user", "alice"), ("options", "-c role=x")])).unwrap_err().sqlstate, "42501");
+        assert_eq!(check(&alice(), &p(&[("user", "alice"), ("replication", "true")])).unwrap_err().sqlstate, "42501");
+        assert_eq!(check(&alice(), &p(&[("user", "alice"), ("session_authorization", "x")])).unwrap_err().sqlstate, "42501");
+        assert_eq!(check(&alice(), &p(&[("user", "bob"), ("database", "prod-db")])).unwrap_err().sqlstate, "28000");
+        assert_eq!(check(&alice(), &p(&[("database", "prod-db")])).unwrap_err().sqlstate, "28000");
+    }
+}

@@ -1,0 +1,234 @@
+//! Connecting and logging in to a target with the credentials of the grant's access level.
+//! Requires a [`GrantPermit`]: there is no way to reach a target without one.
+
+use std::sync::Arc;
+
+use bytes::BytesMut;
+use jitgate_protocol::postgres::auth::{
+    cleartext_password_message, md5_password_message, sasl_initial_response, sasl_response,
+};
+use jitgate_protocol::postgres::backend::{decode, peek_tagged, BackendMessage, MAX_LOGIN_MESSAGE_LEN};
+use jitgate_protocol::postgres::frontend::{encode_ssl_request, encode_startup};
+use jitgate_protocol::postgres::scram::{self, ScramClient, ScramFinal};
+use rustls::pki_types::ServerName;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use super::stream::UpstreamStream;
+use crate::config::{Target, UpstreamTls};
+use crate::grants::GrantPermit;
+
+/// Why the proxy could not log in to a target.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("cannot connect to {address}: {source}")]
+    Connect { address: String, source: std::io::Error },
+    #[error("TLS to target failed: {0}")]
+    Tls(String),
+    #[error("target refused login: {0}")]
+    Refused(String),
+    #[error("target has no credentials for {0} access")]
+    NoCredentials(crate::types::AccessLevel),
+    #[error("target protocol error: {0}")]
+    Protocol(String),
+    #[error("target closed the connection during login")]
+    Closed,
+}
+
+/// A logged-in target connection.
+pub struct Upstream {
+    pub stream: UpstreamStream,
+    /// `ParameterStatus` values reported by the target, in order.
+    pub parameters: Vec<(String, String)>,
+    /// The target backend's cancel key.
+    pub backend_key: Option<(i32, i32)>,
+}
+
+async fn open(target: &Target) -> Result<UpstreamStream, UpstreamError> {
+    let tcp = TcpStream::connect(&target.address)
+        .await
+        .map_err(|source| UpstreamError::Connect { address: target.address.clone(), source })?;
+    // Disabling Nagle is an optimisation only; a failure changes nothing else.
+    let _ = tcp.set_nodelay(true);
+    let (config, name) = match &target.tls {
+        UpstreamTls::Disable => return Ok(UpstreamStream::Plain(tcp)),
+        UpstreamTls::Require => (no_verify_config()?, target.address.rsplit_once(':').map_or("", |(h, _)| h).to_owned()),
+        UpstreamTls::VerifyFull { ca_file, server_name } => {
+            let roots = crate::tls::load_roots(ca_file).map_err(|e| UpstreamError::Tls(e.to_string()))?;
+            let cfg = rustls::ClientConfig::builder_with_provider(crate::tls::provider())
+                .with_safe_default_protocol_versions()
+                .map_err(|e| UpstreamError::Tls(e.to_string()))?
+                .with_root_certificates(roots)
+                .with_no_client_auth();
+            (Arc::new(cfg), server_name.clone())
+        }
+    };
+    let mut tcp = tcp;
+    tcp.write_all(&encode_ssl_request()).await.map_err(|e| UpstreamError::Tls(e.to_string()))?;
+    let mut answer = [0u8; 1];
+    tcp.read_exact(&mut answer).await.map_err(|e| UpstreamError::Tls(e.to_string()))?;
+    if answer[0] != b'S' {
+        return Err(UpstreamError::Tls("target does not accept TLS".into()));
+    }
+    let server_name = ServerName::try_from(name.trim_matches(['[', ']']).to_owned())
+        .map_err(|e| UpstreamError::Tls(format!("invalid server name: {e}")))?;
+    let tls = tokio_rustls::TlsConnector::from(config)
+        .connect(server_name, tcp)
+        .await
+        .map_err(|e| UpstreamError::Tls(e.to_string()))?;
+    Ok(UpstreamStream::Tls(Box::new(tls)))
+}
+
+/// Connects to the permit's target, logs in with the access level's credentials and reads up
+/// to the first `ReadyForQuery`.
+pub async fn connect(
+    target: &Target,
+    permit: &GrantPermit,
+    database: &str,
+    forward: &[(String, String)],
+) -> Result<Upstream, UpstreamError> {
+    let access = permit.grant().access;
+    let cred = target.credentials.get(&access).ok_or(UpstreamError::NoCredentials(access))?;
+    let mut stream = open(target).await?;
+
+    let mut params: Vec<(&str, &str)> = vec![("user", &cred.user), ("database", database)];
+    params.extend(forward.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+    write(&mut stream, &encode_startup(&params)).await?;
+
+    let mut buf = BytesMut::with_capacity(1024);
+    let mut scram: Option<ScramClient> = None;
+    let mut scram_final: Option<ScramFinal> = None;
+    let mut parameters = Vec::new();
+    let mut backend_key = None;
+    let password = || cred.password.as_deref().ok_or_else(|| UpstreamError::Refused("target asks for a password but none is configured".into()));
+    loop {
+        let msg = read_message(&mut stream, &mut buf).await?;
+        match decode(&msg).map_err(|e| UpstreamError::Protocol(e.to_string()))? {
+            BackendMessage::AuthenticationOk => {
+                if scram.is_some() || scram_final.is_some() {
+                    // The server must prove it knows the password before we accept it.
+                    return Err(UpstreamError::Protocol("SCRAM exchange incomplete".into()));
+                }
+            }
+            BackendMessage::AuthenticationCleartextPassword => {
+                write(&mut stream, &cleartext_password_message(password()?)).await?;
+            }
+            BackendMessage::AuthenticationMd5Password { salt } => {
+                write(&mut stream, &md5_password_message(&cred.user, password()?, salt)).await?;
+            }
+            BackendMessage::AuthenticationSasl { mechanisms } => {
+                if !mechanisms.iter().any(|m| m == scram::MECHANISM) {
+                    return Err(UpstreamError::Refused(format!("no supported SASL mechanism in {mechanisms:?}")));
+                }
+                let client = ScramClient::new(password()?);
+                write(&mut stream, &sasl_initial_response(scram::MECHANISM, &client.client_first())).await?;
+                scram = Some(client);
+            }
+            BackendMessage::AuthenticationSaslContinue { data } => {
+                let client = scram.take().ok_or_else(|| UpstreamError::Protocol("unexpected SASLContinue".into()))?;
+                let (reply, fin) = client.handle_server_first(&data).map_err(|e| UpstreamError::Protocol(e.to_string()))?;
+                write(&mut stream, &sasl_response(&reply)).await?;
+                scram_final = Some(fin);
+            }
+            BackendMessage::AuthenticationSaslFinal { data } => {
+                let fin = scram_final.take().ok_or_else(|| UpstreamError::Protocol("unexpected SASLFinal".into()))?;
+                fin.verify_server_final(&data).map_err(|e| UpstreamError::Refused(e.to_string()))?;
+            }
+            BackendMessage::AuthenticationOther(kind) => {
+                return Err(UpstreamError::Refused(format!("unsupported authentication method {kind}")));
+            }
+            BackendMessage::ParameterStatus { name, value } => parameters.push((name, value)),
+            BackendMessage::BackendKeyData { process_id, secret_key } => backend_key = Some((process_id, secret_key)),
+            BackendMessage::ReadyForQuery { .. } => {
+                return Ok(Upstream { stream, parameters, backend_key });
+            }
+            BackendMessage::ErrorResponse(fields) => {
+                return Err(UpstreamError::Refused(format!("{} ({})", fields.message(), fields.code())));
+            }
+            BackendMessage::NoticeResponse(_) | BackendMessage::NegotiateProtocolVersion => {}
+            BackendMessage::Other { tag } => {
+                return Err(UpstreamError::Protocol(format!("unexpected message {:?} during login", tag as char)));
+            }
+        }
+    }
+}
+
+async fn write(stream: &mut UpstreamStream, bytes: &[u8]) -> Result<(), UpstreamError> {
+    stream.write_all(bytes).await.map_err(|_| UpstreamError::Closed)?;
+    stream.flush().await.map_err(|_| UpstreamError::Closed)
+}
+
+async fn read_message(stream: &mut UpstreamStream, buf: &mut BytesMut) -> Result<BytesMut, UpstreamError> {
+    loop {
+        if let Some((_, len)) = peek_tagged(buf, MAX_LOGIN_MESSAGE_LEN).map_err(|e| UpstreamError::Protocol(e.to_string()))? {
+            if buf.len() >= len {
+                return Ok(buf.split_to(len));
+            }
+        }
+        if stream.read_buf(buf).await.map_err(|_| UpstreamError::Closed)? == 0 {
+            return Err(UpstreamError::Closed);
+        }
+    }
+}
+
+/// `tls.mode = "require"`: encrypt, but accept any server certificate (libpq's
+/// `sslmode=require`). Use `verify-full` wherever the target's CA is known.
+fn no_verify_config() -> Result<Arc<rustls::ClientConfig>, UpstreamError> {
+    let cfg = rustls::ClientConfig::builder_with_provider(crate::tls::provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| UpstreamError::Tls(e.to_string()))?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(NoVerify(crate::tls::provider())))
+        .with_no_client_auth();
+    Ok(Arc::new(cfg))
+}
+
+#[derive(Debug)]
+struct NoVerify(Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for NoVerify {
+    fn verify_server_cert(
+        &self,
+        _: &rustls::pki_types::CertificateDer<'_>,
+        _: &[rustls::pki_types::CertificateDer<'_>],
+        _: &ServerName<'_>,
+        _: &[u8],
+        _: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// Asks the target to cancel whatever the backend with `key` is running. Used when a session
+/// is cut, so a statement in progress does not outlive the grant on the server.
+pub async fn cancel(target: &Target, key: (i32, i32)) -> Result<(), UpstreamError> {
+    let mut stream = open(target).await?;
+    let msg = jitgate_protocol::postgres::frontend::encode_cancel(key.0, key.1);
+    write(&mut stream, &msg).await?;
+    // The server closes the connection after reading a CancelRequest.
+    let mut sink = [0u8; 16];
+    let _ = stream.read(&mut sink).await;
+    Ok(())
+}

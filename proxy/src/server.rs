@@ -1,0 +1,174 @@
+//! Server assembly: binds listeners, restores grants, runs every listener until shutdown, and
+//! waits a bounded grace period for sessions to end.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument as _;
+
+use crate::api::{self, ApiState};
+use crate::audit::AuditLog;
+use crate::config::{Config, Listen};
+use crate::grants::Grants;
+use crate::metrics::{self, Metrics};
+use crate::pg::{self, PgContext};
+use crate::sessions::Sessions;
+use crate::store::SqliteStore;
+use crate::tls::ServerTls;
+
+/// Start-up failures.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("cannot bind {name} listener on {addr}: {source}")]
+    Bind { name: &'static str, addr: SocketAddr, source: std::io::Error },
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
+    #[error(transparent)]
+    Audit(#[from] crate::audit::AuditError),
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+    #[error(transparent)]
+    Grants(#[from] crate::grants::GrantError),
+}
+
+/// The bound listening sockets.
+pub struct Listeners {
+    pub postgres: TcpListener,
+    pub api: TcpListener,
+    pub metrics: TcpListener,
+}
+
+/// Addresses the listeners actually bound (port 0 resolved).
+#[derive(Debug, Clone, Copy)]
+pub struct BoundAddrs {
+    pub postgres: SocketAddr,
+    pub api: SocketAddr,
+    pub metrics: SocketAddr,
+}
+
+impl Listeners {
+    /// Binds every configured address.
+    pub async fn bind(listen: &Listen) -> Result<Self, ServerError> {
+        async fn one(name: &'static str, addr: SocketAddr) -> Result<TcpListener, ServerError> {
+            TcpListener::bind(addr).await.map_err(|source| ServerError::Bind { name, addr, source })
+        }
+        Ok(Self {
+            postgres: one("postgres", listen.postgres).await?,
+            api: one("api", listen.api).await?,
+            metrics: one("metrics", listen.metrics).await?,
+        })
+    }
+
+    /// The bound addresses.
+    pub fn addrs(&self) -> BoundAddrs {
+        let addr = |l: &TcpListener| l.local_addr().unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
+        BoundAddrs { postgres: addr(&self.postgres), api: addr(&self.api), metrics: addr(&self.metrics) }
+    }
+}
+
+/// Runs the proxy until `shutdown` resolves, then stops accepting, cuts sessions and waits up
+/// to `limits.shutdown_grace` for them to finish.
+pub async fn run(config: Config, listeners: Listeners, shutdown: impl Future<Output = ()>) -> Result<(), ServerError> {
+    let metrics = Metrics::new();
+    let tls = ServerTls::load(&config.tls)?;
+    let audit = Arc::new(AuditLog::open(&config.audit_path, Arc::clone(&metrics))?);
+    let store = Arc::new(SqliteStore::open(&config.store_path)?);
+    let cancel = CancellationToken::new();
+    let grants = Grants::restore(store, Arc::clone(&audit), Arc::clone(&metrics), cancel.clone())?;
+    let sessions = Arc::new(Sessions::default());
+    let tracker = TaskTracker::new();
+
+    let pg = Arc::new(PgContext {
+        config: config.clone(),
+        tls: Arc::clone(&tls.postgres),
+        grants: Arc::clone(&grants),
+        sessions: Arc::clone(&sessions),
+        audit: Arc::clone(&audit),
+        metrics: Arc::clone(&metrics),
+        shutdown: cancel.clone(),
+    });
+    let api_state = Arc::new(ApiState {
+        config: config.clone(),
+        grants: Arc::clone(&grants),
+        sessions: Arc::clone(&sessions),
+        metrics: Arc::clone(&metrics),
+    });
+    let addrs = listeners.addrs();
+    let limit = config.limits.max_connections;
+
+    let pg_tracker = tracker.clone();
+    tracker.spawn(accept_loop("postgres", listeners.postgres, limit, cancel.clone(), pg_tracker, move |tcp, peer| {
+        pg::serve_connection(Arc::clone(&pg), tcp, peer)
+    }));
+    let api_tls = Arc::clone(&tls.api);
+    let api_cancel = cancel.clone();
+    let handshake = config.limits.handshake_timeout;
+    tracker.spawn(accept_loop("api", listeners.api, limit, cancel.clone(), tracker.clone(), move |tcp, peer| {
+        api::serve_connection(Arc::clone(&api_state), Arc::clone(&api_tls), tcp, peer, handshake, api_cancel.clone())
+    }));
+    tracker.spawn(metrics::serve(listeners.metrics, Arc::clone(&metrics), cancel.clone()));
+    metrics.set_ready(true);
+    tracing::info!(postgres = %addrs.postgres, api = %addrs.api, metrics = %addrs.metrics, "jitgate serving");
+
+    shutdown.await;
+    tracing::info!("shutting down");
+    metrics.set_ready(false);
+    cancel.cancel();
+    tracker.close();
+    if tokio::time::timeout(config.limits.shutdown_grace, tracker.wait()).await.is_err() {
+        tracing::warn!("sessions still open after the shutdown grace period");
+    }
+    Ok(())
+}
+
+async fn accept_loop<F, Fut>(
+    name: &'static str,
+    listener: TcpListener,
+    limit: usize,
+    cancel: CancellationToken,
+    tracker: TaskTracker,
+    handler: F,
+) where
+    F: Fn(TcpStream, SocketAddr) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let permits = Arc::new(Semaphore::new(limit));
+    loop {
+        let permit = tokio::select! {
+            p = Arc::clone(&permits).acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => return,
+            },
+            _ = cancel.cancelled() => return,
+        };
+        let (tcp, peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(conn) => conn,
+                Err(error) => {
+                    // EMFILE and friends: back off instead of spinning or exiting.
+                    tracing::warn!(listener = name, %error, "accept failed");
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_millis(100)) => continue,
+                        _ = cancel.cancelled() => return,
+                    }
+                }
+            },
+            _ = cancel.cancelled() => return,
+        };
+        let span = tracing::info_span!("conn", listener = name, client.addr = %peer);
+        let fut = handler(tcp, peer);
+        tracker.spawn(
+            async move {
+                fut.await;
+                drop(permit);
+            }
+            .instrument(span),
+        );
+    }
+}

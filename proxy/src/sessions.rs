@@ -1,0 +1,161 @@
+//! The registry of live sessions: what `jitgate session list` shows and what
+//! `jitgate session kill` and CancelRequest routing find.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::SystemTime;
+
+use dashmap::DashMap;
+use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
+
+use crate::audit::SessionEndReason;
+use crate::types::{AccessLevel, GrantId, Role, SessionId, TargetName, UserName};
+
+/// A live session's shared state.
+#[derive(Debug)]
+pub struct SessionHandle {
+    pub id: SessionId,
+    pub user: UserName,
+    pub roles: Vec<Role>,
+    pub target: TargetName,
+    pub database: String,
+    pub access: AccessLevel,
+    pub grant_id: GrantId,
+    pub client_addr: SocketAddr,
+    pub started_at: SystemTime,
+    /// Bytes read from the client.
+    pub bytes_from_client: AtomicU64,
+    /// Bytes written to the client.
+    pub bytes_to_client: AtomicU64,
+    kill: CancellationToken,
+    kill_reason: OnceLock<SessionEndReason>,
+}
+
+impl SessionHandle {
+    /// Cuts this session for `reason`; the first reason given wins.
+    pub fn kill(&self, reason: SessionEndReason) {
+        let _ = self.kill_reason.set(reason);
+        self.kill.cancel();
+    }
+
+    /// Fires when the session is killed.
+    pub fn killed(&self) -> tokio_util::sync::WaitForCancellationFuture<'_> {
+        self.kill.cancelled()
+    }
+
+    /// Why the session was killed, once it was.
+    pub fn kill_reason(&self) -> Option<SessionEndReason> {
+        self.kill_reason.get().copied()
+    }
+
+    /// A snapshot for listings.
+    pub fn info(&self) -> SessionInfo {
+        SessionInfo {
+            id: self.id.clone(),
+            user: self.user.clone(),
+            target: self.target.clone(),
+            database: self.database.clone(),
+            access: self.access,
+            grant_id: self.grant_id.clone(),
+            client_addr: self.client_addr,
+            started_at: self.started_at,
+            bytes_from_client: self.bytes_from_client.load(Ordering::Relaxed),
+            bytes_to_client: self.bytes_to_client.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// A session as listed by the API.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SessionInfo {
+    pub id: SessionId,
+    pub user: UserName,
+    pub target: TargetName,
+    pub database: String,
+    pub access: AccessLevel,
+    pub grant_id: GrantId,
+    pub client_addr: SocketAddr,
+    #[serde(with = "crate::timefmt::serde_rfc3339")]
+    pub started_at: SystemTime,
+    pub bytes_from_client: u64,
+    pub bytes_to_client: u64,
+}
+
+/// Fields that describe a new session.
+pub struct NewSession {
+    pub user: UserName,
+    pub roles: Vec<Role>,
+    pub target: TargetName,
+    pub database: String,
+    pub access: AccessLevel,
+    pub grant_id: GrantId,
+    pub client_addr: SocketAddr,
+}
+
+/// Live sessions by id. A session deregisters itself when its guard drops.
+#[derive(Default)]
+pub struct Sessions {
+    live: DashMap<SessionId, Arc<SessionHandle>>,
+}
+
+/// Removes the session from the registry when dropped.
+pub struct Registration {
+    sessions: Arc<Sessions>,
+    handle: Arc<SessionHandle>,
+}
+
+impl Registration {
+    /// The registered session.
+    pub fn handle(&self) -> &Arc<SessionHandle> {
+        &self.handle
+    }
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        self.sessions.live.remove(&self.handle.id);
+    }
+}
+
+impl Sessions {
+    /// Registers a session and returns the guard that keeps it listed.
+    pub fn register(self: &Arc<Self>, s: NewSession) -> Registration {
+        let handle = Arc::new(SessionHandle {
+            id: SessionId::generate(),
+            user: s.user,
+            roles: s.roles,
+            target: s.target,
+            database: s.database,
+            access: s.access,
+            grant_id: s.grant_id,
+            client_addr: s.client_addr,
+            started_at: SystemTime::now(),
+            bytes_from_client: AtomicU64::new(0),
+            bytes_to_client: AtomicU64::new(0),
+            kill: CancellationToken::new(),
+            kill_reason: OnceLock::new(),
+        });
+        self.live.insert(handle.id.clone(), Arc::clone(&handle));
+        Registration { sessions: Arc::clone(self), handle }
+    }
+
+    /// Kills a session by id; false when no such session is live.
+    pub fn kill(&self, id: &SessionId) -> bool {
+        match self.live.get(id) {
+            Some(h) => {
+                h.kill(SessionEndReason::Killed);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Every live session, oldest first.
+    pub fn list(&self) -> Vec<SessionInfo> {
+        let mut v: Vec<SessionInfo> = self.live.iter().map(|h| h.info()).collect();
+        v.sort_by_key(|s| s.started_at);
+        v
+    }
+}
