@@ -172,7 +172,23 @@ impl Authority {
 
     /// Issues a client certificate naming `user` with `roles`, valid for `ttl`.
     pub fn issue_client(&self, user: &UserName, roles: &[Role], ttl: Duration) -> Result<(String, String), PkiError> {
-        let mut params = leaf_params(user.as_str(), ttl);
+        let now = time::OffsetDateTime::now_utc();
+        // Tolerate small clock skew between the issuing host and the proxy.
+        self.issue_client_between(user, roles, now - time::Duration::minutes(5), now + ttl)
+    }
+
+    /// Issues a client certificate with an explicit validity window (tests use this to make
+    /// certificates that are already expired).
+    pub fn issue_client_between(
+        &self,
+        user: &UserName,
+        roles: &[Role],
+        not_before: time::OffsetDateTime,
+        not_after: time::OffsetDateTime,
+    ) -> Result<(String, String), PkiError> {
+        let mut params = leaf_params(user.as_str(), Duration::ZERO);
+        params.not_before = not_before;
+        params.not_after = not_after;
         params.subject_alt_names.push(SanType::URI(format!("{USER_URI}{user}").try_into()?));
         for role in roles {
             params.subject_alt_names.push(SanType::URI(format!("{ROLE_URI}{role}").try_into()?));

@@ -43,7 +43,13 @@ pub fn find_bin_dir() -> Result<PathBuf, SandboxError> {
     if let Ok(path) = std::env::var("PATH") {
         for dir in std::env::split_paths(&path) {
             if dir.join("initdb").is_file() && dir.join("postgres").is_file() {
-                return Ok(dir);
+                // Follow symlinks (e.g. /usr/local/bin/postgres) to the real install, which
+                // also holds psql of the same version.
+                if let Some(real) = std::fs::canonicalize(dir.join("postgres")).ok().and_then(|p| p.parent().map(Path::to_path_buf)) {
+                    if real.join("psql").is_file() {
+                        return Ok(real);
+                    }
+                }
             }
         }
     }

@@ -98,7 +98,12 @@ pub fn failure_reason(err: &std::io::Error) -> &'static str {
     };
     match tls {
         Error::NoCertificatesPresented => "no_certificate",
-        Error::InvalidCertificate(CertificateError::Expired) => "expired_certificate",
+        Error::InvalidCertificate(CertificateError::Expired | CertificateError::ExpiredContext { .. }) => {
+            "expired_certificate"
+        }
+        Error::InvalidCertificate(CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. }) => {
+            "not_yet_valid_certificate"
+        }
         Error::InvalidCertificate(CertificateError::UnknownIssuer) => "unknown_issuer",
         Error::InvalidCertificate(_) => "bad_certificate",
         Error::NoApplicationProtocol => "alpn",

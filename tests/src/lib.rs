@@ -1,1 +1,439 @@
-//! placeholder
+//! End-to-end harness: a throwaway PostgreSQL cluster, an in-process jitgate on loopback
+//! ports, user certificates from its CA, and clients (real psql/pgbench, the control API, and
+//! a raw protocol client for corners psql will not produce). Everything stops and is removed
+//! when the [`Harness`] drops, also when a test fails.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+pub mod raw;
+
+use std::path::{Path, PathBuf};
+use std::process::{Output, Stdio};
+use std::time::{Duration, Instant};
+
+use jitgate::client::ApiClient;
+use jitgate::config::Config;
+use jitgate::grants::{Grant, NewGrant};
+use jitgate::pki::{self, files, Authority};
+use jitgate::sandbox::{self, LocalPostgres, PgOptions};
+use jitgate::server::{BoundAddrs, Listeners, ServerError};
+use jitgate::types::{AccessLevel, Role, TargetName, UserName};
+use tokio::process::{Child, Command};
+use tokio_util::sync::CancellationToken;
+
+pub use jitgate;
+
+/// Passwords of the target roles (the engineer never sees these).
+pub const READER_PASSWORD: &str = "reader-secret-pw";
+pub const WRITER_PASSWORD: &str = "writer-secret-pw";
+pub const MD5_PASSWORD: &str = "md5-secret-pw";
+
+/// Harness knobs.
+#[derive(Debug, Clone, Default)]
+pub struct Options {
+    /// `limits.handshake_timeout` (default 10s).
+    pub handshake_timeout: Option<&'static str>,
+    /// Serve TLS on the PostgreSQL cluster and add target `tls-db` with `verify-full`.
+    pub upstream_tls: bool,
+}
+
+/// A client identity on disk.
+#[derive(Debug, Clone)]
+pub struct UserCert {
+    pub user: String,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub ca: PathBuf,
+}
+
+struct Running {
+    addrs: BoundAddrs,
+    shutdown: CancellationToken,
+    task: tokio::task::JoinHandle<Result<(), ServerError>>,
+}
+
+/// One test's world.
+pub struct Harness {
+    pub pg: LocalPostgres,
+    data: tempfile::TempDir,
+    config_path: PathBuf,
+    running: Option<Running>,
+    admin: Option<ApiClient>,
+}
+
+impl Harness {
+    /// Starts PostgreSQL and jitgate with default options.
+    pub async fn start() -> Harness {
+        Self::start_with(Options::default()).await
+    }
+
+    /// Starts PostgreSQL and jitgate.
+    pub async fn start_with(opts: Options) -> Harness {
+        let data = tempfile::Builder::new().prefix("jitgate-test-").tempdir().unwrap();
+        jitgate::cli::init_data_dir(data.path(), &[], Duration::from_secs(3600)).unwrap();
+        let pg_tls = opts.upstream_tls.then(|| {
+            let ca = Authority::generate().unwrap();
+            std::fs::write(data.path().join("pg-ca.crt"), ca.cert_pem()).unwrap();
+            ca.issue_server(&["127.0.0.1".into(), "localhost".into()]).unwrap()
+        });
+        let pg = tokio::task::spawn_blocking(move || LocalPostgres::start(&PgOptions { tls: pg_tls }))
+            .await
+            .unwrap()
+            .expect("start PostgreSQL (is the postgresql package installed? scripts/test installs it)");
+        pg.sql("postgres", "CREATE DATABASE app").unwrap();
+        pg.sql("postgres", "CREATE DATABASE other").unwrap();
+        pg.sql(
+            "postgres",
+            &format!(
+                "CREATE ROLE jit_reader LOGIN PASSWORD '{READER_PASSWORD}';
+                 CREATE ROLE jit_writer LOGIN PASSWORD '{WRITER_PASSWORD}';
+                 SET password_encryption = 'md5';
+                 CREATE ROLE jit_md5 LOGIN PASSWORD '{MD5_PASSWORD}';"
+            ),
+        )
+        .unwrap();
+        pg.sql(
+            "app",
+            "CREATE TABLE items (id int PRIMARY KEY, name text);
+             INSERT INTO items SELECT g, 'item ' || g FROM generate_series(1, 100) g;
+             GRANT SELECT ON ALL TABLES IN SCHEMA public TO jit_reader, jit_md5;
+             GRANT ALL ON SCHEMA public TO jit_writer;
+             GRANT ALL ON ALL TABLES IN SCHEMA public TO jit_writer;",
+        )
+        .unwrap();
+        for (name, pw) in [("reader", READER_PASSWORD), ("writer", WRITER_PASSWORD), ("md5", MD5_PASSWORD)] {
+            pki::write_file(&data.path().join(format!("{name}.password")), pw, true).unwrap();
+        }
+        let d = data.path().display();
+        let mut config = format!(
+            r#"data_dir = "{d}"
+[listen]
+postgres = "127.0.0.1:0"
+api = "127.0.0.1:0"
+metrics = "127.0.0.1:0"
+[limits]
+handshake_timeout = "{handshake}"
+shutdown_grace = "2s"
+
+[[targets]]
+name = "prod-db"
+kind = "postgres"
+address = "{addr}"
+database = "app"
+labels = {{ env = "prod" }}
+[targets.credentials.read]
+user = "jit_reader"
+password_file = "{d}/reader.password"
+[targets.credentials.write]
+user = "jit_writer"
+password_file = "{d}/writer.password"
+
+[[targets]]
+name = "md5-db"
+address = "{addr}"
+database = "app"
+[targets.credentials.read]
+user = "jit_md5"
+password_file = "{d}/md5.password"
+"#,
+            handshake = opts.handshake_timeout.unwrap_or("10s"),
+            addr = pg.address(),
+        );
+        if opts.upstream_tls {
+            config.push_str(&format!(
+                r#"
+[[targets]]
+name = "tls-db"
+address = "{addr}"
+database = "app"
+[targets.credentials.read]
+user = "jit_reader"
+password_file = "{d}/reader.password"
+[targets.tls]
+mode = "verify-full"
+ca_file = "{d}/pg-ca.crt"
+"#,
+                addr = pg.address()
+            ));
+        }
+        let config_path = data.path().join("test.toml");
+        std::fs::write(&config_path, config).unwrap();
+        let mut h = Harness { pg, data, config_path, running: None, admin: None };
+        h.start_proxy().await;
+        h
+    }
+
+    /// The data directory (CA, store, audit log).
+    pub fn data_dir(&self) -> &Path {
+        self.data.path()
+    }
+
+    /// The config file the proxy runs with.
+    pub fn config_path(&self) -> &Path {
+        &self.config_path
+    }
+
+    /// Rewrites the config file with `f` (takes effect at the next restart).
+    pub fn edit_config(&self, f: impl FnOnce(String) -> String) {
+        let text = std::fs::read_to_string(&self.config_path).unwrap();
+        std::fs::write(&self.config_path, f(text)).unwrap();
+    }
+
+    /// Starts the proxy from the config file (new ports each time).
+    pub async fn start_proxy(&mut self) {
+        assert!(self.running.is_none(), "proxy already running");
+        let config = Config::load(&self.config_path).unwrap();
+        let listeners = Listeners::bind(&config.listen).await.unwrap();
+        let addrs = listeners.addrs();
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(jitgate::run(config, listeners, shutdown.clone().cancelled_owned()));
+        let d = self.data.path();
+        self.admin = Some(
+            ApiClient::from_files(
+                &addrs.api.to_string(),
+                &d.join(files::ADMIN_CERT),
+                &d.join(files::ADMIN_KEY),
+                &d.join(files::CA_CERT),
+            )
+            .unwrap(),
+        );
+        self.running = Some(Running { addrs, shutdown, task });
+        // Wait until the API answers (the server restores grants before serving).
+        let admin = self.admin.clone().unwrap();
+        eventually("API ready", Duration::from_secs(10), || {
+            let admin = admin.clone();
+            async move { admin.whoami().await.is_ok() }
+        })
+        .await;
+    }
+
+    /// Stops the proxy and waits for it to finish.
+    pub async fn stop_proxy(&mut self) -> Result<(), ServerError> {
+        let r = self.running.take().expect("proxy not running");
+        r.shutdown.cancel();
+        r.task.await.unwrap()
+    }
+
+    /// Stops and starts the proxy with the same data directory.
+    pub async fn restart_proxy(&mut self) {
+        self.stop_proxy().await.unwrap();
+        self.start_proxy().await;
+    }
+
+    /// Bound listener addresses.
+    pub fn addrs(&self) -> BoundAddrs {
+        self.running.as_ref().expect("proxy not running").addrs
+    }
+
+    /// Admin API client.
+    pub fn admin(&self) -> &ApiClient {
+        self.admin.as_ref().expect("proxy not running")
+    }
+
+    /// Issues a client certificate from the data directory's CA.
+    pub fn user(&self, name: &str, roles: &[&str]) -> UserCert {
+        self.user_with_ttl(name, roles, Duration::from_secs(3600))
+    }
+
+    /// Issues a client certificate valid for `ttl`.
+    pub fn user_with_ttl(&self, name: &str, roles: &[&str], ttl: Duration) -> UserCert {
+        let ca = Authority::load(self.data.path()).unwrap();
+        let out = self.data.path().join("users").join(format!("{name}-{}", rand_suffix()));
+        let roles: Vec<Role> = roles.iter().map(|r| Role::new(*r).unwrap()).collect();
+        let (cert, key) = pki::issue_to_dir(&ca, &UserName::new(name).unwrap(), &roles, ttl, &out).unwrap();
+        UserCert { user: name.into(), cert, key, ca: out.join(files::CA_CERT) }
+    }
+
+    /// Writes a certificate pair under a fresh directory and returns it as a user.
+    pub fn user_from_pem(&self, name: &str, cert_pem: &str, key_pem: &str) -> UserCert {
+        let out = self.data.path().join("users").join(format!("{name}-{}", rand_suffix()));
+        std::fs::create_dir_all(&out).unwrap();
+        let cert = out.join(format!("{name}.crt"));
+        let key = out.join(format!("{name}.key"));
+        pki::write_file(&cert, cert_pem, false).unwrap();
+        pki::write_file(&key, key_pem, true).unwrap();
+        let ca = out.join(files::CA_CERT);
+        std::fs::copy(self.data.path().join(files::CA_CERT), &ca).unwrap();
+        UserCert { user: name.into(), cert, key, ca }
+    }
+
+    /// Creates a grant through the control API.
+    pub async fn grant(&self, user: &str, target: &str, access: AccessLevel, duration: Duration) -> Grant {
+        self.admin()
+            .create_grant(&NewGrant {
+                user: UserName::new(user).unwrap(),
+                target: TargetName::new(target).unwrap(),
+                access,
+                duration_secs: duration.as_secs(),
+                reason: "e2e test".into(),
+            })
+            .await
+            .unwrap()
+    }
+
+    /// libpq connection string for `user` to `dbname` through the proxy.
+    pub fn conninfo(&self, user: &UserCert, dbname: &str) -> String {
+        format!(
+            "host=127.0.0.1 port={} dbname={dbname} user={} sslmode=verify-full sslrootcert={} sslcert={} sslkey={} connect_timeout=10",
+            self.addrs().postgres.port(),
+            user.user,
+            user.ca.display(),
+            user.cert.display(),
+            user.key.display()
+        )
+    }
+
+    /// Runs `psql -c sql` through the proxy.
+    pub async fn psql(&self, user: &UserCert, dbname: &str, sql: &str) -> PsqlOutput {
+        self.psql_conninfo(&self.conninfo(user, dbname), sql).await
+    }
+
+    /// Runs `psql -c sql` with an explicit connection string.
+    pub async fn psql_conninfo(&self, conninfo: &str, sql: &str) -> PsqlOutput {
+        let out = tokio::time::timeout(
+            Duration::from_secs(120),
+            client_command("psql").arg(conninfo).args(["-X", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-c", sql]).output(),
+        )
+        .await
+        .expect("psql did not finish within 120s")
+        .unwrap();
+        PsqlOutput::from(out)
+    }
+
+    /// Starts an interactive psql reading commands from a pipe; it stays idle until written to.
+    pub fn psql_interactive(&self, user: &UserCert, dbname: &str) -> Child {
+        client_command("psql")
+            .arg(self.conninfo(user, dbname))
+            .args(["-X", "-A", "-t"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap()
+    }
+
+    /// Every audit record so far, parsed.
+    pub fn audit(&self) -> Vec<serde_json::Value> {
+        let text = std::fs::read_to_string(self.data.path().join("audit.jsonl")).unwrap_or_default();
+        text.lines().map(|l| serde_json::from_str(l).expect("audit line is JSON")).collect()
+    }
+
+    /// Audit records of one event kind.
+    pub fn audit_events(&self, kind: &str) -> Vec<serde_json::Value> {
+        self.audit().into_iter().filter(|e| e["event"] == kind).collect()
+    }
+
+    /// `GET path` on the metrics listener: (status line, body).
+    pub async fn metrics_get(&self, path: &str) -> (String, String) {
+        http_get(self.addrs().metrics, path).await
+    }
+
+    /// Number of backends the given target role holds on the cluster.
+    pub fn backends_of(&self, role: &str) -> usize {
+        self.pg
+            .sql("postgres", &format!("SELECT count(*) FROM pg_stat_activity WHERE usename = '{role}'"))
+            .unwrap()
+            .parse()
+            .unwrap()
+    }
+}
+
+impl Drop for Harness {
+    fn drop(&mut self) {
+        if let Some(r) = self.running.take() {
+            r.shutdown.cancel();
+            r.task.abort();
+        }
+    }
+}
+
+/// psql's exit status and output.
+#[derive(Debug)]
+pub struct PsqlOutput {
+    pub success: bool,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl From<Output> for PsqlOutput {
+    fn from(o: Output) -> Self {
+        PsqlOutput {
+            success: o.status.success(),
+            stdout: String::from_utf8_lossy(&o.stdout).trim().to_owned(),
+            stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
+        }
+    }
+}
+
+/// A PostgreSQL client program (psql, pgbench) from the same install as the server, with
+/// libpq environment variables cleared so only the arguments count.
+pub fn client_command(program: &str) -> Command {
+    let path = sandbox::find_bin_dir().map(|d| d.join(program)).unwrap_or_else(|_| PathBuf::from(program));
+    let mut c = Command::new(path);
+    for (k, _) in std::env::vars() {
+        if k.starts_with("PG") {
+            c.env_remove(k);
+        }
+    }
+    c.env("PGCONNECT_TIMEOUT", "10");
+    c.kill_on_drop(true);
+    c
+}
+
+/// Polls `check` every 50 ms until it is true; panics naming `what` after `limit`.
+pub async fn eventually<F, Fut>(what: &str, limit: Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + limit;
+    loop {
+        if check().await {
+            return;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Minimal HTTP/1.1 GET over plain TCP: (status line, body).
+pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> (String, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).await.unwrap();
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    (head.lines().next().unwrap_or_default().to_owned(), body.to_owned())
+}
+
+/// Value of a metric sample line `name{labels} value` in Prometheus text; 0 when absent.
+pub fn metric(text: &str, name_and_labels: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name_and_labels).and_then(|rest| rest.strip_prefix(' ')))
+        .map_or(0.0, |v| v.trim().parse().unwrap())
+}
+
+/// Path of the `jitgate` binary built next to the test executable.
+pub fn jitgate_bin() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().unwrap();
+    let dir = if dir.ends_with("deps") { dir.parent().unwrap() } else { dir };
+    let bin = dir.join("jitgate");
+    assert!(bin.is_file(), "{} missing: run cargo build --workspace --tests first", bin.display());
+    bin
+}
+
+fn rand_suffix() -> String {
+    format!("{:08x}", rand_u32())
+}
+
+fn rand_u32() -> u32 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos());
+    h.finish() as u32
+}
