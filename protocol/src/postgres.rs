@@ -28,8 +28,7 @@ pub(crate) fn take_cstr<'a>(buf: &mut &'a [u8]) -> Result<&'a str, ProtocolError
         .iter()
         .position(|&b| b == 0)
         .ok_or(ProtocolError::Malformed("string is not NUL-terminated"))?;
-    let s = std::str::from_utf8(&buf[..end])
-        .map_err(|_| ProtocolError::Malformed("string is not valid UTF-8"))?;
+    let s = std::str::from_utf8(&buf[..end]).map_err(|_| ProtocolError::Malformed("string is not valid UTF-8"))?;
     *buf = &buf[end + 1..];
     Ok(s)
 }

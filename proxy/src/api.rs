@@ -1,5 +1,5 @@
 //! The control API: HTTPS + JSON over mTLS, for the CLI (and later the web console). Every
-//! route requires the `admin` role in the client certificate.
+//! route but `whoami` requires the `admin` role in the client certificate.
 //!
 //! Routes: `GET/POST /v1/grants`, `POST /v1/grants/{id}/revoke`, `GET /v1/sessions`,
 //! `POST /v1/sessions/{id}/kill`, `GET /v1/whoami`.
@@ -83,15 +83,24 @@ fn require_admin(id: &Identity) -> Result<(), ApiError> {
     if id.has_role("admin") {
         Ok(())
     } else {
-        Err(ApiError(StatusCode::FORBIDDEN, format!("{} lacks the admin role", id.user)))
+        Err(ApiError(
+            StatusCode::FORBIDDEN,
+            format!("{} lacks the admin role", id.user),
+        ))
     }
 }
 
 async fn whoami(Extension(id): Extension<Arc<Identity>>) -> Json<WhoAmI> {
-    Json(WhoAmI { user: id.user.to_string(), roles: id.roles.iter().map(ToString::to_string).collect() })
+    Json(WhoAmI {
+        user: id.user.to_string(),
+        roles: id.roles.iter().map(ToString::to_string).collect(),
+    })
 }
 
-async fn list_grants(State(s): State<Arc<ApiState>>, Extension(id): Extension<Arc<Identity>>) -> Result<Json<Vec<Grant>>, ApiError> {
+async fn list_grants(
+    State(s): State<Arc<ApiState>>,
+    Extension(id): Extension<Arc<Identity>>,
+) -> Result<Json<Vec<Grant>>, ApiError> {
     require_admin(&id)?;
     Ok(Json(s.grants.list()))
 }
@@ -118,7 +127,10 @@ async fn revoke_grant(
     Ok(Json(grant))
 }
 
-async fn list_sessions(State(s): State<Arc<ApiState>>, Extension(id): Extension<Arc<Identity>>) -> Result<Json<Vec<SessionInfo>>, ApiError> {
+async fn list_sessions(
+    State(s): State<Arc<ApiState>>,
+    Extension(id): Extension<Arc<Identity>>,
+) -> Result<Json<Vec<SessionInfo>>, ApiError> {
     require_admin(&id)?;
     Ok(Json(s.sessions.list()))
 }
@@ -159,29 +171,55 @@ pub async fn serve_connection(
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
             let reason = crate::tls::failure_reason(&e);
-            state.metrics.tls_handshake_failures_total.with_label_values(&["api", reason]).inc();
+            state
+                .metrics
+                .tls_handshake_failures_total
+                .with_label_values(&["api", reason])
+                .inc();
             tracing::info!(reason, error = %e, "API TLS handshake refused");
             return;
         }
         Err(_) => {
-            state.metrics.tls_handshake_failures_total.with_label_values(&["api", "timeout"]).inc();
+            state
+                .metrics
+                .tls_handshake_failures_total
+                .with_label_values(&["api", "timeout"])
+                .inc();
             return;
         }
     };
-    let der = stream.get_ref().1.peer_certificates().and_then(|c| c.first()).map(|c| c.as_ref().to_vec());
+    let der = stream
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .map(|c| c.as_ref().to_vec());
     let identity = match der.as_deref().map(identity_from_der) {
         Some(Ok(id)) => Arc::new(id),
         _ => {
-            state.metrics.tls_handshake_failures_total.with_label_values(&["api", "bad_certificate"]).inc();
+            state
+                .metrics
+                .tls_handshake_failures_total
+                .with_label_values(&["api", "bad_certificate"])
+                .inc();
             return;
         }
     };
     let app = router(state).layer(Extension(identity));
     let service = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
         let app = app.clone();
-        async move { Ok::<_, Infallible>(app.oneshot(req.map(axum::body::Body::new)).await.unwrap_or_else(|e| match e {})) }
+        async move {
+            Ok::<_, Infallible>(
+                app.oneshot(req.map(axum::body::Body::new))
+                    .await
+                    .unwrap_or_else(|e| match e {}),
+            )
+        }
     });
-    let conn = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service);
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(handshake_timeout)
+        .serve_connection(TokioIo::new(stream), service);
     tokio::pin!(conn);
     tokio::select! {
         r = conn.as_mut() => if let Err(error) = r { tracing::debug!(%error, "API connection ended") },

@@ -64,11 +64,30 @@ pub enum AuditEvent {
     #[serde(rename = "grant.created")]
     GrantCreated { grant: Grant },
     #[serde(rename = "grant.revoked")]
-    GrantRevoked { grant_id: GrantId, user: UserName, target: TargetName, access: AccessLevel, by: UserName },
+    GrantRevoked {
+        grant_id: GrantId,
+        user: UserName,
+        target: TargetName,
+        access: AccessLevel,
+        by: UserName,
+    },
     #[serde(rename = "grant.expired")]
-    GrantExpired { grant_id: GrantId, user: UserName, target: TargetName, access: AccessLevel },
+    GrantExpired {
+        grant_id: GrantId,
+        user: UserName,
+        target: TargetName,
+        access: AccessLevel,
+    },
     #[serde(rename = "session.denied")]
-    SessionDenied { user: UserName, target: String, client_addr: SocketAddr, reason: String },
+    SessionDenied {
+        user: UserName,
+        target: String,
+        client_addr: SocketAddr,
+        /// Bounded reason code, as in the `jitgate_sessions_denied_total` metric.
+        code: String,
+        /// The message the client was given.
+        reason: String,
+    },
     #[serde(rename = "session.start")]
     SessionStart {
         session_id: SessionId,
@@ -145,15 +164,26 @@ impl AuditLog {
             .create(true)
             .mode(0o640)
             .open(path)
-            .map_err(|source| AuditError { path: path.to_owned(), source })?;
-        Ok(Self { path: path.to_owned(), file: Mutex::new(file), metrics })
+            .map_err(|source| AuditError {
+                path: path.to_owned(),
+                source,
+            })?;
+        Ok(Self {
+            path: path.to_owned(),
+            file: Mutex::new(file),
+            metrics,
+        })
     }
 
     /// Writes one event, stamped now. The record has reached the operating system when this
     /// returns `Ok`.
     pub fn record(&self, event: AuditEvent) -> Result<(), AuditError> {
         let kind = event.kind();
-        let record = AuditRecord { v: SCHEMA_VERSION, ts: SystemTime::now(), event };
+        let record = AuditRecord {
+            v: SCHEMA_VERSION,
+            ts: SystemTime::now(),
+            event,
+        };
         let mut line = match serde_json::to_vec(&record) {
             Ok(line) => line,
             Err(e) => return Err(self.fail(kind, std::io::Error::other(e))),
@@ -169,6 +199,9 @@ impl AuditLog {
     fn fail(&self, kind: &'static str, source: std::io::Error) -> AuditError {
         self.metrics.audit_write_errors_total.with_label_values(&[kind]).inc();
         tracing::error!(path = %self.path.display(), error = %source, "audit write failed");
-        AuditError { path: self.path.clone(), source }
+        AuditError {
+            path: self.path.clone(),
+            source,
+        }
     }
 }

@@ -67,8 +67,8 @@ struct InitArgs {
     /// Directory to create (holds keys: keep it private).
     #[arg(long, env = "JITGATE_DATA_DIR")]
     data_dir: PathBuf,
-    /// DNS name or IP address clients use to reach the proxy; repeatable.
-    /// Default: localhost and 127.0.0.1.
+    /// DNS name or IP address clients use to reach the proxy; repeatable. localhost and
+    /// 127.0.0.1 are always included.
     #[arg(long = "server-name")]
     server_names: Vec<String>,
     /// Lifetime of the admin certificate (admin.crt).
@@ -166,7 +166,10 @@ pub fn main() -> std::process::ExitCode {
     let default = if serving { "info" } else { "warn" };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -188,17 +191,34 @@ async fn dispatch(cli: Cli) -> Result<()> {
         Command::Init(args) => init(args),
         Command::Serve { config } => serve(&config).await,
         Command::Demo => crate::demo::run().await,
-        Command::Config { command: ConfigCommand::Check { file } } => {
+        Command::Config {
+            command: ConfigCommand::Check { file },
+        } => {
             let config = Config::load(&file)?;
+            config.check_files()?;
             println!("{}: ok ({} targets)", file.display(), config.targets.len());
             Ok(())
         }
-        Command::Cert { command: CertCommand::Issue { data_dir, user, roles, ttl, out } } => {
+        Command::Cert {
+            command:
+                CertCommand::Issue {
+                    data_dir,
+                    user,
+                    roles,
+                    ttl,
+                    out,
+                },
+        } => {
             let user = UserName::new(user)?;
             let roles = roles.into_iter().map(Role::new).collect::<Result<Vec<_>, _>>()?;
             let ca = Authority::load(&data_dir)?;
             let (cert, key) = pki::issue_to_dir(&ca, &user, &roles, ttl, &out)?;
-            println!("wrote {}, {} and {}", cert.display(), key.display(), out.join(files::CA_CERT).display());
+            println!(
+                "wrote {}, {} and {}",
+                cert.display(),
+                key.display(),
+                out.join(files::CA_CERT).display()
+            );
             Ok(())
         }
         Command::Grant { command, api } => grant(command, &api).await,
@@ -208,6 +228,7 @@ async fn dispatch(cli: Cli) -> Result<()> {
 
 async fn serve(path: &Path) -> Result<()> {
     let config = Config::load(path)?;
+    config.check_files()?;
     let listeners = crate::server::Listeners::bind(&config.listen).await?;
     crate::server::run(config, listeners, shutdown_signal()).await?;
     Ok(())
@@ -232,6 +253,11 @@ pub async fn shutdown_signal() {
 /// Writes a new data directory. Refuses to overwrite an existing CA.
 pub fn init_data_dir(data_dir: &Path, server_names: &[String], admin_ttl: Duration) -> Result<()> {
     std::fs::create_dir_all(data_dir).with_context(|| format!("creating {}", data_dir.display()))?;
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        // Keys, grant store and audit log live here: owner only.
+        std::fs::set_permissions(data_dir, std::fs::Permissions::from_mode(0o700))?;
+    }
     if data_dir.join(files::CA_KEY).exists() {
         bail!("{} already holds a CA; refusing to overwrite it", data_dir.display());
     }
@@ -239,11 +265,13 @@ pub fn init_data_dir(data_dir: &Path, server_names: &[String], admin_ttl: Durati
     let ca = Authority::generate()?;
     pki::write_file(&data_dir.join(files::CA_CERT), ca.cert_pem(), false)?;
     pki::write_file(&data_dir.join(files::CA_KEY), &ca.key_pem(), true)?;
-    let names: Vec<String> = if server_names.is_empty() {
-        vec!["localhost".into(), "127.0.0.1".into()]
-    } else {
-        server_names.to_vec()
-    };
+    // Loopback names are always included so the CLI on the proxy host can reach the API.
+    let mut names: Vec<String> = server_names.to_vec();
+    for default in ["localhost", "127.0.0.1"] {
+        if !names.iter().any(|n| n == default) {
+            names.push(default.into());
+        }
+    }
     let (cert, key) = ca.issue_server(&names)?;
     pki::write_file(&data_dir.join(files::SERVER_CERT), &cert, false)?;
     pki::write_file(&data_dir.join(files::SERVER_KEY), &key, true)?;
@@ -265,8 +293,15 @@ fn init(args: InitArgs) -> Result<()> {
     println!("initialised {}", dir.display());
     println!("  CA:          {}/ca.crt (key ca.key: keep it private)", dir.display());
     println!("  server cert: {}/server.crt", dir.display());
-    println!("  admin:       {}/admin.crt, admin.key (expires in {})", dir.display(), humantime::format_duration(args.admin_ttl));
-    println!("  config:      {}/jitgate.toml (add your [[targets]], then: jitgate serve --config ...)", dir.display());
+    println!(
+        "  admin:       {}/admin.crt, admin.key (expires in {})",
+        dir.display(),
+        humantime::format_duration(args.admin_ttl)
+    );
+    println!(
+        "  config:      {}/jitgate.toml (add your [[targets]], then: jitgate serve --config ...)",
+        dir.display()
+    );
     Ok(())
 }
 
@@ -304,7 +339,12 @@ fn api_client(a: &ApiArgs) -> Result<ApiClient> {
         (None, None) => bail!("no API address: pass --api HOST:PORT (or JITGATE_API), or --data-dir DIR"),
     };
     let pick = |v: &Option<PathBuf>, name: &str, flag: &str| {
-        v.clone().or_else(|| from_dir(name)).with_context(|| format!("no {flag}: pass --{flag} (or JITGATE_{}), or --data-dir DIR", flag.to_uppercase()))
+        v.clone().or_else(|| from_dir(name)).with_context(|| {
+            format!(
+                "no {flag}: pass --{flag} (or JITGATE_{}), or --data-dir DIR",
+                flag.to_uppercase()
+            )
+        })
     };
     let cert = pick(&a.cert, files::ADMIN_CERT, "cert")?;
     let key = pick(&a.key, files::ADMIN_KEY, "key")?;
@@ -316,7 +356,11 @@ fn api_client(a: &ApiArgs) -> Result<ApiClient> {
 fn api_from_config(path: &Path) -> Result<String> {
     let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     let value: toml::Value = toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
-    let api = value.get("listen").and_then(|l| l.get("api")).and_then(|a| a.as_str()).unwrap_or("127.0.0.1:8443");
+    let api = value
+        .get("listen")
+        .and_then(|l| l.get("api"))
+        .and_then(|a| a.as_str())
+        .unwrap_or("127.0.0.1:8443");
     // A wildcard bind address is reached through loopback.
     Ok(api.replace("0.0.0.0", "127.0.0.1").replace("[::]", "[::1]"))
 }
@@ -334,7 +378,13 @@ fn until(t: std::time::SystemTime) -> String {
 async fn grant(cmd: GrantCommand, a: &ApiArgs) -> Result<()> {
     let client = api_client(a)?;
     match cmd {
-        GrantCommand::Create { user, target, access, duration, reason } => {
+        GrantCommand::Create {
+            user,
+            target,
+            access,
+            duration,
+            reason,
+        } => {
             let req = NewGrant {
                 user: UserName::new(user)?,
                 target: TargetName::new(target)?,
@@ -355,9 +405,20 @@ async fn grant(cmd: GrantCommand, a: &ApiArgs) -> Result<()> {
             if a.json {
                 return print_json(&grants);
             }
-            println!("{:<20} {:<16} {:<16} {:<6} {:<12} REASON", "ID", "USER", "TARGET", "ACCESS", "EXPIRES IN");
+            println!(
+                "{:<20} {:<16} {:<16} {:<6} {:<12} REASON",
+                "ID", "USER", "TARGET", "ACCESS", "EXPIRES IN"
+            );
             for g in grants {
-                println!("{:<20} {:<16} {:<16} {:<6} {:<12} {}", g.id, g.user, g.target, g.access, until(g.expires_at), g.reason);
+                println!(
+                    "{:<20} {:<16} {:<16} {:<6} {:<12} {}",
+                    g.id,
+                    g.user,
+                    g.target,
+                    g.access,
+                    until(g.expires_at),
+                    g.reason
+                );
             }
             Ok(())
         }
@@ -381,7 +442,10 @@ async fn session(cmd: SessionCommand, a: &ApiArgs) -> Result<()> {
             if a.json {
                 return print_json(&sessions);
             }
-            println!("{:<20} {:<16} {:<16} {:<6} {:<22} {:>10} {:>10}", "ID", "USER", "TARGET", "ACCESS", "CLIENT", "BYTES IN", "BYTES OUT");
+            println!(
+                "{:<20} {:<16} {:<16} {:<6} {:<22} {:>10} {:>10}",
+                "ID", "USER", "TARGET", "ACCESS", "CLIENT", "BYTES IN", "BYTES OUT"
+            );
             for s in sessions {
                 println!(
                     "{:<20} {:<16} {:<16} {:<6} {:<22} {:>10} {:>10}",

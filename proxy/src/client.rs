@@ -52,20 +52,39 @@ impl ApiClient {
             .map_err(|e| ClientError::Setup(e.to_string()))?;
         cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
         let addr = api.trim_start_matches("https://").trim_end_matches('/').to_owned();
-        let host = addr.rsplit_once(':').map_or(addr.as_str(), |(h, _)| h).trim_matches(['[', ']']).to_owned();
-        Ok(Self { addr, host, tls: Arc::new(cfg) })
+        let host = addr
+            .rsplit_once(':')
+            .map_or(addr.as_str(), |(h, _)| h)
+            .trim_matches(['[', ']'])
+            .to_owned();
+        Ok(Self {
+            addr,
+            host,
+            tls: Arc::new(cfg),
+        })
     }
 
-    async fn call<T: DeserializeOwned>(&self, method: Method, path: &str, body: Option<Vec<u8>>) -> Result<T, ClientError> {
-        let connect = |message: String| ClientError::Connect { addr: self.addr.clone(), message };
-        let tcp = TcpStream::connect(&self.addr).await.map_err(|e| connect(e.to_string()))?;
+    async fn call<T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> Result<T, ClientError> {
+        let connect = |message: String| ClientError::Connect {
+            addr: self.addr.clone(),
+            message,
+        };
+        let tcp = TcpStream::connect(&self.addr)
+            .await
+            .map_err(|e| connect(e.to_string()))?;
         let name = ServerName::try_from(self.host.clone()).map_err(|e| ClientError::Setup(e.to_string()))?;
         let tls = tokio_rustls::TlsConnector::from(Arc::clone(&self.tls))
             .connect(name, tcp)
             .await
             .map_err(|e| connect(e.to_string()))?;
-        let (mut sender, conn) =
-            hyper::client::conn::http1::handshake(TokioIo::new(tls)).await.map_err(|e| connect(e.to_string()))?;
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+            .await
+            .map_err(|e| connect(e.to_string()))?;
         tokio::spawn(async move {
             let _ = conn.await;
         });
@@ -78,12 +97,20 @@ impl ApiClient {
             .map_err(|e| ClientError::Setup(e.to_string()))?;
         let resp = sender.send_request(req).await.map_err(|e| connect(e.to_string()))?;
         let status = resp.status();
-        let bytes = resp.into_body().collect().await.map_err(|e| connect(e.to_string()))?.to_bytes();
+        let bytes = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| connect(e.to_string()))?
+            .to_bytes();
         if status != StatusCode::OK && status != StatusCode::CREATED {
             let message = serde_json::from_slice::<ApiErrorBody>(&bytes)
                 .map(|b| b.error)
                 .unwrap_or_else(|_| String::from_utf8_lossy(&bytes).into_owned());
-            return Err(ClientError::Api { status: status.as_u16(), message });
+            return Err(ClientError::Api {
+                status: status.as_u16(),
+                message,
+            });
         }
         serde_json::from_slice(&bytes).map_err(|e| ClientError::Decode(e.to_string()))
     }
@@ -110,7 +137,8 @@ impl ApiClient {
 
     /// `POST /v1/grants/{id}/revoke`.
     pub async fn revoke_grant(&self, id: &str) -> Result<Grant, ClientError> {
-        self.post(&format!("/v1/grants/{}/revoke", encode_segment(id)), &()).await
+        self.post(&format!("/v1/grants/{}/revoke", encode_segment(id)), &())
+            .await
     }
 
     /// `GET /v1/sessions`.
@@ -120,7 +148,8 @@ impl ApiClient {
 
     /// `POST /v1/sessions/{id}/kill`.
     pub async fn kill_session(&self, id: &str) -> Result<crate::api::Killed, ClientError> {
-        self.post(&format!("/v1/sessions/{}/kill", encode_segment(id)), &()).await
+        self.post(&format!("/v1/sessions/{}/kill", encode_segment(id)), &())
+            .await
     }
 }
 

@@ -25,7 +25,10 @@ pub enum ConfigError {
 }
 
 fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
-    ConfigError::Invalid { key: key.into(), message: message.into() }
+    ConfigError::Invalid {
+        key: key.into(),
+        message: message.into(),
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -57,7 +60,11 @@ struct RawListen {
 
 impl Default for RawListen {
     fn default() -> Self {
-        Self { postgres: default_pg_listen(), api: default_api_listen(), metrics: default_metrics_listen() }
+        Self {
+            postgres: default_pg_listen(),
+            api: default_api_listen(),
+            metrics: default_metrics_listen(),
+        }
     }
 }
 
@@ -201,7 +208,10 @@ pub struct Credential {
 
 impl std::fmt::Debug for Credential {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Credential").field("user", &self.user).field("password", &"<redacted>").finish()
+        f.debug_struct("Credential")
+            .field("user", &self.user)
+            .field("password", &"<redacted>")
+            .finish()
     }
 }
 
@@ -219,16 +229,37 @@ pub enum UpstreamTls {
 impl Config {
     /// Reads and validates a config file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
         Self::parse(&text, path)
     }
 
     /// Parses and validates config text; `path` is used in messages only.
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
-        let raw: RawConfig = toml::from_str(text)
-            .map_err(|e| ConfigError::Parse { path: path.to_owned(), message: e.to_string() })?;
+        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            message: e.to_string(),
+        })?;
         raw.validate()
+    }
+}
+
+impl Config {
+    /// Opens every file the configuration names (certificates, keys, target CAs), so a typo
+    /// stops start-up or `config check` instead of failing sessions later.
+    pub fn check_files(&self) -> Result<(), ConfigError> {
+        crate::tls::ServerTls::load(&self.tls).map_err(|e| invalid("tls", e.to_string()))?;
+        let mut targets: Vec<_> = self.targets.values().collect();
+        targets.sort_by(|a, b| a.name.cmp(&b.name));
+        for t in targets {
+            if let UpstreamTls::VerifyFull { ca_file, .. } = &t.tls {
+                crate::tls::load_roots(ca_file)
+                    .map_err(|e| invalid(format!("targets.{}.tls.ca_file", t.name), e.to_string()))?;
+            }
+        }
+        Ok(())
     }
 }
 
@@ -240,7 +271,9 @@ fn duration(key: &str, value: Option<&str>, default: Duration) -> Result<Duratio
 }
 
 fn socket(key: &str, value: &str) -> Result<SocketAddr, ConfigError> {
-    value.parse().map_err(|_| invalid(key, format!("{value:?} is not an IP:port address")))
+    value
+        .parse()
+        .map_err(|_| invalid(key, format!("{value:?} is not an IP:port address")))
 }
 
 impl RawConfig {
@@ -259,20 +292,33 @@ impl RawConfig {
         let l = self.limits;
         let limits = Limits {
             max_connections: l.max_connections.unwrap_or(10_000),
-            handshake_timeout: duration("limits.handshake_timeout", l.handshake_timeout.as_deref(), Duration::from_secs(10))?,
+            handshake_timeout: duration(
+                "limits.handshake_timeout",
+                l.handshake_timeout.as_deref(),
+                Duration::from_secs(10),
+            )?,
             upstream_connect_timeout: duration(
                 "limits.upstream_connect_timeout",
                 l.upstream_connect_timeout.as_deref(),
                 Duration::from_secs(10),
             )?,
-            max_startup_message_bytes: l.max_startup_message_bytes.unwrap_or(jitgate_protocol::postgres::MAX_STARTUP_LEN),
-            shutdown_grace: duration("limits.shutdown_grace", l.shutdown_grace.as_deref(), Duration::from_secs(5))?,
+            max_startup_message_bytes: l
+                .max_startup_message_bytes
+                .unwrap_or(jitgate_protocol::postgres::MAX_STARTUP_LEN),
+            shutdown_grace: duration(
+                "limits.shutdown_grace",
+                l.shutdown_grace.as_deref(),
+                Duration::from_secs(5),
+            )?,
         };
         if limits.max_connections == 0 {
             return Err(invalid("limits.max_connections", "must be at least 1"));
         }
         if !(64..=1 << 20).contains(&limits.max_startup_message_bytes) {
-            return Err(invalid("limits.max_startup_message_bytes", "must be between 64 and 1048576"));
+            return Err(invalid(
+                "limits.max_startup_message_bytes",
+                "must be between 64 and 1048576",
+            ));
         }
         let mut targets = HashMap::new();
         for (i, t) in self.targets.into_iter().enumerate() {
@@ -298,9 +344,17 @@ impl RawTarget {
         let key = |k: &str| format!("targets[{i}].{k}");
         let name = TargetName::new(self.name).map_err(|e| invalid(key("name"), e.to_string()))?;
         if self.kind != "postgres" {
-            return Err(invalid(key("kind"), format!("unsupported kind {:?}: only \"postgres\" for now", self.kind)));
+            return Err(invalid(
+                key("kind"),
+                format!("unsupported kind {:?}: only \"postgres\" for now", self.kind),
+            ));
         }
-        if self.address.rsplit_once(':').and_then(|(_, p)| p.parse::<u16>().ok()).is_none() {
+        if self
+            .address
+            .rsplit_once(':')
+            .and_then(|(_, p)| p.parse::<u16>().ok())
+            .is_none()
+        {
             return Err(invalid(key("address"), format!("{:?} is not host:port", self.address)));
         }
         if self.database.is_empty() {
@@ -315,7 +369,10 @@ impl RawTarget {
                     return Err(invalid(&ckey, "set password_env or password_file, not both"));
                 }
                 (Some(var), None) => Some(std::env::var(&var).map_err(|_| {
-                    invalid(format!("{ckey}.password_env"), format!("environment variable {var} is not set"))
+                    invalid(
+                        format!("{ckey}.password_env"),
+                        format!("environment variable {var} is not set"),
+                    )
                 })?),
                 (None, Some(file)) => Some(
                     std::fs::read_to_string(&file)
@@ -339,14 +396,27 @@ impl RawTarget {
                     .ca_file
                     .ok_or_else(|| invalid(key("tls.ca_file"), "required with mode = \"verify-full\""))?;
                 let host = self.address.rsplit_once(':').map(|(h, _)| h).unwrap_or_default();
-                let server_name = self.tls.server_name.unwrap_or_else(|| host.trim_matches(['[', ']']).to_owned());
+                let server_name = self
+                    .tls
+                    .server_name
+                    .unwrap_or_else(|| host.trim_matches(['[', ']']).to_owned());
                 UpstreamTls::VerifyFull { ca_file, server_name }
             }
             other => {
-                return Err(invalid(key("tls.mode"), format!("{other:?}: use disable, require or verify-full")));
+                return Err(invalid(
+                    key("tls.mode"),
+                    format!("{other:?}: use disable, require or verify-full"),
+                ));
             }
         };
-        Ok(Target { name, address: self.address, database: self.database, labels: self.labels, credentials, tls })
+        Ok(Target {
+            name,
+            address: self.address,
+            database: self.database,
+            labels: self.labels,
+            credentials,
+            tls,
+        })
     }
 }
 

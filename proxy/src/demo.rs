@@ -62,14 +62,21 @@ password_file = "{secret}"
     let listeners = Listeners::bind(&config.listen).await?;
     let addrs = listeners.addrs();
     // Point the CLI at the bound port.
-    std::fs::write(&config_path, config_text.replacen("api = \"127.0.0.1:0\"", &format!("api = \"{}\"", addrs.api), 1))?;
+    std::fs::write(
+        &config_path,
+        config_text.replacen("api = \"127.0.0.1:0\"", &format!("api = \"{}\"", addrs.api), 1),
+    )?;
 
     let user = UserName::new("demo")?;
     let ca = Authority::load(&data)?;
     pki::issue_to_dir(&ca, &user, &[Role::new("dev")?], Duration::from_secs(3600), &data)?;
 
     let shutdown = tokio_util::sync::CancellationToken::new();
-    let server = tokio::spawn(crate::server::run(config, listeners, shutdown.clone().cancelled_owned()));
+    let server = tokio::spawn(crate::server::run(
+        config,
+        listeners,
+        shutdown.clone().cancelled_owned(),
+    ));
     let admin = ApiClient::from_files(
         &addrs.api.to_string(),
         &data.join(files::ADMIN_CERT),
@@ -89,7 +96,10 @@ password_file = "{secret}"
 
     let d = data.display();
     println!();
-    println!("jitgate demo is running. Connect as user 'demo' (read access for 15 minutes, grant {}):", grant.id);
+    println!(
+        "jitgate demo is running. Connect as user 'demo' (read access for 15 minutes, grant {}):",
+        grant.id
+    );
     println!();
     println!(
         "  psql \"host=127.0.0.1 port={port} dbname={TARGET} user=demo sslmode=verify-full sslrootcert={d}/ca.crt sslcert={d}/demo.crt sslkey={d}/demo.key\" -c 'SELECT count(*) FROM orders'",

@@ -170,7 +170,8 @@ impl Grants {
         Ok(grants)
     }
 
-    /// Creates a grant: audited, stored, then active.
+    /// Creates a grant: stored, audited, then active. If the audit record cannot be written the
+    /// stored grant is ended again and the creation fails: no grant exists unaudited.
     pub fn create(
         self: &Arc<Self>,
         req: NewGrant,
@@ -182,7 +183,10 @@ impl Grants {
             .get(&req.target)
             .ok_or_else(|| GrantError::UnknownTarget(req.target.to_string()))?;
         if !target.credentials.contains_key(&req.access) {
-            return Err(GrantError::NoCredentials { target: req.target, access: req.access });
+            return Err(GrantError::NoCredentials {
+                target: req.target,
+                access: req.access,
+            });
         }
         let duration = Duration::from_secs(req.duration_secs);
         if duration.is_zero() || duration > MAX_GRANT {
@@ -199,29 +203,39 @@ impl Grants {
             created_at: now,
             expires_at: now + duration,
         };
-        self.audit.record(AuditEvent::GrantCreated { grant: grant.clone() })?;
         self.store.insert(&grant)?;
+        if let Err(e) = self.audit.record(AuditEvent::GrantCreated { grant: grant.clone() }) {
+            if let Err(error) = self.store.end(&grant.id, GrantEnd::Revoked, SystemTime::now()) {
+                tracing::error!(grant.id = %grant.id, %error, "could not withdraw unaudited grant");
+            }
+            return Err(e.into());
+        }
         self.activate(grant.clone());
         Ok(grant)
     }
 
     /// Revokes a grant and cuts its sessions. Sessions are cut first, so a store failure
-    /// never leaves them running.
+    /// never leaves them running; the revocation is audited before it is stored.
     pub fn revoke(&self, id: &GrantId, by: &UserName) -> Result<Grant, GrantError> {
-        let live = self.by_id.get(id).map(|g| Arc::clone(&g)).ok_or_else(|| GrantError::NotFound(id.clone()))?;
+        let live = self
+            .by_id
+            .get(id)
+            .map(|g| Arc::clone(&g))
+            .ok_or_else(|| GrantError::NotFound(id.clone()))?;
         if live.end.set(GrantEnd::Revoked).is_err() {
             return Err(GrantError::NotFound(id.clone()));
         }
         self.deactivate(&live);
         let g = &live.grant;
-        self.store.end(id, GrantEnd::Revoked, SystemTime::now())?;
-        self.audit.record(AuditEvent::GrantRevoked {
+        let audited = self.audit.record(AuditEvent::GrantRevoked {
             grant_id: g.id.clone(),
             user: g.user.clone(),
             target: g.target.clone(),
             access: g.access,
             by: by.clone(),
-        })?;
+        });
+        self.store.end(id, GrantEnd::Revoked, SystemTime::now())?;
+        audited?;
         Ok(g.clone())
     }
 
@@ -240,8 +254,12 @@ impl Grants {
     /// Every active grant, soonest expiry first.
     pub fn list(&self) -> Vec<Grant> {
         let now = Instant::now();
-        let mut v: Vec<Grant> =
-            self.by_id.iter().filter(|g| g.is_live(now)).map(|g| g.grant.clone()).collect();
+        let mut v: Vec<Grant> = self
+            .by_id
+            .iter()
+            .filter(|g| g.is_live(now))
+            .map(|g| g.grant.clone())
+            .collect();
         v.sort_by_key(|g| g.expires_at);
         v
     }

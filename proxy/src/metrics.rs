@@ -27,9 +27,11 @@ pub struct Metrics {
     pub sessions_denied_total: IntCounterVec,
     /// Grants currently active.
     pub grants_active: IntGauge,
-    /// Sessions cut by the proxy, by reason (expired, revoked, killed, cert_expired, shutdown).
+    /// Sessions cut by the proxy, by reason (grant_expired, grant_revoked, killed, cert_expired,
+    /// shutdown).
     pub session_cuts_total: IntCounterVec,
-    /// Bytes relayed, by direction (`client_to_target`, `target_to_client`).
+    /// Bytes relayed, by direction (`client_to_target`, `target_to_client`); added when a
+    /// session ends.
     pub bytes_total: IntCounterVec,
     /// Time to connect and log in to a target, by target.
     pub upstream_connect_seconds: HistogramVec,
@@ -39,6 +41,8 @@ pub struct Metrics {
     pub tls_handshake_failures_total: IntCounterVec,
     /// Audit records that could not be written.
     pub audit_write_errors_total: IntCounterVec,
+    /// Client CancelRequests, by outcome (`forwarded`, `unknown`, `failed`).
+    pub cancel_requests_total: IntCounterVec,
     ready: AtomicBool,
 }
 
@@ -51,7 +55,9 @@ impl Metrics {
                 let m = $m;
                 // Names are static and distinct, so registration cannot collide.
                 #[allow(clippy::expect_used)]
-                registry.register(Box::new(m.clone())).expect("metric names are unique");
+                registry
+                    .register(Box::new(m.clone()))
+                    .expect("metric names are unique");
                 m
             }};
         }
@@ -72,20 +78,26 @@ impl Metrics {
                 &["reason"]
             )
             .expect("valid metric")),
-            grants_active: reg!(IntGauge::new("jitgate_grants_active", "Grants currently active").expect("valid metric")),
+            grants_active: reg!(
+                IntGauge::new("jitgate_grants_active", "Grants currently active").expect("valid metric")
+            ),
             session_cuts_total: reg!(IntCounterVec::new(
                 Opts::new("jitgate_session_cuts_total", "Sessions cut by the proxy"),
                 &["reason"]
             )
             .expect("valid metric")),
-            bytes_total: reg!(IntCounterVec::new(
-                Opts::new("jitgate_bytes_total", "Bytes relayed"),
-                &["direction"]
-            )
-            .expect("valid metric")),
+            bytes_total: reg!(
+                IntCounterVec::new(Opts::new("jitgate_bytes_total", "Bytes relayed"), &["direction"])
+                    .expect("valid metric")
+            ),
             upstream_connect_seconds: reg!(HistogramVec::new(
-                HistogramOpts::new("jitgate_upstream_connect_seconds", "Time to connect and log in to a target")
-                    .buckets(vec![0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]),
+                HistogramOpts::new(
+                    "jitgate_upstream_connect_seconds",
+                    "Time to connect and log in to a target"
+                )
+                .buckets(vec![
+                    0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0
+                ]),
                 &["target"]
             )
             .expect("valid metric")),
@@ -100,8 +112,16 @@ impl Metrics {
             )
             .expect("valid metric")),
             audit_write_errors_total: reg!(IntCounterVec::new(
-                Opts::new("jitgate_audit_write_errors_total", "Audit records that could not be written"),
+                Opts::new(
+                    "jitgate_audit_write_errors_total",
+                    "Audit records that could not be written"
+                ),
                 &["kind"]
+            )
+            .expect("valid metric")),
+            cancel_requests_total: reg!(IntCounterVec::new(
+                Opts::new("jitgate_cancel_requests_total", "Client query cancel requests"),
+                &["outcome"]
             )
             .expect("valid metric")),
             registry,
@@ -133,7 +153,9 @@ pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, shutdown: Cance
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(ready))
         .with_state(metrics);
-    let result = axum::serve(listener, app).with_graceful_shutdown(shutdown.cancelled_owned()).await;
+    let result = axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown.cancelled_owned())
+        .await;
     if let Err(error) = result {
         tracing::error!(%error, "metrics listener failed");
     }

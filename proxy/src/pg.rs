@@ -12,11 +12,11 @@ use std::sync::Arc;
 
 pub use connection::serve_connection;
 
+use crate::audit::AuditLog;
 use crate::config::Config;
 use crate::grants::Grants;
 use crate::metrics::Metrics;
 use crate::sessions::Sessions;
-use crate::audit::AuditLog;
 
 /// Everything a PostgreSQL connection task needs.
 pub struct PgContext {

@@ -33,7 +33,10 @@ pub enum PkiError {
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> PkiError + '_ {
-    move |source| PkiError::Io { path: path.to_owned(), source }
+    move |source| PkiError::Io {
+        path: path.to_owned(),
+        source,
+    }
 }
 
 /// File names inside a data directory.
@@ -90,11 +93,13 @@ pub fn identity_from_der(der: &[u8]) -> Result<Identity, PkiError> {
         }
     }
     if !client_auth {
-        return Err(PkiError::Invalid("certificate lacks client-auth extended key usage".into()));
+        return Err(PkiError::Invalid(
+            "certificate lacks client-auth extended key usage".into(),
+        ));
     }
     let user = user.ok_or_else(|| PkiError::Invalid("certificate names no jitgate user".into()))?;
-    let not_after = SystemTime::UNIX_EPOCH
-        + Duration::from_secs(u64::try_from(cert.validity().not_after.timestamp()).unwrap_or(0));
+    let not_after =
+        SystemTime::UNIX_EPOCH + Duration::from_secs(u64::try_from(cert.validity().not_after.timestamp()).unwrap_or(0));
     Ok(Identity { user, roles, not_after })
 }
 
@@ -112,7 +117,11 @@ impl Authority {
         let params = ca_params(&format!("jitgate CA {suffix:08x}"));
         let key = KeyPair::generate()?;
         let cert = params.clone().self_signed(&key)?;
-        Ok(Self { params, key, cert_pem: cert.pem() })
+        Ok(Self {
+            params,
+            key,
+            cert_pem: cert.pem(),
+        })
     }
 
     /// Loads `ca.crt` and `ca.key` from a data directory.
@@ -126,8 +135,8 @@ impl Authority {
             .next()
             .ok_or_else(|| PkiError::Invalid(format!("{}: no certificate", cert_path.display())))?
             .map_err(io_err(&cert_path))?;
-        let (_, cert) = X509Certificate::from_der(&der)
-            .map_err(|e| PkiError::Invalid(format!("{}: {e}", cert_path.display())))?;
+        let (_, cert) =
+            X509Certificate::from_der(&der).map_err(|e| PkiError::Invalid(format!("{}: {e}", cert_path.display())))?;
         let cn = cert
             .subject()
             .iter_common_name()
@@ -137,7 +146,11 @@ impl Authority {
             .to_owned();
         // Re-deriving the parameters from the CN yields byte-identical issuer names, which is
         // what chain building compares; the key identifier comes from the same key.
-        Ok(Self { params: ca_params(&cn), key, cert_pem })
+        Ok(Self {
+            params: ca_params(&cn),
+            key,
+            cert_pem,
+        })
     }
 
     /// The CA certificate, PEM.
@@ -159,7 +172,10 @@ impl Authority {
 
     /// Issues a server certificate for the given DNS names and IP addresses (one year).
     pub fn issue_server(&self, names: &[String]) -> Result<(String, String), PkiError> {
-        let mut params = leaf_params(names.first().map_or("jitgate", String::as_str), Duration::from_secs(365 * 86_400));
+        let mut params = leaf_params(
+            names.first().map_or("jitgate", String::as_str),
+            Duration::from_secs(365 * 86_400),
+        );
         for name in names {
             params.subject_alt_names.push(match name.parse::<IpAddr>() {
                 Ok(ip) => SanType::IpAddress(ip),
@@ -189,9 +205,13 @@ impl Authority {
         let mut params = leaf_params(user.as_str(), Duration::ZERO);
         params.not_before = not_before;
         params.not_after = not_after;
-        params.subject_alt_names.push(SanType::URI(format!("{USER_URI}{user}").try_into()?));
+        params
+            .subject_alt_names
+            .push(SanType::URI(format!("{USER_URI}{user}").try_into()?));
         for role in roles {
-            params.subject_alt_names.push(SanType::URI(format!("{ROLE_URI}{role}").try_into()?));
+            params
+                .subject_alt_names
+                .push(SanType::URI(format!("{ROLE_URI}{role}").try_into()?));
         }
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
         self.sign(params)
@@ -205,7 +225,11 @@ fn ca_params(common_name: &str) -> CertificateParams {
     dn.push(DnType::CommonName, common_name);
     params.distinguished_name = dn;
     params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
     let now = time::OffsetDateTime::now_utc();
     params.not_before = now - time::Duration::hours(1);
     params.not_after = now + time::Duration::days(3650);

@@ -18,7 +18,10 @@ pub enum SandboxError {
 }
 
 fn failed(what: impl Into<String>, message: impl std::fmt::Display) -> SandboxError {
-    SandboxError::Failed { what: what.into(), message: message.to_string() }
+    SandboxError::Failed {
+        what: what.into(),
+        message: message.to_string(),
+    }
 }
 
 /// Options for a sandbox cluster.
@@ -45,7 +48,10 @@ pub fn find_bin_dir() -> Result<PathBuf, SandboxError> {
             if dir.join("initdb").is_file() && dir.join("postgres").is_file() {
                 // Follow symlinks (e.g. /usr/local/bin/postgres) to the real install, which
                 // also holds psql of the same version.
-                if let Some(real) = std::fs::canonicalize(dir.join("postgres")).ok().and_then(|p| p.parent().map(Path::to_path_buf)) {
+                if let Some(real) = std::fs::canonicalize(dir.join("postgres"))
+                    .ok()
+                    .and_then(|p| p.parent().map(Path::to_path_buf))
+                {
                     if real.join("psql").is_file() {
                         return Ok(real);
                     }
@@ -73,15 +79,28 @@ pub fn free_port() -> Result<u16, SandboxError> {
 }
 
 fn is_root() -> bool {
-    Command::new("id").arg("-u").output().map(|o| o.stdout.trim_ascii() == b"0").unwrap_or(false)
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| o.stdout.trim_ascii() == b"0")
+        .unwrap_or(false)
 }
 
 fn id_of(user: &str, flag: &str) -> Result<u32, SandboxError> {
-    let out = Command::new("id").args([flag, user]).output().map_err(|e| failed("id", e))?;
+    let out = Command::new("id")
+        .args([flag, user])
+        .output()
+        .map_err(|e| failed("id", e))?;
     if !out.status.success() {
-        return Err(failed(format!("user {user}"), "does not exist; install the postgresql package"));
+        return Err(failed(
+            format!("user {user}"),
+            "does not exist; install the postgresql package",
+        ));
     }
-    String::from_utf8_lossy(&out.stdout).trim().parse().map_err(|e| failed("id", e))
+    String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .map_err(|e| failed("id", e))
 }
 
 impl LocalPostgres {
@@ -89,12 +108,21 @@ impl LocalPostgres {
     pub fn start(opts: &PgOptions) -> Result<Self, SandboxError> {
         let bin = find_bin_dir()?;
         let run_as = is_root().then(|| "postgres".to_owned());
-        let dir = tempfile::Builder::new().prefix("jitgate-pg-").tempdir().map_err(|e| failed("tempdir", e))?;
+        let dir = tempfile::Builder::new()
+            .prefix("jitgate-pg-")
+            .tempdir()
+            .map_err(|e| failed("tempdir", e))?;
         if let Some(user) = &run_as {
             let (uid, gid) = (id_of(user, "-u")?, id_of(user, "-g")?);
             std::os::unix::fs::chown(dir.path(), Some(uid), Some(gid)).map_err(|e| failed("chown", e))?;
         }
-        let mut pg = Self { dir, bin, run_as, port: 0, child: None };
+        let mut pg = Self {
+            dir,
+            bin,
+            run_as,
+            port: 0,
+            child: None,
+        };
         pg.initdb(opts)?;
         let mut last = None;
         for _ in 0..5 {
@@ -142,7 +170,15 @@ impl LocalPostgres {
             .command("initdb")
             .args(["-D"])
             .arg(self.data())
-            .args(["-U", "postgres", "--auth=trust", "--no-sync", "-E", "UTF8", "--locale=C"])
+            .args([
+                "-U",
+                "postgres",
+                "--auth=trust",
+                "--no-sync",
+                "-E",
+                "UTF8",
+                "--locale=C",
+            ])
             .output()
             .map_err(|e| failed("initdb", e))?;
         if !out.status.success() {
@@ -218,7 +254,16 @@ impl LocalPostgres {
             .command("psql")
             .args(["-X", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-h"])
             .arg(self.dir.path())
-            .args(["-p", &self.port.to_string(), "-U", "postgres", "-d", database, "-c", sql])
+            .args([
+                "-p",
+                &self.port.to_string(),
+                "-U",
+                "postgres",
+                "-d",
+                database,
+                "-c",
+                sql,
+            ])
             .stdin(Stdio::null())
             .output()
             .map_err(|e| failed("psql", e))?;
@@ -237,8 +282,13 @@ impl LocalPostgres {
 impl Drop for LocalPostgres {
     fn drop(&mut self) {
         if let Some(mut child) = self.child.take() {
-            // SIGQUIT: immediate shutdown; the postmaster takes its children down with it.
-            let _ = Command::new("kill").args(["-QUIT", &child.id().to_string()]).status();
+            // Signal the postmaster itself (the child may be `runuser`, which does not forward
+            // signals). SIGQUIT: immediate shutdown; the postmaster takes its children with it.
+            let pid = std::fs::read_to_string(self.data().join("postmaster.pid"))
+                .ok()
+                .and_then(|s| s.lines().next().map(str::to_owned))
+                .unwrap_or_else(|| child.id().to_string());
+            let _ = Command::new("kill").args(["-QUIT", &pid]).status();
             let deadline = Instant::now() + Duration::from_secs(5);
             while Instant::now() < deadline {
                 if let Ok(Some(_)) = child.try_wait() {

@@ -26,7 +26,11 @@ use crate::tls::ServerTls;
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
     #[error("cannot bind {name} listener on {addr}: {source}")]
-    Bind { name: &'static str, addr: SocketAddr, source: std::io::Error },
+    Bind {
+        name: &'static str,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
     #[error(transparent)]
     Tls(#[from] crate::tls::TlsError),
     #[error(transparent)]
@@ -56,7 +60,9 @@ impl Listeners {
     /// Binds every configured address.
     pub async fn bind(listen: &Listen) -> Result<Self, ServerError> {
         async fn one(name: &'static str, addr: SocketAddr) -> Result<TcpListener, ServerError> {
-            TcpListener::bind(addr).await.map_err(|source| ServerError::Bind { name, addr, source })
+            TcpListener::bind(addr)
+                .await
+                .map_err(|source| ServerError::Bind { name, addr, source })
         }
         Ok(Self {
             postgres: one("postgres", listen.postgres).await?,
@@ -68,7 +74,11 @@ impl Listeners {
     /// The bound addresses.
     pub fn addrs(&self) -> BoundAddrs {
         let addr = |l: &TcpListener| l.local_addr().unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
-        BoundAddrs { postgres: addr(&self.postgres), api: addr(&self.api), metrics: addr(&self.metrics) }
+        BoundAddrs {
+            postgres: addr(&self.postgres),
+            api: addr(&self.api),
+            metrics: addr(&self.metrics),
+        }
     }
 }
 
@@ -103,15 +113,34 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: impl Future<Out
     let limit = config.limits.max_connections;
 
     let pg_tracker = tracker.clone();
-    tracker.spawn(accept_loop("postgres", listeners.postgres, limit, cancel.clone(), pg_tracker, move |tcp, peer| {
-        pg::serve_connection(Arc::clone(&pg), tcp, peer)
-    }));
+    tracker.spawn(accept_loop(
+        "postgres",
+        listeners.postgres,
+        limit,
+        cancel.clone(),
+        pg_tracker,
+        move |tcp, peer| pg::serve_connection(Arc::clone(&pg), tcp, peer),
+    ));
     let api_tls = Arc::clone(&tls.api);
     let api_cancel = cancel.clone();
     let handshake = config.limits.handshake_timeout;
-    tracker.spawn(accept_loop("api", listeners.api, limit, cancel.clone(), tracker.clone(), move |tcp, peer| {
-        api::serve_connection(Arc::clone(&api_state), Arc::clone(&api_tls), tcp, peer, handshake, api_cancel.clone())
-    }));
+    tracker.spawn(accept_loop(
+        "api",
+        listeners.api,
+        limit,
+        cancel.clone(),
+        tracker.clone(),
+        move |tcp, peer| {
+            api::serve_connection(
+                Arc::clone(&api_state),
+                Arc::clone(&api_tls),
+                tcp,
+                peer,
+                handshake,
+                api_cancel.clone(),
+            )
+        },
+    ));
     tracker.spawn(metrics::serve(listeners.metrics, Arc::clone(&metrics), cancel.clone()));
     metrics.set_ready(true);
     tracing::info!(postgres = %addrs.postgres, api = %addrs.api, metrics = %addrs.metrics, "jitgate serving");
@@ -121,7 +150,10 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: impl Future<Out
     metrics.set_ready(false);
     cancel.cancel();
     tracker.close();
-    if tokio::time::timeout(config.limits.shutdown_grace, tracker.wait()).await.is_err() {
+    if tokio::time::timeout(config.limits.shutdown_grace, tracker.wait())
+        .await
+        .is_err()
+    {
         tracing::warn!("sessions still open after the shutdown grace period");
     }
     Ok(())

@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
 use crate::audit::SessionEndReason;
+use crate::config::Target;
 use crate::types::{AccessLevel, GrantId, Role, SessionId, TargetName, UserName};
 
 /// A live session's shared state.
@@ -29,8 +30,19 @@ pub struct SessionHandle {
     pub bytes_from_client: AtomicU64,
     /// Bytes written to the client.
     pub bytes_to_client: AtomicU64,
+    /// The key this session's client was given in `BackendKeyData`.
+    pub cancel_key: CancelKey,
+    /// Where a matching CancelRequest goes: the target and its backend's own key.
+    upstream_cancel: Option<(Arc<Target>, CancelKey)>,
     kill: CancellationToken,
     kill_reason: OnceLock<SessionEndReason>,
+}
+
+/// A (process id, secret key) pair as carried by `BackendKeyData` and `CancelRequest`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CancelKey {
+    pub process_id: i32,
+    pub secret_key: i32,
 }
 
 impl SessionHandle {
@@ -92,12 +104,16 @@ pub struct NewSession {
     pub access: AccessLevel,
     pub grant_id: GrantId,
     pub client_addr: SocketAddr,
+    /// The target and the backend key it issued, for forwarding query cancels.
+    pub upstream_cancel: Option<(Arc<Target>, CancelKey)>,
 }
 
-/// Live sessions by id. A session deregisters itself when its guard drops.
+/// Live sessions by id and by proxy-issued cancel key. A session deregisters itself when its
+/// guard drops.
 #[derive(Default)]
 pub struct Sessions {
     live: DashMap<SessionId, Arc<SessionHandle>>,
+    by_cancel_pid: DashMap<i32, Arc<SessionHandle>>,
 }
 
 /// Removes the session from the registry when dropped.
@@ -116,12 +132,24 @@ impl Registration {
 impl Drop for Registration {
     fn drop(&mut self) {
         self.sessions.live.remove(&self.handle.id);
+        self.sessions.by_cancel_pid.remove(&self.handle.cancel_key.process_id);
     }
 }
 
 impl Sessions {
     /// Registers a session and returns the guard that keeps it listed.
     pub fn register(self: &Arc<Self>, s: NewSession) -> Registration {
+        // A fresh positive process id not in use, and an unguessable secret.
+        let process_id = loop {
+            let pid = rand::random::<i32>() & i32::MAX;
+            if pid != 0 && !self.by_cancel_pid.contains_key(&pid) {
+                break pid;
+            }
+        };
+        let cancel_key = CancelKey {
+            process_id,
+            secret_key: rand::random(),
+        };
         let handle = Arc::new(SessionHandle {
             id: SessionId::generate(),
             user: s.user,
@@ -134,11 +162,17 @@ impl Sessions {
             started_at: SystemTime::now(),
             bytes_from_client: AtomicU64::new(0),
             bytes_to_client: AtomicU64::new(0),
+            cancel_key,
+            upstream_cancel: s.upstream_cancel,
             kill: CancellationToken::new(),
             kill_reason: OnceLock::new(),
         });
         self.live.insert(handle.id.clone(), Arc::clone(&handle));
-        Registration { sessions: Arc::clone(self), handle }
+        self.by_cancel_pid.insert(process_id, Arc::clone(&handle));
+        Registration {
+            sessions: Arc::clone(self),
+            handle,
+        }
     }
 
     /// Kills a session by id; false when no such session is live.
@@ -150,6 +184,18 @@ impl Sessions {
             }
             None => false,
         }
+    }
+
+    /// Resolves a client's CancelRequest to the target and upstream key to forward it to.
+    /// Unknown process ids and wrong secrets resolve to nothing, as PostgreSQL ignores them.
+    pub fn cancel_route(&self, key: CancelKey) -> Option<(Arc<Target>, CancelKey)> {
+        let handle = self.by_cancel_pid.get(&key.process_id)?;
+        // Compare without an early exit on the first differing bit.
+        let diff = handle.cancel_key.secret_key ^ key.secret_key;
+        if diff != 0 {
+            return None;
+        }
+        handle.upstream_cancel.clone()
     }
 
     /// Every live session, oldest first.

@@ -10,7 +10,8 @@ pub fn rfc3339(t: SystemTime) -> String {
 
 /// Milliseconds since the Unix epoch (0 for times before it).
 pub fn to_millis(t: SystemTime) -> i64 {
-    t.duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
 /// The inverse of [`to_millis`].

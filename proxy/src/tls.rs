@@ -35,14 +35,18 @@ pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 }
 
 fn file_err(path: &Path, message: impl std::fmt::Display) -> TlsError {
-    TlsError::File { path: path.display().to_string(), message: message.to_string() }
+    TlsError::File {
+        path: path.display().to_string(),
+        message: message.to_string(),
+    }
 }
 
 /// Reads every certificate in a PEM file.
 pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     let pem = std::fs::read(path).map_err(|e| file_err(path, e))?;
-    let certs: Vec<_> =
-        rustls_pemfile::certs(&mut pem.as_slice()).collect::<Result<_, _>>().map_err(|e| file_err(path, e))?;
+    let certs: Vec<_> = rustls_pemfile::certs(&mut pem.as_slice())
+        .collect::<Result<_, _>>()
+        .map_err(|e| file_err(path, e))?;
     if certs.is_empty() {
         return Err(file_err(path, "no certificate found"));
     }
@@ -83,7 +87,10 @@ impl ServerTls {
             cfg.alpn_protocols = vec![alpn.to_vec()];
             Ok(Arc::new(cfg))
         };
-        Ok(Self { postgres: build(ALPN_POSTGRESQL)?, api: build(b"http/1.1")? })
+        Ok(Self {
+            postgres: build(ALPN_POSTGRESQL)?,
+            api: build(b"http/1.1")?,
+        })
     }
 }
 

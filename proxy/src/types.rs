@@ -19,7 +19,9 @@ pub struct InvalidName {
 fn check_name(kind: &'static str, value: &str, extra: &[char]) -> Result<(), InvalidName> {
     let ok = !value.is_empty()
         && value.len() <= 63
-        && value.chars().all(|c| c.is_ascii_alphanumeric() || "_-.".contains(c) || extra.contains(&c));
+        && value
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "_-.".contains(c) || extra.contains(&c));
     if ok {
         Ok(())
     } else {

@@ -100,7 +100,11 @@ impl Harness {
              GRANT ALL ON ALL TABLES IN SCHEMA public TO jit_writer;",
         )
         .unwrap();
-        for (name, pw) in [("reader", READER_PASSWORD), ("writer", WRITER_PASSWORD), ("md5", MD5_PASSWORD)] {
+        for (name, pw) in [
+            ("reader", READER_PASSWORD),
+            ("writer", WRITER_PASSWORD),
+            ("md5", MD5_PASSWORD),
+        ] {
             pki::write_file(&data.path().join(format!("{name}.password")), pw, true).unwrap();
         }
         let d = data.path().display();
@@ -157,7 +161,13 @@ ca_file = "{d}/pg-ca.crt"
         }
         let config_path = data.path().join("test.toml");
         std::fs::write(&config_path, config).unwrap();
-        let mut h = Harness { pg, data, config_path, running: None, admin: None };
+        let mut h = Harness {
+            pg,
+            data,
+            config_path,
+            running: None,
+            admin: None,
+        };
         h.start_proxy().await;
         h
     }
@@ -240,7 +250,12 @@ ca_file = "{d}/pg-ca.crt"
         let out = self.data.path().join("users").join(format!("{name}-{}", rand_suffix()));
         let roles: Vec<Role> = roles.iter().map(|r| Role::new(*r).unwrap()).collect();
         let (cert, key) = pki::issue_to_dir(&ca, &UserName::new(name).unwrap(), &roles, ttl, &out).unwrap();
-        UserCert { user: name.into(), cert, key, ca: out.join(files::CA_CERT) }
+        UserCert {
+            user: name.into(),
+            cert,
+            key,
+            ca: out.join(files::CA_CERT),
+        }
     }
 
     /// Writes a certificate pair under a fresh directory and returns it as a user.
@@ -253,7 +268,12 @@ ca_file = "{d}/pg-ca.crt"
         pki::write_file(&key, key_pem, true).unwrap();
         let ca = out.join(files::CA_CERT);
         std::fs::copy(self.data.path().join(files::CA_CERT), &ca).unwrap();
-        UserCert { user: name.into(), cert, key, ca }
+        UserCert {
+            user: name.into(),
+            cert,
+            key,
+            ca,
+        }
     }
 
     /// Creates a grant through the control API.
@@ -291,7 +311,10 @@ ca_file = "{d}/pg-ca.crt"
     pub async fn psql_conninfo(&self, conninfo: &str, sql: &str) -> PsqlOutput {
         let out = tokio::time::timeout(
             Duration::from_secs(120),
-            client_command("psql").arg(conninfo).args(["-X", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-c", sql]).output(),
+            client_command("psql")
+                .arg(conninfo)
+                .args(["-X", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-c", sql])
+                .output(),
         )
         .await
         .expect("psql did not finish within 120s")
@@ -315,7 +338,9 @@ ca_file = "{d}/pg-ca.crt"
     /// Every audit record so far, parsed.
     pub fn audit(&self) -> Vec<serde_json::Value> {
         let text = std::fs::read_to_string(self.data.path().join("audit.jsonl")).unwrap_or_default();
-        text.lines().map(|l| serde_json::from_str(l).expect("audit line is JSON")).collect()
+        text.lines()
+            .map(|l| serde_json::from_str(l).expect("audit line is JSON"))
+            .collect()
     }
 
     /// Audit records of one event kind.
@@ -331,7 +356,10 @@ ca_file = "{d}/pg-ca.crt"
     /// Number of backends the given target role holds on the cluster.
     pub fn backends_of(&self, role: &str) -> usize {
         self.pg
-            .sql("postgres", &format!("SELECT count(*) FROM pg_stat_activity WHERE usename = '{role}'"))
+            .sql(
+                "postgres",
+                &format!("SELECT count(*) FROM pg_stat_activity WHERE usename = '{role}'"),
+            )
             .unwrap()
             .parse()
             .unwrap()
@@ -368,7 +396,9 @@ impl From<Output> for PsqlOutput {
 /// A PostgreSQL client program (psql, pgbench) from the same install as the server, with
 /// libpq environment variables cleared so only the arguments count.
 pub fn client_command(program: &str) -> Command {
-    let path = sandbox::find_bin_dir().map(|d| d.join(program)).unwrap_or_else(|_| PathBuf::from(program));
+    let path = sandbox::find_bin_dir()
+        .map(|d| d.join(program))
+        .unwrap_or_else(|_| PathBuf::from(program));
     let mut c = Command::new(path);
     for (k, _) in std::env::vars() {
         if k.starts_with("PG") {
@@ -421,9 +451,17 @@ pub fn metric(text: &str, name_and_labels: &str) -> f64 {
 pub fn jitgate_bin() -> PathBuf {
     let exe = std::env::current_exe().unwrap();
     let dir = exe.parent().unwrap();
-    let dir = if dir.ends_with("deps") { dir.parent().unwrap() } else { dir };
+    let dir = if dir.ends_with("deps") {
+        dir.parent().unwrap()
+    } else {
+        dir
+    };
     let bin = dir.join("jitgate");
-    assert!(bin.is_file(), "{} missing: run cargo build --workspace --tests first", bin.display());
+    assert!(
+        bin.is_file(),
+        "{} missing: run cargo build --workspace --tests first",
+        bin.display()
+    );
     bin
 }
 
@@ -434,6 +472,11 @@ fn rand_suffix() -> String {
 fn rand_u32() -> u32 {
     use std::hash::{BuildHasher, Hasher};
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos());
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos(),
+    );
     h.finish() as u32
 }

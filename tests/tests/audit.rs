@@ -11,7 +11,8 @@ use jitgate_tests::{eventually, metric, Harness};
 async fn audit_failure_refuses_sessions() {
     let mut h = Harness::start().await;
     let alice = h.user("alice", &["dev"]);
-    h.grant("alice", "prod-db", AccessLevel::Read, Duration::from_secs(3600)).await;
+    h.grant("alice", "prod-db", AccessLevel::Read, Duration::from_secs(3600))
+        .await;
     h.stop_proxy().await.unwrap();
     // A device that accepts the open and refuses every write (ENOSPC).
     h.edit_config(|c| format!("{c}\n[audit]\npath = \"/dev/full\"\n"));
@@ -24,9 +25,15 @@ async fn audit_failure_refuses_sessions() {
     let mut s = raw::ssl_request_tls(h.addrs().postgres, cfg).await.unwrap();
     send_startup(&mut s, &[("user", "alice"), ("database", "prod-db")]).await;
     assert_eq!(error_of(&read_until_ready(&mut s).await).unwrap().0, "58030");
-    eventually("no backend left", Duration::from_secs(10), || async { h.backends_of("jit_reader") == 0 }).await;
+    eventually("no backend left", Duration::from_secs(10), || async {
+        h.backends_of("jit_reader") == 0
+    })
+    .await;
     let (_, body) = h.metrics_get("/metrics").await;
-    assert!(metric(&body, "jitgate_audit_write_errors_total{kind=\"session.start\"}") >= 2.0, "{body}");
+    assert!(
+        metric(&body, "jitgate_audit_write_errors_total{kind=\"session.start\"}") >= 2.0,
+        "{body}"
+    );
     // Grant changes are refused too rather than going unrecorded.
     let req = jitgate_tests::jitgate::grants::NewGrant {
         user: "bob".parse().unwrap(),

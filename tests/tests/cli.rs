@@ -28,7 +28,10 @@ async fn jitgate(args: &[&str], env: &[(&str, &str)]) -> Run {
         }
     }
     c.envs(env.iter().copied());
-    let out = tokio::time::timeout(Duration::from_secs(60), c.output()).await.unwrap().unwrap();
+    let out = tokio::time::timeout(Duration::from_secs(60), c.output())
+        .await
+        .unwrap()
+        .unwrap();
     Run {
         ok: out.status.success(),
         stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -55,13 +58,36 @@ async fn cli_init_issue_and_config_check() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("data");
     let d = dir.to_str().unwrap();
-    let r = jitgate(&["init", "--data-dir", d, "--server-name", "proxy.example", "--server-name", "10.1.2.3"], &[]).await;
+    let r = jitgate(
+        &[
+            "init",
+            "--data-dir",
+            d,
+            "--server-name",
+            "proxy.example",
+            "--server-name",
+            "10.1.2.3",
+        ],
+        &[],
+    )
+    .await;
     assert!(r.ok, "{}", r.stderr);
-    for f in ["ca.crt", "ca.key", "server.crt", "server.key", "admin.crt", "admin.key", "jitgate.toml"] {
+    for f in [
+        "ca.crt",
+        "ca.key",
+        "server.crt",
+        "server.key",
+        "admin.crt",
+        "admin.key",
+        "jitgate.toml",
+    ] {
         assert!(dir.join(f).is_file(), "{f} missing");
     }
     use std::os::unix::fs::PermissionsExt as _;
-    assert_eq!(std::fs::metadata(dir.join("ca.key")).unwrap().permissions().mode() & 0o777, 0o600);
+    assert_eq!(
+        std::fs::metadata(dir.join("ca.key")).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
     let admin = identity_of(&dir.join("admin.crt"));
     assert_eq!(admin.user.as_str(), "admin");
     assert!(admin.has_role("admin"));
@@ -71,7 +97,20 @@ async fn cli_init_issue_and_config_check() {
 
     let out = tmp.path().join("carol");
     let r = jitgate(
-        &["cert", "issue", "--data-dir", d, "--user", "carol", "--roles", "dev,oncall", "--ttl", "8h", "--out", out.to_str().unwrap()],
+        &[
+            "cert",
+            "issue",
+            "--data-dir",
+            d,
+            "--user",
+            "carol",
+            "--roles",
+            "dev,oncall",
+            "--ttl",
+            "8h",
+            "--out",
+            out.to_str().unwrap(),
+        ],
         &[],
     )
     .await;
@@ -88,27 +127,53 @@ async fn cli_init_issue_and_config_check() {
     let config = dir.join("jitgate.toml");
     let r = jitgate(&["config", "check", config.to_str().unwrap()], &[]).await;
     assert!(r.ok, "{}{}", r.stdout, r.stderr);
-    // The documented example is valid too, once its secret is there.
+    // The documented example is valid as written, once its files and secrets exist.
     let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/examples/jitgate.toml");
-    if example.is_file() {
-        let text = std::fs::read_to_string(&example).unwrap();
-        let mut envs = vec![];
-        for line in text.lines() {
-            if let Some(var) = line.trim().strip_prefix("password_env = \"").and_then(|v| v.strip_suffix('"')) {
-                envs.push((var.to_owned(), "x".to_owned()));
-            }
+    let etc = tmp.path().join("etc");
+    std::fs::create_dir_all(etc.join("secrets")).unwrap();
+    let text = std::fs::read_to_string(&example)
+        .unwrap()
+        .replace("/var/lib/jitgate", d)
+        .replace("/etc/jitgate", etc.to_str().unwrap());
+    let mut env = vec![];
+    for line in text.lines().map(str::trim) {
+        if let Some(var) = line.strip_prefix("password_env = \"").and_then(|v| v.strip_suffix('"')) {
+            env.push((var.to_owned(), "secret".to_owned()));
         }
-        let env: Vec<(&str, &str)> = envs.iter().map(|(a, b)| (a.as_str(), b.as_str())).collect();
-        let r = jitgate(&["config", "check", example.to_str().unwrap()], &env).await;
-        assert!(r.ok || r.stderr.contains("password_file"), "deploy/examples/jitgate.toml: {}", r.stderr);
+        if let Some(file) = line
+            .strip_prefix("password_file = \"")
+            .and_then(|v| v.strip_suffix('"'))
+        {
+            std::fs::write(file, "secret\n").unwrap();
+        }
+        if let Some(file) = line.strip_prefix("ca_file = \"").and_then(|v| v.strip_suffix('"')) {
+            std::fs::copy(dir.join("ca.crt"), file).unwrap();
+        }
     }
+    let example_copy = tmp.path().join("example.toml");
+    std::fs::write(&example_copy, text).unwrap();
+    let env: Vec<(&str, &str)> = env.iter().map(|(a, b)| (a.as_str(), b.as_str())).collect();
+    let r = jitgate(&["config", "check", example_copy.to_str().unwrap()], &env).await;
+    assert!(r.ok, "deploy/examples/jitgate.toml: {}", r.stderr);
+    assert!(r.stdout.contains("ok (2 targets)"), "{}", r.stdout);
+    // Without its secret the same file is refused, naming the key.
+    let r = jitgate(&["config", "check", example_copy.to_str().unwrap()], &[]).await;
+    assert!(!r.ok && r.stderr.contains("password_env"), "{}", r.stderr);
     // Unknown keys and bad values are named.
     let bad = tmp.path().join("bad.toml");
-    std::fs::write(&bad, format!("data_dir = \"{d}\"\n[listen]\npostgres = \"127.0.0.1:5433\"\npostgress = \"x\"\n")).unwrap();
+    std::fs::write(
+        &bad,
+        format!("data_dir = \"{d}\"\n[listen]\npostgres = \"127.0.0.1:5433\"\npostgress = \"x\"\n"),
+    )
+    .unwrap();
     let r = jitgate(&["config", "check", bad.to_str().unwrap()], &[]).await;
     assert!(!r.ok);
     assert!(r.stderr.contains("postgress"), "{}", r.stderr);
-    std::fs::write(&bad, format!("data_dir = \"{d}\"\n[limits]\nhandshake_timeout = \"soon\"\n")).unwrap();
+    std::fs::write(
+        &bad,
+        format!("data_dir = \"{d}\"\n[limits]\nhandshake_timeout = \"soon\"\n"),
+    )
+    .unwrap();
     let r = jitgate(&["config", "check", bad.to_str().unwrap()], &[]).await;
     assert!(!r.ok && r.stderr.contains("limits.handshake_timeout"), "{}", r.stderr);
 }
@@ -125,7 +190,10 @@ async fn cli_grant_and_session_commands_with_json() {
         ("JITGATE_KEY", key.to_str().unwrap()),
         ("JITGATE_CA", ca.to_str().unwrap()),
     ];
-    let create = ["grant", "create", "--user", "alice", "--target", "prod-db", "--access", "read", "--for", "30m", "--reason", "INC-4411"];
+    let create = [
+        "grant", "create", "--user", "alice", "--target", "prod-db", "--access", "read", "--for", "30m", "--reason",
+        "INC-4411",
+    ];
     let r = jitgate(&create, &env).await;
     assert!(r.ok, "{}", r.stderr);
     let id = r.stdout.trim().to_owned();
@@ -147,14 +215,28 @@ async fn cli_grant_and_session_commands_with_json() {
     assert!(r.stdout.contains(&id) && r.stdout.contains("INC-4411"), "{}", r.stdout);
 
     // The data-dir profile finds the same API through jitgate.toml... once it names the port.
-    let r = jitgate(&["grant", "list", "--json", "--api", &api, "--data-dir", d.to_str().unwrap()], &[]).await;
+    let r = jitgate(
+        &[
+            "grant",
+            "list",
+            "--json",
+            "--api",
+            &api,
+            "--data-dir",
+            d.to_str().unwrap(),
+        ],
+        &[],
+    )
+    .await;
     assert!(r.ok, "{}", r.stderr);
 
     let alice = h.user("alice", &["dev"]);
     let mut idle = h.psql_interactive(&alice, "prod-db");
     eventually("session listed", Duration::from_secs(20), || async {
         let r = jitgate(&["session", "list", "--json"], &env).await;
-        serde_json::from_str::<Vec<serde_json::Value>>(&r.stdout).map(|v| v.len() == 1).unwrap_or(false)
+        serde_json::from_str::<Vec<serde_json::Value>>(&r.stdout)
+            .map(|v| v.len() == 1)
+            .unwrap_or(false)
     })
     .await;
     let r = jitgate(&["session", "list", "--json"], &env).await;
@@ -195,11 +277,25 @@ async fn api_requires_admin_role() {
         duration_secs: 600,
         reason: "self-service".into(),
     };
-    assert!(matches!(client.create_grant(&req).await, Err(ClientError::Api { status: 403, .. })));
+    assert!(matches!(
+        client.create_grant(&req).await,
+        Err(ClientError::Api { status: 403, .. })
+    ));
     assert!(h.admin().list_grants().await.unwrap().is_empty());
     // No certificate at all: the TLS handshake fails.
     let r = jitgate(
-        &["grant", "list", "--api", &h.addrs().api.to_string(), "--cert", "/nonexistent", "--key", "/nonexistent", "--ca", alice.ca.to_str().unwrap()],
+        &[
+            "grant",
+            "list",
+            "--api",
+            &h.addrs().api.to_string(),
+            "--cert",
+            "/nonexistent",
+            "--key",
+            "/nonexistent",
+            "--ca",
+            alice.ca.to_str().unwrap(),
+        ],
         &[],
     )
     .await;
@@ -235,7 +331,12 @@ async fn demo_prints_a_working_psql_command() {
     assert!(found.is_ok(), "demo did not come up");
     let psql_line = psql_line.expect("demo prints a psql command");
     let conninfo = psql_line.split('"').nth(1).unwrap();
-    let out = client_command("psql").arg(conninfo).args(["-X", "-A", "-t", "-c", "SELECT count(*) FROM orders"]).output().await.unwrap();
+    let out = client_command("psql")
+        .arg(conninfo)
+        .args(["-X", "-A", "-t", "-c", "SELECT count(*) FROM orders"])
+        .output()
+        .await
+        .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "100");
     let data_dir = data_dir.expect("demo prints its data dir");
@@ -243,8 +344,14 @@ async fn demo_prints_a_working_psql_command() {
 
     // Ctrl-C removes everything.
     let pid = child.id().unwrap().to_string();
-    std::process::Command::new("kill").args(["-INT", &pid]).status().unwrap();
-    let status = tokio::time::timeout(Duration::from_secs(30), child.wait()).await.unwrap().unwrap();
+    std::process::Command::new("kill")
+        .args(["-INT", &pid])
+        .status()
+        .unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(30), child.wait())
+        .await
+        .unwrap()
+        .unwrap();
     assert!(status.success(), "{status}");
     assert!(!Path::new(&data_dir).exists(), "demo data dir must be removed");
 }

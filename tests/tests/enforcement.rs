@@ -13,7 +13,10 @@ const HOUR: Duration = Duration::from_secs(3600);
 
 /// Session-end audit records for `grant_id`.
 fn ends_of(h: &Harness, grant_id: &str) -> Vec<serde_json::Value> {
-    h.audit_events("session.end").into_iter().filter(|e| e["grant_id"] == grant_id).collect()
+    h.audit_events("session.end")
+        .into_iter()
+        .filter(|e| e["grant_id"] == grant_id)
+        .collect()
 }
 
 /// Sends one statement to an idle interactive psql, closes stdin and collects its stderr.
@@ -41,7 +44,9 @@ async fn wait_sessions(h: &Harness, n: usize) {
 async fn expiry_cuts_busy_and_idle_sessions() {
     let h = Harness::start().await;
     let alice = h.user("alice", &["dev"]);
-    let grant = h.grant("alice", "prod-db", AccessLevel::Read, Duration::from_secs(4)).await;
+    let grant = h
+        .grant("alice", "prod-db", AccessLevel::Read, Duration::from_secs(4))
+        .await;
 
     let idle = h.psql_interactive(&alice, "prod-db");
     let busy = {
@@ -59,15 +64,24 @@ async fn expiry_cuts_busy_and_idle_sessions() {
     assert_eq!(h.backends_of("jit_reader"), 2);
 
     // The statement would run for a minute; the grant ends after a few seconds.
-    let out = tokio::time::timeout(Duration::from_secs(30), busy).await.expect("pg_sleep(60) must be cut").unwrap();
+    let out = tokio::time::timeout(Duration::from_secs(30), busy)
+        .await
+        .expect("pg_sleep(60) must be cut")
+        .unwrap();
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains(&format!("access to prod-db ended: grant {} expired", grant.id)), "{stderr}");
+    assert!(
+        stderr.contains(&format!("access to prod-db ended: grant {} expired", grant.id)),
+        "{stderr}"
+    );
 
     let stderr = poke_and_collect(idle).await;
     assert!(stderr.contains("expired"), "idle psql must print the reason: {stderr}");
 
-    eventually("both session.end records", Duration::from_secs(10), || async { ends_of(&h, grant.id.as_str()).len() == 2 }).await;
+    eventually("both session.end records", Duration::from_secs(10), || async {
+        ends_of(&h, grant.id.as_str()).len() == 2
+    })
+    .await;
     for end in ends_of(&h, grant.id.as_str()) {
         assert_eq!(end["reason"], "grant_expired", "{end}");
         assert_eq!(end["user"], "alice");
@@ -75,7 +89,10 @@ async fn expiry_cuts_busy_and_idle_sessions() {
     }
     assert_eq!(h.audit_events("grant.expired").len(), 1);
     // The upstream connections are gone, and the running statement was cancelled.
-    eventually("upstream backends closed", Duration::from_secs(10), || async { h.backends_of("jit_reader") == 0 }).await;
+    eventually("upstream backends closed", Duration::from_secs(10), || async {
+        h.backends_of("jit_reader") == 0
+    })
+    .await;
     // A new session is refused now.
     assert!(!h.psql(&alice, "prod-db", "SELECT 1").await.success);
 }
@@ -92,18 +109,31 @@ async fn revoke_cuts_live_session() {
     let busy = {
         let conninfo = h.conninfo(&alice, "prod-db");
         tokio::spawn(async move {
-            jitgate_tests::client_command("psql").arg(conninfo).args(["-X", "-c", "SELECT pg_sleep(60)"]).output().await.unwrap()
+            jitgate_tests::client_command("psql")
+                .arg(conninfo)
+                .args(["-X", "-c", "SELECT pg_sleep(60)"])
+                .output()
+                .await
+                .unwrap()
         })
     };
     wait_sessions(&h, 3).await;
 
     h.admin().revoke_grant(grant.id.as_str()).await.unwrap();
-    let out = tokio::time::timeout(Duration::from_secs(30), busy).await.expect("revocation must cut").unwrap();
+    let out = tokio::time::timeout(Duration::from_secs(30), busy)
+        .await
+        .expect("revocation must cut")
+        .unwrap();
     assert!(String::from_utf8_lossy(&out.stderr).contains("was revoked"), "{out:?}");
     let stderr = poke_and_collect(idle).await;
     assert!(stderr.contains("was revoked"), "{stderr}");
-    eventually("session.end records", Duration::from_secs(10), || async { ends_of(&h, grant.id.as_str()).len() == 2 }).await;
-    assert!(ends_of(&h, grant.id.as_str()).iter().all(|e| e["reason"] == "grant_revoked"));
+    eventually("session.end records", Duration::from_secs(10), || async {
+        ends_of(&h, grant.id.as_str()).len() == 2
+    })
+    .await;
+    assert!(ends_of(&h, grant.id.as_str())
+        .iter()
+        .all(|e| e["reason"] == "grant_revoked"));
     let revoked = h.audit_events("grant.revoked");
     assert_eq!(revoked.len(), 1);
     assert_eq!(revoked[0]["by"], "admin");
@@ -115,7 +145,10 @@ async fn revoke_cuts_live_session() {
     let mut stdin = bob_idle.stdin.take().unwrap();
     stdin.write_all(b"SELECT 'still here';\n").await.unwrap();
     drop(stdin);
-    let out = tokio::time::timeout(Duration::from_secs(20), bob_idle.wait_with_output()).await.unwrap().unwrap();
+    let out = tokio::time::timeout(Duration::from_secs(20), bob_idle.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "still here");
     // Revoking twice is an error, not a silent success.
     assert!(h.admin().revoke_grant(grant.id.as_str()).await.is_err());
@@ -133,8 +166,17 @@ async fn session_kill_cuts_live_session() {
     assert_eq!(sessions[0].grant_id, grant.id);
     h.admin().kill_session(sessions[0].id.as_str()).await.unwrap();
     let stderr = poke_and_collect(idle).await;
-    assert!(stderr.contains(&format!("session {} was terminated by an administrator", sessions[0].id)), "{stderr}");
-    eventually("session.end", Duration::from_secs(10), || async { ends_of(&h, grant.id.as_str()).len() == 1 }).await;
+    assert!(
+        stderr.contains(&format!(
+            "session {} was terminated by an administrator",
+            sessions[0].id
+        )),
+        "{stderr}"
+    );
+    eventually("session.end", Duration::from_secs(10), || async {
+        ends_of(&h, grant.id.as_str()).len() == 1
+    })
+    .await;
     assert_eq!(ends_of(&h, grant.id.as_str())[0]["reason"], "killed");
     // The grant itself lives on: a new session works.
     assert!(h.psql(&alice, "prod-db", "SELECT 1").await.success);
@@ -146,12 +188,18 @@ async fn cert_expiry_cuts_session() {
     let h = Harness::start().await;
     let alice = h.user_with_ttl("alice", &["dev"], Duration::from_secs(5));
     let grant = h.grant("alice", "prod-db", AccessLevel::Read, HOUR).await;
-    let out = tokio::time::timeout(Duration::from_secs(30), h.psql(&alice, "prod-db", "SELECT pg_sleep(60)"))
-        .await
-        .expect("certificate expiry must cut the session");
+    let out = tokio::time::timeout(
+        Duration::from_secs(30),
+        h.psql(&alice, "prod-db", "SELECT pg_sleep(60)"),
+    )
+    .await
+    .expect("certificate expiry must cut the session");
     assert!(!out.success);
     assert!(out.stderr.contains("your client certificate expired"), "{}", out.stderr);
-    eventually("session.end", Duration::from_secs(10), || async { ends_of(&h, grant.id.as_str()).len() == 1 }).await;
+    eventually("session.end", Duration::from_secs(10), || async {
+        ends_of(&h, grant.id.as_str()).len() == 1
+    })
+    .await;
     assert_eq!(ends_of(&h, grant.id.as_str())[0]["reason"], "cert_expired");
 }
 
@@ -166,7 +214,13 @@ async fn revoke_cuts_session_streaming_a_result() {
             // Streams for minutes unless cut; stdout is discarded as it arrives.
             jitgate_tests::client_command("psql")
                 .arg(conninfo)
-                .args(["-X", "-o", "/dev/null", "-c", "COPY (SELECT repeat('x', 200) FROM generate_series(1, 100000000)) TO STDOUT"])
+                .args([
+                    "-X",
+                    "-o",
+                    "/dev/null",
+                    "-c",
+                    "COPY (SELECT repeat('x', 200) FROM generate_series(1, 100000000)) TO STDOUT",
+                ])
                 .output()
                 .await
                 .unwrap()
@@ -176,16 +230,29 @@ async fn revoke_cuts_session_streaming_a_result() {
     eventually("result streaming through the proxy", Duration::from_secs(30), || {
         let admin = admin.clone();
         async move {
-            admin.list_sessions().await.map(|s| s.first().is_some_and(|s| s.bytes_to_client > 4 << 20)).unwrap_or(false)
+            admin
+                .list_sessions()
+                .await
+                .map(|s| s.first().is_some_and(|s| s.bytes_to_client > 4 << 20))
+                .unwrap_or(false)
         }
     })
     .await;
     h.admin().revoke_grant(grant.id.as_str()).await.unwrap();
-    let out = tokio::time::timeout(Duration::from_secs(30), stream).await.expect("streaming must be cut").unwrap();
+    let out = tokio::time::timeout(Duration::from_secs(30), stream)
+        .await
+        .expect("streaming must be cut")
+        .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     // The FATAL arrives whole, between two server messages, so psql can print it.
     assert!(stderr.contains(&format!("grant {} was revoked", grant.id)), "{stderr}");
-    eventually("session.end", Duration::from_secs(10), || async { ends_of(&h, grant.id.as_str()).len() == 1 }).await;
+    eventually("session.end", Duration::from_secs(10), || async {
+        ends_of(&h, grant.id.as_str()).len() == 1
+    })
+    .await;
     assert_eq!(ends_of(&h, grant.id.as_str())[0]["reason"], "grant_revoked");
-    eventually("upstream backend closed", Duration::from_secs(10), || async { h.backends_of("jit_reader") == 0 }).await;
+    eventually("upstream backend closed", Duration::from_secs(10), || async {
+        h.backends_of("jit_reader") == 0
+    })
+    .await;
 }

@@ -16,7 +16,10 @@ const HOUR: Duration = Duration::from_secs(3600);
 
 async fn handshake_failures(h: &Harness, reason: &str) -> f64 {
     let (_, body) = h.metrics_get("/metrics").await;
-    metric(&body, &format!("jitgate_tls_handshake_failures_total{{listener=\"postgres\",reason=\"{reason}\"}}"))
+    metric(
+        &body,
+        &format!("jitgate_tls_handshake_failures_total{{listener=\"postgres\",reason=\"{reason}\"}}"),
+    )
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -24,7 +27,9 @@ async fn valid_cert_and_grant_runs_queries() {
     let h = Harness::start().await;
     let alice = h.user("alice", &["dev"]);
     h.grant("alice", "prod-db", AccessLevel::Read, HOUR).await;
-    let out = h.psql(&alice, "prod-db", "SELECT current_user, count(*) FROM items").await;
+    let out = h
+        .psql(&alice, "prod-db", "SELECT current_user, count(*) FROM items")
+        .await;
     assert!(out.success, "{out:?}");
     assert_eq!(out.stdout, "jit_reader|100");
     // Another database on the same server: dbname=prod-db/other.
@@ -42,15 +47,30 @@ async fn no_grant_gets_28000_with_hint() {
     let alice = h.user("alice", &["dev"]);
     let out = h.psql(&alice, "prod-db", "SELECT 1").await;
     assert!(!out.success);
-    assert!(out.stderr.contains("no active grant for alice on prod-db"), "{}", out.stderr);
-    assert!(out.stderr.contains("HINT:") && out.stderr.contains("jitgate grant create --user alice --target prod-db"), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("no active grant for alice on prod-db"),
+        "{}",
+        out.stderr
+    );
+    assert!(
+        out.stderr.contains("HINT:")
+            && out
+                .stderr
+                .contains("jitgate grant create --user alice --target prod-db"),
+        "{}",
+        out.stderr
+    );
     // The SQLSTATE, seen by a protocol client.
     let cfg = raw::client_config(h.data_dir(), Some(&alice), None);
     let mut s = raw::ssl_request_tls(h.addrs().postgres, cfg).await.unwrap();
     send_startup(&mut s, &[("user", "alice"), ("database", "prod-db")]).await;
     let (code, _) = error_of(&read_until_ready(&mut s).await).expect("an ErrorResponse");
     assert_eq!(code, "28000");
-    assert_eq!(h.backends_of("jit_reader"), 0, "nothing may reach the target without a grant");
+    assert_eq!(
+        h.backends_of("jit_reader"),
+        0,
+        "nothing may reach the target without a grant"
+    );
     let denied = h.audit_events("session.denied");
     assert_eq!(denied.len(), 2);
     assert_eq!(denied[0]["user"], "alice");
@@ -82,7 +102,9 @@ async fn foreign_ca_certificate_fails_handshake() {
     let h = Harness::start().await;
     h.grant("alice", "prod-db", AccessLevel::Read, HOUR).await;
     let other = Authority::generate().unwrap();
-    let (cert, key) = other.issue_client(&UserName::new("alice").unwrap(), &[Role::new("admin").unwrap()], HOUR).unwrap();
+    let (cert, key) = other
+        .issue_client(&UserName::new("alice").unwrap(), &[Role::new("admin").unwrap()], HOUR)
+        .unwrap();
     let mallory = h.user_from_pem("alice", &cert, &key);
     let out = h.psql(&mallory, "prod-db", "SELECT 1").await;
     assert!(!out.success, "{out:?}");
@@ -97,7 +119,12 @@ async fn expired_certificate_fails_handshake() {
     let ca = Authority::load(h.data_dir()).unwrap();
     let now = time::OffsetDateTime::now_utc();
     let (cert, key) = ca
-        .issue_client_between(&UserName::new("alice").unwrap(), &[], now - time::Duration::hours(2), now - time::Duration::hours(1))
+        .issue_client_between(
+            &UserName::new("alice").unwrap(),
+            &[],
+            now - time::Duration::hours(2),
+            now - time::Duration::hours(1),
+        )
         .unwrap();
     let expired = h.user_from_pem("alice", &cert, &key);
     let out = h.psql(&expired, "prod-db", "SELECT 1").await;
@@ -110,10 +137,18 @@ async fn expired_certificate_fails_handshake() {
 async fn plaintext_startup_is_refused() {
     let h = Harness::start().await;
     h.grant("alice", "prod-db", AccessLevel::Read, HOUR).await;
-    let conninfo = format!("host=127.0.0.1 port={} dbname=prod-db user=alice sslmode=disable", h.addrs().postgres.port());
+    let conninfo = format!(
+        "host=127.0.0.1 port={} dbname=prod-db user=alice sslmode=disable",
+        h.addrs().postgres.port()
+    );
     let out = h.psql_conninfo(&conninfo, "SELECT 1").await;
     assert!(!out.success);
-    assert!(out.stderr.contains("jitgate accepts only TLS connections with a client certificate"), "{}", out.stderr);
+    assert!(
+        out.stderr
+            .contains("jitgate accepts only TLS connections with a client certificate"),
+        "{}",
+        out.stderr
+    );
     assert!(out.stderr.contains("sslmode=verify-full"), "{}", out.stderr);
     assert_eq!(h.backends_of("jit_reader"), 0);
 }
@@ -128,7 +163,10 @@ async fn bytes_after_ssl_request_are_refused() {
     bytes.extend_from_slice(&encode_startup(&[("user", "alice"), ("database", "prod-db")]));
     tcp.write_all(&bytes).await.unwrap();
     let mut reply = Vec::new();
-    tokio::time::timeout(Duration::from_secs(10), tcp.read_to_end(&mut reply)).await.expect("connection closed").unwrap();
+    tokio::time::timeout(Duration::from_secs(10), tcp.read_to_end(&mut reply))
+        .await
+        .expect("connection closed")
+        .unwrap();
     assert_eq!(reply.first(), Some(&b'E'), "expected an ErrorResponse, got {reply:?}");
     assert!(String::from_utf8_lossy(&reply).contains("unencrypted data after SSL request"));
     assert!(h.audit_events("session.start").is_empty());
@@ -143,7 +181,12 @@ async fn startup_user_must_match_certificate() {
     let conninfo = h.conninfo(&alice, "prod-db").replace("user=alice", "user=bob");
     let out = h.psql_conninfo(&conninfo, "SELECT 1").await;
     assert!(!out.success);
-    assert!(out.stderr.contains("user \"bob\" does not match the certificate's user \"alice\""), "{}", out.stderr);
+    assert!(
+        out.stderr
+            .contains("user \"bob\" does not match the certificate's user \"alice\""),
+        "{}",
+        out.stderr
+    );
     assert_eq!(h.backends_of("jit_writer"), 0);
 }
 
@@ -155,9 +198,17 @@ async fn options_and_unknown_parameters_are_refused() {
     let conninfo = format!("{} options='-c role=jit_writer'", h.conninfo(&alice, "prod-db"));
     let out = h.psql_conninfo(&conninfo, "SELECT current_user").await;
     assert!(!out.success);
-    assert!(out.stderr.contains("startup parameter \"options\" is not allowed"), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("startup parameter \"options\" is not allowed"),
+        "{}",
+        out.stderr
+    );
     let cfg = raw::client_config(h.data_dir(), Some(&alice), None);
-    for (param, value) in [("replication", "database"), ("session_authorization", "jit_writer"), ("_pq_.x", "1")] {
+    for (param, value) in [
+        ("replication", "database"),
+        ("session_authorization", "jit_writer"),
+        ("_pq_.x", "1"),
+    ] {
         let mut s = raw::ssl_request_tls(h.addrs().postgres, cfg.clone()).await.unwrap();
         send_startup(&mut s, &[("user", "alice"), ("database", "prod-db"), (param, value)]).await;
         let (code, message) = error_of(&read_until_ready(&mut s).await).expect("an ErrorResponse");
@@ -182,7 +233,9 @@ async fn direct_tls_with_alpn_works() {
     let login = read_until_ready(&mut s).await;
     assert!(error_of(&login).is_none(), "{login:?}");
     assert!(matches!(login[0].decoded, BackendMessage::AuthenticationOk));
-    assert!(login.iter().any(|m| matches!(m.decoded, BackendMessage::BackendKeyData { .. })));
+    assert!(login
+        .iter()
+        .any(|m| matches!(m.decoded, BackendMessage::BackendKeyData { .. })));
     send_query(&mut s, "SELECT 40 + 2").await;
     let rows = read_until_ready(&mut s).await;
     let data = rows.iter().find(|m| m.tag == b'D').expect("a DataRow");
@@ -214,16 +267,29 @@ async fn direct_tls_without_alpn_is_refused() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn slow_client_is_dropped_at_handshake_deadline() {
-    let h = Harness::start_with(jitgate_tests::Options { handshake_timeout: Some("1s"), ..Default::default() }).await;
+    let h = Harness::start_with(jitgate_tests::Options {
+        handshake_timeout: Some("1s"),
+        ..Default::default()
+    })
+    .await;
     let mut tcp = TcpStream::connect(h.addrs().postgres).await.unwrap();
     // Half a startup packet, then silence.
     tcp.write_all(&[0, 0, 0, 40, 0, 3]).await.unwrap();
     let mut buf = Vec::new();
     let r = tokio::time::timeout(Duration::from_secs(15), tcp.read_to_end(&mut buf)).await;
-    assert!(r.is_ok(), "the proxy must close a connection that never finishes its handshake");
+    assert!(
+        r.is_ok(),
+        "the proxy must close a connection that never finishes its handshake"
+    );
     assert!(buf.is_empty());
     let (_, body) = h.metrics_get("/metrics").await;
-    assert_eq!(metric(&body, "jitgate_tls_handshake_failures_total{listener=\"postgres\",reason=\"timeout\"}"), 1.0);
+    assert_eq!(
+        metric(
+            &body,
+            "jitgate_tls_handshake_failures_total{listener=\"postgres\",reason=\"timeout\"}"
+        ),
+        1.0
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -233,14 +299,20 @@ async fn oversized_startup_is_refused() {
     // Claims 1 GiB; the proxy must refuse before buffering anything.
     tcp.write_all(&[0x40, 0, 0, 0, 0, 3, 0, 0]).await.unwrap();
     let mut reply = Vec::new();
-    tokio::time::timeout(Duration::from_secs(10), tcp.read_to_end(&mut reply)).await.expect("closed").unwrap();
+    tokio::time::timeout(Duration::from_secs(10), tcp.read_to_end(&mut reply))
+        .await
+        .expect("closed")
+        .unwrap();
     assert_eq!(reply.first(), Some(&b'E'));
     assert!(String::from_utf8_lossy(&reply).contains("invalid startup packet"));
     // Garbage is refused the same way, and the listener keeps serving.
     let mut tcp = TcpStream::connect(h.addrs().postgres).await.unwrap();
     tcp.write_all(&[0, 0, 0, 8, 1, 2, 3, 4]).await.unwrap();
     let mut reply = Vec::new();
-    tokio::time::timeout(Duration::from_secs(10), tcp.read_to_end(&mut reply)).await.expect("closed").unwrap();
+    tokio::time::timeout(Duration::from_secs(10), tcp.read_to_end(&mut reply))
+        .await
+        .expect("closed")
+        .unwrap();
     assert_eq!(reply.first(), Some(&b'E'));
     let alice = h.user("alice", &[]);
     h.grant("alice", "prod-db", AccessLevel::Read, HOUR).await;

@@ -13,7 +13,9 @@ async fn metrics_reflect_sessions_opened_and_cut() {
     assert_eq!(h.metrics_get("/healthz").await.0, "HTTP/1.1 200 OK");
     assert_eq!(h.metrics_get("/readyz").await.0, "HTTP/1.1 200 OK");
     let alice = h.user("alice", &["dev"]);
-    let grant = h.grant("alice", "prod-db", AccessLevel::Read, Duration::from_secs(3600)).await;
+    let grant = h
+        .grant("alice", "prod-db", AccessLevel::Read, Duration::from_secs(3600))
+        .await;
     assert!(h.psql(&alice, "prod-db", "SELECT 1").await.success);
     assert!(h.psql(&alice, "prod-db", "SELECT 2").await.success);
     let mut idle = h.psql_interactive(&alice, "prod-db");
@@ -24,10 +26,26 @@ async fn metrics_reflect_sessions_opened_and_cut() {
     })
     .await;
     let (_, body) = h.metrics_get("/metrics").await;
-    assert_eq!(metric(&body, "jitgate_sessions_total{protocol=\"postgres\",target=\"prod-db\"}"), 3.0, "{body}");
-    assert_eq!(metric(&body, "jitgate_sessions_active{protocol=\"postgres\",target=\"prod-db\"}"), 1.0);
+    assert_eq!(
+        metric(
+            &body,
+            "jitgate_sessions_total{protocol=\"postgres\",target=\"prod-db\"}"
+        ),
+        3.0,
+        "{body}"
+    );
+    assert_eq!(
+        metric(
+            &body,
+            "jitgate_sessions_active{protocol=\"postgres\",target=\"prod-db\"}"
+        ),
+        1.0
+    );
     assert_eq!(metric(&body, "jitgate_grants_active"), 1.0);
-    assert_eq!(metric(&body, "jitgate_upstream_connect_seconds_count{target=\"prod-db\"}"), 3.0);
+    assert_eq!(
+        metric(&body, "jitgate_upstream_connect_seconds_count{target=\"prod-db\"}"),
+        3.0
+    );
     assert!(metric(&body, "jitgate_bytes_total{direction=\"target_to_client\"}") > 0.0);
 
     h.admin().revoke_grant(grant.id.as_str()).await.unwrap();
@@ -38,7 +56,10 @@ async fn metrics_reflect_sessions_opened_and_cut() {
     eventually("cut counted", Duration::from_secs(10), || async {
         let (_, body) = h.metrics_get("/metrics").await;
         metric(&body, "jitgate_session_cuts_total{reason=\"grant_revoked\"}") == 1.0
-            && metric(&body, "jitgate_sessions_active{protocol=\"postgres\",target=\"prod-db\"}") == 0.0
+            && metric(
+                &body,
+                "jitgate_sessions_active{protocol=\"postgres\",target=\"prod-db\"}",
+            ) == 0.0
     })
     .await;
     let (_, body) = h.metrics_get("/metrics").await;

@@ -11,9 +11,15 @@ async fn grants_survive_restart_and_expired_stay_expired() {
     let mut h = Harness::start().await;
     let alice = h.user("alice", &["dev"]);
     let bob = h.user("bob", &["dev"]);
-    let long = h.grant("alice", "prod-db", AccessLevel::Read, Duration::from_secs(3600)).await;
-    let short = h.grant("bob", "prod-db", AccessLevel::Read, Duration::from_secs(3)).await;
-    let revoked = h.grant("alice", "md5-db", AccessLevel::Read, Duration::from_secs(3600)).await;
+    let long = h
+        .grant("alice", "prod-db", AccessLevel::Read, Duration::from_secs(3600))
+        .await;
+    let short = h
+        .grant("bob", "prod-db", AccessLevel::Read, Duration::from_secs(3))
+        .await;
+    let revoked = h
+        .grant("alice", "md5-db", AccessLevel::Read, Duration::from_secs(3600))
+        .await;
     h.admin().revoke_grant(revoked.id.as_str()).await.unwrap();
     h.stop_proxy().await.unwrap();
 
@@ -21,7 +27,14 @@ async fn grants_survive_restart_and_expired_stay_expired() {
     tokio::time::sleep(Duration::from_secs(4)).await;
     h.start_proxy().await;
 
-    let ids: Vec<String> = h.admin().list_grants().await.unwrap().into_iter().map(|g| g.id.to_string()).collect();
+    let ids: Vec<String> = h
+        .admin()
+        .list_grants()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|g| g.id.to_string())
+        .collect();
     assert_eq!(ids, vec![long.id.to_string()]);
     let out = h.psql(&alice, "prod-db", "SELECT 1").await;
     assert!(out.success, "{out:?}");

@@ -14,7 +14,14 @@ const HOUR: Duration = Duration::from_secs(3600);
 #[tokio::test(flavor = "multi_thread")]
 async fn scram_upstream_login() {
     let h = Harness::start().await;
-    assert_eq!(h.pg.sql("postgres", "SELECT left(rolpassword, 13) FROM pg_authid WHERE rolname = 'jit_reader'").unwrap(), "SCRAM-SHA-256");
+    assert_eq!(
+        h.pg.sql(
+            "postgres",
+            "SELECT left(rolpassword, 13) FROM pg_authid WHERE rolname = 'jit_reader'"
+        )
+        .unwrap(),
+        "SCRAM-SHA-256"
+    );
     let alice = h.user("alice", &["dev"]);
     h.grant("alice", "prod-db", AccessLevel::Read, HOUR).await;
     let out = h.psql(&alice, "prod-db", "SELECT current_user").await;
@@ -46,10 +53,19 @@ async fn scram_upstream_login() {
 #[tokio::test(flavor = "multi_thread")]
 async fn md5_upstream_login() {
     let h = Harness::start().await;
-    assert!(h.pg.sql("postgres", "SELECT rolpassword FROM pg_authid WHERE rolname = 'jit_md5'").unwrap().starts_with("md5"));
+    assert!(h
+        .pg
+        .sql(
+            "postgres",
+            "SELECT rolpassword FROM pg_authid WHERE rolname = 'jit_md5'"
+        )
+        .unwrap()
+        .starts_with("md5"));
     let alice = h.user("alice", &["dev"]);
     h.grant("alice", "md5-db", AccessLevel::Read, HOUR).await;
-    let out = h.psql(&alice, "md5-db", "SELECT current_user, count(*) FROM items").await;
+    let out = h
+        .psql(&alice, "md5-db", "SELECT current_user, count(*) FROM items")
+        .await;
     assert!(out.success, "{out:?}");
     assert_eq!(out.stdout, "jit_md5|100");
     assert!(!out.stderr.contains(MD5_PASSWORD));
@@ -64,7 +80,11 @@ async fn wrong_upstream_password_is_reported_without_secrets() {
     h.grant("alice", "prod-db", AccessLevel::Read, HOUR).await;
     let out = h.psql(&alice, "prod-db", "SELECT 1").await;
     assert!(!out.success);
-    assert!(out.stderr.contains("jitgate could not log in to prod-db"), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("jitgate could not log in to prod-db"),
+        "{}",
+        out.stderr
+    );
     assert!(!out.stderr.contains("not-the-password"));
     let cfg = raw::client_config(h.data_dir(), Some(&alice), None);
     let mut s = raw::ssl_request_tls(h.addrs().postgres, cfg).await.unwrap();
@@ -74,14 +94,30 @@ async fn wrong_upstream_password_is_reported_without_secrets() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn tls_verify_full_upstream() {
-    let h = Harness::start_with(Options { upstream_tls: true, ..Default::default() }).await;
+    let h = Harness::start_with(Options {
+        upstream_tls: true,
+        ..Default::default()
+    })
+    .await;
     let alice = h.user("alice", &["dev"]);
     h.grant("alice", "tls-db", AccessLevel::Read, HOUR).await;
-    let out = h.psql(&alice, "tls-db", "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()").await;
+    let out = h
+        .psql(
+            &alice,
+            "tls-db",
+            "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+        )
+        .await;
     assert!(out.success, "{out:?}");
     assert_eq!(out.stdout, "t", "the proxy's connection to the target must be TLS");
     // The plain target on the same server shows the difference.
     h.grant("alice", "prod-db", AccessLevel::Read, HOUR).await;
-    let out = h.psql(&alice, "prod-db", "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()").await;
+    let out = h
+        .psql(
+            &alice,
+            "prod-db",
+            "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+        )
+        .await;
     assert_eq!(out.stdout, "f");
 }

@@ -43,26 +43,46 @@ impl Fields {
 pub enum BackendMessage {
     AuthenticationOk,
     AuthenticationCleartextPassword,
-    AuthenticationMd5Password { salt: [u8; 4] },
-    AuthenticationSasl { mechanisms: Vec<String> },
-    AuthenticationSaslContinue { data: Vec<u8> },
-    AuthenticationSaslFinal { data: Vec<u8> },
+    AuthenticationMd5Password {
+        salt: [u8; 4],
+    },
+    AuthenticationSasl {
+        mechanisms: Vec<String>,
+    },
+    AuthenticationSaslContinue {
+        data: Vec<u8>,
+    },
+    AuthenticationSaslFinal {
+        data: Vec<u8>,
+    },
     /// Any other authentication request (Kerberos, GSS, SSPI): unsupported upstream.
     AuthenticationOther(i32),
-    ParameterStatus { name: String, value: String },
-    BackendKeyData { process_id: i32, secret_key: i32 },
-    ReadyForQuery { status: u8 },
+    ParameterStatus {
+        name: String,
+        value: String,
+    },
+    BackendKeyData {
+        process_id: i32,
+        secret_key: i32,
+    },
+    ReadyForQuery {
+        status: u8,
+    },
     ErrorResponse(Fields),
     NoticeResponse(Fields),
     NegotiateProtocolVersion,
     /// A message the login phase does not interpret.
-    Other { tag: u8 },
+    Other {
+        tag: u8,
+    },
 }
 
 /// Decodes one complete tagged backend message (`msg` starts at the tag byte).
 pub fn decode(msg: &[u8]) -> Result<BackendMessage, ProtocolError> {
     let (&tag, rest) = msg.split_first().ok_or(ProtocolError::Malformed("empty message"))?;
-    let mut body = rest.get(4..).ok_or(ProtocolError::Malformed("message shorter than header"))?;
+    let mut body = rest
+        .get(4..)
+        .ok_or(ProtocolError::Malformed("message shorter than header"))?;
     Ok(match tag {
         b'R' => {
             let kind = take_i32(&mut body)?;
@@ -103,7 +123,9 @@ pub fn decode(msg: &[u8]) -> Result<BackendMessage, ProtocolError> {
             BackendMessage::BackendKeyData { process_id, secret_key }
         }
         b'Z' => BackendMessage::ReadyForQuery {
-            status: *body.first().ok_or(ProtocolError::Malformed("ReadyForQuery without status"))?,
+            status: *body
+                .first()
+                .ok_or(ProtocolError::Malformed("ReadyForQuery without status"))?,
         },
         b'E' => BackendMessage::ErrorResponse(decode_fields(body)?),
         b'N' => BackendMessage::NoticeResponse(decode_fields(body)?),
@@ -217,12 +239,19 @@ mod tests {
     fn error_response_golden_bytes() {
         let bytes = error_response(
             Severity::Fatal,
-            &Report { sqlstate: "28000", message: "no", detail: None, hint: Some("h") },
+            &Report {
+                sqlstate: "28000",
+                message: "no",
+                detail: None,
+                hint: Some("h"),
+            },
         );
         let expected: &[u8] = b"E\0\0\0\x21SFATAL\0VFATAL\0C28000\0Mno\0Hh\0\0";
         assert_eq!(bytes, expected);
         let decoded = decode(&bytes).unwrap();
-        let BackendMessage::ErrorResponse(fields) = decoded else { panic!("not an error") };
+        let BackendMessage::ErrorResponse(fields) = decoded else {
+            panic!("not an error")
+        };
         assert_eq!(fields.code(), "28000");
         assert_eq!(fields.message(), "no");
     }
@@ -240,12 +269,17 @@ mod tests {
         assert_eq!(decode(&authentication_ok()), Ok(BackendMessage::AuthenticationOk));
         assert_eq!(
             decode(&backend_key_data(1, 2)),
-            Ok(BackendMessage::BackendKeyData { process_id: 1, secret_key: 2 })
+            Ok(BackendMessage::BackendKeyData {
+                process_id: 1,
+                secret_key: 2
+            })
         );
         let sasl = b"R\0\0\0\x17\0\0\0\x0aSCRAM-SHA-256\0\0";
         assert_eq!(
             decode(sasl),
-            Ok(BackendMessage::AuthenticationSasl { mechanisms: vec!["SCRAM-SHA-256".into()] })
+            Ok(BackendMessage::AuthenticationSasl {
+                mechanisms: vec!["SCRAM-SHA-256".into()]
+            })
         );
         assert!(decode(b"R\0\0\0\x08\0\0").is_err());
     }

@@ -25,7 +25,10 @@ pub enum StartupRequest {
     /// Cancel the query running on the backend identified by (process id, secret key).
     Cancel { process_id: i32, secret_key: i32 },
     /// A protocol 3.x `StartupMessage` with its parameters in the order sent.
-    Startup { minor_version: u16, params: Vec<(String, String)> },
+    Startup {
+        minor_version: u16,
+        params: Vec<(String, String)>,
+    },
 }
 
 /// Returns the total length of the startup message at the front of `buf`, `Ok(None)` when
@@ -43,14 +46,20 @@ pub fn peek_startup_len(buf: &[u8], max: usize) -> Result<Option<usize>, Protoco
 
 /// Decodes one complete startup-phase message (`msg.len()` equals its length field).
 pub fn decode_startup(msg: &[u8]) -> Result<StartupRequest, ProtocolError> {
-    let mut body = msg.get(4..).ok_or(ProtocolError::Malformed("startup message too short"))?;
+    let mut body = msg
+        .get(4..)
+        .ok_or(ProtocolError::Malformed("startup message too short"))?;
     let code = take_i32(&mut body)?;
     match code {
         SSL_REQUEST_CODE | GSSENC_REQUEST_CODE => {
             if !body.is_empty() {
                 return Err(ProtocolError::Malformed("encryption request carries a body"));
             }
-            Ok(if code == SSL_REQUEST_CODE { StartupRequest::Ssl } else { StartupRequest::GssEnc })
+            Ok(if code == SSL_REQUEST_CODE {
+                StartupRequest::Ssl
+            } else {
+                StartupRequest::GssEnc
+            })
         }
         CANCEL_REQUEST_CODE => {
             let process_id = take_i32(&mut body)?;
@@ -73,7 +82,10 @@ pub fn decode_startup(msg: &[u8]) -> Result<StartupRequest, ProtocolError> {
             if !body.is_empty() {
                 return Err(ProtocolError::Malformed("StartupMessage has trailing bytes"));
             }
-            Ok(StartupRequest::Startup { minor_version: (code & 0xffff) as u16, params })
+            Ok(StartupRequest::Startup {
+                minor_version: (code & 0xffff) as u16,
+                params,
+            })
         }
         other => Err(ProtocolError::UnknownRequestCode(other)),
     }
@@ -152,8 +164,14 @@ mod tests {
 
     #[test]
     fn oversized_and_undersized_lengths_are_refused() {
-        assert!(matches!(peek_startup_len(&[0, 1, 0, 0], 10_000), Err(ProtocolError::BadLength { .. })));
-        assert!(matches!(peek_startup_len(&[0, 0, 0, 3], 10_000), Err(ProtocolError::BadLength { .. })));
+        assert!(matches!(
+            peek_startup_len(&[0, 1, 0, 0], 10_000),
+            Err(ProtocolError::BadLength { .. })
+        ));
+        assert!(matches!(
+            peek_startup_len(&[0, 0, 0, 3], 10_000),
+            Err(ProtocolError::BadLength { .. })
+        ));
     }
 
     #[test]
@@ -169,10 +187,16 @@ mod tests {
     fn cancel_round_trip_and_unknown_code() {
         assert_eq!(
             decode_startup(&encode_cancel(7, -9)),
-            Ok(StartupRequest::Cancel { process_id: 7, secret_key: -9 })
+            Ok(StartupRequest::Cancel {
+                process_id: 7,
+                secret_key: -9
+            })
         );
         let mut bogus = encode_ssl_request();
         bogus[7] = 1;
-        assert!(matches!(decode_startup(&bogus), Err(ProtocolError::UnknownRequestCode(_))));
+        assert!(matches!(
+            decode_startup(&bogus),
+            Err(ProtocolError::UnknownRequestCode(_))
+        ));
     }
 }

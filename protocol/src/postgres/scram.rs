@@ -42,7 +42,10 @@ impl ScramClient {
 
     /// Starts an exchange with a given nonce (tests use fixed vectors).
     pub fn with_nonce(password: &str, nonce: &str) -> Self {
-        Self { password: password.as_bytes().to_vec(), client_nonce: nonce.to_owned() }
+        Self {
+            password: password.as_bytes().to_vec(),
+            client_nonce: nonce.to_owned(),
+        }
     }
 
     /// The `client-first-message` to put in `SASLInitialResponse`. PostgreSQL ignores the
@@ -96,7 +99,12 @@ impl ScramClient {
         }
         let expected_server_signature = hmac(&server_key, auth_message.as_bytes());
         let client_final = format!("{without_proof},p={}", B64.encode(proof)).into_bytes();
-        Ok((client_final, ScramFinal { expected_server_signature }))
+        Ok((
+            client_final,
+            ScramFinal {
+                expected_server_signature,
+            },
+        ))
     }
 }
 

@@ -18,12 +18,20 @@ use super::upstream;
 use super::PgContext;
 use crate::audit::{AuditEvent, SessionEndReason};
 use crate::grants::{GrantEnd, GrantPermit};
-use crate::sessions::NewSession;
+use crate::sessions::{CancelKey, NewSession};
 
 const PROTOCOL: &str = "postgres";
 
 fn error_bytes(severity: Severity, code: &str, message: &str, hint: Option<&str>) -> Vec<u8> {
-    backend::error_response(severity, &Report { sqlstate: code, message, detail: None, hint })
+    backend::error_response(
+        severity,
+        &Report {
+            sqlstate: code,
+            message,
+            detail: None,
+            hint,
+        },
+    )
 }
 
 /// Serves one accepted TCP connection on the PostgreSQL listener.
@@ -37,19 +45,23 @@ pub async fn serve_connection(ctx: Arc<PgContext>, tcp: TcpStream, peer: SocketA
     .await;
     let negotiated = match negotiated {
         Err(_) => {
-            ctx.metrics.tls_handshake_failures_total.with_label_values(&[PROTOCOL, "timeout"]).inc();
+            ctx.metrics
+                .tls_handshake_failures_total
+                .with_label_values(&[PROTOCOL, "timeout"])
+                .inc();
             tracing::debug!("handshake timed out");
             return;
         }
         Ok(Err(NegotiateError::Handshake { reason, message })) => {
-            ctx.metrics.tls_handshake_failures_total.with_label_values(&[PROTOCOL, reason]).inc();
+            ctx.metrics
+                .tls_handshake_failures_total
+                .with_label_values(&[PROTOCOL, reason])
+                .inc();
             tracing::info!(reason, error = %message, "TLS handshake refused");
             return;
         }
-        Ok(Err(NegotiateError::Cancel { .. })) => {
-            // Query cancel through the proxy arrives with statement-level support; an unknown
-            // key does nothing, exactly as PostgreSQL treats it.
-            tracing::debug!("cancel request ignored");
+        Ok(Err(NegotiateError::Cancel { process_id, secret_key })) => {
+            forward_cancel(&ctx, CancelKey { process_id, secret_key }).await;
             return;
         }
         Ok(Err(NegotiateError::Client(reason))) => {
@@ -68,22 +80,40 @@ async fn refuse(ctx: &PgContext, n: &mut Negotiated, peer: SocketAddr, target: &
         user: n.identity.user.clone(),
         target: target.to_owned(),
         client_addr: peer,
+        code: r.reason.to_owned(),
         reason: r.message.clone(),
     });
     tracing::info!(reason = r.reason, message = %r.message, "session refused");
-    let _ = n.tls.write_all(&error_bytes(Severity::Fatal, r.sqlstate, &r.message, r.hint.as_deref())).await;
+    let _ = n
+        .tls
+        .write_all(&error_bytes(Severity::Fatal, r.sqlstate, &r.message, r.hint.as_deref()))
+        .await;
     let _ = n.tls.shutdown().await;
 }
 
 fn refusal(reason: &'static str, sqlstate: &'static str, message: String, hint: Option<String>) -> Refusal {
-    Refusal { sqlstate, message, hint, reason }
+    Refusal {
+        sqlstate,
+        message,
+        hint,
+        reason,
+    }
 }
 
 async fn run_session(ctx: Arc<PgContext>, mut n: Negotiated, peer: SocketAddr) {
-    let CheckedStartup { target, database, forward } = match startup::check(&n.identity, &n.params) {
+    let CheckedStartup {
+        target,
+        database,
+        forward,
+    } = match startup::check(&n.identity, &n.params) {
         Ok(c) => c,
         Err(r) => {
-            let target = n.params.iter().find(|(k, _)| k == "database").map_or("", |(_, v)| v.as_str()).to_owned();
+            let target = n
+                .params
+                .iter()
+                .find(|(k, _)| k == "database")
+                .map_or("", |(_, v)| v.as_str())
+                .to_owned();
             refuse(&ctx, &mut n, peer, &target, r).await;
             return;
         }
@@ -93,7 +123,14 @@ async fn run_session(ctx: Arc<PgContext>, mut n: Negotiated, peer: SocketAddr) {
     let Some(target_cfg) = ctx.config.targets.get(&target).cloned() else {
         let msg = format!("\"{target}\" is not a jitgate target");
         let hint = Some("set dbname to a configured target, e.g. dbname=prod-db".to_owned());
-        refuse(&ctx, &mut n, peer, target.as_str(), refusal("unknown_target", "3D000", msg, hint)).await;
+        refuse(
+            &ctx,
+            &mut n,
+            peer,
+            target.as_str(),
+            refusal("unknown_target", "3D000", msg, hint),
+        )
+        .await;
         return;
     };
     let Some(permit) = ctx.grants.lookup(&user, &target) else {
@@ -101,40 +138,85 @@ async fn run_session(ctx: Arc<PgContext>, mut n: Negotiated, peer: SocketAddr) {
         let hint = format!(
             "ask an admin to run: jitgate grant create --user {user} --target {target} --access read --for 30m --reason \"...\""
         );
-        refuse(&ctx, &mut n, peer, target.as_str(), refusal("no_grant", "28000", msg, Some(hint))).await;
+        refuse(
+            &ctx,
+            &mut n,
+            peer,
+            target.as_str(),
+            refusal("no_grant", "28000", msg, Some(hint)),
+        )
+        .await;
         return;
     };
     if n.identity.not_after <= SystemTime::now() {
         let msg = "client certificate has expired".to_owned();
         let hint = Some("get a new certificate: jitgate cert issue".to_owned());
-        refuse(&ctx, &mut n, peer, target.as_str(), refusal("cert_expired", "28000", msg, hint)).await;
+        refuse(
+            &ctx,
+            &mut n,
+            peer,
+            target.as_str(),
+            refusal("cert_expired", "28000", msg, hint),
+        )
+        .await;
         return;
     }
     let database = database.unwrap_or_else(|| target_cfg.database.clone());
 
     let started = StdInstant::now();
-    let login = timeout(ctx.config.limits.upstream_connect_timeout, upstream::connect(&target_cfg, &permit, &database, &forward)).await;
+    let login = timeout(
+        ctx.config.limits.upstream_connect_timeout,
+        upstream::connect(&target_cfg, &permit, &database, &forward),
+    )
+    .await;
     let mut up = match login {
         Ok(Ok(up)) => {
-            ctx.metrics.upstream_connect_seconds.with_label_values(&[target.as_str()]).observe(started.elapsed().as_secs_f64());
+            ctx.metrics
+                .upstream_connect_seconds
+                .with_label_values(&[target.as_str()])
+                .observe(started.elapsed().as_secs_f64());
             up
         }
         Ok(Err(e)) => {
-            ctx.metrics.upstream_errors_total.with_label_values(&[target.as_str()]).inc();
+            ctx.metrics
+                .upstream_errors_total
+                .with_label_values(&[target.as_str()])
+                .inc();
             let msg = format!("jitgate could not log in to {target}: {e}");
-            refuse(&ctx, &mut n, peer, target.as_str(), refusal("upstream", "08001", msg, None)).await;
+            refuse(
+                &ctx,
+                &mut n,
+                peer,
+                target.as_str(),
+                refusal("upstream", "08001", msg, None),
+            )
+            .await;
             return;
         }
         Err(_) => {
-            ctx.metrics.upstream_errors_total.with_label_values(&[target.as_str()]).inc();
+            ctx.metrics
+                .upstream_errors_total
+                .with_label_values(&[target.as_str()])
+                .inc();
             let msg = format!("jitgate timed out connecting to {target}");
-            refuse(&ctx, &mut n, peer, target.as_str(), refusal("upstream", "08001", msg, None)).await;
+            refuse(
+                &ctx,
+                &mut n,
+                peer,
+                target.as_str(),
+                refusal("upstream", "08001", msg, None),
+            )
+            .await;
             return;
         }
     };
 
     let grant = permit.grant();
+    let upstream_cancel = up
+        .backend_key
+        .map(|(process_id, secret_key)| (Arc::clone(&target_cfg), CancelKey { process_id, secret_key }));
     let registration = ctx.sessions.register(NewSession {
+        upstream_cancel,
         user: user.clone(),
         roles: n.identity.roles.clone(),
         target: target.clone(),
@@ -156,7 +238,10 @@ async fn run_session(ctx: Arc<PgContext>, mut n: Negotiated, peer: SocketAddr) {
         client_addr: peer,
     };
     if ctx.audit.record(start_event).is_err() {
-        ctx.metrics.sessions_denied_total.with_label_values(&["audit_unavailable"]).inc();
+        ctx.metrics
+            .sessions_denied_total
+            .with_label_values(&["audit_unavailable"])
+            .inc();
         let msg = "jitgate cannot write its audit log; sessions are refused until it can";
         let _ = n.tls.write_all(&error_bytes(Severity::Fatal, "58030", msg, None)).await;
         return;
@@ -168,7 +253,10 @@ async fn run_session(ctx: Arc<PgContext>, mut n: Negotiated, peer: SocketAddr) {
     for (k, v) in &up.parameters {
         hello.extend_from_slice(&backend::parameter_status(k, v));
     }
-    hello.extend_from_slice(&backend::backend_key_data(rand::random::<i32>() & i32::MAX, rand::random()));
+    hello.extend_from_slice(&backend::backend_key_data(
+        session.cancel_key.process_id,
+        session.cancel_key.secret_key,
+    ));
     hello.extend_from_slice(&backend::ready_for_query(b'I'));
     let labels = [target.as_str(), PROTOCOL];
     ctx.metrics.sessions_total.with_label_values(&labels).inc();
@@ -207,8 +295,14 @@ async fn run_session(ctx: Arc<PgContext>, mut n: Negotiated, peer: SocketAddr) {
     let bytes_from_client = session.bytes_from_client.load(std::sync::atomic::Ordering::Relaxed);
     let bytes_to_client = session.bytes_to_client.load(std::sync::atomic::Ordering::Relaxed);
     ctx.metrics.sessions_active.with_label_values(&labels).dec();
-    ctx.metrics.bytes_total.with_label_values(&["client_to_target"]).inc_by(bytes_from_client);
-    ctx.metrics.bytes_total.with_label_values(&["target_to_client"]).inc_by(bytes_to_client);
+    ctx.metrics
+        .bytes_total
+        .with_label_values(&["client_to_target"])
+        .inc_by(bytes_from_client);
+    ctx.metrics
+        .bytes_total
+        .with_label_values(&["target_to_client"])
+        .inc_by(bytes_to_client);
     let _ = ctx.audit.record(AuditEvent::SessionEnd {
         session_id: session.id.clone(),
         grant_id: grant.id.clone(),
@@ -222,7 +316,37 @@ async fn run_session(ctx: Arc<PgContext>, mut n: Negotiated, peer: SocketAddr) {
         bytes_to_client,
         duration_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
     });
-    tracing::info!(reason = reason.as_str(), bytes_from_client, bytes_to_client, "session ended");
+    tracing::info!(
+        reason = reason.as_str(),
+        bytes_from_client,
+        bytes_to_client,
+        "session ended"
+    );
+}
+
+/// Forwards a client's CancelRequest to the backend of the session it names, if any. The
+/// client gets no answer either way, as with PostgreSQL.
+async fn forward_cancel(ctx: &PgContext, key: CancelKey) {
+    let Some((target, upstream_key)) = ctx.sessions.cancel_route(key) else {
+        ctx.metrics.cancel_requests_total.with_label_values(&["unknown"]).inc();
+        tracing::debug!("cancel request for an unknown key ignored");
+        return;
+    };
+    let wait = ctx.config.limits.upstream_connect_timeout;
+    let key = (upstream_key.process_id, upstream_key.secret_key);
+    match timeout(wait, upstream::cancel(&target, key)).await {
+        Ok(Ok(())) => {
+            ctx.metrics
+                .cancel_requests_total
+                .with_label_values(&["forwarded"])
+                .inc();
+            tracing::info!(target = %target.name, "query cancel forwarded");
+        }
+        _ => {
+            ctx.metrics.cancel_requests_total.with_label_values(&["failed"]).inc();
+            tracing::warn!(target = %target.name, "query cancel could not be delivered");
+        }
+    }
 }
 
 fn remaining(t: SystemTime) -> std::time::Duration {
@@ -273,7 +397,11 @@ fn fatal_for(reason: SessionEndReason, target: &str, grant_id: &str, session_id:
             format!("jitgate: access to {target} ended: your client certificate expired"),
             Some("get a new certificate, then reconnect"),
         ),
-        _ => ("57P01", "jitgate is shutting down".to_owned(), Some("reconnect in a moment")),
+        _ => (
+            "57P01",
+            "jitgate is shutting down".to_owned(),
+            Some("reconnect in a moment"),
+        ),
     };
     error_bytes(Severity::Fatal, code, &message, hint)
 }

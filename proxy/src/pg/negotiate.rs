@@ -72,7 +72,15 @@ async fn read_startup<S: AsyncRead + Unpin>(
 }
 
 fn fatal(code: &str, message: &str, hint: Option<&str>) -> Vec<u8> {
-    backend::error_response(Severity::Fatal, &Report { sqlstate: code, message, detail: None, hint })
+    backend::error_response(
+        Severity::Fatal,
+        &Report {
+            sqlstate: code,
+            message,
+            detail: None,
+            hint,
+        },
+    )
 }
 
 const TLS_HINT: &str = "connect with sslmode=verify-full sslrootcert=ca.crt sslcert=USER.crt sslkey=USER.key";
@@ -118,7 +126,9 @@ pub async fn negotiate(
                     return Err(client("plaintext startup refused"));
                 }
                 Err(e) => {
-                    let _ = tcp.write_all(&fatal("08P01", &format!("invalid startup packet: {e}"), None)).await;
+                    let _ = tcp
+                        .write_all(&fatal("08P01", &format!("invalid startup packet: {e}"), None))
+                        .await;
                     return Err(client(e));
                 }
             }
@@ -133,46 +143,69 @@ pub async fn negotiate(
     let alpn = conn.alpn_protocol();
     if direct && alpn != Some(ALPN_POSTGRESQL) {
         // PostgreSQL 17 requires ALPN for direct TLS; so do we.
-        let _ = tls.write_all(&fatal("08P01", "direct TLS requires ALPN \"postgresql\"", None)).await;
-        return Err(NegotiateError::Handshake { reason: "alpn", message: "direct TLS without ALPN".into() });
+        let _ = tls
+            .write_all(&fatal("08P01", "direct TLS requires ALPN \"postgresql\"", None))
+            .await;
+        return Err(NegotiateError::Handshake {
+            reason: "alpn",
+            message: "direct TLS without ALPN".into(),
+        });
     }
-    let der = conn.peer_certificates().and_then(|c| c.first()).map(|c| c.as_ref().to_vec());
+    let der = conn
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .map(|c| c.as_ref().to_vec());
     let Some(der) = der else {
-        return Err(NegotiateError::Handshake { reason: "no_certificate", message: "no client certificate".into() });
+        return Err(NegotiateError::Handshake {
+            reason: "no_certificate",
+            message: "no client certificate".into(),
+        });
     };
     let identity = match identity_from_der(&der) {
         Ok(id) => id,
         Err(e) => {
-            let _ = tls.write_all(&fatal("28000", &format!("client certificate refused: {e}"), None)).await;
-            return Err(NegotiateError::Handshake { reason: "bad_certificate", message: e.to_string() });
+            let _ = tls
+                .write_all(&fatal("28000", &format!("client certificate refused: {e}"), None))
+                .await;
+            return Err(NegotiateError::Handshake {
+                reason: "bad_certificate",
+                message: e.to_string(),
+            });
         }
     };
 
     let mut buf = BytesMut::with_capacity(512);
     let req = read_startup(&mut tls, &mut buf, max_startup).await.map_err(client)?;
     match req {
-        Ok(StartupRequest::Startup { minor_version: 0, params }) => {
-            Ok(Negotiated { tls, identity, params, leftover: buf })
-        }
+        Ok(StartupRequest::Startup {
+            minor_version: 0,
+            params,
+        }) => Ok(Negotiated {
+            tls,
+            identity,
+            params,
+            leftover: buf,
+        }),
         Ok(StartupRequest::Startup { minor_version, .. }) => {
             let msg = format!("unsupported frontend protocol 3.{minor_version}: jitgate speaks 3.0");
             let _ = tls.write_all(&fatal("0A000", &msg, None)).await;
             Err(client(msg))
         }
-        Ok(StartupRequest::Cancel { process_id, secret_key }) => {
-            Err(NegotiateError::Cancel { process_id, secret_key })
-        }
+        Ok(StartupRequest::Cancel { process_id, secret_key }) => Err(NegotiateError::Cancel { process_id, secret_key }),
         Ok(StartupRequest::Ssl | StartupRequest::GssEnc) => {
-            let _ = tls.write_all(&fatal("08P01", "encryption request inside TLS", None)).await;
+            let _ = tls
+                .write_all(&fatal("08P01", "encryption request inside TLS", None))
+                .await;
             Err(client("encryption request inside TLS"))
         }
         Err(e) => {
-            let _ = tls.write_all(&fatal("08P01", &format!("invalid startup packet: {e}"), None)).await;
+            let _ = tls
+                .write_all(&fatal("08P01", &format!("invalid startup packet: {e}"), None))
+                .await;
             Err(client(e))
         }
     }
 }
-
 
 /// Shared acceptor type.
 pub fn acceptor(cfg: &Arc<rustls::ServerConfig>) -> TlsAcceptor {

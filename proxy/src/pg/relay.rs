@@ -6,8 +6,8 @@
 
 use std::future::{poll_fn, Future};
 use std::pin::Pin;
-use std::task::Poll;
 use std::sync::atomic::Ordering;
+use std::task::Poll;
 use std::time::Duration;
 
 use jitgate_protocol::postgres::frame::FrameTracker;
@@ -39,7 +39,12 @@ struct Half {
 
 impl Half {
     fn new() -> Self {
-        Self { buf: vec![0; BUF].into_boxed_slice(), start: 0, end: 0, need_flush: false }
+        Self {
+            buf: vec![0; BUF].into_boxed_slice(),
+            start: 0,
+            end: 0,
+            need_flush: false,
+        }
     }
     fn is_empty(&self) -> bool {
         self.start == self.end
@@ -96,7 +101,9 @@ where
             }
             if !up.is_empty() {
                 match Pin::new(&mut *upstream).poll_write(cx, up.pending()) {
-                    Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return Poll::Ready(Ok(SessionEndReason::UpstreamClosed)),
+                    Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => {
+                        return Poll::Ready(Ok(SessionEndReason::UpstreamClosed))
+                    }
                     Poll::Ready(Ok(n)) => {
                         up.start += n;
                         up.need_flush = true;
@@ -164,7 +171,11 @@ where
         Ok(reason) => RelayEnd::Closed(reason),
         Err(reason) => {
             let msg = fatal(reason);
-            let _ = tokio::time::timeout(CUT_FLUSH, finish(client, upstream, &mut down, &mut frames, session, &msg)).await;
+            let _ = tokio::time::timeout(
+                CUT_FLUSH,
+                finish(client, upstream, &mut down, &mut frames, session, &msg),
+            )
+            .await;
             RelayEnd::Cut(reason)
         }
     }
@@ -185,7 +196,9 @@ where
     U: AsyncRead + Unpin,
 {
     client.write_all(down.pending()).await?;
-    session.bytes_to_client.fetch_add(down.pending().len() as u64, Ordering::Relaxed);
+    session
+        .bytes_to_client
+        .fetch_add(down.pending().len() as u64, Ordering::Relaxed);
     down.start = down.end;
     while !frames.at_boundary() {
         let want = frames.bytes_to_boundary().min(down.buf.len());

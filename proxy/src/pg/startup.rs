@@ -48,7 +48,12 @@ pub struct Refusal {
 }
 
 fn refuse(sqlstate: &'static str, reason: &'static str, message: String, hint: Option<String>) -> Refusal {
-    Refusal { sqlstate, message, hint, reason }
+    Refusal {
+        sqlstate,
+        message,
+        hint,
+        reason,
+    }
 }
 
 /// Checks startup parameters against the client's identity.
@@ -89,7 +94,12 @@ pub fn check(identity: &Identity, params: &[(String, String)]) -> Result<Checked
     }
     let me = identity.user.as_str();
     let Some(user) = user else {
-        return Err(refuse("28000", "user_mismatch", "no user in startup message".into(), Some(format!("connect with user={me}"))));
+        return Err(refuse(
+            "28000",
+            "user_mismatch",
+            "no user in startup message".into(),
+            Some(format!("connect with user={me}")),
+        ));
     };
     if user != me {
         return Err(refuse(
@@ -103,7 +113,14 @@ pub fn check(identity: &Identity, params: &[(String, String)]) -> Result<Checked
     let db = database.unwrap_or(user);
     let (target, database) = match db.split_once('/') {
         Some((t, d)) if !d.is_empty() => (t, Some(d.to_owned())),
-        Some(_) => return Err(refuse("3D000", "unknown_target", format!("database \"{db}\" names no database after '/'"), None)),
+        Some(_) => {
+            return Err(refuse(
+                "3D000",
+                "unknown_target",
+                format!("database \"{db}\" names no database after '/'"),
+                None,
+            ))
+        }
         None => (db, None),
     };
     let target = TargetName::new(target).map_err(|_| {
@@ -114,7 +131,11 @@ pub fn check(identity: &Identity, params: &[(String, String)]) -> Result<Checked
             Some("set dbname to a target name, e.g. dbname=prod-db or dbname=prod-db/otherdb".into()),
         )
     })?;
-    Ok(CheckedStartup { target, database, forward })
+    Ok(CheckedStartup {
+        target,
+        database,
+        forward,
+    })
 }
 
 #[cfg(test)]
@@ -123,7 +144,11 @@ mod tests {
     use crate::types::UserName;
 
     fn alice() -> Identity {
-        Identity { user: UserName::new("alice").unwrap(), roles: vec![], not_after: std::time::SystemTime::now() }
+        Identity {
+            user: UserName::new("alice").unwrap(),
+            roles: vec![],
+            not_after: std::time::SystemTime::now(),
+        }
     }
 
     fn p(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
@@ -132,7 +157,11 @@ mod tests {
 
     #[test]
     fn accepts_target_and_subdatabase() {
-        let c = check(&alice(), &p(&[("user", "alice"), ("database", "prod-db/other"), ("DateStyle", "ISO")])).unwrap();
+        let c = check(
+            &alice(),
+            &p(&[("user", "alice"), ("database", "prod-db/other"), ("DateStyle", "ISO")]),
+        )
+        .unwrap();
         assert_eq!(c.target.as_str(), "prod-db");
         assert_eq!(c.database.as_deref(), Some("other"));
         assert_eq!(c.forward, p(&[("DateStyle", "ISO")]));
@@ -140,10 +169,33 @@ mod tests {
 
     #[test]
     fn refuses_smuggled_options_and_other_users() {
-        assert_eq!(check(&alice(), &p(&[("user", "alice"), ("options", "-c role=x")])).unwrap_err().sqlstate, "42501");
-        assert_eq!(check(&alice(), &p(&[("user", "alice"), ("replication", "true")])).unwrap_err().sqlstate, "42501");
-        assert_eq!(check(&alice(), &p(&[("user", "alice"), ("session_authorization", "x")])).unwrap_err().sqlstate, "42501");
-        assert_eq!(check(&alice(), &p(&[("user", "bob"), ("database", "prod-db")])).unwrap_err().sqlstate, "28000");
-        assert_eq!(check(&alice(), &p(&[("database", "prod-db")])).unwrap_err().sqlstate, "28000");
+        assert_eq!(
+            check(&alice(), &p(&[("user", "alice"), ("options", "-c role=x")]))
+                .unwrap_err()
+                .sqlstate,
+            "42501"
+        );
+        assert_eq!(
+            check(&alice(), &p(&[("user", "alice"), ("replication", "true")]))
+                .unwrap_err()
+                .sqlstate,
+            "42501"
+        );
+        assert_eq!(
+            check(&alice(), &p(&[("user", "alice"), ("session_authorization", "x")]))
+                .unwrap_err()
+                .sqlstate,
+            "42501"
+        );
+        assert_eq!(
+            check(&alice(), &p(&[("user", "bob"), ("database", "prod-db")]))
+                .unwrap_err()
+                .sqlstate,
+            "28000"
+        );
+        assert_eq!(
+            check(&alice(), &p(&[("database", "prod-db")])).unwrap_err().sqlstate,
+            "28000"
+        );
     }
 }

@@ -47,12 +47,18 @@ pub struct Upstream {
 async fn open(target: &Target) -> Result<UpstreamStream, UpstreamError> {
     let tcp = TcpStream::connect(&target.address)
         .await
-        .map_err(|source| UpstreamError::Connect { address: target.address.clone(), source })?;
+        .map_err(|source| UpstreamError::Connect {
+            address: target.address.clone(),
+            source,
+        })?;
     // Disabling Nagle is an optimisation only; a failure changes nothing else.
     let _ = tcp.set_nodelay(true);
     let (config, name) = match &target.tls {
         UpstreamTls::Disable => return Ok(UpstreamStream::Plain(tcp)),
-        UpstreamTls::Require => (no_verify_config()?, target.address.rsplit_once(':').map_or("", |(h, _)| h).to_owned()),
+        UpstreamTls::Require => (
+            no_verify_config()?,
+            target.address.rsplit_once(':').map_or("", |(h, _)| h).to_owned(),
+        ),
         UpstreamTls::VerifyFull { ca_file, server_name } => {
             let roots = crate::tls::load_roots(ca_file).map_err(|e| UpstreamError::Tls(e.to_string()))?;
             let cfg = rustls::ClientConfig::builder_with_provider(crate::tls::provider())
@@ -64,9 +70,13 @@ async fn open(target: &Target) -> Result<UpstreamStream, UpstreamError> {
         }
     };
     let mut tcp = tcp;
-    tcp.write_all(&encode_ssl_request()).await.map_err(|e| UpstreamError::Tls(e.to_string()))?;
+    tcp.write_all(&encode_ssl_request())
+        .await
+        .map_err(|e| UpstreamError::Tls(e.to_string()))?;
     let mut answer = [0u8; 1];
-    tcp.read_exact(&mut answer).await.map_err(|e| UpstreamError::Tls(e.to_string()))?;
+    tcp.read_exact(&mut answer)
+        .await
+        .map_err(|e| UpstreamError::Tls(e.to_string()))?;
     if answer[0] != b'S' {
         return Err(UpstreamError::Tls("target does not accept TLS".into()));
     }
@@ -88,7 +98,10 @@ pub async fn connect(
     forward: &[(String, String)],
 ) -> Result<Upstream, UpstreamError> {
     let access = permit.grant().access;
-    let cred = target.credentials.get(&access).ok_or(UpstreamError::NoCredentials(access))?;
+    let cred = target
+        .credentials
+        .get(&access)
+        .ok_or(UpstreamError::NoCredentials(access))?;
     let mut stream = open(target).await?;
 
     let mut params: Vec<(&str, &str)> = vec![("user", &cred.user), ("database", database)];
@@ -100,7 +113,11 @@ pub async fn connect(
     let mut scram_final: Option<ScramFinal> = None;
     let mut parameters = Vec::new();
     let mut backend_key = None;
-    let password = || cred.password.as_deref().ok_or_else(|| UpstreamError::Refused("target asks for a password but none is configured".into()));
+    let password = || {
+        cred.password
+            .as_deref()
+            .ok_or_else(|| UpstreamError::Refused("target asks for a password but none is configured".into()))
+    };
     loop {
         let msg = read_message(&mut stream, &mut buf).await?;
         match decode(&msg).map_err(|e| UpstreamError::Protocol(e.to_string()))? {
@@ -118,36 +135,62 @@ pub async fn connect(
             }
             BackendMessage::AuthenticationSasl { mechanisms } => {
                 if !mechanisms.iter().any(|m| m == scram::MECHANISM) {
-                    return Err(UpstreamError::Refused(format!("no supported SASL mechanism in {mechanisms:?}")));
+                    return Err(UpstreamError::Refused(format!(
+                        "no supported SASL mechanism in {mechanisms:?}"
+                    )));
                 }
                 let client = ScramClient::new(password()?);
-                write(&mut stream, &sasl_initial_response(scram::MECHANISM, &client.client_first())).await?;
+                write(
+                    &mut stream,
+                    &sasl_initial_response(scram::MECHANISM, &client.client_first()),
+                )
+                .await?;
                 scram = Some(client);
             }
             BackendMessage::AuthenticationSaslContinue { data } => {
-                let client = scram.take().ok_or_else(|| UpstreamError::Protocol("unexpected SASLContinue".into()))?;
-                let (reply, fin) = client.handle_server_first(&data).map_err(|e| UpstreamError::Protocol(e.to_string()))?;
+                let client = scram
+                    .take()
+                    .ok_or_else(|| UpstreamError::Protocol("unexpected SASLContinue".into()))?;
+                let (reply, fin) = client
+                    .handle_server_first(&data)
+                    .map_err(|e| UpstreamError::Protocol(e.to_string()))?;
                 write(&mut stream, &sasl_response(&reply)).await?;
                 scram_final = Some(fin);
             }
             BackendMessage::AuthenticationSaslFinal { data } => {
-                let fin = scram_final.take().ok_or_else(|| UpstreamError::Protocol("unexpected SASLFinal".into()))?;
-                fin.verify_server_final(&data).map_err(|e| UpstreamError::Refused(e.to_string()))?;
+                let fin = scram_final
+                    .take()
+                    .ok_or_else(|| UpstreamError::Protocol("unexpected SASLFinal".into()))?;
+                fin.verify_server_final(&data)
+                    .map_err(|e| UpstreamError::Refused(e.to_string()))?;
             }
             BackendMessage::AuthenticationOther(kind) => {
-                return Err(UpstreamError::Refused(format!("unsupported authentication method {kind}")));
+                return Err(UpstreamError::Refused(format!(
+                    "unsupported authentication method {kind}"
+                )));
             }
             BackendMessage::ParameterStatus { name, value } => parameters.push((name, value)),
             BackendMessage::BackendKeyData { process_id, secret_key } => backend_key = Some((process_id, secret_key)),
             BackendMessage::ReadyForQuery { .. } => {
-                return Ok(Upstream { stream, parameters, backend_key });
+                return Ok(Upstream {
+                    stream,
+                    parameters,
+                    backend_key,
+                });
             }
             BackendMessage::ErrorResponse(fields) => {
-                return Err(UpstreamError::Refused(format!("{} ({})", fields.message(), fields.code())));
+                return Err(UpstreamError::Refused(format!(
+                    "{} ({})",
+                    fields.message(),
+                    fields.code()
+                )));
             }
             BackendMessage::NoticeResponse(_) | BackendMessage::NegotiateProtocolVersion => {}
             BackendMessage::Other { tag } => {
-                return Err(UpstreamError::Protocol(format!("unexpected message {:?} during login", tag as char)));
+                return Err(UpstreamError::Protocol(format!(
+                    "unexpected message {:?} during login",
+                    tag as char
+                )));
             }
         }
     }
@@ -160,7 +203,9 @@ async fn write(stream: &mut UpstreamStream, bytes: &[u8]) -> Result<(), Upstream
 
 async fn read_message(stream: &mut UpstreamStream, buf: &mut BytesMut) -> Result<BytesMut, UpstreamError> {
     loop {
-        if let Some((_, len)) = peek_tagged(buf, MAX_LOGIN_MESSAGE_LEN).map_err(|e| UpstreamError::Protocol(e.to_string()))? {
+        if let Some((_, len)) =
+            peek_tagged(buf, MAX_LOGIN_MESSAGE_LEN).map_err(|e| UpstreamError::Protocol(e.to_string()))?
+        {
             if buf.len() >= len {
                 return Ok(buf.split_to(len));
             }

@@ -41,6 +41,12 @@ impl SqliteStore {
     /// Opens or creates the store file.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
         let conn = Connection::open(path).map_err(|e| StoreError(format!("{}: {e}", path.display())))?;
+        {
+            use std::os::unix::fs::PermissionsExt as _;
+            // Grant history is not for other local users.
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+                .map_err(|e| StoreError(format!("{}: {e}", path.display())))?;
+        }
         conn.pragma_update(None, "journal_mode", "WAL").map_err(err)?;
         conn.pragma_update(None, "synchronous", "FULL").map_err(err)?;
         conn.busy_timeout(std::time::Duration::from_secs(5)).map_err(err)?;
