@@ -86,6 +86,7 @@ impl Harness {
             &format!(
                 "CREATE ROLE jit_reader LOGIN PASSWORD '{READER_PASSWORD}';
                  CREATE ROLE jit_writer LOGIN PASSWORD '{WRITER_PASSWORD}';
+                 CREATE ROLE jit_trust LOGIN;
                  SET password_encryption = 'md5';
                  CREATE ROLE jit_md5 LOGIN PASSWORD '{MD5_PASSWORD}';"
             ),
@@ -130,6 +131,13 @@ password_file = "{d}/reader.password"
 [targets.credentials.write]
 user = "jit_writer"
 password_file = "{d}/writer.password"
+
+[[targets]]
+name = "trust-db"
+address = "{addr}"
+database = "app"
+[targets.credentials.read]
+user = "jit_trust"
 
 [[targets]]
 name = "md5-db"
@@ -459,7 +467,7 @@ pub fn jitgate_bin() -> PathBuf {
     let bin = dir.join("jitgate");
     assert!(
         bin.is_file(),
-        "{} missing: run cargo build --workspace --tests first",
+        "{} missing: run cargo build --workspace --bins --tests first (scripts/test does)",
         bin.display()
     );
     bin

@@ -45,7 +45,7 @@ async fn expiry_cuts_busy_and_idle_sessions() {
     let h = Harness::start().await;
     let alice = h.user("alice", &["dev"]);
     let grant = h
-        .grant("alice", "prod-db", AccessLevel::Read, Duration::from_secs(4))
+        .grant("alice", "prod-db", AccessLevel::Read, Duration::from_secs(6))
         .await;
 
     let idle = h.psql_interactive(&alice, "prod-db");
@@ -186,7 +186,7 @@ async fn session_kill_cuts_live_session() {
 #[tokio::test(flavor = "multi_thread")]
 async fn cert_expiry_cuts_session() {
     let h = Harness::start().await;
-    let alice = h.user_with_ttl("alice", &["dev"], Duration::from_secs(5));
+    let alice = h.user_with_ttl("alice", &["dev"], Duration::from_secs(8));
     let grant = h.grant("alice", "prod-db", AccessLevel::Read, HOUR).await;
     let out = tokio::time::timeout(
         Duration::from_secs(30),

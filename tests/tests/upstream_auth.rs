@@ -72,6 +72,16 @@ async fn md5_upstream_login() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn trust_upstream_login() {
+    let h = Harness::start().await;
+    let alice = h.user("alice", &["dev"]);
+    h.grant("alice", "trust-db", AccessLevel::Read, HOUR).await;
+    let out = h.psql(&alice, "trust-db", "SELECT current_user").await;
+    assert!(out.success, "{out:?}");
+    assert_eq!(out.stdout, "jit_trust");
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn wrong_upstream_password_is_reported_without_secrets() {
     let mut h = Harness::start().await;
     std::fs::write(h.data_dir().join("reader.password"), "not-the-password").unwrap();
