@@ -14,12 +14,20 @@ use tokio::net::TcpStream;
 
 const HOUR: Duration = Duration::from_secs(3600);
 
-async fn handshake_failures(h: &Harness, reason: &str) -> f64 {
-    let (_, body) = h.metrics_get("/metrics").await;
-    metric(
-        &body,
-        &format!("jitgate_tls_handshake_failures_total{{listener=\"postgres\",reason=\"{reason}\"}}"),
-    )
+/// Waits until the handshake-failure counter for `reason` reaches `expected`. The client sees
+/// the TLS alert before the proxy counts the failure, so the count may lag a moment.
+async fn assert_handshake_failures(h: &Harness, reason: &str, expected: f64) {
+    let name = format!("jitgate_tls_handshake_failures_total{{listener=\"postgres\",reason=\"{reason}\"}}");
+    let mut seen = 0.0;
+    for _ in 0..100 {
+        let (_, body) = h.metrics_get("/metrics").await;
+        seen = metric(&body, &name);
+        if seen == expected {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("{name} is {seen}, expected {expected}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -93,7 +101,7 @@ async fn missing_certificate_fails_handshake() {
     let out = h.psql_conninfo(&conninfo, "SELECT 1").await;
     assert!(!out.success);
     assert!(out.stderr.to_lowercase().contains("certificate"), "{}", out.stderr);
-    assert_eq!(handshake_failures(&h, "no_certificate").await, 1.0);
+    assert_handshake_failures(&h, "no_certificate", 1.0).await;
     assert!(h.audit_events("session.start").is_empty());
 }
 
@@ -108,7 +116,7 @@ async fn foreign_ca_certificate_fails_handshake() {
     let mallory = h.user_from_pem("alice", &cert, &key);
     let out = h.psql(&mallory, "prod-db", "SELECT 1").await;
     assert!(!out.success, "{out:?}");
-    assert_eq!(handshake_failures(&h, "unknown_issuer").await, 1.0);
+    assert_handshake_failures(&h, "unknown_issuer", 1.0).await;
     assert!(h.audit_events("session.start").is_empty());
 }
 
@@ -129,7 +137,7 @@ async fn expired_certificate_fails_handshake() {
     let expired = h.user_from_pem("alice", &cert, &key);
     let out = h.psql(&expired, "prod-db", "SELECT 1").await;
     assert!(!out.success, "{out:?}");
-    assert_eq!(handshake_failures(&h, "expired_certificate").await, 1.0);
+    assert_handshake_failures(&h, "expired_certificate", 1.0).await;
     assert!(h.audit_events("session.start").is_empty());
 }
 
