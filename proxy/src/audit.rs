@@ -57,6 +57,43 @@ impl SessionEndReason {
     }
 }
 
+/// How a statement reached the server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StatementPath {
+    /// A simple `Query` message (one record per statement in it).
+    Simple,
+    /// The extended protocol: the text from `Parse`, executed by `Execute`.
+    Extended,
+    /// Data of a `COPY ... FROM STDIN` / `TO STDOUT` (its statement came by one of the above).
+    Copy,
+    /// A `FunctionCall` message.
+    FunctionCall,
+}
+
+/// Whether the proxy let a statement through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Decision {
+    Allowed,
+    Denied,
+}
+
+/// How a statement ended on the server.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "status", rename_all = "snake_case")]
+pub enum Outcome {
+    /// `CommandComplete` (or an empty query): the tag and the row count it carries.
+    Ok { tag: String, rows: Option<u64> },
+    /// `ErrorResponse`.
+    Error { sqlstate: String, message: String },
+    /// Skipped by the server after an earlier error in the same batch, or the session ended
+    /// before an answer came.
+    NotExecuted,
+    /// `PortalSuspended`: the row limit of `Execute` was reached; more `Execute`s may follow.
+    Suspended { rows: u64 },
+}
+
 /// One audit event. The `event` field names the variant.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "event")]
@@ -99,6 +136,46 @@ pub enum AuditEvent {
         access: AccessLevel,
         client_addr: SocketAddr,
     },
+    /// Written, and handed to the operating system, before the statement is forwarded.
+    #[serde(rename = "statement")]
+    Statement {
+        session_id: SessionId,
+        /// Per-session sequence number; `statement.end` refers to it.
+        statement: u64,
+        grant_id: GrantId,
+        user: UserName,
+        target: TargetName,
+        access: AccessLevel,
+        protocol: StatementPath,
+        /// Statement text, secrets redacted, capped in length.
+        text: String,
+        /// Bound parameters: text as sent, binary as hex, capped; `null` for SQL NULL.
+        #[serde(skip_serializing_if = "Vec::is_empty", default)]
+        params: Vec<Option<String>>,
+        class: String,
+        kind: String,
+        #[serde(skip_serializing_if = "Vec::is_empty", default)]
+        tables: Vec<String>,
+        /// The role statements run as, when changed with SET ROLE / SET SESSION AUTHORIZATION.
+        #[serde(skip_serializing_if = "Option::is_none", default)]
+        effective_role: Option<String>,
+        decision: Decision,
+        /// Why the proxy refused it (only with `decision = denied`).
+        #[serde(skip_serializing_if = "Option::is_none", default)]
+        denied_by: Option<String>,
+    },
+    /// How a statement ended: written when the server answers.
+    #[serde(rename = "statement.end")]
+    StatementEnd {
+        session_id: SessionId,
+        statement: u64,
+        outcome: Outcome,
+        /// Time from forwarding to the server's answer, in microseconds.
+        duration_us: u64,
+        /// COPY only: data bytes and rows moved.
+        #[serde(skip_serializing_if = "Option::is_none", default)]
+        copy_bytes: Option<u64>,
+    },
     #[serde(rename = "session.end")]
     SessionEnd {
         session_id: SessionId,
@@ -123,6 +200,8 @@ impl AuditEvent {
             Self::GrantExpired { .. } => "grant.expired",
             Self::SessionDenied { .. } => "session.denied",
             Self::SessionStart { .. } => "session.start",
+            Self::Statement { .. } => "statement",
+            Self::StatementEnd { .. } => "statement.end",
             Self::SessionEnd { .. } => "session.end",
         }
     }
