@@ -2,8 +2,10 @@
 //!
 //! This crate owns the byte-level encodings the proxy speaks: PostgreSQL startup-phase
 //! frontend messages, backend message framing, the `ErrorResponse`/`NoticeResponse` the proxy
-//! sends itself, and the client side of upstream authentication (SCRAM-SHA-256, md5).
+//! sends itself, the client side of upstream authentication (SCRAM-SHA-256, md5), and the
+//! classification of SQL text for guardrails and audit.
 //! It contains no networking code: bytes in, typed values out, and back. The tokio adapters
 //! live in the `jitgate` crate, where the sockets are.
 
 pub mod postgres;
+pub mod sql;

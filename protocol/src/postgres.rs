@@ -8,6 +8,8 @@ pub mod backend;
 pub mod error;
 pub mod frame;
 pub mod frontend;
+pub mod messages;
+pub mod scanner;
 pub mod scram;
 
 pub use error::ProtocolError;

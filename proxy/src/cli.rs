@@ -1,5 +1,6 @@
 //! The `jitgate` command line: server commands (`init`, `serve`, `config check`, `demo`,
-//! `cert issue`) and admin commands over the control API (`grant ...`, `session ...`).
+//! `cert issue`), admin commands over the control API (`grant ...`, `session ...`) and the
+//! audit log readers that work on the files (`audit verify`, `audit tail`).
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -59,6 +60,11 @@ enum Command {
         command: SessionCommand,
         #[command(flatten)]
         api: ApiArgs,
+    },
+    /// Check the audit log's hash chain, or read it (works on the files; no API needed).
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
     },
 }
 
@@ -159,6 +165,151 @@ enum SessionCommand {
     Kill { id: String },
 }
 
+#[derive(Debug, Subcommand)]
+enum AuditCommand {
+    /// Prove the audit log unedited, or name its first bad record.
+    ///
+    /// Checks every record's hash and that each record follows the one before it, across
+    /// rotated files. Exits 0 printing `ok: N records, seq A..B` and the last record's hash
+    /// (keep a copy elsewhere: a log cut short at its end still verifies, but ends at another
+    /// hash), or exits 1 naming the file, line and seq of the first bad record and why
+    /// (edited, removed, reordered, truncated).
+    Verify {
+        /// Files to check as one log, oldest first. Default: the configured log's rotated
+        /// files, then its active file. Files of one log given in any order (a shell glob
+        /// such as audit.jsonl*) are put in chain order.
+        files: Vec<PathBuf>,
+        #[command(flatten)]
+        log: AuditLogArgs,
+    },
+    /// Print audit records, one readable line each (or --json), optionally following.
+    ///
+    /// Reads the rotated files oldest first, then the active file.
+    Tail(TailArgs),
+}
+
+#[derive(Debug, Args)]
+struct TailArgs {
+    /// Keep printing records as they are written, across rotations (Ctrl-C to stop).
+    #[arg(short = 'f', long)]
+    follow: bool,
+    /// Only records of this user. `statement.end` records match when their session did.
+    #[arg(long)]
+    user: Option<String>,
+    /// Only records for this target. `statement.end` records match when their session did.
+    #[arg(long)]
+    target: Option<String>,
+    /// Only records of this session id (s-...).
+    #[arg(long)]
+    session: Option<String>,
+    /// Only records from the last DURATION, e.g. 15m or 2h.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    since: Option<Duration>,
+    /// Print the records' JSON lines as written, instead of text.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    log: AuditLogArgs,
+}
+
+/// Where the audit log is. The first given of --file, --config and --data-dir wins.
+#[derive(Debug, Args)]
+struct AuditLogArgs {
+    /// The active audit file; its rotated files (FILE.<seq>) are found beside it.
+    #[arg(long)]
+    file: Option<PathBuf>,
+    /// Config file to take `audit.path` (default DATA_DIR/audit.jsonl) from. Its secrets are
+    /// not resolved.
+    #[arg(long, short, env = "JITGATE_CONFIG")]
+    config: Option<PathBuf>,
+    /// Data directory: the log is `audit.path` from DIR/jitgate.toml when that sets one,
+    /// otherwise DIR/audit.jsonl.
+    #[arg(long, env = "JITGATE_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+}
+
+impl AuditLogArgs {
+    /// The active audit file.
+    fn active(&self) -> Result<PathBuf> {
+        if let Some(file) = &self.file {
+            return Ok(file.clone());
+        }
+        if let Some(config) = &self.config {
+            let (data_dir, path) = audit_keys(config)?;
+            return match (path, data_dir) {
+                (Some(path), _) => Ok(path),
+                (None, Some(dir)) => Ok(dir.join("audit.jsonl")),
+                (None, None) => bail!("{}: no data_dir", config.display()),
+            };
+        }
+        if let Some(dir) = &self.data_dir {
+            let config = dir.join("jitgate.toml");
+            let path = if config.exists() { audit_keys(&config)?.1 } else { None };
+            return Ok(path.unwrap_or_else(|| dir.join("audit.jsonl")));
+        }
+        bail!("no audit log: pass --file FILE, --config FILE (or JITGATE_CONFIG) or --data-dir DIR")
+    }
+}
+
+/// `data_dir` and `audit.path` from a config file, without resolving its secrets.
+fn audit_keys(path: &Path) -> Result<(Option<PathBuf>, Option<PathBuf>)> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let value: toml::Value = toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+    let key = |v: Option<&toml::Value>| v.and_then(|v| v.as_str()).map(PathBuf::from);
+    Ok((
+        key(value.get("data_dir")),
+        key(value.get("audit").and_then(|a| a.get("path"))),
+    ))
+}
+
+fn audit_verify(mut files: Vec<PathBuf>, log: &AuditLogArgs) -> Result<()> {
+    if files.is_empty() {
+        let active = log.active()?;
+        files = crate::audit::files::chain_files(&active)?;
+        if files.is_empty() {
+            bail!("no audit log at {}", active.display());
+        }
+    } else {
+        crate::audit::files::chain_order(&mut files);
+    }
+    let summary = crate::audit::chain::verify_files(&files)?;
+    println!("{summary}");
+    if let Some(hash) = summary.last_hash {
+        println!("last hash: {}", crate::audit::chain::hex(&hash));
+    }
+    if let Some((first, _)) = summary.seqs.filter(|(first, _)| *first > 1) {
+        eprintln!("note: the log starts at seq {first}; the files before it were not checked");
+    }
+    Ok(())
+}
+
+fn audit_tail(a: TailArgs) -> Result<()> {
+    use crate::audit::tail::{self, Filter, Printer};
+    use std::io::Write as _;
+    let active = a.log.active()?;
+    let since = match a.since {
+        Some(d) => Some(
+            std::time::SystemTime::now()
+                .checked_sub(d)
+                .context("--since reaches before 1970")?,
+        ),
+        None => None,
+    };
+    let filter = Filter {
+        user: a.user,
+        target: a.target,
+        session: a.session,
+        since,
+    };
+    let mut printer = Printer::new(filter, a.json);
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    match tail::print_log(&active, &mut printer, a.follow, &mut out).and_then(|()| out.flush()) {
+        // The reader went away (`| head`): that is the end, not an error.
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        r => r.with_context(|| format!("audit log {}", active.display())),
+    }
+}
+
 /// Parses the command line and runs it.
 pub fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
@@ -223,6 +374,12 @@ async fn dispatch(cli: Cli) -> Result<()> {
         }
         Command::Grant { command, api } => grant(command, &api).await,
         Command::Session { command, api } => session(command, &api).await,
+        Command::Audit {
+            command: AuditCommand::Verify { files, log },
+        } => audit_verify(files, &log),
+        Command::Audit {
+            command: AuditCommand::Tail(args),
+        } => audit_tail(args),
     }
 }
 

@@ -93,6 +93,7 @@ struct RawLimits {
     handshake_timeout: Option<String>,
     upstream_connect_timeout: Option<String>,
     max_startup_message_bytes: Option<usize>,
+    max_message_bytes: Option<usize>,
     shutdown_grace: Option<String>,
 }
 
@@ -100,6 +101,12 @@ struct RawLimits {
 #[serde(deny_unknown_fields)]
 struct RawAudit {
     path: Option<PathBuf>,
+    max_file_bytes: Option<u64>,
+    fsync_interval: Option<String>,
+    queue_depth: Option<usize>,
+    max_statement_bytes: Option<usize>,
+    max_param_bytes: Option<usize>,
+    redact_params_matching: Option<Vec<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -116,6 +123,18 @@ struct RawTarget {
     credentials: BTreeMap<String, RawCredential>,
     #[serde(default)]
     tls: RawUpstreamTls,
+    #[serde(default)]
+    guardrails: Vec<RawDenyRule>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDenyRule {
+    access: Option<Vec<String>>,
+    #[serde(default)]
+    deny_kinds: Vec<String>,
+    #[serde(default)]
+    deny_unfiltered_writes: bool,
 }
 
 fn default_kind() -> String {
@@ -146,8 +165,7 @@ pub struct Config {
     pub listen: Listen,
     pub tls: TlsPaths,
     pub limits: Limits,
-    /// Audit log file (JSON lines). Default `DATA_DIR/audit.jsonl`.
-    pub audit_path: PathBuf,
+    pub audit: AuditConfig,
     /// Grant store (SQLite). Always `DATA_DIR/jitgate.db`.
     pub store_path: PathBuf,
     pub targets: Arc<HashMap<TargetName, Arc<Target>>>,
@@ -180,8 +198,38 @@ pub struct Limits {
     pub upstream_connect_timeout: Duration,
     /// Largest startup message accepted, in bytes. Default 10,000 (PostgreSQL's own cap).
     pub max_startup_message_bytes: usize,
+    /// Largest message a client may send after startup, in bytes (statements and their
+    /// parameters are read whole to be audited). Default 16 MiB.
+    pub max_message_bytes: usize,
     /// How long shutdown waits for sessions to end. Default 5s.
     pub shutdown_grace: Duration,
+}
+
+/// The audit log (`[audit]`).
+#[derive(Debug, Clone)]
+pub struct AuditConfig {
+    /// Active audit file (hash-chained JSON lines); rotated files sit beside it as
+    /// `PATH.<first seq>`. Default `DATA_DIR/audit.jsonl`.
+    pub path: PathBuf,
+    /// Size at which the active file is rotated, in bytes. At least 4096. Default 104857600
+    /// (100 MiB).
+    pub max_file_bytes: u64,
+    /// Longest time a written record waits for `fsync`; records are synced in groups, never
+    /// one by one. `0s` syncs after every batch. Default 1s.
+    pub fsync_interval: Duration,
+    /// Submissions that may wait for the writer; when full, new records are refused (and the
+    /// actions they stand for with them). At least 16. Default 65536.
+    pub queue_depth: usize,
+    /// Longest statement text kept in a `statement` record, in bytes. 64 to 16777216.
+    /// Default 65536.
+    pub max_statement_bytes: usize,
+    /// Longest bound parameter value kept in a `statement` record, in bytes. At most
+    /// 1048576. Default 256.
+    pub max_param_bytes: usize,
+    /// Words matched case-insensitively against statement text: a statement that contains one
+    /// has its bound parameter values redacted in its `statement` record. Default
+    /// `["password", "secret", "token"]`.
+    pub redact_params_matching: Vec<String>,
 }
 
 /// A PostgreSQL server reachable by the proxy.
@@ -196,6 +244,20 @@ pub struct Target {
     /// Upstream login per access level; a level without credentials cannot be used.
     pub credentials: HashMap<AccessLevel, Credential>,
     pub tls: UpstreamTls,
+    /// Statement deny rules, on top of the read-only rule of `read` grants.
+    pub guardrails: Vec<DenyRule>,
+}
+
+/// One `[[targets.guardrails]]` rule: statements it refuses for the access levels it names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DenyRule {
+    /// Levels the rule applies to. Default: every level.
+    pub access: Vec<AccessLevel>,
+    /// Statement kinds refused (`drop`, `truncate`, `alter_system`, `copy_program`, ...; see
+    /// `jitgate_protocol::sql::KINDS`).
+    pub kinds: Vec<String>,
+    /// Refuse UPDATE and DELETE without WHERE.
+    pub unfiltered_writes: bool,
 }
 
 /// How the proxy logs in to a target for one access level.
@@ -305,6 +367,7 @@ impl RawConfig {
             max_startup_message_bytes: l
                 .max_startup_message_bytes
                 .unwrap_or(jitgate_protocol::postgres::MAX_STARTUP_LEN),
+            max_message_bytes: l.max_message_bytes.unwrap_or(16 << 20),
             shutdown_grace: duration(
                 "limits.shutdown_grace",
                 l.shutdown_grace.as_deref(),
@@ -314,12 +377,19 @@ impl RawConfig {
         if limits.max_connections == 0 {
             return Err(invalid("limits.max_connections", "must be at least 1"));
         }
+        if !(1024..=1 << 30).contains(&limits.max_message_bytes) {
+            return Err(invalid(
+                "limits.max_message_bytes",
+                "must be between 1024 and 1073741824",
+            ));
+        }
         if !(64..=1 << 20).contains(&limits.max_startup_message_bytes) {
             return Err(invalid(
                 "limits.max_startup_message_bytes",
                 "must be between 64 and 1048576",
             ));
         }
+        let audit = self.audit.validate(&data_dir)?;
         let mut targets = HashMap::new();
         for (i, t) in self.targets.into_iter().enumerate() {
             let target = t.validate(i)?;
@@ -328,7 +398,7 @@ impl RawConfig {
             }
         }
         Ok(Config {
-            audit_path: self.audit.path.unwrap_or_else(|| data_dir.join("audit.jsonl")),
+            audit,
             store_path: data_dir.join("jitgate.db"),
             data_dir,
             listen,
@@ -336,6 +406,45 @@ impl RawConfig {
             limits,
             targets: Arc::new(targets),
         })
+    }
+}
+
+impl RawAudit {
+    fn validate(self, data_dir: &Path) -> Result<AuditConfig, ConfigError> {
+        let audit = AuditConfig {
+            path: self.path.unwrap_or_else(|| data_dir.join("audit.jsonl")),
+            max_file_bytes: self.max_file_bytes.unwrap_or(100 << 20),
+            fsync_interval: duration(
+                "audit.fsync_interval",
+                self.fsync_interval.as_deref(),
+                Duration::from_secs(1),
+            )?,
+            queue_depth: self.queue_depth.unwrap_or(65_536),
+            max_statement_bytes: self.max_statement_bytes.unwrap_or(65_536),
+            max_param_bytes: self.max_param_bytes.unwrap_or(256),
+            redact_params_matching: self
+                .redact_params_matching
+                .unwrap_or_else(|| ["password", "secret", "token"].map(String::from).to_vec()),
+        };
+        if audit.max_file_bytes < 4096 {
+            return Err(invalid("audit.max_file_bytes", "must be at least 4096"));
+        }
+        if audit.queue_depth < 16 {
+            return Err(invalid("audit.queue_depth", "must be at least 16"));
+        }
+        if !(64..=1 << 24).contains(&audit.max_statement_bytes) {
+            return Err(invalid("audit.max_statement_bytes", "must be between 64 and 16777216"));
+        }
+        if audit.max_param_bytes > 1 << 20 {
+            return Err(invalid("audit.max_param_bytes", "must be at most 1048576"));
+        }
+        if let Some(i) = audit.redact_params_matching.iter().position(|w| w.trim().is_empty()) {
+            return Err(invalid(
+                format!("audit.redact_params_matching[{i}]"),
+                "must not be empty",
+            ));
+        }
+        Ok(audit)
     }
 }
 
@@ -409,6 +518,34 @@ impl RawTarget {
                 ));
             }
         };
+        let mut guardrails = Vec::new();
+        for (j, r) in self.guardrails.into_iter().enumerate() {
+            let rkey = key(&format!("guardrails[{j}]"));
+            let access = match r.access {
+                None => AccessLevel::ALL.to_vec(),
+                Some(levels) => levels
+                    .iter()
+                    .map(|l| l.parse())
+                    .collect::<Result<Vec<AccessLevel>, String>>()
+                    .map_err(|e| invalid(format!("{rkey}.access"), e))?,
+            };
+            for kind in &r.deny_kinds {
+                if !jitgate_protocol::sql::KINDS.contains(&kind.as_str()) {
+                    return Err(invalid(
+                        format!("{rkey}.deny_kinds"),
+                        format!(
+                            "unknown statement kind {kind:?}; known kinds: {}",
+                            jitgate_protocol::sql::KINDS.join(", ")
+                        ),
+                    ));
+                }
+            }
+            guardrails.push(DenyRule {
+                access,
+                kinds: r.deny_kinds,
+                unfiltered_writes: r.deny_unfiltered_writes,
+            });
+        }
         Ok(Target {
             name,
             address: self.address,
@@ -416,6 +553,7 @@ impl RawTarget {
             labels: self.labels,
             credentials,
             tls,
+            guardrails,
         })
     }
 }
@@ -450,7 +588,13 @@ password_env = "JITGATE_TEST_CONFIG_PW"
         std::env::set_var("JITGATE_TEST_CONFIG_PW", "pw");
         let c = parse(MINIMAL).unwrap();
         assert_eq!(c.tls.ca_cert, Path::new("/var/lib/jitgate/ca.crt"));
-        assert_eq!(c.audit_path, Path::new("/var/lib/jitgate/audit.jsonl"));
+        assert_eq!(c.audit.path, Path::new("/var/lib/jitgate/audit.jsonl"));
+        assert_eq!(c.audit.max_file_bytes, 104_857_600);
+        assert_eq!(c.audit.fsync_interval, Duration::from_secs(1));
+        assert_eq!(c.audit.queue_depth, 65_536);
+        assert_eq!(c.audit.max_statement_bytes, 65_536);
+        assert_eq!(c.audit.max_param_bytes, 256);
+        assert_eq!(c.audit.redact_params_matching, ["password", "secret", "token"]);
         let t = &c.targets[&TargetName::new("prod-db").unwrap()];
         assert_eq!(t.credentials[&AccessLevel::Read].password.as_deref(), Some("pw"));
         assert_eq!(t.tls, UpstreamTls::Disable);
@@ -473,5 +617,39 @@ password_env = "JITGATE_TEST_CONFIG_PW"
         assert!(err.to_string().starts_with("listen.metrics"), "{err}");
         let err = parse(&MINIMAL.replace("JITGATE_TEST_CONFIG_PW", "JITGATE_TEST_UNSET_VAR")).unwrap_err();
         assert!(err.to_string().contains("password_env"), "{err}");
+    }
+
+    #[test]
+    fn audit_section_is_parsed_and_checked() {
+        std::env::set_var("JITGATE_TEST_CONFIG_PW", "pw");
+        let with = |audit: &str| parse(&MINIMAL.replace("[[targets]]", &format!("[audit]\n{audit}\n[[targets]]")));
+        let c = with(
+            "path = \"/logs/a.jsonl\"\nmax_file_bytes = 4096\nfsync_interval = \"250ms\"\nqueue_depth = 16\n\
+             max_statement_bytes = 1000\nmax_param_bytes = 0\nredact_params_matching = [\"pin\"]",
+        )
+        .unwrap();
+        assert_eq!(c.audit.path, Path::new("/logs/a.jsonl"));
+        assert_eq!(c.audit.max_file_bytes, 4096);
+        assert_eq!(c.audit.fsync_interval, Duration::from_millis(250));
+        assert_eq!(c.audit.queue_depth, 16);
+        assert_eq!(c.audit.max_statement_bytes, 1000);
+        assert_eq!(c.audit.max_param_bytes, 0);
+        assert_eq!(c.audit.redact_params_matching, ["pin"]);
+        for (text, key) in [
+            ("max_file_bytes = 4095", "audit.max_file_bytes"),
+            ("queue_depth = 15", "audit.queue_depth"),
+            ("fsync_interval = \"soon\"", "audit.fsync_interval"),
+            ("max_statement_bytes = 63", "audit.max_statement_bytes"),
+            ("max_param_bytes = 1048577", "audit.max_param_bytes"),
+            (
+                "redact_params_matching = [\"x\", \" \"]",
+                "audit.redact_params_matching[1]",
+            ),
+        ] {
+            let err = with(text).unwrap_err().to_string();
+            assert!(err.starts_with(key), "{text}: {err}");
+        }
+        let err = with("max_files = 3").unwrap_err().to_string();
+        assert!(err.contains("max_files"), "{err}");
     }
 }

@@ -11,7 +11,8 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::Router;
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
 };
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -39,10 +40,25 @@ pub struct Metrics {
     pub upstream_errors_total: IntCounterVec,
     /// Failed client TLS handshakes, by reason.
     pub tls_handshake_failures_total: IntCounterVec,
-    /// Audit records that could not be written.
+    /// Audit records that could not be written, by event (`kind`); failed syncs as
+    /// `kind="fsync"`.
     pub audit_write_errors_total: IntCounterVec,
+    /// Audit records written (handed to the operating system).
+    pub audit_records_total: IntCounter,
+    /// Submissions waiting for the audit writer.
+    pub audit_queue_depth: IntGauge,
+    /// Records per audit batch (one `write` each).
+    pub audit_batch_records: Histogram,
+    /// Time of one `fsync` of the audit file.
+    pub audit_fsync_seconds: Histogram,
     /// Client CancelRequests, by outcome (`forwarded`, `unknown`, `failed`).
     pub cancel_requests_total: IntCounterVec,
+    /// Statements forwarded, by target and class.
+    pub statements_total: IntCounterVec,
+    /// Statements refused by guardrails or because they could not be audited, by reason.
+    pub statement_denials_total: IntCounterVec,
+    /// Time from forwarding a statement to the server's answer.
+    pub statement_duration_seconds: prometheus::Histogram,
     ready: AtomicBool,
 }
 
@@ -117,6 +133,45 @@ impl Metrics {
                     "Audit records that could not be written"
                 ),
                 &["kind"]
+            )
+            .expect("valid metric")),
+            audit_records_total: reg!(
+                IntCounter::new("jitgate_audit_records_total", "Audit records written").expect("valid metric")
+            ),
+            audit_queue_depth: reg!(IntGauge::new(
+                "jitgate_audit_queue_depth",
+                "Submissions waiting for the audit writer"
+            )
+            .expect("valid metric")),
+            audit_batch_records: reg!(Histogram::with_opts(
+                HistogramOpts::new("jitgate_audit_batch_records", "Records per audit batch")
+                    .buckets(prometheus::exponential_buckets(1.0, 4.0, 7).expect("valid buckets"))
+            )
+            .expect("valid metric")),
+            audit_fsync_seconds: reg!(Histogram::with_opts(
+                HistogramOpts::new("jitgate_audit_fsync_seconds", "Time of one fsync of the audit file").buckets(vec![
+                    0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0
+                ])
+            )
+            .expect("valid metric")),
+            statements_total: reg!(IntCounterVec::new(
+                Opts::new("jitgate_statements_total", "Statements forwarded"),
+                &["target", "class"]
+            )
+            .expect("valid metric")),
+            statement_denials_total: reg!(IntCounterVec::new(
+                Opts::new("jitgate_statement_denials_total", "Statements refused"),
+                &["reason"]
+            )
+            .expect("valid metric")),
+            statement_duration_seconds: reg!(prometheus::Histogram::with_opts(
+                HistogramOpts::new(
+                    "jitgate_statement_duration_seconds",
+                    "Time from forwarding a statement to its answer"
+                )
+                .buckets(vec![
+                    0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0, 300.0
+                ]),
             )
             .expect("valid metric")),
             cancel_requests_total: reg!(IntCounterVec::new(

@@ -2,9 +2,11 @@
 //! grant lookup, upstream login and the relay.
 
 mod connection;
+mod guard;
 mod negotiate;
 mod relay;
 mod startup;
+mod statements;
 mod stream;
 mod upstream;
 

@@ -87,7 +87,7 @@ impl Listeners {
 pub async fn run(config: Config, listeners: Listeners, shutdown: impl Future<Output = ()>) -> Result<(), ServerError> {
     let metrics = Metrics::new();
     let tls = ServerTls::load(&config.tls)?;
-    let audit = Arc::new(AuditLog::open(&config.audit_path, Arc::clone(&metrics))?);
+    let audit = AuditLog::open(&config.audit, Arc::clone(&metrics))?;
     let store = Arc::new(SqliteStore::open(&config.store_path)?);
     let cancel = CancellationToken::new();
     let grants = Grants::restore(store, Arc::clone(&audit), Arc::clone(&metrics), cancel.clone())?;
@@ -155,6 +155,12 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: impl Future<Out
         .is_err()
     {
         tracing::warn!("sessions still open after the shutdown grace period");
+    }
+    // Tasks that outlive the grace period may still hold the log: close it here so its
+    // queue is written and synced before `run` returns (a restart reopens the same file).
+    let closing = tokio::task::spawn_blocking(move || audit.close());
+    if closing.await.is_err() {
+        tracing::error!("closing the audit log failed");
     }
     Ok(())
 }

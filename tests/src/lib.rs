@@ -26,6 +26,7 @@ pub use jitgate;
 pub const READER_PASSWORD: &str = "reader-secret-pw";
 pub const WRITER_PASSWORD: &str = "writer-secret-pw";
 pub const MD5_PASSWORD: &str = "md5-secret-pw";
+pub const ADMIN_PASSWORD: &str = "admin-secret-pw";
 
 /// Harness knobs.
 #[derive(Debug, Clone, Default)]
@@ -87,6 +88,8 @@ impl Harness {
                 "CREATE ROLE jit_reader LOGIN PASSWORD '{READER_PASSWORD}';
                  CREATE ROLE jit_writer LOGIN PASSWORD '{WRITER_PASSWORD}';
                  CREATE ROLE jit_trust LOGIN;
+                 CREATE ROLE jit_admin LOGIN SUPERUSER PASSWORD '{ADMIN_PASSWORD}';
+                 GRANT jit_reader TO jit_writer;
                  SET password_encryption = 'md5';
                  CREATE ROLE jit_md5 LOGIN PASSWORD '{MD5_PASSWORD}';"
             ),
@@ -105,6 +108,7 @@ impl Harness {
             ("reader", READER_PASSWORD),
             ("writer", WRITER_PASSWORD),
             ("md5", MD5_PASSWORD),
+            ("admin", ADMIN_PASSWORD),
         ] {
             pki::write_file(&data.path().join(format!("{name}.password")), pw, true).unwrap();
         }
@@ -131,6 +135,21 @@ password_file = "{d}/reader.password"
 [targets.credentials.write]
 user = "jit_writer"
 password_file = "{d}/writer.password"
+[targets.credentials.admin]
+user = "jit_admin"
+password_file = "{d}/admin.password"
+
+[[targets]]
+name = "guarded-db"
+address = "{addr}"
+database = "app"
+[targets.credentials.write]
+user = "jit_writer"
+password_file = "{d}/writer.password"
+[[targets.guardrails]]
+access = ["write", "admin"]
+deny_kinds = ["drop", "truncate", "alter_system", "copy_program"]
+deny_unfiltered_writes = true
 
 [[targets]]
 name = "trust-db"
@@ -303,6 +322,17 @@ ca_file = "{d}/pg-ca.crt"
         format!(
             "host=127.0.0.1 port={} dbname={dbname} user={} sslmode=verify-full sslrootcert={} sslcert={} sslkey={} connect_timeout=10",
             self.addrs().postgres.port(),
+            user.user,
+            user.ca.display(),
+            user.cert.display(),
+            user.key.display()
+        )
+    }
+
+    /// libpq connection string for a proxy listening on `port` (a proxy run as a process).
+    pub fn conninfo_at(&self, user: &UserCert, dbname: &str, port: u16) -> String {
+        format!(
+            "host=127.0.0.1 port={port} dbname={dbname} user={} sslmode=verify-full sslrootcert={} sslcert={} sslkey={} connect_timeout=10",
             user.user,
             user.ca.display(),
             user.cert.display(),
@@ -487,4 +517,20 @@ fn rand_u32() -> u32 {
             .as_nanos(),
     );
     h.finish() as u32
+}
+
+/// `statement` records, in order, paired with their `statement.end` (if written yet).
+pub fn statements(h: &Harness) -> Vec<(serde_json::Value, Option<serde_json::Value>)> {
+    let all = h.audit();
+    let ends: Vec<&serde_json::Value> = all.iter().filter(|e| e["event"] == "statement.end").collect();
+    all.iter()
+        .filter(|e| e["event"] == "statement")
+        .map(|s| {
+            let end = ends
+                .iter()
+                .find(|e| e["session_id"] == s["session_id"] && e["statement"] == s["statement"])
+                .map(|e| (*e).clone());
+            (s.clone(), end)
+        })
+        .collect()
 }

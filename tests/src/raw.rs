@@ -133,3 +133,110 @@ pub fn error_of(msgs: &[Msg]) -> Option<(String, String)> {
         _ => None,
     })
 }
+
+/// A parameter for [`bind`].
+pub enum P<'a> {
+    Text(&'a str),
+    Binary(&'a [u8]),
+    Null,
+}
+
+/// `Parse` bytes.
+pub fn parse(name: &str, sql: &str) -> Vec<u8> {
+    jitgate_protocol::postgres::messages::encode_parse(name, sql)
+}
+
+/// `Bind` bytes (results in text).
+pub fn bind(portal: &str, statement: &str, params: &[P<'_>]) -> Vec<u8> {
+    let mut body = Vec::new();
+    body.extend_from_slice(portal.as_bytes());
+    body.push(0);
+    body.extend_from_slice(statement.as_bytes());
+    body.push(0);
+    body.extend_from_slice(&(params.len() as i16).to_be_bytes());
+    for p in params {
+        body.extend_from_slice(&(matches!(p, P::Binary(_)) as i16).to_be_bytes());
+    }
+    body.extend_from_slice(&(params.len() as i16).to_be_bytes());
+    for p in params {
+        match p {
+            P::Null => body.extend_from_slice(&(-1i32).to_be_bytes()),
+            P::Text(t) => {
+                body.extend_from_slice(&(t.len() as i32).to_be_bytes());
+                body.extend_from_slice(t.as_bytes());
+            }
+            P::Binary(b) => {
+                body.extend_from_slice(&(b.len() as i32).to_be_bytes());
+                body.extend_from_slice(b);
+            }
+        }
+    }
+    body.extend_from_slice(&0i16.to_be_bytes());
+    encode_tagged(b'B', &body)
+}
+
+/// `Execute` bytes (no row limit).
+pub fn execute(portal: &str) -> Vec<u8> {
+    let mut body = portal.as_bytes().to_vec();
+    body.push(0);
+    body.extend_from_slice(&0i32.to_be_bytes());
+    encode_tagged(b'E', &body)
+}
+
+/// `Close` of a prepared statement.
+pub fn close_statement(name: &str) -> Vec<u8> {
+    let mut body = vec![b'S'];
+    body.extend_from_slice(name.as_bytes());
+    body.push(0);
+    encode_tagged(b'C', &body)
+}
+
+/// `Sync` bytes.
+pub fn sync() -> Vec<u8> {
+    encode_tagged(b'S', &[])
+}
+
+/// `FunctionCall` bytes with text arguments and a text result.
+pub fn function_call(oid: i32, args: &[&str]) -> Vec<u8> {
+    let mut body = oid.to_be_bytes().to_vec();
+    body.extend_from_slice(&1i16.to_be_bytes());
+    body.extend_from_slice(&0i16.to_be_bytes());
+    body.extend_from_slice(&(args.len() as i16).to_be_bytes());
+    for a in args {
+        body.extend_from_slice(&(a.len() as i32).to_be_bytes());
+        body.extend_from_slice(a.as_bytes());
+    }
+    body.extend_from_slice(&0i16.to_be_bytes());
+    encode_tagged(b'F', &body)
+}
+
+/// Opens a session through the proxy (SSLRequest, startup) and reads the login.
+pub async fn session(h: &crate::Harness, user: &UserCert, dbname: &str) -> TlsStream<TcpStream> {
+    let cfg = client_config(h.data_dir(), Some(user), None);
+    let mut s = ssl_request_tls(h.addrs().postgres, cfg).await.unwrap();
+    send_startup(&mut s, &[("user", user.user.as_str()), ("database", dbname)]).await;
+    let login = read_until_ready(&mut s).await;
+    assert!(error_of(&login).is_none(), "login failed: {login:?}");
+    s
+}
+
+/// Writes raw bytes and flushes.
+pub async fn send<S: AsyncWriteExt + Unpin>(s: &mut S, bytes: &[u8]) {
+    s.write_all(bytes).await.unwrap();
+    s.flush().await.unwrap();
+}
+
+/// The text of the first column of every `DataRow` in `msgs`.
+pub fn first_column(msgs: &[Msg]) -> Vec<String> {
+    msgs.iter()
+        .filter(|m| m.tag == b'D')
+        .map(|m| {
+            let len = i32::from_be_bytes([m.raw[7], m.raw[8], m.raw[9], m.raw[10]]);
+            if len < 0 {
+                "NULL".to_owned()
+            } else {
+                String::from_utf8_lossy(&m.raw[11..11 + len as usize]).into_owned()
+            }
+        })
+        .collect()
+}

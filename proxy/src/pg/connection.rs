@@ -11,9 +11,11 @@ use tokio::net::TcpStream;
 use tokio::time::{timeout, Instant};
 use tracing::Instrument as _;
 
+use super::guard::Guard;
 use super::negotiate::{acceptor, negotiate, NegotiateError, Negotiated};
-use super::relay::{relay, RelayEnd};
+use super::relay::{relay, RelayContext, RelayEnd};
 use super::startup::{self, CheckedStartup, Refusal};
+use super::statements::{SessionFacts, TextLimits, Tracker};
 use super::upstream;
 use super::PgContext;
 use crate::audit::{AuditEvent, SessionEndReason};
@@ -263,21 +265,51 @@ async fn run_session(ctx: Arc<PgContext>, mut n: Negotiated, peer: SocketAddr) {
     ctx.metrics.sessions_active.with_label_values(&labels).inc();
     tracing::info!(access = %grant.access, grant.id = %grant.id, "session started");
 
+    let facts = SessionFacts {
+        session_id: session.id.clone(),
+        grant_id: grant.id.clone(),
+        user: user.clone(),
+        target: target.clone(),
+        access: grant.access,
+    };
+    let guard = Guard::new(grant.access, target.as_str(), user.as_str(), &target_cfg.guardrails);
+    let audit_cfg = &ctx.config.audit;
+    let limits = TextLimits {
+        max_statement_bytes: audit_cfg.max_statement_bytes,
+        max_param_bytes: audit_cfg.max_param_bytes,
+        redact_params_matching: audit_cfg
+            .redact_params_matching
+            .iter()
+            .map(|w| w.to_ascii_lowercase())
+            .collect(),
+    };
+    let mut tracker = Tracker::new(facts, guard, limits);
+
     let end = if n.tls.write_all(&hello).await.is_err() || n.tls.flush().await.is_err() {
         RelayEnd::Closed(SessionEndReason::ClientClosed)
-    } else if !n.leftover.is_empty() && up.stream.write_all(&n.leftover).await.is_err() {
-        RelayEnd::Closed(SessionEndReason::UpstreamClosed)
     } else {
         let cut = cut_signal(&ctx, &permit, session, Instant::now() + remaining(n.identity.not_after));
         let target_name = target.to_string();
         let grant_id = grant.id.to_string();
         let session_id = session.id.to_string();
         let fatal = move |reason| fatal_for(reason, &target_name, &grant_id, &session_id);
-        relay(&mut n.tls, &mut up.stream, session, cut, fatal).await
+        let relay_cx = RelayContext {
+            session,
+            tracker: &mut tracker,
+            audit: &ctx.audit,
+            metrics: &ctx.metrics,
+            target: target.as_str(),
+            max_message_bytes: ctx.config.limits.max_message_bytes,
+            // Anything the client pipelined behind its startup message is a statement like
+            // any other: it goes through the tracker, never straight upstream.
+            initial: std::mem::take(&mut n.leftover),
+        };
+        relay(&mut n.tls, &mut up.stream, relay_cx, cut, fatal).await
     };
 
     let reason = match end {
         RelayEnd::Closed(r) => r,
+        RelayEnd::ProtocolViolation => SessionEndReason::Error,
         RelayEnd::Cut(r) => {
             ctx.metrics.session_cuts_total.with_label_values(&[r.as_str()]).inc();
             if let Some(key) = up.backend_key {

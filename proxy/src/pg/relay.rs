@@ -1,25 +1,35 @@
-//! The relay: bytes both ways as they come, with the target's message boundaries followed so
-//! the proxy can cut a session between two server messages and say why.
+//! The relay: client messages go up a batch at a time, each batch forwarded only once the
+//! records of the statements in it are written; server bytes come down as they arrive, with
+//! message boundaries followed so the proxy can swap a sentinel's error, learn how each
+//! statement ended, and cut a session between two server messages.
 //!
-//! One task drives both directions from a single poll function that also polls the cut
-//! signal, so a cut is noticed while either side is blocked reading or writing.
+//! One task drives both directions from a single poll function that also polls the cut signal,
+//! so a cut is noticed while either side is blocked reading or writing.
 
 use std::future::{poll_fn, Future};
 use std::pin::Pin;
 use std::sync::atomic::Ordering;
-use std::task::Poll;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
-use jitgate_protocol::postgres::frame::FrameTracker;
+use bytes::BytesMut;
+use jitgate_protocol::postgres::backend::peek_tagged;
+use jitgate_protocol::postgres::scanner::{Piece, Scanner};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 
-use crate::audit::SessionEndReason;
+use super::statements::{Batch, Disposition, Tracker};
+use crate::audit::{AuditLog, AuditTicket, SessionEndReason};
+use crate::metrics::Metrics;
 use crate::sessions::SessionHandle;
 
-/// Buffer per direction. Memory per session is bounded by these two buffers.
+/// Read size per direction.
 const BUF: usize = 8 * 1024;
 /// How long a cut waits to finish the server message in flight and deliver the FATAL.
 const CUT_FLUSH: Duration = Duration::from_secs(1);
+/// Iterations of the copy loop before yielding to other tasks.
+const BUDGET: usize = 32;
+/// Server messages whose bodies the tracker reads.
+const OBSERVED: &[u8] = b"CES";
 
 /// How the relay ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -28,41 +38,54 @@ pub enum RelayEnd {
     Closed(SessionEndReason),
     /// Cut by the proxy; the client has been told why (best effort).
     Cut(SessionEndReason),
+    /// The client broke the protocol; it has been told.
+    ProtocolViolation,
 }
 
-struct Half {
-    buf: Box<[u8]>,
-    start: usize,
-    end: usize,
+/// What the relay needs besides the two streams.
+pub struct RelayContext<'a> {
+    pub session: &'a SessionHandle,
+    pub tracker: &'a mut Tracker,
+    pub audit: &'a AuditLog,
+    pub metrics: &'a Metrics,
+    pub target: &'a str,
+    pub max_message_bytes: usize,
+    /// Client bytes already read (pipelined behind the startup message).
+    pub initial: BytesMut,
+}
+
+struct Out {
+    bytes: Vec<u8>,
+    pos: usize,
     need_flush: bool,
 }
 
-impl Half {
+impl Out {
     fn new() -> Self {
         Self {
-            buf: vec![0; BUF].into_boxed_slice(),
-            start: 0,
-            end: 0,
+            bytes: Vec::new(),
+            pos: 0,
             need_flush: false,
         }
     }
     fn is_empty(&self) -> bool {
-        self.start == self.end
+        self.pos == self.bytes.len()
     }
     fn pending(&self) -> &[u8] {
-        &self.buf[self.start..self.end]
+        &self.bytes[self.pos..]
+    }
+    fn set(&mut self, bytes: Vec<u8>) {
+        self.bytes = bytes;
+        self.pos = 0;
     }
 }
-
-/// Iterations of the copy loop before yielding to other tasks.
-const BUDGET: usize = 32;
 
 /// Relays until a side closes or `cut` resolves; on a cut, completes the server message in
 /// flight, sends `fatal(reason)` to the client and returns.
 pub async fn relay<C, U, F>(
     client: &mut C,
     upstream: &mut U,
-    session: &SessionHandle,
+    cx: RelayContext<'_>,
     cut: F,
     fatal: impl Fn(SessionEndReason) -> Vec<u8>,
 ) -> RelayEnd
@@ -71,41 +94,110 @@ where
     U: AsyncRead + AsyncWrite + Unpin,
     F: Future<Output = SessionEndReason>,
 {
-    let mut up = Half::new(); // client -> upstream
-    let mut down = Half::new(); // upstream -> client
-    let mut frames = FrameTracker::new();
+    let RelayContext {
+        session,
+        tracker,
+        audit,
+        metrics,
+        target,
+        max_message_bytes,
+        initial,
+    } = cx;
+    let mut inbuf = initial;
+    let mut readbuf = vec![0u8; BUF].into_boxed_slice();
+    let mut up = Out::new();
+    let mut waiting: Option<(AuditTicket, Batch)> = None;
+    let mut down = Out::new();
+    let mut scanner = Scanner::new(OBSERVED);
+    let mut dropping = false;
     let mut cut = std::pin::pin!(cut);
-    let step = poll_fn(|cx| {
+
+    let step = poll_fn(|cx: &mut Context<'_>| {
         if let Poll::Ready(reason) = cut.as_mut().poll(cx) {
             return Poll::Ready(Err(reason));
         }
         for _ in 0..BUDGET {
             let mut progress = false;
-            // client -> upstream
-            if up.is_empty() {
-                let mut rb = ReadBuf::new(&mut up.buf[..]);
-                match Pin::new(&mut *client).poll_read(cx, &mut rb) {
-                    Poll::Ready(Ok(())) => {
-                        let n = rb.filled().len();
-                        if n == 0 {
-                            return Poll::Ready(Ok(SessionEndReason::ClientClosed));
-                        }
-                        up.start = 0;
-                        up.end = n;
-                        session.bytes_from_client.fetch_add(n as u64, Ordering::Relaxed);
+
+            // Client -> upstream: one batch in flight at a time, in order.
+            if let Some((ticket, _)) = waiting.as_mut() {
+                if let Poll::Ready(result) = Pin::new(ticket).poll(cx) {
+                    if let Some((_, batch)) = waiting.take() {
+                        let bytes = match result {
+                            Ok(()) => batch.forward,
+                            Err(_) => {
+                                tracker.use_fallback(&batch);
+                                metrics
+                                    .statement_denials_total
+                                    .with_label_values(&["audit_unavailable"])
+                                    .inc();
+                                batch.fallback
+                            }
+                        };
+                        up.set(bytes);
                         progress = true;
                     }
-                    Poll::Ready(Err(_)) => return Poll::Ready(Ok(SessionEndReason::ClientClosed)),
-                    Poll::Pending => {}
+                }
+            }
+            if waiting.is_none() && up.is_empty() {
+                match complete_prefix(&inbuf, max_message_bytes) {
+                    Err(()) => return Poll::Ready(Ok(Step::TooLarge)),
+                    Ok(0) => {
+                        let mut rb = ReadBuf::new(&mut readbuf[..]);
+                        match Pin::new(&mut *client).poll_read(cx, &mut rb) {
+                            Poll::Ready(Ok(())) if rb.filled().is_empty() => {
+                                return Poll::Ready(Ok(Step::Closed(SessionEndReason::ClientClosed)))
+                            }
+                            Poll::Ready(Ok(())) => {
+                                let n = rb.filled().len();
+                                session.bytes_from_client.fetch_add(n as u64, Ordering::Relaxed);
+                                inbuf.extend_from_slice(rb.filled());
+                                progress = true;
+                            }
+                            Poll::Ready(Err(_)) => {
+                                return Poll::Ready(Ok(Step::Closed(SessionEndReason::ClientClosed)))
+                            }
+                            Poll::Pending => {}
+                        }
+                    }
+                    Ok(n) => {
+                        let msgs = inbuf.split_to(n);
+                        let batch = match tracker.client_batch(&msgs) {
+                            Ok(b) => b,
+                            Err(_) => return Poll::Ready(Ok(Step::Malformed)),
+                        };
+                        for class in &batch.classes {
+                            metrics.statements_total.with_label_values(&[target, class]).inc();
+                        }
+                        for reason in &batch.denials {
+                            metrics.statement_denials_total.with_label_values(&[reason]).inc();
+                        }
+                        if batch.records.is_empty() {
+                            up.set(batch.forward);
+                        } else {
+                            match audit.enqueue(batch.records.clone()) {
+                                Ok(ticket) => waiting = Some((ticket, batch)),
+                                Err(_) => {
+                                    tracker.use_fallback(&batch);
+                                    metrics
+                                        .statement_denials_total
+                                        .with_label_values(&["audit_unavailable"])
+                                        .inc();
+                                    up.set(batch.fallback);
+                                }
+                            }
+                        }
+                        progress = true;
+                    }
                 }
             }
             if !up.is_empty() {
                 match Pin::new(&mut *upstream).poll_write(cx, up.pending()) {
                     Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => {
-                        return Poll::Ready(Ok(SessionEndReason::UpstreamClosed))
+                        return Poll::Ready(Ok(Step::Closed(SessionEndReason::UpstreamClosed)))
                     }
                     Poll::Ready(Ok(n)) => {
-                        up.start += n;
+                        up.pos += n;
                         up.need_flush = true;
                         progress = true;
                     }
@@ -115,35 +207,38 @@ where
             if up.is_empty() && up.need_flush {
                 match Pin::new(&mut *upstream).poll_flush(cx) {
                     Poll::Ready(Ok(())) => up.need_flush = false,
-                    Poll::Ready(Err(_)) => return Poll::Ready(Ok(SessionEndReason::UpstreamClosed)),
+                    Poll::Ready(Err(_)) => return Poll::Ready(Ok(Step::Closed(SessionEndReason::UpstreamClosed))),
                     Poll::Pending => {}
                 }
             }
-            // upstream -> client
+
+            // Upstream -> client: observed, passed through, a sentinel's error swapped.
             if down.is_empty() {
-                let mut rb = ReadBuf::new(&mut down.buf[..]);
+                let mut rb = ReadBuf::new(&mut readbuf[..]);
                 match Pin::new(&mut *upstream).poll_read(cx, &mut rb) {
+                    Poll::Ready(Ok(())) if rb.filled().is_empty() => {
+                        return Poll::Ready(Ok(Step::Closed(SessionEndReason::UpstreamClosed)))
+                    }
                     Poll::Ready(Ok(())) => {
-                        let n = rb.filled().len();
-                        if n == 0 {
-                            return Poll::Ready(Ok(SessionEndReason::UpstreamClosed));
+                        let mut out = Vec::with_capacity(rb.filled().len());
+                        if observe(&mut scanner, tracker, &mut dropping, rb.filled(), &mut out).is_err() {
+                            return Poll::Ready(Ok(Step::Closed(SessionEndReason::Error)));
                         }
-                        if frames.observe(&down.buf[..n]).is_err() {
-                            return Poll::Ready(Ok(SessionEndReason::Error));
-                        }
-                        down.start = 0;
-                        down.end = n;
+                        flush_ends(tracker, audit, metrics);
+                        down.set(out);
                         progress = true;
                     }
-                    Poll::Ready(Err(_)) => return Poll::Ready(Ok(SessionEndReason::UpstreamClosed)),
+                    Poll::Ready(Err(_)) => return Poll::Ready(Ok(Step::Closed(SessionEndReason::UpstreamClosed))),
                     Poll::Pending => {}
                 }
             }
             if !down.is_empty() {
                 match Pin::new(&mut *client).poll_write(cx, down.pending()) {
-                    Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return Poll::Ready(Ok(SessionEndReason::ClientClosed)),
+                    Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => {
+                        return Poll::Ready(Ok(Step::Closed(SessionEndReason::ClientClosed)))
+                    }
                     Poll::Ready(Ok(n)) => {
-                        down.start += n;
+                        down.pos += n;
                         down.need_flush = true;
                         session.bytes_to_client.fetch_add(n as u64, Ordering::Relaxed);
                         progress = true;
@@ -154,7 +249,7 @@ where
             if down.is_empty() && down.need_flush {
                 match Pin::new(&mut *client).poll_flush(cx) {
                     Poll::Ready(Ok(())) => down.need_flush = false,
-                    Poll::Ready(Err(_)) => return Poll::Ready(Ok(SessionEndReason::ClientClosed)),
+                    Poll::Ready(Err(_)) => return Poll::Ready(Ok(Step::Closed(SessionEndReason::ClientClosed))),
                     Poll::Pending => {}
                 }
             }
@@ -167,29 +262,125 @@ where
         Poll::Pending
     })
     .await;
-    match step {
-        Ok(reason) => RelayEnd::Closed(reason),
+
+    let end = match step {
+        Ok(Step::Closed(reason)) => RelayEnd::Closed(reason),
+        Ok(Step::TooLarge) | Ok(Step::Malformed) => {
+            let message = match step {
+                Ok(Step::TooLarge) => format!("jitgate: message larger than {max_message_bytes} bytes"),
+                _ => "jitgate: malformed message".to_owned(),
+            };
+            let msg = jitgate_protocol::postgres::backend::error_response(
+                jitgate_protocol::postgres::backend::Severity::Fatal,
+                &jitgate_protocol::postgres::backend::Report {
+                    sqlstate: "08P01",
+                    message: &message,
+                    detail: None,
+                    hint: None,
+                },
+            );
+            let flush = finish(
+                client,
+                upstream,
+                &mut down,
+                &mut scanner,
+                tracker,
+                &mut dropping,
+                session,
+                &msg,
+            );
+            let _ = tokio::time::timeout(CUT_FLUSH, flush).await;
+            RelayEnd::ProtocolViolation
+        }
         Err(reason) => {
             let msg = fatal(reason);
-            let _ = tokio::time::timeout(
-                CUT_FLUSH,
-                finish(client, upstream, &mut down, &mut frames, session, &msg),
-            )
-            .await;
+            let flush = finish(
+                client,
+                upstream,
+                &mut down,
+                &mut scanner,
+                tracker,
+                &mut dropping,
+                session,
+                &msg,
+            );
+            let _ = tokio::time::timeout(CUT_FLUSH, flush).await;
             RelayEnd::Cut(reason)
         }
+    };
+    tracker.abandon();
+    flush_ends(tracker, audit, metrics);
+    end
+}
+
+enum Step {
+    Closed(SessionEndReason),
+    TooLarge,
+    Malformed,
+}
+
+/// Length of the longest prefix of whole messages in `buf`; `Err` when a message announces
+/// more than `max` bytes.
+fn complete_prefix(buf: &[u8], max: usize) -> Result<usize, ()> {
+    let mut at = 0;
+    while let Some((_, len)) = peek_tagged(&buf[at..], max).map_err(|_| ())? {
+        if buf.len() - at < len {
+            break;
+        }
+        at += len;
+    }
+    Ok(at)
+}
+
+/// Feeds server bytes through the scanner and tracker into `out`.
+fn observe(
+    scanner: &mut Scanner,
+    tracker: &mut Tracker,
+    dropping: &mut bool,
+    chunk: &[u8],
+    out: &mut Vec<u8>,
+) -> Result<(), jitgate_protocol::postgres::ProtocolError> {
+    scanner.feed(chunk, |piece| match piece {
+        Piece::Start { tag, len } => *dropping = tracker.backend_start(tag, len) == Disposition::Replace,
+        Piece::Bytes(b) => {
+            if !*dropping {
+                out.extend_from_slice(b);
+            }
+        }
+        Piece::End { tag, body } => {
+            if let Some(replacement) = tracker.backend_end(tag, body) {
+                out.extend_from_slice(&replacement);
+            }
+            *dropping = false;
+        }
+    })
+}
+
+/// Writes finished statements' records without waiting for them (the statements already ran;
+/// their `statement` records were written before they were forwarded).
+fn flush_ends(tracker: &mut Tracker, audit: &AuditLog, metrics: &Metrics) {
+    for d in tracker.take_durations() {
+        metrics.statement_duration_seconds.observe(d);
+    }
+    let ends = tracker.take_ends();
+    if !ends.is_empty() {
+        // A full queue is counted by the audit log; the statement already ran.
+        let _ = audit.enqueue(ends);
     }
 }
 
 /// Delivers what was already read from the target, reads and delivers the rest of the server
-/// message in flight (never past its end), then the FATAL message.
+/// message in flight (never past its end), then `last`.
+#[allow(clippy::too_many_arguments)]
 async fn finish<C, U>(
     client: &mut C,
     upstream: &mut U,
-    down: &mut Half,
-    frames: &mut FrameTracker,
+    down: &mut Out,
+    scanner: &mut Scanner,
+    tracker: &mut Tracker,
+    dropping: &mut bool,
     session: &SessionHandle,
-    fatal: &[u8],
+    last: &[u8],
 ) -> std::io::Result<()>
 where
     C: AsyncWrite + Unpin,
@@ -199,19 +390,35 @@ where
     session
         .bytes_to_client
         .fetch_add(down.pending().len() as u64, Ordering::Relaxed);
-    down.start = down.end;
-    while !frames.at_boundary() {
-        let want = frames.bytes_to_boundary().min(down.buf.len());
-        let n = upstream.read(&mut down.buf[..want]).await?;
+    down.pos = down.bytes.len();
+    let mut buf = vec![0u8; BUF];
+    while !scanner.at_boundary() {
+        let want = scanner.bytes_to_boundary().min(buf.len());
+        let n = upstream.read(&mut buf[..want]).await?;
         if n == 0 {
             return Err(std::io::ErrorKind::UnexpectedEof.into());
         }
-        frames.observe(&down.buf[..n]).map_err(std::io::Error::other)?;
-        client.write_all(&down.buf[..n]).await?;
-        session.bytes_to_client.fetch_add(n as u64, Ordering::Relaxed);
+        let mut out = Vec::with_capacity(n);
+        observe(scanner, tracker, dropping, &buf[..n], &mut out).map_err(std::io::Error::other)?;
+        client.write_all(&out).await?;
+        session.bytes_to_client.fetch_add(out.len() as u64, Ordering::Relaxed);
     }
-    client.write_all(fatal).await?;
-    session.bytes_to_client.fetch_add(fatal.len() as u64, Ordering::Relaxed);
+    client.write_all(last).await?;
+    session.bytes_to_client.fetch_add(last.len() as u64, Ordering::Relaxed);
     client.flush().await?;
     client.shutdown().await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::complete_prefix;
+
+    #[test]
+    fn complete_prefix_stops_at_partial_messages_and_refuses_oversize() {
+        let mut b = b"Q\0\0\0\x09abcd\0".to_vec();
+        assert_eq!(complete_prefix(&b, 1024), Ok(10));
+        b.extend_from_slice(b"S\0\0");
+        assert_eq!(complete_prefix(&b, 1024), Ok(10));
+        assert_eq!(complete_prefix(b"Q\x7f\0\0\0", 1024), Err(()));
+    }
 }

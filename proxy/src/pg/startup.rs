@@ -9,7 +9,6 @@ use crate::types::TargetName;
 /// for GUC names. They change presentation and timeouts, never identity or privileges.
 const FORWARDED: &[&str] = &[
     "application_name",
-    "client_encoding",
     "datestyle",
     "intervalstyle",
     "timezone",
@@ -22,10 +21,20 @@ const FORWARDED: &[&str] = &[
     "statement_timeout",
     "lock_timeout",
     "idle_in_transaction_session_timeout",
-    "standard_conforming_strings",
     "geqo",
     "default_transaction_isolation",
 ];
+
+/// True for the names PostgreSQL accepts for UTF-8 (case and punctuation ignored), and
+/// SQL_ASCII, which passes bytes through unchanged.
+fn utf8_encoding(value: &str) -> bool {
+    let v: String = value
+        .chars()
+        .filter(char::is_ascii_alphanumeric)
+        .collect::<String>()
+        .to_ascii_lowercase();
+    matches!(v.as_str(), "utf8" | "unicode" | "sqlascii")
+}
 
 /// A startup that passed every check.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -66,6 +75,20 @@ pub fn check(identity: &Identity, params: &[(String, String)]) -> Result<Checked
             "user" => user = Some(value.as_str()),
             "database" => database = Some(value.as_str()),
             lower if FORWARDED.contains(&lower) => forward.push((name.clone(), value.clone())),
+            // These decide where the server sees a string literal end; the proxy reads
+            // statements as UTF-8 with standard conforming strings, so only those pass.
+            "client_encoding" if utf8_encoding(value) => forward.push((name.clone(), value.clone())),
+            "standard_conforming_strings" if value.eq_ignore_ascii_case("on") => {
+                forward.push((name.clone(), value.clone()))
+            }
+            lower @ ("client_encoding" | "standard_conforming_strings") => {
+                return Err(refuse(
+                    "42501",
+                    "startup_param",
+                    format!("{lower}={value:?} is not allowed through jitgate"),
+                    Some("use client_encoding=UTF8 and standard_conforming_strings=on".into()),
+                ))
+            }
             "options" => {
                 return Err(refuse(
                     "42501",
@@ -197,5 +220,30 @@ mod tests {
             check(&alice(), &p(&[("database", "prod-db")])).unwrap_err().sqlstate,
             "28000"
         );
+    }
+
+    #[test]
+    fn settings_that_change_lexing_are_refused() {
+        let ok = check(
+            &alice(),
+            &p(&[
+                ("user", "alice"),
+                ("client_encoding", "UTF8"),
+                ("standard_conforming_strings", "on"),
+            ]),
+        );
+        assert!(ok.is_ok());
+        assert!(check(&alice(), &p(&[("user", "alice"), ("client_encoding", "utf-8")])).is_ok());
+        for (k, v) in [
+            ("client_encoding", "SJIS"),
+            ("client_encoding", "BIG5"),
+            ("standard_conforming_strings", "off"),
+        ] {
+            assert_eq!(
+                check(&alice(), &p(&[("user", "alice"), (k, v)])).unwrap_err().sqlstate,
+                "42501",
+                "{k}={v}"
+            );
+        }
     }
 }

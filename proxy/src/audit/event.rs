@@ -1,0 +1,216 @@
+//! The audit event types: a typed, versioned [`AuditEvent`] per thing that happens, and the
+//! [`AuditRecord`] that stamps it with the schema version and time. How records are chained
+//! and written lives in the sibling modules.
+
+use std::net::SocketAddr;
+use std::time::SystemTime;
+
+use serde::{Deserialize, Serialize};
+
+use crate::grants::Grant;
+use crate::types::{AccessLevel, GrantId, Role, SessionId, TargetName, UserName};
+
+/// Version of the record schema; bumped on incompatible changes.
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// Why a session ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SessionEndReason {
+    /// The client closed the connection (Terminate or EOF).
+    ClientClosed,
+    /// The target closed the connection.
+    UpstreamClosed,
+    /// The grant reached its expiry time.
+    GrantExpired,
+    /// An admin revoked the grant.
+    GrantRevoked,
+    /// An admin killed the session.
+    Killed,
+    /// The client certificate expired.
+    CertExpired,
+    /// The proxy shut down.
+    Shutdown,
+    /// A network or protocol error on either side.
+    Error,
+}
+
+impl SessionEndReason {
+    /// The reason as a metric label and audit value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::ClientClosed => "client_closed",
+            Self::UpstreamClosed => "upstream_closed",
+            Self::GrantExpired => "grant_expired",
+            Self::GrantRevoked => "grant_revoked",
+            Self::Killed => "killed",
+            Self::CertExpired => "cert_expired",
+            Self::Shutdown => "shutdown",
+            Self::Error => "error",
+        }
+    }
+}
+
+/// How a statement reached the server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StatementPath {
+    /// A simple `Query` message (one record per statement in it).
+    Simple,
+    /// The extended protocol: the text from `Parse`, executed by `Execute`.
+    Extended,
+    /// Data of a `COPY ... FROM STDIN` / `TO STDOUT` (its statement came by one of the above).
+    Copy,
+    /// A `FunctionCall` message.
+    FunctionCall,
+}
+
+/// Whether the proxy let a statement through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Decision {
+    Allowed,
+    Denied,
+}
+
+/// How a statement ended on the server.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "status", rename_all = "snake_case")]
+pub enum Outcome {
+    /// `CommandComplete` (or an empty query): the tag and the row count it carries.
+    Ok { tag: String, rows: Option<u64> },
+    /// `ErrorResponse`.
+    Error { sqlstate: String, message: String },
+    /// Skipped by the server after an earlier error in the same batch, or the session ended
+    /// before an answer came.
+    NotExecuted,
+    /// `PortalSuspended`: the row limit of `Execute` was reached; more `Execute`s may follow.
+    Suspended { rows: u64 },
+}
+
+/// One audit event. The `event` field names the variant.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "event")]
+pub enum AuditEvent {
+    #[serde(rename = "grant.created")]
+    GrantCreated { grant: Grant },
+    #[serde(rename = "grant.revoked")]
+    GrantRevoked {
+        grant_id: GrantId,
+        user: UserName,
+        target: TargetName,
+        access: AccessLevel,
+        by: UserName,
+    },
+    #[serde(rename = "grant.expired")]
+    GrantExpired {
+        grant_id: GrantId,
+        user: UserName,
+        target: TargetName,
+        access: AccessLevel,
+    },
+    #[serde(rename = "session.denied")]
+    SessionDenied {
+        user: UserName,
+        target: String,
+        client_addr: SocketAddr,
+        /// Bounded reason code, as in the `jitgate_sessions_denied_total` metric.
+        code: String,
+        /// The message the client was given.
+        reason: String,
+    },
+    #[serde(rename = "session.start")]
+    SessionStart {
+        session_id: SessionId,
+        grant_id: GrantId,
+        user: UserName,
+        roles: Vec<Role>,
+        target: TargetName,
+        database: String,
+        access: AccessLevel,
+        client_addr: SocketAddr,
+    },
+    /// Written, and handed to the operating system, before the statement is forwarded.
+    #[serde(rename = "statement")]
+    Statement {
+        session_id: SessionId,
+        /// Per-session sequence number; `statement.end` refers to it.
+        statement: u64,
+        grant_id: GrantId,
+        user: UserName,
+        target: TargetName,
+        access: AccessLevel,
+        protocol: StatementPath,
+        /// Statement text, secrets redacted, capped in length.
+        text: String,
+        /// Bound parameters: text as sent, binary as hex, capped; `null` for SQL NULL.
+        #[serde(skip_serializing_if = "Vec::is_empty", default)]
+        params: Vec<Option<String>>,
+        class: String,
+        kind: String,
+        #[serde(skip_serializing_if = "Vec::is_empty", default)]
+        tables: Vec<String>,
+        /// The role statements run as, when changed with SET ROLE / SET SESSION AUTHORIZATION.
+        #[serde(skip_serializing_if = "Option::is_none", default)]
+        effective_role: Option<String>,
+        decision: Decision,
+        /// Why the proxy refused it (only with `decision = denied`).
+        #[serde(skip_serializing_if = "Option::is_none", default)]
+        denied_by: Option<String>,
+    },
+    /// How a statement ended: written when the server answers.
+    #[serde(rename = "statement.end")]
+    StatementEnd {
+        session_id: SessionId,
+        statement: u64,
+        outcome: Outcome,
+        /// Time from forwarding to the server's answer, in microseconds.
+        duration_us: u64,
+        /// COPY only: data bytes and rows moved.
+        #[serde(skip_serializing_if = "Option::is_none", default)]
+        copy_bytes: Option<u64>,
+    },
+    #[serde(rename = "session.end")]
+    SessionEnd {
+        session_id: SessionId,
+        grant_id: GrantId,
+        user: UserName,
+        roles: Vec<Role>,
+        target: TargetName,
+        access: AccessLevel,
+        client_addr: SocketAddr,
+        reason: SessionEndReason,
+        bytes_from_client: u64,
+        bytes_to_client: u64,
+        duration_ms: u64,
+    },
+}
+
+impl AuditEvent {
+    /// The event name, as in the `event` field and the `kind` label of
+    /// `jitgate_audit_write_errors_total`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::GrantCreated { .. } => "grant.created",
+            Self::GrantRevoked { .. } => "grant.revoked",
+            Self::GrantExpired { .. } => "grant.expired",
+            Self::SessionDenied { .. } => "session.denied",
+            Self::SessionStart { .. } => "session.start",
+            Self::Statement { .. } => "statement",
+            Self::StatementEnd { .. } => "statement.end",
+            Self::SessionEnd { .. } => "session.end",
+        }
+    }
+}
+
+/// One line of the audit file.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AuditRecord {
+    /// Schema version.
+    pub v: u32,
+    /// When the event happened.
+    #[serde(with = "crate::timefmt::serde_rfc3339")]
+    pub ts: SystemTime,
+    #[serde(flatten)]
+    pub event: AuditEvent,
+}

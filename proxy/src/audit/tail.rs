@@ -1,0 +1,406 @@
+//! `jitgate audit tail`: audit records for people. Reads the rotated files and the active file
+//! in chain order, filters by user, target, session and age, prints one readable line per
+//! record (or the raw JSON line), and with `--follow` keeps reading as records are added,
+//! across rotations. Records are read as JSON values, not typed events, so records of newer
+//! versions still print.
+
+use std::collections::HashSet;
+use std::fs::File;
+use std::io::{BufRead as _, BufReader, Write};
+use std::os::unix::fs::MetadataExt as _;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use serde_json::Value;
+
+use super::files;
+
+/// Longest statement text shown in a text line, in characters.
+const TEXT_CHARS: usize = 120;
+/// How often `--follow` looks for new records.
+pub const FOLLOW_POLL: Duration = Duration::from_millis(200);
+
+/// Which records to show; every set condition must hold.
+#[derive(Debug, Clone, Default)]
+pub struct Filter {
+    /// The record's `user` (a `grant.created` record's `grant.user`).
+    pub user: Option<String>,
+    /// The record's `target` (a `grant.created` record's `grant.target`).
+    pub target: Option<String>,
+    /// The record's `session_id`.
+    pub session: Option<String>,
+    /// Records stamped at or after this time.
+    pub since: Option<SystemTime>,
+}
+
+/// Filters records and prints them.
+#[derive(Debug)]
+pub struct Printer {
+    filter: Filter,
+    json: bool,
+    /// Sessions whose records matched `user`/`target`: their records without those fields
+    /// (`statement.end`) match too.
+    sessions: HashSet<String>,
+}
+
+impl Printer {
+    /// `json`: print the lines as they are in the file instead of readable text.
+    pub fn new(filter: Filter, json: bool) -> Self {
+        Self {
+            filter,
+            json,
+            sessions: HashSet::new(),
+        }
+    }
+
+    /// Prints `line` (one record, without its newline) if it matches the filter.
+    pub fn line(&mut self, line: &[u8], out: &mut impl Write) -> std::io::Result<()> {
+        let Ok(value) = serde_json::from_slice::<Value>(line) else {
+            // Not a record (a damaged line): shown only when nothing is filtered.
+            if !self.filtering() {
+                if self.json {
+                    out.write_all(line)?;
+                    out.write_all(b"\n")?;
+                } else {
+                    writeln!(out, "{}", clean(&String::from_utf8_lossy(line)))?;
+                }
+            }
+            return Ok(());
+        };
+        if !self.matches(&value) {
+            return Ok(());
+        }
+        if self.json {
+            out.write_all(line)?;
+            out.write_all(b"\n")
+        } else {
+            writeln!(out, "{}", text(&value))
+        }
+    }
+
+    fn filtering(&self) -> bool {
+        let f = &self.filter;
+        f.user.is_some() || f.target.is_some() || f.session.is_some() || f.since.is_some()
+    }
+
+    fn matches(&mut self, v: &Value) -> bool {
+        let f = &self.filter;
+        let session = field(v, "session_id");
+        if f.user.is_some() || f.target.is_some() {
+            let has = |name: &str, want: &Option<String>| match want {
+                None => Some(true),
+                Some(want) => field(v, name).map(|have| have == want),
+            };
+            let identity = match (has("user", &f.user), has("target", &f.target)) {
+                (Some(user), Some(target)) => user && target,
+                _ => session.is_some_and(|s| self.sessions.contains(s)),
+            };
+            if let Some(s) = session {
+                if field(v, "event") == Some("session.end") {
+                    self.sessions.remove(s);
+                } else if identity {
+                    self.sessions.insert(s.to_owned());
+                }
+            }
+            if !identity {
+                return false;
+            }
+        }
+        if let Some(want) = &f.session {
+            if session != Some(want.as_str()) {
+                return false;
+            }
+        }
+        if let Some(since) = f.since {
+            let ts = field(v, "ts").and_then(|t| humantime::parse_rfc3339_weak(t).ok());
+            match ts {
+                Some(ts) if ts >= since => {}
+                _ => return false,
+            }
+        }
+        true
+    }
+}
+
+/// A string field of the record, or of its `grant` object.
+fn field<'a>(v: &'a Value, name: &str) -> Option<&'a str> {
+    v.get(name)
+        .or_else(|| v.get("grant").and_then(|g| g.get(name)))
+        .and_then(Value::as_str)
+}
+
+/// Any field as display text; `-` when absent.
+fn show(v: &Value, name: &str) -> String {
+    match v.get(name).or_else(|| v.get("grant").and_then(|g| g.get(name))) {
+        None | Some(Value::Null) => "-".into(),
+        Some(Value::String(s)) => s.clone(),
+        Some(other) => other.to_string(),
+    }
+}
+
+/// One readable line for a record.
+pub fn text(v: &Value) -> String {
+    let s = |name: &str| show(v, name);
+    let event = s("event");
+    let rest = match event.as_str() {
+        "session.start" => format!(
+            "{} {} {} grant {} from {}",
+            s("user"),
+            s("target"),
+            s("session_id"),
+            s("grant_id"),
+            s("client_addr")
+        ),
+        "session.end" => format!(
+            "{} {} {} {} in {}B out {}B {}ms",
+            s("user"),
+            s("target"),
+            s("session_id"),
+            s("reason"),
+            s("bytes_from_client"),
+            s("bytes_to_client"),
+            s("duration_ms")
+        ),
+        "session.denied" => format!(
+            "{} {} from {}: {}: {}",
+            s("user"),
+            s("target"),
+            s("client_addr"),
+            s("code"),
+            s("reason")
+        ),
+        "grant.created" => format!(
+            "{} {} {} {} until {} by {}: {}",
+            s("user"),
+            s("target"),
+            s("id"),
+            s("access"),
+            s("expires_at"),
+            s("created_by"),
+            s("reason")
+        ),
+        "grant.revoked" => format!(
+            "{} {} {} {} by {}",
+            s("user"),
+            s("target"),
+            s("grant_id"),
+            s("access"),
+            s("by")
+        ),
+        "grant.expired" => format!("{} {} {} {}", s("user"), s("target"), s("grant_id"), s("access")),
+        "statement" => {
+            let denied = match v.get("denied_by").and_then(Value::as_str) {
+                Some(by) => format!(" denied by {by}"),
+                None if s("decision") == "denied" => " denied".into(),
+                None => String::new(),
+            };
+            format!(
+                "{} {} {}#{} {}{}: {}",
+                s("user"),
+                s("target"),
+                s("session_id"),
+                s("statement"),
+                s("class"),
+                denied,
+                shorten(&clean(&s("text")), TEXT_CHARS)
+            )
+        }
+        "statement.end" => {
+            let o = v.get("outcome").unwrap_or(&Value::Null);
+            let outcome = match o.get("status").and_then(Value::as_str) {
+                Some("ok") => match o.get("rows").and_then(Value::as_u64) {
+                    Some(rows) => format!("ok {} rows {rows}", show(o, "tag")),
+                    None => format!("ok {}", show(o, "tag")),
+                },
+                Some("error") => format!("error {} {}", show(o, "sqlstate"), show(o, "message")),
+                Some("suspended") => format!("suspended rows {}", show(o, "rows")),
+                Some(other) => other.to_owned(),
+                None => "-".into(),
+            };
+            format!(
+                "{}#{} {} {}us",
+                s("session_id"),
+                s("statement"),
+                outcome,
+                s("duration_us")
+            )
+        }
+        _ => match v.as_object() {
+            Some(fields) => fields
+                .iter()
+                .filter(|(k, _)| !matches!(k.as_str(), "seq" | "prev" | "hash" | "v" | "ts" | "event"))
+                .map(|(k, val)| match val {
+                    Value::String(s) => format!("{k}={s}"),
+                    other => format!("{k}={other}"),
+                })
+                .collect::<Vec<_>>()
+                .join(" "),
+            None => String::new(),
+        },
+    };
+    clean(&format!("{} {event} {rest}", s("ts")))
+}
+
+/// Control characters escaped, so a record is one line and cannot drive the terminal.
+fn clean(s: &str) -> String {
+    if !s.chars().any(char::is_control) {
+        return s.to_owned();
+    }
+    s.chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_default().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
+}
+
+fn shorten(s: &str, max_chars: usize) -> String {
+    match s.char_indices().nth(max_chars) {
+        Some((cut, _)) => format!("{}...", &s[..cut]),
+        None => s.to_owned(),
+    }
+}
+
+/// Identity of a file across renames.
+fn file_id(m: &std::fs::Metadata) -> (u64, u64) {
+    (m.dev(), m.ino())
+}
+
+/// Reads the active file as it grows, moving to the new one after a rotation.
+#[derive(Debug)]
+pub struct Follower {
+    path: PathBuf,
+    file: Option<(File, (u64, u64))>,
+    pos: u64,
+    partial: Vec<u8>,
+}
+
+impl Follower {
+    /// Opens the active file at `path` if it exists. Open it before reading the rotated files
+    /// so that a rotation in between is not missed (see [`print_log`]).
+    pub fn open(path: &Path) -> std::io::Result<Self> {
+        let mut f = Follower {
+            path: path.to_owned(),
+            file: None,
+            pos: 0,
+            partial: Vec::new(),
+        };
+        f.reopen()?;
+        Ok(f)
+    }
+
+    fn reopen(&mut self) -> std::io::Result<()> {
+        self.file = match File::open(&self.path) {
+            Ok(file) => {
+                let id = file_id(&file.metadata()?);
+                Some((file, id))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => return Err(e),
+        };
+        self.pos = 0;
+        self.partial.clear();
+        Ok(())
+    }
+
+    /// Identity of the file being read.
+    fn id(&self) -> Option<(u64, u64)> {
+        self.file.as_ref().map(|(_, id)| *id)
+    }
+
+    /// Prints the complete lines added since the last call.
+    pub fn poll(&mut self, printer: &mut Printer, out: &mut impl Write) -> std::io::Result<()> {
+        loop {
+            self.read_new(printer, out)?;
+            let current = match std::fs::metadata(&self.path) {
+                Ok(m) => Some(file_id(&m)),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+                Err(e) => return Err(e),
+            };
+            if current.is_none() || current == self.id() {
+                return Ok(());
+            }
+            // Rotated: every write to the old file happened before the rename, so one more
+            // read gets the rest of it. A cut line at its end was never acknowledged.
+            self.read_new(printer, out)?;
+            self.reopen()?;
+        }
+    }
+
+    fn read_new(&mut self, printer: &mut Printer, out: &mut impl Write) -> std::io::Result<()> {
+        let Some((file, _)) = self.file.as_mut() else {
+            return Ok(());
+        };
+        let len = file.metadata()?.len();
+        if len < self.pos {
+            // Cut back (a failed batch was removed): continue from the new end.
+            self.pos = len;
+            self.partial.clear();
+            return Ok(());
+        }
+        if len == self.pos {
+            return Ok(());
+        }
+        self.pos = files::read_from(file, self.pos, &mut self.partial)?;
+        let Some(end) = self.partial.iter().rposition(|&b| b == b'\n') else {
+            return Ok(());
+        };
+        let rest = self.partial.split_off(end + 1);
+        for line in self.partial.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
+            printer.line(line, out)?;
+        }
+        self.partial = rest;
+        Ok(())
+    }
+}
+
+/// Prints every complete line of `path`.
+fn print_file(path: &Path, printer: &mut Printer, out: &mut impl Write) -> std::io::Result<()> {
+    let mut reader = BufReader::with_capacity(1 << 16, File::open(path)?);
+    let mut buf = Vec::new();
+    loop {
+        buf.clear();
+        if reader.read_until(b'\n', &mut buf)? == 0 {
+            return Ok(());
+        }
+        if let Some(line) = buf.strip_suffix(b"\n") {
+            printer.line(line, out)?;
+        }
+    }
+}
+
+/// Prints the log whose active file is `active`: rotated files oldest first, then the active
+/// file. With `follow`, keeps printing new records every [`FOLLOW_POLL`] and never returns
+/// `Ok`.
+pub fn print_log(active: &Path, printer: &mut Printer, follow: bool, out: &mut impl Write) -> std::io::Result<()> {
+    let mut follower = Follower::open(active)?;
+    let rotated = files::rotated_files(active)?;
+    if rotated.is_empty() && follower.file.is_none() && !follow {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            "neither the file nor rotated files of it exist",
+        ));
+    }
+    for (_, path) in rotated {
+        // Rotated after the follower opened it: the follower reads it.
+        let same = follower
+            .id()
+            .is_some_and(|id| std::fs::metadata(&path).is_ok_and(|m| file_id(&m) == id));
+        if !same {
+            print_file(&path, printer, out)?;
+        }
+    }
+    follower.poll(printer, out)?;
+    out.flush()?;
+    if !follow {
+        return Ok(());
+    }
+    loop {
+        std::thread::sleep(FOLLOW_POLL);
+        follower.poll(printer, out)?;
+        out.flush()?;
+    }
+}

@@ -1,0 +1,120 @@
+//! Guardrails: which statements an access level may run, decided before any byte of the
+//! statement reaches the database. They sit on top of the upstream role of the access level
+//! (which should itself be least-privilege), never instead of it.
+
+use jitgate_protocol::sql::{Classified, StatementClass};
+
+use crate::config::DenyRule;
+use crate::types::AccessLevel;
+
+/// Why a statement was refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Denial {
+    /// Bounded label for metrics and audit (`read_only`, `deny_kind`, `unfiltered_write`,
+    /// `audit_unavailable`).
+    pub reason: &'static str,
+    /// What the client is told.
+    pub message: String,
+    pub hint: Option<String>,
+    /// SQLSTATE for the client (42501, or 58030 when the audit log is unavailable).
+    pub sqlstate: &'static str,
+}
+
+/// The rules for one session: its access level and the target's deny rules for that level.
+#[derive(Debug, Clone)]
+pub struct Guard {
+    access: AccessLevel,
+    target: String,
+    user: String,
+    rules: Vec<DenyRule>,
+}
+
+impl Guard {
+    /// Rules for `access` on `target`; `rules` are the target's, filtered here by level.
+    pub fn new(access: AccessLevel, target: &str, user: &str, rules: &[DenyRule]) -> Self {
+        let rules = rules.iter().filter(|r| r.access.contains(&access)).cloned().collect();
+        Self {
+            access,
+            target: target.to_owned(),
+            user: user.to_owned(),
+            rules,
+        }
+    }
+
+    /// Checks one classified statement.
+    pub fn check(&self, c: &Classified) -> Result<(), Denial> {
+        // A setting the classifier could not clear (standard_conforming_strings off, a
+        // multibyte client_encoding, an unreadable SET ROLE) would let the server read later
+        // statements differently from the proxy: refused at every access level.
+        if c.class == StatementClass::Unknown && c.kind == "set" {
+            return Err(Denial {
+                reason: "unsafe_setting",
+                message: "jitgate: this setting would change how statements are read, so it is not allowed".into(),
+                hint: Some("keep standard_conforming_strings on and client_encoding UTF8".into()),
+                sqlstate: "42501",
+            });
+        }
+        if self.access == AccessLevel::Read && !read_allows(c) {
+            return Err(Denial {
+                reason: "read_only",
+                message: format!(
+                    "jitgate: read access to {} does not allow this statement ({} {})",
+                    self.target,
+                    c.class.as_str(),
+                    c.kind
+                ),
+                hint: Some(format!(
+                    "request write access: jitgate grant create --user {} --target {} --access write --for 30m --reason \"...\"",
+                    self.user, self.target
+                )),
+                sqlstate: "42501",
+            });
+        }
+        for rule in &self.rules {
+            if rule.kinds.iter().any(|k| k == c.kind) {
+                return Err(Denial {
+                    reason: "deny_kind",
+                    message: format!("jitgate: {} statements are not allowed on {}", c.kind, self.target),
+                    hint: None,
+                    sqlstate: "42501",
+                });
+            }
+            if rule.unfiltered_writes && c.has_where == Some(false) {
+                return Err(Denial {
+                    reason: "unfiltered_write",
+                    message: format!(
+                        "jitgate: {} without WHERE is not allowed on {}",
+                        c.kind.to_uppercase(),
+                        self.target
+                    ),
+                    hint: Some("add a WHERE clause (WHERE true if you really mean every row)".into()),
+                    sqlstate: "42501",
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A read grant runs reads, transaction control and harmless session statements; anything
+/// else, unknown text included, is refused.
+fn read_allows(c: &Classified) -> bool {
+    match c.class {
+        StatementClass::Read | StatementClass::Transaction | StatementClass::Session => true,
+        StatementClass::Utility
+        | StatementClass::Write
+        | StatementClass::Ddl
+        | StatementClass::Privilege
+        | StatementClass::Unknown => false,
+    }
+}
+
+/// The denial sent when a statement cannot be audited.
+pub fn audit_unavailable() -> Denial {
+    Denial {
+        reason: "audit_unavailable",
+        message: "jitgate cannot write its audit log; statements are refused until it can".into(),
+        hint: None,
+        sqlstate: "58030",
+    }
+}

@@ -1,0 +1,830 @@
+//! Statement tracking for one session: turns the client's messages into audit records and
+//! guardrail decisions, and matches the server's answers back to the statements they end.
+//!
+//! The client side is processed a batch (one read) at a time: every message is decoded, every
+//! statement it will run is classified, checked and turned into a `statement` record, and the
+//! batch is forwarded only once those records are written. A refused statement is replaced by
+//! a *sentinel*, a statement that fails to parse on the server, so the server itself produces
+//! the error at exactly the right place in the stream with the right transaction state; the
+//! proxy then swaps that server error for its own. Nothing of a refused statement reaches the
+//! database.
+//!
+//! The server side is observed message by message (see `Scanner`): each answer pops the
+//! expected-response queue (`pending`), which yields `statement.end` records.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::Instant;
+
+use jitgate_protocol::postgres::backend::{self, Report, Severity};
+use jitgate_protocol::postgres::messages::{decode_frontend, encode_parse, encode_query, rows_of_tag, Frontend, Param};
+use jitgate_protocol::postgres::ProtocolError;
+use jitgate_protocol::sql::{self, Classified, SessionChange, StatementClass};
+
+use super::guard::{audit_unavailable, Denial, Guard};
+use crate::audit::{AuditEvent, Decision, Outcome, StatementPath};
+use crate::types::{AccessLevel, GrantId, SessionId, TargetName, UserName};
+
+/// Text the server cannot parse: it answers with a syntax error in the refused statement's
+/// place, which the proxy replaces with its own error.
+const SENTINEL: &str = "/* jitgate: statement refused by the proxy */ JITGATE_REFUSED";
+
+/// Who the records are about.
+#[derive(Debug, Clone)]
+pub struct SessionFacts {
+    pub session_id: SessionId,
+    pub grant_id: GrantId,
+    pub user: UserName,
+    pub target: TargetName,
+    pub access: AccessLevel,
+}
+
+/// Limits on what a record holds.
+#[derive(Debug, Clone)]
+pub struct TextLimits {
+    pub max_statement_bytes: usize,
+    pub max_param_bytes: usize,
+    /// Lowercase words; a statement whose text contains one has its parameters redacted.
+    pub redact_params_matching: Vec<String>,
+}
+
+/// A prepared statement as the proxy knows it.
+#[derive(Debug)]
+struct Prepared {
+    /// Redacted, capped text for records.
+    text: String,
+    class: StatementClass,
+    kind: &'static str,
+    tables: Vec<String>,
+    session_change: Option<SessionChange>,
+    denial: Option<Denial>,
+    redact_params: bool,
+}
+
+#[derive(Debug)]
+struct Portal {
+    statement: Arc<Prepared>,
+    params: Vec<Option<String>>,
+}
+
+/// A statement sent to the server and not yet answered.
+#[derive(Debug)]
+struct Run {
+    id: u64,
+    started: Instant,
+    /// For a statement that changes the role: the role before it, restored if it fails.
+    role_before: Option<Option<String>>,
+    copy_bytes: Option<u64>,
+}
+
+#[derive(Debug)]
+enum SlotKind {
+    Parse,
+    Bind,
+    Describe,
+    Close,
+    Sync,
+    Execute(Run),
+    /// The statements of one simple `Query`, in order.
+    Query(VecDeque<Run>),
+    FunctionCall(Run),
+}
+
+#[derive(Debug)]
+struct Slot {
+    seq: u64,
+    kind: SlotKind,
+    /// Set when this message was replaced by a sentinel: the server's error for it is
+    /// swapped for this one.
+    sentinel: Option<Denial>,
+}
+
+/// The processed form of one batch of client messages.
+#[derive(Debug, Default)]
+pub struct Batch {
+    /// Bytes to forward when the batch's records are written.
+    pub forward: Vec<u8>,
+    /// Bytes to forward instead when they cannot be written: every statement replaced by a
+    /// sentinel.
+    pub fallback: Vec<u8>,
+    /// Records to write before forwarding.
+    pub records: Vec<AuditEvent>,
+    /// Slots to switch to `audit_unavailable` sentinels when the fallback is used.
+    statement_slots: Vec<u64>,
+    /// Denials decided in this batch, for metrics.
+    pub denials: Vec<&'static str>,
+    /// Statement classes forwarded in this batch, for metrics.
+    pub classes: Vec<&'static str>,
+    /// The client sent Terminate.
+    pub terminate: bool,
+}
+
+/// What to do with a server message that has just started.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Disposition {
+    Pass,
+    /// Drop it; at its end, send the replacement from [`Tracker::backend_end`].
+    Replace,
+}
+
+/// Per-session statement state.
+pub struct Tracker {
+    facts: SessionFacts,
+    guard: Guard,
+    limits: TextLimits,
+    prepared: HashMap<String, Arc<Prepared>>,
+    portals: HashMap<String, Portal>,
+    pending: VecDeque<Slot>,
+    next_seq: u64,
+    next_statement: u64,
+    effective_role: Option<String>,
+    session_authorization: Option<String>,
+    replacing: Option<Denial>,
+    /// Statement ends produced while observing the server, drained by the relay.
+    ends: Vec<AuditEvent>,
+    /// Durations of ended statements, drained by the relay for metrics.
+    durations: Vec<f64>,
+}
+
+impl Tracker {
+    /// A tracker for a fresh session.
+    pub fn new(facts: SessionFacts, guard: Guard, limits: TextLimits) -> Self {
+        Self {
+            facts,
+            guard,
+            limits,
+            prepared: HashMap::new(),
+            portals: HashMap::new(),
+            pending: VecDeque::new(),
+            next_seq: 0,
+            next_statement: 0,
+            effective_role: None,
+            session_authorization: None,
+            replacing: None,
+            ends: Vec::new(),
+            durations: Vec::new(),
+        }
+    }
+
+    /// Applies a role change to the statements that follow it (records are made before the
+    /// server runs anything); returns what to restore if the statement fails.
+    fn project(&mut self, change: Option<&SessionChange>) -> Option<Option<String>> {
+        let new = match change? {
+            SessionChange::Role(role) => role.clone().or_else(|| self.session_authorization.clone()),
+            SessionChange::SessionAuthorization(user) => user.clone(),
+            SessionChange::SearchPath(_) => return None,
+        };
+        Some(std::mem::replace(&mut self.effective_role, new))
+    }
+
+    fn push_slot(&mut self, kind: SlotKind, sentinel: Option<Denial>) -> u64 {
+        self.next_seq += 1;
+        self.pending.push_back(Slot {
+            seq: self.next_seq,
+            kind,
+            sentinel,
+        });
+        self.next_seq
+    }
+
+    fn cap(&self, text: &str) -> String {
+        let redacted = sql::redact(text);
+        if redacted.len() <= self.limits.max_statement_bytes {
+            return redacted;
+        }
+        let mut end = self.limits.max_statement_bytes;
+        while !redacted.is_char_boundary(end) {
+            end -= 1;
+        }
+        format!("{}...", &redacted[..end])
+    }
+
+    fn render_params(&self, params: &[Param<'_>], redact: bool) -> Vec<Option<String>> {
+        let max = self.limits.max_param_bytes;
+        params
+            .iter()
+            .map(|p| match p {
+                Param::Null => None,
+                _ if redact => Some("***".to_owned()),
+                Param::Text(v) => {
+                    let s = String::from_utf8_lossy(&v[..v.len().min(max)]).into_owned();
+                    Some(if v.len() > max { format!("{s}...") } else { s })
+                }
+                Param::Binary(v) => {
+                    let mut s = String::with_capacity(2 + 2 * v.len().min(max));
+                    s.push_str("\\x");
+                    for b in &v[..v.len().min(max)] {
+                        s.push_str(&format!("{b:02x}"));
+                    }
+                    if v.len() > max {
+                        s.push_str("...");
+                    }
+                    Some(s)
+                }
+            })
+            .collect()
+    }
+
+    fn wants_param_redaction(&self, text: &str) -> bool {
+        let lower = text.to_ascii_lowercase();
+        self.limits
+            .redact_params_matching
+            .iter()
+            .any(|w| lower.contains(w.as_str()))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn statement_record(
+        &mut self,
+        path: StatementPath,
+        text: String,
+        params: Vec<Option<String>>,
+        class: StatementClass,
+        kind: &'static str,
+        tables: Vec<String>,
+        denial: Option<&Denial>,
+    ) -> (u64, AuditEvent) {
+        self.next_statement += 1;
+        let path = if kind.starts_with("copy") {
+            StatementPath::Copy
+        } else {
+            path
+        };
+        let f = &self.facts;
+        let event = AuditEvent::Statement {
+            session_id: f.session_id.clone(),
+            statement: self.next_statement,
+            grant_id: f.grant_id.clone(),
+            user: f.user.clone(),
+            target: f.target.clone(),
+            access: f.access,
+            protocol: path,
+            text,
+            params,
+            class: class.as_str().to_owned(),
+            kind: kind.to_owned(),
+            tables,
+            effective_role: self.effective_role.clone(),
+            decision: if denial.is_some() {
+                Decision::Denied
+            } else {
+                Decision::Allowed
+            },
+            denied_by: denial.map(|d| d.reason.to_owned()),
+        };
+        (self.next_statement, event)
+    }
+
+    /// Processes every complete message in `msgs` (a sequence of whole tagged messages).
+    pub fn client_batch(&mut self, msgs: &[u8]) -> Result<Batch, ProtocolError> {
+        let mut batch = Batch::default();
+        let mut rest = msgs;
+        while let Some((_, len)) = backend::peek_tagged(rest, usize::MAX)? {
+            let (msg, tail) = rest.split_at(len);
+            rest = tail;
+            self.client_message(msg, &mut batch)?;
+        }
+        Ok(batch)
+    }
+
+    fn client_message(&mut self, msg: &[u8], batch: &mut Batch) -> Result<(), ProtocolError> {
+        let now = Instant::now();
+        match decode_frontend(msg)? {
+            Frontend::Query { sql: text } => {
+                let statements = sql::classify(text);
+                let denials: Vec<Option<Denial>> = statements.iter().map(|c| self.guard.check(c).err()).collect();
+                let refused = denials.iter().flatten().next().cloned();
+                let mut runs = VecDeque::new();
+                for (c, denial) in statements.iter().zip(&denials) {
+                    let text = self.cap(&c.text);
+                    let own = denial.clone().or_else(|| refused.as_ref().map(|_| same_message()));
+                    let (id, event) = self.statement_record(
+                        StatementPath::Simple,
+                        text,
+                        Vec::new(),
+                        c.class,
+                        c.kind,
+                        c.tables.clone(),
+                        own.as_ref(),
+                    );
+                    batch.records.push(event);
+                    if let Some(d) = &own {
+                        batch.denials.push(d.reason);
+                    } else {
+                        batch.classes.push(c.class.as_str());
+                    }
+                    let role_before = if own.is_none() {
+                        self.project(c.session_change.as_ref())
+                    } else {
+                        None
+                    };
+                    runs.push_back(Run {
+                        id,
+                        started: now,
+                        role_before,
+                        copy_bytes: None,
+                    });
+                }
+                match refused {
+                    Some(d) => {
+                        self.push_slot(SlotKind::Query(VecDeque::new()), Some(d));
+                        let sentinel = encode_query(SENTINEL);
+                        batch.forward.extend_from_slice(&sentinel);
+                        batch.fallback.extend_from_slice(&sentinel);
+                    }
+                    None => {
+                        let seq = self.push_slot(SlotKind::Query(runs), None);
+                        batch.statement_slots.push(seq);
+                        batch.forward.extend_from_slice(msg);
+                        batch.fallback.extend_from_slice(&encode_query(SENTINEL));
+                    }
+                }
+            }
+            Frontend::Parse { name, sql: text } => {
+                let statements = sql::classify(text);
+                // A prepared statement holds one command; take the most privileged if more.
+                let c = most_privileged(&statements);
+                let denial = statements.iter().find_map(|c| self.guard.check(c).err());
+                let prepared = Arc::new(Prepared {
+                    text: self.cap(text.trim()),
+                    class: c.map_or(StatementClass::Unknown, |c| c.class),
+                    kind: c.map_or("unknown", |c| c.kind),
+                    tables: statements.iter().flat_map(|c| c.tables.iter().cloned()).collect(),
+                    session_change: c.and_then(|c| c.session_change.clone()),
+                    redact_params: self.wants_param_redaction(text),
+                    denial: denial.clone(),
+                });
+                let name = name.to_owned();
+                if let Some(d) = denial {
+                    // Refused at Parse, as the server refuses what it cannot parse.
+                    let (_, event) = self.statement_record(
+                        StatementPath::Extended,
+                        prepared.text.clone(),
+                        Vec::new(),
+                        prepared.class,
+                        prepared.kind,
+                        prepared.tables.clone(),
+                        Some(&d),
+                    );
+                    batch.records.push(event);
+                    batch.denials.push(d.reason);
+                    self.push_slot(SlotKind::Parse, Some(d));
+                    let sentinel = encode_parse(&name, SENTINEL);
+                    batch.forward.extend_from_slice(&sentinel);
+                    batch.fallback.extend_from_slice(&sentinel);
+                } else {
+                    self.push_slot(SlotKind::Parse, None);
+                    batch.forward.extend_from_slice(msg);
+                    batch.fallback.extend_from_slice(msg);
+                }
+                self.prepared.insert(name, prepared);
+            }
+            Frontend::Bind {
+                portal,
+                statement,
+                params,
+            } => {
+                if let Some(p) = self.prepared.get(statement).cloned() {
+                    let params = self.render_params(&params, p.redact_params);
+                    self.portals.insert(portal.to_owned(), Portal { statement: p, params });
+                }
+                self.push_slot(SlotKind::Bind, None);
+                batch.forward.extend_from_slice(msg);
+                batch.fallback.extend_from_slice(msg);
+            }
+            Frontend::Execute { portal, .. } => {
+                let (p, params) = match self.portals.get(portal) {
+                    Some(portal) => (Some(Arc::clone(&portal.statement)), portal.params.clone()),
+                    None => (None, Vec::new()),
+                };
+                let (text, class, kind, tables, change, denial) = match &p {
+                    Some(p) => (
+                        p.text.clone(),
+                        p.class,
+                        p.kind,
+                        p.tables.clone(),
+                        p.session_change.clone(),
+                        p.denial.clone(),
+                    ),
+                    // A portal the proxy never saw bound (it cannot exist on the server
+                    // either): recorded as unknown and let the server refuse it.
+                    None => (
+                        String::new(),
+                        StatementClass::Unknown,
+                        "unknown",
+                        Vec::new(),
+                        None,
+                        None,
+                    ),
+                };
+                let (id, event) = self.statement_record(
+                    StatementPath::Extended,
+                    text,
+                    params,
+                    class,
+                    kind,
+                    tables,
+                    denial.as_ref(),
+                );
+                batch.records.push(event);
+                match denial {
+                    Some(d) => {
+                        batch.denials.push(d.reason);
+                        self.push_slot(SlotKind::Parse, Some(d));
+                        let sentinel = encode_parse("", SENTINEL);
+                        batch.forward.extend_from_slice(&sentinel);
+                        batch.fallback.extend_from_slice(&sentinel);
+                    }
+                    None => {
+                        batch.classes.push(class.as_str());
+                        let role_before = self.project(change.as_ref());
+                        let run = Run {
+                            id,
+                            started: now,
+                            role_before,
+                            copy_bytes: None,
+                        };
+                        let seq = self.push_slot(SlotKind::Execute(run), None);
+                        batch.statement_slots.push(seq);
+                        batch.forward.extend_from_slice(msg);
+                        batch.fallback.extend_from_slice(&encode_parse("", SENTINEL));
+                    }
+                }
+            }
+            Frontend::FunctionCall { oid, args } => {
+                let params = self.render_params(&args, false);
+                let denial = match self.facts.access {
+                    // A function may do anything; a read grant cannot tell which.
+                    AccessLevel::Read => self.guard.check(&unknown_call()).err(),
+                    _ => None,
+                };
+                let (id, event) = self.statement_record(
+                    StatementPath::FunctionCall,
+                    format!("function call oid={oid}"),
+                    params,
+                    StatementClass::Unknown,
+                    "call",
+                    Vec::new(),
+                    denial.as_ref(),
+                );
+                batch.records.push(event);
+                let sentinel = encode_query(SENTINEL);
+                match denial {
+                    Some(d) => {
+                        batch.denials.push(d.reason);
+                        self.push_slot(SlotKind::Query(VecDeque::new()), Some(d));
+                        batch.forward.extend_from_slice(&sentinel);
+                    }
+                    None => {
+                        batch.classes.push(StatementClass::Unknown.as_str());
+                        let run = Run {
+                            id,
+                            started: now,
+                            role_before: None,
+                            copy_bytes: None,
+                        };
+                        let seq = self.push_slot(SlotKind::FunctionCall(run), None);
+                        batch.statement_slots.push(seq);
+                        batch.forward.extend_from_slice(msg);
+                    }
+                }
+                batch.fallback.extend_from_slice(&sentinel);
+            }
+            Frontend::Describe { .. } => self.pass(msg, batch, Some(SlotKind::Describe)),
+            Frontend::Close { kind, name } => {
+                if kind == b'S' {
+                    self.prepared.remove(name);
+                } else {
+                    self.portals.remove(name);
+                }
+                self.pass(msg, batch, Some(SlotKind::Close));
+            }
+            Frontend::Sync => self.pass(msg, batch, Some(SlotKind::Sync)),
+            Frontend::CopyData { len } => {
+                if let Some(run) = self.current_run() {
+                    *run.copy_bytes.get_or_insert(0) += len as u64;
+                }
+                self.pass(msg, batch, None);
+            }
+            Frontend::Terminate => {
+                batch.terminate = true;
+                self.pass(msg, batch, None);
+            }
+            Frontend::Flush | Frontend::CopyDone | Frontend::CopyFail { .. } | Frontend::Other { .. } => {
+                self.pass(msg, batch, None)
+            }
+        }
+        Ok(())
+    }
+
+    fn pass(&mut self, msg: &[u8], batch: &mut Batch, slot: Option<SlotKind>) {
+        if let Some(kind) = slot {
+            self.push_slot(kind, None);
+        }
+        batch.forward.extend_from_slice(msg);
+        batch.fallback.extend_from_slice(msg);
+    }
+
+    /// The batch's records could not be written: every statement in it becomes a sentinel
+    /// refused with `audit_unavailable`. Call before forwarding `batch.fallback`.
+    pub fn use_fallback(&mut self, batch: &Batch) {
+        for slot in self.pending.iter_mut() {
+            if batch.statement_slots.contains(&slot.seq) {
+                slot.sentinel = Some(audit_unavailable());
+                match &mut slot.kind {
+                    SlotKind::Query(runs) => runs.clear(),
+                    SlotKind::Execute(_) => slot.kind = SlotKind::Parse,
+                    SlotKind::FunctionCall(_) => slot.kind = SlotKind::Query(VecDeque::new()),
+                    _ => {}
+                }
+            }
+        }
+    }
+
+    fn current_run(&mut self) -> Option<&mut Run> {
+        match &mut self.pending.front_mut()?.kind {
+            SlotKind::Execute(run) | SlotKind::FunctionCall(run) => Some(run),
+            SlotKind::Query(runs) => runs.front_mut(),
+            _ => None,
+        }
+    }
+
+    /// A server message starts.
+    pub fn backend_start(&mut self, tag: u8, len: usize) -> Disposition {
+        match tag {
+            b'E' => match self.pending.front().and_then(|s| s.sentinel.clone()) {
+                Some(d) => {
+                    self.replacing = Some(d);
+                    Disposition::Replace
+                }
+                None => Disposition::Pass,
+            },
+            b'd' => {
+                if let Some(run) = self.current_run() {
+                    *run.copy_bytes.get_or_insert(0) += len.saturating_sub(5) as u64;
+                }
+                Disposition::Pass
+            }
+            _ => Disposition::Pass,
+        }
+    }
+
+    /// A server message ended; `body` is captured for `C`, `E` and `S`. Returns the bytes
+    /// that replace a dropped message.
+    pub fn backend_end(&mut self, tag: u8, body: &[u8]) -> Option<Vec<u8>> {
+        let mut replacement = None;
+        match tag {
+            b'E' => {
+                let fields = backend::decode(&with_header(b'E', body)).ok().and_then(|m| match m {
+                    backend::BackendMessage::ErrorResponse(f) => Some(f),
+                    _ => None,
+                });
+                let (code, message) = fields.map_or((String::new(), String::new()), |f| {
+                    (f.code().to_owned(), f.message().to_owned())
+                });
+                if let Some(d) = self.replacing.take() {
+                    replacement = Some(backend::error_response(
+                        Severity::Error,
+                        &Report {
+                            sqlstate: d.sqlstate,
+                            message: &d.message,
+                            detail: None,
+                            hint: d.hint.as_deref(),
+                        },
+                    ));
+                }
+                self.on_error(code, message);
+            }
+            b'C' | b'I' => {
+                let tag_text = if tag == b'I' { String::new() } else { cstr(body) };
+                self.on_complete(Outcome::Ok {
+                    rows: rows_of_tag(&tag_text),
+                    tag: tag_text,
+                });
+            }
+            b's' => self.on_complete(Outcome::Suspended { rows: 0 }),
+            b'V' => {
+                if let Some(Slot {
+                    kind: SlotKind::FunctionCall(_),
+                    ..
+                }) = self.pending.front()
+                {
+                    self.on_complete(Outcome::Ok {
+                        tag: "FUNCTION CALL".into(),
+                        rows: None,
+                    });
+                }
+            }
+            b'1' | b'2' | b'3' => {
+                self.pending.pop_front();
+            }
+            b'n' | b'T' => {
+                if matches!(
+                    self.pending.front(),
+                    Some(Slot {
+                        kind: SlotKind::Describe,
+                        ..
+                    })
+                ) {
+                    self.pending.pop_front();
+                }
+            }
+            b'Z' => self.on_ready(),
+            b'S' => {
+                let mut b = body;
+                let name = take(&mut b);
+                let value = take(&mut b);
+                if name == "session_authorization" {
+                    self.session_authorization = Some(value.clone());
+                    if self.effective_role.is_some() {
+                        self.effective_role = Some(value);
+                    }
+                }
+            }
+            _ => {}
+        }
+        replacement
+    }
+
+    fn end(&mut self, run: Run, outcome: Outcome) {
+        if let (Some(before), Outcome::Error { .. } | Outcome::NotExecuted) = (&run.role_before, &outcome) {
+            // The role change did not happen.
+            self.effective_role = before.clone();
+        }
+        let elapsed = run.started.elapsed();
+        self.durations.push(elapsed.as_secs_f64());
+        self.ends.push(AuditEvent::StatementEnd {
+            session_id: self.facts.session_id.clone(),
+            statement: run.id,
+            outcome,
+            duration_us: u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX),
+            copy_bytes: run.copy_bytes,
+        });
+    }
+
+    fn on_complete(&mut self, outcome: Outcome) {
+        let Some(front) = self.pending.front_mut() else { return };
+        match &mut front.kind {
+            SlotKind::Query(runs) => {
+                if let Some(run) = runs.pop_front() {
+                    self.end(run, outcome);
+                }
+            }
+            SlotKind::Execute(_) => {
+                if let Some(Slot {
+                    kind: SlotKind::Execute(run),
+                    ..
+                }) = self.pending.pop_front()
+                {
+                    self.end(run, outcome);
+                }
+            }
+            SlotKind::FunctionCall(_) => {
+                // Ends at ReadyForQuery; record the outcome now and keep the slot.
+                let old = std::mem::replace(&mut front.kind, SlotKind::Query(VecDeque::new()));
+                if let SlotKind::FunctionCall(run) = old {
+                    self.end(run, outcome);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn on_error(&mut self, sqlstate: String, message: String) {
+        let Some(front) = self.pending.pop_front() else { return };
+        let outcome = Outcome::Error { sqlstate, message };
+        match front.kind {
+            SlotKind::Query(mut runs) => {
+                if let Some(run) = runs.pop_front() {
+                    self.end(run, outcome);
+                }
+                // The rest of the message does not run; the slot stays for ReadyForQuery.
+                for run in runs {
+                    self.end(run, Outcome::NotExecuted);
+                }
+                self.pending.push_front(Slot {
+                    seq: front.seq,
+                    kind: SlotKind::Query(VecDeque::new()),
+                    sentinel: None,
+                });
+            }
+            SlotKind::FunctionCall(run) => {
+                self.end(run, outcome);
+                self.pending.push_front(Slot {
+                    seq: front.seq,
+                    kind: SlotKind::Query(VecDeque::new()),
+                    sentinel: None,
+                });
+            }
+            SlotKind::Sync => {
+                self.pending.push_front(front);
+            }
+            kind => {
+                if let SlotKind::Execute(run) = kind {
+                    self.end(run, outcome);
+                }
+                // The server skips everything up to the next Sync.
+                while let Some(slot) = self.pending.front() {
+                    if matches!(
+                        slot.kind,
+                        SlotKind::Sync | SlotKind::Query(_) | SlotKind::FunctionCall(_)
+                    ) {
+                        break;
+                    }
+                    if let Some(Slot {
+                        kind: SlotKind::Execute(run),
+                        ..
+                    }) = self.pending.pop_front()
+                    {
+                        self.end(run, Outcome::NotExecuted);
+                    }
+                }
+            }
+        }
+    }
+
+    fn on_ready(&mut self) {
+        while let Some(slot) = self.pending.pop_front() {
+            match slot.kind {
+                SlotKind::Sync => return,
+                SlotKind::Query(runs) => {
+                    for run in runs {
+                        self.end(run, Outcome::NotExecuted);
+                    }
+                    return;
+                }
+                SlotKind::FunctionCall(run) => {
+                    self.end(run, Outcome::NotExecuted);
+                    return;
+                }
+                SlotKind::Execute(run) => self.end(run, Outcome::NotExecuted),
+                _ => {}
+            }
+        }
+    }
+
+    /// Records of statements that ended since the last call.
+    pub fn take_ends(&mut self) -> Vec<AuditEvent> {
+        std::mem::take(&mut self.ends)
+    }
+
+    /// Durations (seconds) of statements that ended since the last call.
+    pub fn take_durations(&mut self) -> Vec<f64> {
+        std::mem::take(&mut self.durations)
+    }
+
+    /// Statements still waiting for an answer when the session ends.
+    pub fn abandon(&mut self) {
+        while let Some(slot) = self.pending.pop_front() {
+            match slot.kind {
+                SlotKind::Execute(run) | SlotKind::FunctionCall(run) => self.end(run, Outcome::NotExecuted),
+                SlotKind::Query(runs) => {
+                    for run in runs {
+                        self.end(run, Outcome::NotExecuted);
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+}
+
+fn same_message() -> Denial {
+    Denial {
+        reason: "same_message",
+        message: "refused with another statement of the same message".into(),
+        hint: None,
+        sqlstate: "42501",
+    }
+}
+
+fn unknown_call() -> Classified {
+    Classified {
+        text: String::new(),
+        class: StatementClass::Unknown,
+        kind: "call",
+        tables: Vec::new(),
+        has_where: None,
+        session_change: None,
+    }
+}
+
+fn most_privileged(statements: &[Classified]) -> Option<&Classified> {
+    statements.iter().max_by_key(|c| c.class)
+}
+
+fn with_header(tag: u8, body: &[u8]) -> Vec<u8> {
+    jitgate_protocol::postgres::frontend::encode_tagged(tag, body)
+}
+
+fn cstr(body: &[u8]) -> String {
+    let end = body.iter().position(|&b| b == 0).unwrap_or(body.len());
+    String::from_utf8_lossy(&body[..end]).into_owned()
+}
+
+fn take(b: &mut &[u8]) -> String {
+    let end = b.iter().position(|&c| c == 0).unwrap_or(b.len());
+    let s = String::from_utf8_lossy(&b[..end]).into_owned();
+    *b = b.get(end + 1..).unwrap_or(&[]);
+    s
+}

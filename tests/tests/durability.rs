@@ -1,0 +1,220 @@
+//! No statement runs unaudited: a crash loses no record of a statement that reached the
+//! database, and a full disk refuses statements until space returns.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use jitgate_tests::jitgate::sandbox::free_port;
+use jitgate_tests::jitgate::types::AccessLevel;
+use jitgate_tests::raw::{self, error_of, read_until_ready, send_query};
+use jitgate_tests::{client_command, eventually, jitgate_bin, Harness};
+use tokio::io::AsyncWriteExt;
+
+/// Statement texts in an audit file, tolerating a torn last line.
+fn audited_texts(path: &std::path::Path) -> Vec<String> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    text.lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|e| e["event"] == "statement")
+        .filter_map(|e| e["text"].as_str().map(str::to_owned))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn kill_9_loses_no_statement_that_reached_the_database() {
+    let mut h = Harness::start().await;
+    let alice = h.user("alice", &["dev"]);
+    h.grant("alice", "prod-db", AccessLevel::Write, Duration::from_secs(3600))
+        .await;
+    h.stop_proxy().await.unwrap();
+    // The proxy runs as its own process here, so it can be killed for real.
+    let (pg_port, api_port, metrics_port) = (free_port().unwrap(), free_port().unwrap(), free_port().unwrap());
+    h.edit_config(|c| {
+        c.replacen(
+            "postgres = \"127.0.0.1:0\"",
+            &format!("postgres = \"127.0.0.1:{pg_port}\""),
+            1,
+        )
+        .replacen("api = \"127.0.0.1:0\"", &format!("api = \"127.0.0.1:{api_port}\""), 1)
+        .replacen(
+            "metrics = \"127.0.0.1:0\"",
+            &format!("metrics = \"127.0.0.1:{metrics_port}\""),
+            1,
+        )
+    });
+    let mut proxy = tokio::process::Command::new(jitgate_bin())
+        .args(["serve", "--config"])
+        .arg(h.config_path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let conninfo = h.conninfo_at(&alice, "prod-db", pg_port);
+    eventually("proxy up", Duration::from_secs(20), || {
+        let conninfo = conninfo.clone();
+        async move {
+            client_command("psql")
+                .arg(conninfo)
+                .args(["-X", "-c", "SELECT 1"])
+                .output()
+                .await
+                .is_ok_and(|o| o.status.success())
+        }
+    })
+    .await;
+
+    // Two writers, one statement per row, as fast as they go.
+    let mut writers = Vec::new();
+    for w in 0..2 {
+        let mut child = client_command("psql")
+            .arg(&conninfo)
+            .args(["-X", "-q"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut stdin = child.stdin.take().unwrap();
+        tokio::spawn(async move {
+            for i in 0..20_000 {
+                let id = 100_000 + w * 100_000 + i;
+                if stdin
+                    .write_all(format!("INSERT INTO items VALUES ({id}, 'w');\n").as_bytes())
+                    .await
+                    .is_err()
+                {
+                    break;
+                }
+            }
+        });
+        writers.push(child);
+    }
+    eventually("rows flowing", Duration::from_secs(30), || async {
+        h.pg.sql("app", "SELECT count(*) FROM items WHERE id >= 100000")
+            .unwrap()
+            .parse::<u64>()
+            .unwrap()
+            > 300
+    })
+    .await;
+    proxy.start_kill().unwrap();
+    proxy.wait().await.unwrap();
+    for mut w in writers {
+        let _ = tokio::time::timeout(Duration::from_secs(20), w.wait()).await;
+    }
+
+    let rows: Vec<String> =
+        h.pg.sql("app", "SELECT id FROM items WHERE id >= 100000 ORDER BY id")
+            .unwrap()
+            .lines()
+            .map(str::to_owned)
+            .collect();
+    assert!(rows.len() > 300);
+    let texts: std::collections::HashSet<String> =
+        audited_texts(&h.data_dir().join("audit.jsonl")).into_iter().collect();
+    let missing: Vec<&String> = rows
+        .iter()
+        .filter(|id| !texts.contains(&format!("INSERT INTO items VALUES ({id}, 'w')")))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "{} of {} rows have no audit record, e.g. {:?}",
+        missing.len(),
+        rows.len(),
+        &missing[..missing.len().min(5)]
+    );
+}
+
+/// A small tmpfs, unmounted when dropped.
+struct SmallDisk {
+    dir: std::path::PathBuf,
+}
+
+impl SmallDisk {
+    fn mount(dir: std::path::PathBuf, size: &str) -> SmallDisk {
+        std::fs::create_dir_all(&dir).unwrap();
+        let st = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(&dir)
+            .status()
+            .unwrap();
+        assert!(
+            st.success(),
+            "mounting a tmpfs needs root (the test suite runs as root)"
+        );
+        SmallDisk { dir }
+    }
+
+    fn fill(&self) {
+        let _ = std::process::Command::new("dd")
+            .args(["if=/dev/zero", "bs=4096"])
+            .arg(format!("of={}", self.dir.join("filler").display()))
+            .stderr(Stdio::null())
+            .status();
+    }
+
+    fn free(&self) {
+        std::fs::remove_file(self.dir.join("filler")).unwrap();
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg("-l").arg(&self.dir).status();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn full_disk_refuses_statements_until_space_returns() {
+    let mut h = Harness::start().await;
+    let alice = h.user("alice", &["dev"]);
+    h.grant("alice", "prod-db", AccessLevel::Write, Duration::from_secs(3600))
+        .await;
+    h.stop_proxy().await.unwrap();
+    let disk = SmallDisk::mount(h.data_dir().join("auditfs"), "1m");
+    let path = disk.dir.join("audit.jsonl");
+    h.edit_config(|c| format!("{c}\n[audit]\npath = \"{}\"\n", path.display()));
+    h.start_proxy().await;
+
+    let mut s = raw::session(&h, &alice, "prod-db").await;
+    disk.fill();
+    // The audit file's last page may still take a few small records; keep writing until the
+    // disk refuses one.
+    let mut refused = None;
+    for id in 5000..5100 {
+        send_query(&mut s, &format!("INSERT INTO items VALUES ({id}, 'while full')")).await;
+        let msgs = read_until_ready(&mut s).await;
+        assert_eq!(msgs.last().unwrap().tag, b'Z', "the session stays usable");
+        if let Some((code, message)) = error_of(&msgs) {
+            assert_eq!(code, "58030");
+            assert!(message.contains("cannot write its audit log"), "{message}");
+            refused = Some(id);
+            break;
+        }
+    }
+    let refused = refused.expect("a statement refused while the audit log cannot be written");
+    assert_eq!(
+        h.pg.sql("app", &format!("SELECT count(*) FROM items WHERE id = {refused}"))
+            .unwrap(),
+        "0"
+    );
+
+    disk.free();
+    send_query(&mut s, "INSERT INTO items VALUES (6001, 'after')").await;
+    let msgs = read_until_ready(&mut s).await;
+    assert!(error_of(&msgs).is_none(), "{msgs:?}");
+    assert_eq!(
+        h.pg.sql("app", "SELECT count(*) FROM items WHERE id = 6001").unwrap(),
+        "1"
+    );
+    assert!(audited_texts(&path)
+        .iter()
+        .any(|t| t == "INSERT INTO items VALUES (6001, 'after')"));
+    assert!(!audited_texts(&path).iter().any(|t| t.contains(&format!("({refused},"))));
+    let (_, body) = h.metrics_get("/metrics").await;
+    assert!(jitgate_tests::metric(&body, "jitgate_statement_denials_total{reason=\"audit_unavailable\"}") >= 1.0);
+    drop(s);
+    h.stop_proxy().await.unwrap();
+}
