@@ -218,3 +218,70 @@ async fn full_disk_refuses_statements_until_space_returns() {
     drop(s);
     h.stop_proxy().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_statement_waits_for_its_audit_record() {
+    use std::io::Read as _;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+
+    let mut h = Harness::start().await;
+    let alice = h.user("alice", &["dev"]);
+    h.grant("alice", "prod-db", AccessLevel::Write, Duration::from_secs(3600))
+        .await;
+    h.stop_proxy().await.unwrap();
+    // The audit log is a pipe whose reader the test controls: while it does not read, a
+    // record larger than the pipe's buffer cannot be written.
+    let fifo = h.data_dir().join("audit.fifo");
+    assert!(std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap()
+        .success());
+    let reading = Arc::new(AtomicBool::new(true));
+    let seen = Arc::new(std::sync::Mutex::new(Vec::<u8>::new()));
+    {
+        let (fifo, reading, seen) = (fifo.clone(), Arc::clone(&reading), Arc::clone(&seen));
+        std::thread::spawn(move || {
+            let mut f = std::fs::File::open(&fifo).unwrap();
+            let mut buf = [0u8; 8192];
+            loop {
+                if !reading.load(Ordering::Acquire) {
+                    std::thread::sleep(Duration::from_millis(10));
+                    continue;
+                }
+                match f.read(&mut buf) {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => seen.lock().unwrap().extend_from_slice(&buf[..n]),
+                }
+            }
+        });
+    }
+    h.edit_config(|c| {
+        format!(
+            "{c}\n[audit]\npath = \"{}\"\nmax_statement_bytes = 1048576\n",
+            fifo.display()
+        )
+    });
+    h.start_proxy().await;
+    let mut s = raw::session(&h, &alice, "prod-db").await;
+
+    reading.store(false, Ordering::Release);
+    let big = "x".repeat(256 * 1024);
+    send_query(&mut s, &format!("INSERT INTO items VALUES (7000, '{big}')")).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(
+        h.pg.sql("app", "SELECT count(*) FROM items WHERE id = 7000").unwrap(),
+        "0",
+        "the statement reached the database before its record was written"
+    );
+    reading.store(true, Ordering::Release);
+    let msgs = read_until_ready(&mut s).await;
+    assert!(error_of(&msgs).is_none(), "{msgs:?}");
+    assert_eq!(
+        h.pg.sql("app", "SELECT count(*) FROM items WHERE id = 7000").unwrap(),
+        "1"
+    );
+    let seen = String::from_utf8_lossy(&seen.lock().unwrap()).into_owned();
+    assert!(seen.contains("INSERT INTO items VALUES (7000, 'xxx"));
+}
