@@ -6,7 +6,6 @@
 pub mod auth;
 pub mod backend;
 pub mod error;
-pub mod frame;
 pub mod frontend;
 pub mod messages;
 pub mod scanner;

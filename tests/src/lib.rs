@@ -345,6 +345,21 @@ ca_file = "{d}/pg-ca.crt"
         self.psql_conninfo(&self.conninfo(user, dbname), sql).await
     }
 
+    /// Runs `psql -c SQL1 -c SQL2 ...` (one session, one message per command).
+    pub async fn psql_commands(&self, user: &UserCert, dbname: &str, commands: &[&str]) -> PsqlOutput {
+        let mut cmd = client_command("psql");
+        cmd.arg(self.conninfo(user, dbname))
+            .args(["-X", "-A", "-t", "-v", "ON_ERROR_STOP=1"]);
+        for c in commands {
+            cmd.args(["-c", c]);
+        }
+        let out = tokio::time::timeout(Duration::from_secs(120), cmd.output())
+            .await
+            .expect("psql did not finish within 120s")
+            .unwrap();
+        PsqlOutput::from(out)
+    }
+
     /// Runs `psql -c sql` with an explicit connection string.
     pub async fn psql_conninfo(&self, conninfo: &str, sql: &str) -> PsqlOutput {
         let out = tokio::time::timeout(

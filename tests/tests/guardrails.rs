@@ -256,3 +256,106 @@ async fn settings_that_change_statement_lexing_are_refused_at_every_level() {
         3.0
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn statements_the_proxy_cannot_read_are_refused_where_deny_rules_apply() {
+    let h = Harness::start().await;
+    let alice = h.user("alice", &["dev"]);
+    h.grant("alice", "guarded-db", AccessLevel::Write, HOUR).await;
+    let before = fingerprint(&h);
+    for sql in [
+        "DELETE FROM ONLY items",
+        "PREPARE p AS DELETE FROM items; EXECUTE p",
+        "DO $$ BEGIN DELETE FROM items; END $$",
+    ] {
+        let out = h.psql(&alice, "guarded-db", sql).await;
+        assert!(!out.success, "{sql}");
+        assert!(out.stderr.contains("cannot be classified"), "{sql}: {}", out.stderr);
+    }
+    // A statement prepared with SQL PREPARE and run through Bind/Execute is unknown too.
+    assert!(h.psql(&alice, "guarded-db", "SELECT 1").await.success);
+    let mut s = raw::session(&h, &alice, "guarded-db").await;
+    raw::send_query(&mut s, "PREPARE q AS UPDATE items SET name = 'x' WHERE id = 1").await;
+    read_until_ready(&mut s).await;
+    let mut batch = bind("", "q", &[]);
+    batch.extend(execute(""));
+    batch.extend(sync());
+    send(&mut s, &batch).await;
+    let (code, message) = error_of(&read_until_ready(&mut s).await).expect("refused");
+    assert_eq!(code, "42501", "{message}");
+    assert_eq!(fingerprint(&h), before);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_portal_of_an_unseen_statement_is_never_recorded_as_another() {
+    let h = Harness::start().await;
+    let alice = h.user("alice", &["dev"]);
+    h.grant("alice", "prod-db", AccessLevel::Write, HOUR).await;
+    let mut s = raw::session(&h, &alice, "prod-db").await;
+    let mut batch = parse("", "SELECT 1");
+    batch.extend(bind("", "", &[]));
+    batch.extend(execute(""));
+    batch.extend(sync());
+    send(&mut s, &batch).await;
+    read_until_ready(&mut s).await;
+    raw::send_query(&mut s, "PREPARE p AS DELETE FROM items WHERE id = 3").await;
+    read_until_ready(&mut s).await;
+    let mut batch = bind("", "p", &[]);
+    batch.extend(execute(""));
+    batch.extend(sync());
+    send(&mut s, &batch).await;
+    assert!(error_of(&read_until_ready(&mut s).await).is_none());
+    assert_eq!(h.pg.sql("app", "SELECT count(*) FROM items WHERE id = 3").unwrap(), "0");
+    eventually("records", Duration::from_secs(10), || async {
+        statements(&h).len() == 3
+    })
+    .await;
+    let last = statements(&h).pop().unwrap().0;
+    assert_eq!(last["text"], "prepared statement \"p\"", "{last}");
+    assert_eq!(last["class"], "unknown");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn lexing_changes_made_any_other_way_end_the_session() {
+    let h = Harness::start().await;
+    let alice = h.user("alice", &["dba"]);
+    h.grant("alice", "prod-db", AccessLevel::Admin, HOUR).await;
+    // From inside an expression: refused like the SET.
+    let out = h
+        .psql(
+            &alice,
+            "prod-db",
+            "SELECT set_config('standard_conforming_strings', 'off', false)",
+        )
+        .await;
+    assert!(
+        !out.success && out.stderr.contains("would change how statements are read"),
+        "{}",
+        out.stderr
+    );
+    // Hidden in a function: the server's ParameterStatus gives it away and the session ends.
+    h.pg.sql(
+        "app",
+        "CREATE FUNCTION flip() RETURNS text LANGUAGE sql AS \
+         $$ SELECT set_config('standard_conforming_strings', 'off', false) $$",
+    )
+    .unwrap();
+    // psql -c reports the first statement's result (it completed), then finds the session cut.
+    let out = h.psql_commands(&alice, "prod-db", &["SELECT flip()", "SELECT 1"]).await;
+    assert!(!out.success);
+    assert!(
+        out.stderr
+            .contains("the server now reports standard_conforming_strings=off"),
+        "{}",
+        out.stderr
+    );
+    // A role default the proxy cannot read under: refused at login.
+    h.pg.sql("postgres", "ALTER ROLE jit_admin SET standard_conforming_strings = off")
+        .unwrap();
+    let out = h.psql(&alice, "prod-db", "SELECT 1").await;
+    assert!(
+        !out.success && out.stderr.contains("reports standard_conforming_strings=off"),
+        "{}",
+        out.stderr
+    );
+}

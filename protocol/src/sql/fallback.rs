@@ -44,7 +44,8 @@ pub(super) fn classify(lead: &[String]) -> Option<Outcome> {
         ["SECURITY", "LABEL", ..] => (Privilege, "security_label"),
         ["GRANT", ..] => (Privilege, "grant"),
         ["REVOKE", ..] => (Privilege, "revoke"),
-        ["DO", ..] => (Write, "do"),
+        // A DO block runs any SQL through dynamic EXECUTE: nobody can say what it does.
+        ["DO", ..] => (StatementClass::Unknown, "do"),
         ["REFRESH", "MATERIALIZED", "VIEW"] => (Write, "refresh"),
         ["CHECKPOINT"] => (Utility, "checkpoint"),
         ["VACUUM", ..] => (Utility, "vacuum"),

@@ -86,6 +86,9 @@ pub enum Outcome {
     NotExecuted,
     /// `PortalSuspended`: the row limit of `Execute` was reached; more `Execute`s may follow.
     Suspended { rows: u64 },
+    /// The session ended (cut or closed) before the server answered: the statement may or may
+    /// not have run.
+    Interrupted,
 }
 
 /// One audit event. The `event` field names the variant.

@@ -213,6 +213,23 @@ async fn run_session(ctx: Arc<PgContext>, mut n: Negotiated, peer: SocketAddr) {
         }
     };
 
+    if let Some((k, v)) = up
+        .parameters
+        .iter()
+        .find(|(k, v)| startup::lexing_parameter_unsafe(k, v))
+    {
+        // A role or database default the proxy cannot read statements under.
+        let msg = format!("target {target} reports {k}={v}; jitgate requires standard_conforming_strings=on and UTF8");
+        refuse(
+            &ctx,
+            &mut n,
+            peer,
+            target.as_str(),
+            refusal("unsafe_setting", "42501", msg, None),
+        )
+        .await;
+        return;
+    }
     let grant = permit.grant();
     let upstream_cancel = up
         .backend_key

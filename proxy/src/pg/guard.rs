@@ -10,8 +10,8 @@ use crate::types::AccessLevel;
 /// Why a statement was refused.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Denial {
-    /// Bounded label for metrics and audit (`read_only`, `deny_kind`, `unfiltered_write`,
-    /// `audit_unavailable`).
+    /// Bounded label for metrics and audit: `read_only`, `deny_kind`, `unfiltered_write`,
+    /// `unclassifiable`, `unsafe_setting`, `same_message`, `audit_unavailable`.
     pub reason: &'static str,
     /// What the client is told.
     pub message: String,
@@ -46,7 +46,9 @@ impl Guard {
         // A setting the classifier could not clear (standard_conforming_strings off, a
         // multibyte client_encoding, an unreadable SET ROLE) would let the server read later
         // statements differently from the proxy: refused at every access level.
-        if c.class == StatementClass::Unknown && c.kind == "set" {
+        if (c.class == StatementClass::Unknown && matches!(c.kind, "set" | "set_role" | "set_session_authorization"))
+            || changes_lexing_by_function(&c.text)
+        {
             return Err(Denial {
                 reason: "unsafe_setting",
                 message: "jitgate: this setting would change how statements are read, so it is not allowed".into(),
@@ -67,6 +69,19 @@ impl Guard {
                     "request write access: jitgate grant create --user {} --target {} --access write --for 30m --reason \"...\"",
                     self.user, self.target
                 )),
+                sqlstate: "42501",
+            });
+        }
+        // Deny rules cannot be checked against a statement nobody can read: on a target with
+        // rules for this level, unknown statements are refused (fail closed).
+        if !self.rules.is_empty() && c.class == StatementClass::Unknown {
+            return Err(Denial {
+                reason: "unclassifiable",
+                message: format!(
+                    "jitgate: {} has deny rules and this statement cannot be classified",
+                    self.target
+                ),
+                hint: Some("rewrite it in plain SQL (no SQL-level PREPARE/EXECUTE, FROM ONLY or DO)".into()),
                 sqlstate: "42501",
             });
         }
@@ -94,6 +109,13 @@ impl Guard {
         }
         Ok(())
     }
+}
+
+/// `set_config('standard_conforming_strings' | 'client_encoding', ...)`: the same change as a
+/// refused SET, made from inside an expression.
+fn changes_lexing_by_function(text: &str) -> bool {
+    let lower = text.to_ascii_lowercase();
+    lower.contains("set_config") && (lower.contains("standard_conforming_strings") || lower.contains("client_encoding"))
 }
 
 /// A read grant runs reads, transaction control and harmless session statements; anything

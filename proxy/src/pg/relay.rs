@@ -124,13 +124,14 @@ where
                 if let Poll::Ready(result) = Pin::new(ticket).poll(cx) {
                     if let Some((_, batch)) = waiting.take() {
                         let bytes = match result {
-                            Ok(()) => batch.forward,
+                            Ok(()) => {
+                                tracker.mark_forwarded(&batch);
+                                count_forwarded(metrics, target, &batch);
+                                batch.forward
+                            }
                             Err(_) => {
                                 tracker.use_fallback(&batch);
-                                metrics
-                                    .statement_denials_total
-                                    .with_label_values(&["audit_unavailable"])
-                                    .inc();
+                                count_unaudited(metrics, &batch);
                                 batch.fallback
                             }
                         };
@@ -166,9 +167,6 @@ where
                             Ok(b) => b,
                             Err(_) => return Poll::Ready(Ok(Step::Malformed)),
                         };
-                        for class in &batch.classes {
-                            metrics.statements_total.with_label_values(&[target, class]).inc();
-                        }
                         for reason in &batch.denials {
                             metrics.statement_denials_total.with_label_values(&[reason]).inc();
                         }
@@ -179,10 +177,7 @@ where
                                 Ok(ticket) => waiting = Some((ticket, batch)),
                                 Err(_) => {
                                     tracker.use_fallback(&batch);
-                                    metrics
-                                        .statement_denials_total
-                                        .with_label_values(&["audit_unavailable"])
-                                        .inc();
+                                    count_unaudited(metrics, &batch);
                                     up.set(batch.fallback);
                                 }
                             }
@@ -226,6 +221,11 @@ where
                         }
                         flush_ends(tracker, audit, metrics);
                         down.set(out);
+                        if tracker.unsafe_parameter().is_some() {
+                            // Deliver what came, then end the session: later statements could
+                            // not be read the way the server reads them.
+                            return Poll::Ready(Ok(Step::UnsafeSetting));
+                        }
                         progress = true;
                     }
                     Poll::Ready(Err(_)) => return Poll::Ready(Ok(Step::Closed(SessionEndReason::UpstreamClosed))),
@@ -265,9 +265,13 @@ where
 
     let end = match step {
         Ok(Step::Closed(reason)) => RelayEnd::Closed(reason),
-        Ok(Step::TooLarge) | Ok(Step::Malformed) => {
+        Ok(Step::TooLarge) | Ok(Step::Malformed) | Ok(Step::UnsafeSetting) => {
             let message = match step {
                 Ok(Step::TooLarge) => format!("jitgate: message larger than {max_message_bytes} bytes"),
+                Ok(Step::UnsafeSetting) => format!(
+                    "jitgate: the server now reports {}; the session ends because its statements could no longer be audited reliably",
+                    tracker.unsafe_parameter().unwrap_or("an unsafe setting")
+                ),
                 _ => "jitgate: malformed message".to_owned(),
             };
             let msg = jitgate_protocol::postgres::backend::error_response(
@@ -315,8 +319,24 @@ where
 
 enum Step {
     Closed(SessionEndReason),
+    UnsafeSetting,
     TooLarge,
     Malformed,
+}
+
+fn count_forwarded(metrics: &Metrics, target: &str, batch: &Batch) {
+    for class in &batch.classes {
+        metrics.statements_total.with_label_values(&[target, class]).inc();
+    }
+}
+
+/// Every statement of a batch whose records could not be written is refused.
+fn count_unaudited(metrics: &Metrics, batch: &Batch) {
+    let refused = batch.classes.len() as u64;
+    metrics
+        .statement_denials_total
+        .with_label_values(&["audit_unavailable"])
+        .inc_by(refused.max(1));
 }
 
 /// Length of the longest prefix of whole messages in `buf`; `Err` when a message announces

@@ -25,15 +25,25 @@ const FORWARDED: &[&str] = &[
     "default_transaction_isolation",
 ];
 
-/// True for the names PostgreSQL accepts for UTF-8 (case and punctuation ignored), and
-/// SQL_ASCII, which passes bytes through unchanged.
+/// True for the names PostgreSQL accepts for UTF-8 (case and punctuation ignored): the proxy
+/// reads statements as UTF-8, as the classifier's SET rule does.
 fn utf8_encoding(value: &str) -> bool {
     let v: String = value
         .chars()
         .filter(char::is_ascii_alphanumeric)
         .collect::<String>()
         .to_ascii_lowercase();
-    matches!(v.as_str(), "utf8" | "unicode" | "sqlascii")
+    matches!(v.as_str(), "utf8" | "unicode")
+}
+
+/// True when a server-reported parameter would make the server read statements differently
+/// from the proxy (standard_conforming_strings off, a client_encoding other than UTF-8).
+pub fn lexing_parameter_unsafe(name: &str, value: &str) -> bool {
+    match name {
+        "standard_conforming_strings" => !value.eq_ignore_ascii_case("on"),
+        "client_encoding" => !utf8_encoding(value),
+        _ => false,
+    }
 }
 
 /// A startup that passed every check.

@@ -75,6 +75,8 @@ struct Run {
     /// For a statement that changes the role: the role before it, restored if it fails.
     role_before: Option<Option<String>>,
     copy_bytes: Option<u64>,
+    /// `DataRow`s seen (for a suspended portal, whose tag carries no count).
+    rows: u64,
 }
 
 #[derive(Debug)]
@@ -140,6 +142,8 @@ pub struct Tracker {
     effective_role: Option<String>,
     session_authorization: Option<String>,
     replacing: Option<Denial>,
+    /// Set when the server reports a setting that changes how statements are read.
+    unsafe_parameter: Option<String>,
     /// Statement ends produced while observing the server, drained by the relay.
     ends: Vec<AuditEvent>,
     /// Durations of ended statements, drained by the relay for metrics.
@@ -161,6 +165,7 @@ impl Tracker {
             effective_role: None,
             session_authorization: None,
             replacing: None,
+            unsafe_parameter: None,
             ends: Vec::new(),
             durations: Vec::new(),
         }
@@ -175,6 +180,19 @@ impl Tracker {
             SessionChange::SearchPath(_) => return None,
         };
         Some(std::mem::replace(&mut self.effective_role, new))
+    }
+
+    fn unknown_prepared(&self, name: &str) -> Prepared {
+        let denial = self.guard.check(&unknown_classified("unknown")).err();
+        Prepared {
+            text: format!("prepared statement {name:?}"),
+            class: StatementClass::Unknown,
+            kind: "unknown",
+            tables: Vec::new(),
+            session_change: None,
+            denial,
+            redact_params: true,
+        }
     }
 
     fn push_slot(&mut self, kind: SlotKind, sentinel: Option<Denial>) -> u64 {
@@ -323,6 +341,7 @@ impl Tracker {
                         started: now,
                         role_before,
                         copy_bytes: None,
+                        rows: 0,
                     });
                 }
                 match refused {
@@ -384,10 +403,14 @@ impl Tracker {
                 statement,
                 params,
             } => {
-                if let Some(p) = self.prepared.get(statement).cloned() {
-                    let params = self.render_params(&params, p.redact_params);
-                    self.portals.insert(portal.to_owned(), Portal { statement: p, params });
-                }
+                // A statement the proxy did not see parsed (made by SQL PREPARE, or one whose
+                // Parse the server refused) is unknown: never the portal's previous statement.
+                let p = match self.prepared.get(statement) {
+                    Some(p) => Arc::clone(p),
+                    None => Arc::new(self.unknown_prepared(statement)),
+                };
+                let params = self.render_params(&params, p.redact_params);
+                self.portals.insert(portal.to_owned(), Portal { statement: p, params });
                 self.push_slot(SlotKind::Bind, None);
                 batch.forward.extend_from_slice(msg);
                 batch.fallback.extend_from_slice(msg);
@@ -406,15 +429,15 @@ impl Tracker {
                         p.session_change.clone(),
                         p.denial.clone(),
                     ),
-                    // A portal the proxy never saw bound (it cannot exist on the server
-                    // either): recorded as unknown and let the server refuse it.
+                    // A portal the proxy never saw bound (a cursor opened with DECLARE): what it
+                    // runs is unknown, and checked as such.
                     None => (
-                        String::new(),
+                        format!("execute portal {portal:?}"),
                         StatementClass::Unknown,
                         "unknown",
                         Vec::new(),
                         None,
-                        None,
+                        self.guard.check(&unknown_classified("unknown")).err(),
                     ),
                 };
                 let (id, event) = self.statement_record(
@@ -443,6 +466,7 @@ impl Tracker {
                             started: now,
                             role_before,
                             copy_bytes: None,
+                            rows: 0,
                         };
                         let seq = self.push_slot(SlotKind::Execute(run), None);
                         batch.statement_slots.push(seq);
@@ -453,11 +477,8 @@ impl Tracker {
             }
             Frontend::FunctionCall { oid, args } => {
                 let params = self.render_params(&args, false);
-                let denial = match self.facts.access {
-                    // A function may do anything; a read grant cannot tell which.
-                    AccessLevel::Read => self.guard.check(&unknown_call()).err(),
-                    _ => None,
-                };
+                // A function may do anything: checked as an unknown statement.
+                let denial = self.guard.check(&unknown_classified("call")).err();
                 let (id, event) = self.statement_record(
                     StatementPath::FunctionCall,
                     format!("function call oid={oid}"),
@@ -482,6 +503,7 @@ impl Tracker {
                             started: now,
                             role_before: None,
                             copy_bytes: None,
+                            rows: 0,
                         };
                         let seq = self.push_slot(SlotKind::FunctionCall(run), None);
                         batch.statement_slots.push(seq);
@@ -525,6 +547,22 @@ impl Tracker {
         batch.fallback.extend_from_slice(msg);
     }
 
+    /// The batch's records are written and its bytes go out now: durations start here.
+    pub fn mark_forwarded(&mut self, batch: &Batch) {
+        let now = Instant::now();
+        for slot in self
+            .pending
+            .iter_mut()
+            .filter(|s| batch.statement_slots.contains(&s.seq))
+        {
+            match &mut slot.kind {
+                SlotKind::Execute(run) | SlotKind::FunctionCall(run) => run.started = now,
+                SlotKind::Query(runs) => runs.iter_mut().for_each(|r| r.started = now),
+                _ => {}
+            }
+        }
+    }
+
     /// The batch's records could not be written: every statement in it becomes a sentinel
     /// refused with `audit_unavailable`. Call before forwarding `batch.fallback`.
     pub fn use_fallback(&mut self, batch: &Batch) {
@@ -565,6 +603,12 @@ impl Tracker {
                 }
                 Disposition::Pass
             }
+            b'D' => {
+                if let Some(run) = self.current_run() {
+                    run.rows += 1;
+                }
+                Disposition::Pass
+            }
             _ => Disposition::Pass,
         }
     }
@@ -602,7 +646,10 @@ impl Tracker {
                     tag: tag_text,
                 });
             }
-            b's' => self.on_complete(Outcome::Suspended { rows: 0 }),
+            b's' => {
+                let rows = self.current_run().map_or(0, |r| r.rows);
+                self.on_complete(Outcome::Suspended { rows });
+            }
             b'V' => {
                 if let Some(Slot {
                     kind: SlotKind::FunctionCall(_),
@@ -634,6 +681,9 @@ impl Tracker {
                 let mut b = body;
                 let name = take(&mut b);
                 let value = take(&mut b);
+                if super::startup::lexing_parameter_unsafe(&name, &value) {
+                    self.unsafe_parameter = Some(format!("{name}={value}"));
+                }
                 if name == "session_authorization" {
                     self.session_authorization = Some(value.clone());
                     if self.effective_role.is_some() {
@@ -763,6 +813,11 @@ impl Tracker {
         }
     }
 
+    /// A setting the server reported that breaks statement reading (`name=value`), if any.
+    pub fn unsafe_parameter(&self) -> Option<&str> {
+        self.unsafe_parameter.as_deref()
+    }
+
     /// Records of statements that ended since the last call.
     pub fn take_ends(&mut self) -> Vec<AuditEvent> {
         std::mem::take(&mut self.ends)
@@ -773,14 +828,15 @@ impl Tracker {
         std::mem::take(&mut self.durations)
     }
 
-    /// Statements still waiting for an answer when the session ends.
+    /// Statements still waiting for an answer when the session ends: `interrupted`, since
+    /// they may or may not have run.
     pub fn abandon(&mut self) {
         while let Some(slot) = self.pending.pop_front() {
             match slot.kind {
-                SlotKind::Execute(run) | SlotKind::FunctionCall(run) => self.end(run, Outcome::NotExecuted),
+                SlotKind::Execute(run) | SlotKind::FunctionCall(run) => self.end(run, Outcome::Interrupted),
                 SlotKind::Query(runs) => {
                     for run in runs {
-                        self.end(run, Outcome::NotExecuted);
+                        self.end(run, Outcome::Interrupted);
                     }
                 }
                 _ => {}
@@ -798,11 +854,11 @@ fn same_message() -> Denial {
     }
 }
 
-fn unknown_call() -> Classified {
+fn unknown_classified(kind: &'static str) -> Classified {
     Classified {
         text: String::new(),
         class: StatementClass::Unknown,
-        kind: "call",
+        kind,
         tables: Vec::new(),
         has_where: None,
         session_change: None,
