@@ -500,6 +500,37 @@ pub fn metric(text: &str, name_and_labels: &str) -> f64 {
         .map_or(0.0, |v| v.trim().parse().unwrap())
 }
 
+/// What a run of the `jitgate` binary printed and returned.
+#[derive(Debug)]
+pub struct CliRun {
+    pub ok: bool,
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// Runs the `jitgate` binary with `args`, `JITGATE_*` variables cleared and `env` set.
+pub async fn run_jitgate(args: &[&str], env: &[(&str, &str)]) -> CliRun {
+    let mut c = Command::new(jitgate_bin());
+    c.args(args);
+    for (k, _) in std::env::vars() {
+        if k.starts_with("JITGATE_") {
+            c.env_remove(k);
+        }
+    }
+    c.envs(env.iter().copied());
+    let out = tokio::time::timeout(Duration::from_secs(60), c.output())
+        .await
+        .expect("jitgate finished")
+        .unwrap();
+    CliRun {
+        ok: out.status.success(),
+        code: out.status.code(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
 /// Path of the `jitgate` binary built next to the test executable.
 pub fn jitgate_bin() -> PathBuf {
     let exe = std::env::current_exe().unwrap();

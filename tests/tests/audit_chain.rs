@@ -7,35 +7,11 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use jitgate_tests::jitgate::types::AccessLevel;
-use jitgate_tests::{eventually, jitgate_bin, Harness};
+use jitgate_tests::{eventually, run_jitgate, CliRun, Harness};
 use serde_json::Value;
-use tokio::process::Command;
 
-struct Run {
-    ok: bool,
-    code: Option<i32>,
-    stdout: String,
-    stderr: String,
-}
-
-async fn jitgate(args: &[&str]) -> Run {
-    let mut c = Command::new(jitgate_bin());
-    c.args(args);
-    for (k, _) in std::env::vars() {
-        if k.starts_with("JITGATE_") {
-            c.env_remove(k);
-        }
-    }
-    let out = tokio::time::timeout(Duration::from_secs(60), c.output())
-        .await
-        .unwrap()
-        .unwrap();
-    Run {
-        ok: out.status.success(),
-        code: out.status.code(),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
+async fn jitgate(args: &[&str]) -> CliRun {
+    run_jitgate(args, &[]).await
 }
 
 fn s(p: &Path) -> &str {

@@ -9,34 +9,12 @@ use std::time::Duration;
 use jitgate_tests::jitgate::client::{ApiClient, ClientError};
 use jitgate_tests::jitgate::pki::identity_from_der;
 use jitgate_tests::jitgate::types::AccessLevel;
-use jitgate_tests::{client_command, eventually, jitgate_bin, Harness};
+use jitgate_tests::{client_command, eventually, jitgate_bin, run_jitgate, CliRun, Harness};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::Command;
 
-struct Run {
-    ok: bool,
-    stdout: String,
-    stderr: String,
-}
-
-async fn jitgate(args: &[&str], env: &[(&str, &str)]) -> Run {
-    let mut c = Command::new(jitgate_bin());
-    c.args(args);
-    for (k, _) in std::env::vars() {
-        if k.starts_with("JITGATE_") {
-            c.env_remove(k);
-        }
-    }
-    c.envs(env.iter().copied());
-    let out = tokio::time::timeout(Duration::from_secs(60), c.output())
-        .await
-        .unwrap()
-        .unwrap();
-    Run {
-        ok: out.status.success(),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
+async fn jitgate(args: &[&str], env: &[(&str, &str)]) -> CliRun {
+    run_jitgate(args, env).await
 }
 
 fn identity_of(path: &Path) -> jitgate_tests::jitgate::pki::Identity {

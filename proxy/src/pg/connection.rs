@@ -179,28 +179,15 @@ async fn run_session(ctx: Arc<PgContext>, mut n: Negotiated, peer: SocketAddr) {
                 .observe(started.elapsed().as_secs_f64());
             up
         }
-        Ok(Err(e)) => {
+        failed => {
             ctx.metrics
                 .upstream_errors_total
                 .with_label_values(&[target.as_str()])
                 .inc();
-            let msg = format!("jitgate could not log in to {target}: {e}");
-            refuse(
-                &ctx,
-                &mut n,
-                peer,
-                target.as_str(),
-                refusal("upstream", "08001", msg, None),
-            )
-            .await;
-            return;
-        }
-        Err(_) => {
-            ctx.metrics
-                .upstream_errors_total
-                .with_label_values(&[target.as_str()])
-                .inc();
-            let msg = format!("jitgate timed out connecting to {target}");
+            let msg = match failed {
+                Ok(Err(e)) => format!("jitgate could not log in to {target}: {e}"),
+                _ => format!("jitgate timed out connecting to {target}"),
+            };
             refuse(
                 &ctx,
                 &mut n,

@@ -163,7 +163,7 @@ where
                     }
                     Ok(n) => {
                         let msgs = inbuf.split_to(n);
-                        let batch = match tracker.client_batch(&msgs) {
+                        let mut batch = match tracker.client_batch(&msgs) {
                             Ok(b) => b,
                             Err(_) => return Poll::Ready(Ok(Step::Malformed)),
                         };
@@ -173,7 +173,7 @@ where
                         if batch.records.is_empty() {
                             up.set(batch.forward);
                         } else {
-                            match audit.enqueue(batch.records.clone()) {
+                            match audit.enqueue(std::mem::take(&mut batch.records)) {
                                 Ok(ticket) => waiting = Some((ticket, batch)),
                                 Err(_) => {
                                     tracker.use_fallback(&batch);
@@ -215,12 +215,13 @@ where
                         return Poll::Ready(Ok(Step::Closed(SessionEndReason::UpstreamClosed)))
                     }
                     Poll::Ready(Ok(())) => {
-                        let mut out = Vec::with_capacity(rb.filled().len());
-                        if observe(&mut scanner, tracker, &mut dropping, rb.filled(), &mut out).is_err() {
+                        // The previous chunk is fully written: reuse its buffer.
+                        down.bytes.clear();
+                        down.pos = 0;
+                        if observe(&mut scanner, tracker, &mut dropping, rb.filled(), &mut down.bytes).is_err() {
                             return Poll::Ready(Ok(Step::Closed(SessionEndReason::Error)));
                         }
                         flush_ends(tracker, audit, metrics);
-                        down.set(out);
                         if tracker.unsafe_parameter().is_some() {
                             // Deliver what came, then end the session: later statements could
                             // not be read the way the server reads them.
@@ -263,58 +264,57 @@ where
     })
     .await;
 
-    let end = match step {
-        Ok(Step::Closed(reason)) => RelayEnd::Closed(reason),
-        Ok(Step::TooLarge) | Ok(Step::Malformed) | Ok(Step::UnsafeSetting) => {
-            let message = match step {
-                Ok(Step::TooLarge) => format!("jitgate: message larger than {max_message_bytes} bytes"),
-                Ok(Step::UnsafeSetting) => format!(
-                    "jitgate: the server now reports {}; the session ends because its statements could no longer be audited reliably",
-                    tracker.unsafe_parameter().unwrap_or("an unsafe setting")
-                ),
-                _ => "jitgate: malformed message".to_owned(),
-            };
-            let msg = jitgate_protocol::postgres::backend::error_response(
-                jitgate_protocol::postgres::backend::Severity::Fatal,
-                &jitgate_protocol::postgres::backend::Report {
-                    sqlstate: "08P01",
-                    message: &message,
-                    detail: None,
-                    hint: None,
-                },
+    let (end, last) = match step {
+        Ok(Step::Closed(reason)) => (RelayEnd::Closed(reason), None),
+        Ok(Step::TooLarge) => (
+            RelayEnd::ProtocolViolation,
+            Some(protocol_fatal(&format!(
+                "jitgate: message larger than {max_message_bytes} bytes"
+            ))),
+        ),
+        Ok(Step::Malformed) => (
+            RelayEnd::ProtocolViolation,
+            Some(protocol_fatal("jitgate: malformed message")),
+        ),
+        Ok(Step::UnsafeSetting) => {
+            let message = format!(
+                "jitgate: the server now reports {}; the session ends because its statements could no longer be audited reliably",
+                tracker.unsafe_parameter().unwrap_or("an unsafe setting")
             );
-            let flush = finish(
-                client,
-                upstream,
-                &mut down,
-                &mut scanner,
-                tracker,
-                &mut dropping,
-                session,
-                &msg,
-            );
-            let _ = tokio::time::timeout(CUT_FLUSH, flush).await;
-            RelayEnd::ProtocolViolation
+            (RelayEnd::ProtocolViolation, Some(protocol_fatal(&message)))
         }
-        Err(reason) => {
-            let msg = fatal(reason);
-            let flush = finish(
-                client,
-                upstream,
-                &mut down,
-                &mut scanner,
-                tracker,
-                &mut dropping,
-                session,
-                &msg,
-            );
-            let _ = tokio::time::timeout(CUT_FLUSH, flush).await;
-            RelayEnd::Cut(reason)
-        }
+        Err(reason) => (RelayEnd::Cut(reason), Some(fatal(reason))),
     };
+    if let Some(last) = last {
+        let flush = finish(
+            client,
+            upstream,
+            &mut down,
+            &mut scanner,
+            tracker,
+            &mut dropping,
+            session,
+            &last,
+        );
+        let _ = tokio::time::timeout(CUT_FLUSH, flush).await;
+    }
     tracker.abandon();
     flush_ends(tracker, audit, metrics);
     end
+}
+
+/// A FATAL for a session the proxy ends on its own account (08P01).
+fn protocol_fatal(message: &str) -> Vec<u8> {
+    use jitgate_protocol::postgres::backend::{error_response, Report, Severity};
+    error_response(
+        Severity::Fatal,
+        &Report {
+            sqlstate: "08P01",
+            message,
+            detail: None,
+            hint: None,
+        },
+    )
 }
 
 enum Step {
