@@ -19,10 +19,17 @@ async fn metrics_reflect_sessions_opened_and_cut() {
     assert!(h.psql(&alice, "prod-db", "SELECT 1").await.success);
     assert!(h.psql(&alice, "prod-db", "SELECT 2").await.success);
     let mut idle = h.psql_interactive(&alice, "prod-db");
-    let admin = h.admin().clone();
-    eventually("session live", Duration::from_secs(20), || {
-        let admin = admin.clone();
-        async move { admin.list_sessions().await.map(|s| s.len() == 1).unwrap_or(false) }
+    // Wait for the idle session itself: the previous psql's session may still be ending.
+    eventually("third session live", Duration::from_secs(20), || async {
+        let (_, body) = h.metrics_get("/metrics").await;
+        metric(
+            &body,
+            "jitgate_sessions_total{protocol=\"postgres\",target=\"prod-db\"}",
+        ) == 3.0
+            && metric(
+                &body,
+                "jitgate_sessions_active{protocol=\"postgres\",target=\"prod-db\"}",
+            ) == 1.0
     })
     .await;
     let (_, body) = h.metrics_get("/metrics").await;
