@@ -74,6 +74,7 @@ fn router(state: Arc<ApiState>) -> Router {
         .route("/v1/whoami", get(whoami))
         .route("/v1/grants", get(list_grants).post(create_grant))
         .route("/v1/grants/{id}/revoke", post(revoke_grant))
+        .route("/v1/grants/{id}/extend", post(extend_grant))
         .route("/v1/sessions", get(list_sessions))
         .route("/v1/sessions/{id}/kill", post(kill_session))
         .with_state(state)
@@ -124,6 +125,25 @@ async fn revoke_grant(
     require_admin(&id)?;
     let grant = s.grants.revoke(&GrantId::from_string(grant), &id.user)?;
     tracing::info!(grant.id = %grant.id, by = %id.user, "grant revoked");
+    Ok(Json(grant))
+}
+
+/// Body of `POST /v1/grants/{id}/extend`: how much later the grant ends.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ExtendBody {
+    pub duration_secs: u64,
+}
+
+async fn extend_grant(
+    State(s): State<Arc<ApiState>>,
+    Extension(id): Extension<Arc<Identity>>,
+    Path(grant): Path<String>,
+    Json(ext): Json<ExtendBody>,
+) -> Result<Json<Grant>, ApiError> {
+    require_admin(&id)?;
+    let by = std::time::Duration::from_secs(ext.duration_secs);
+    let grant = s.grants.extend(&GrantId::from_string(grant), by, &id.user)?;
+    tracing::info!(grant.id = %grant.id, by = %id.user, "grant extended");
     Ok(Json(grant))
 }
 

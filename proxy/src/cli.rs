@@ -66,6 +66,11 @@ enum Command {
         #[command(subcommand)]
         command: AuditCommand,
     },
+    /// Explain access policies (works on the config file; no API, no secrets needed).
+    Policy {
+        #[command(subcommand)]
+        command: crate::policy::command::PolicyCommand,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -155,6 +160,13 @@ enum GrantCommand {
     List,
     /// Revoke a grant and cut its sessions.
     Revoke { id: String },
+    /// Move a grant's end later; live sessions keep going without reconnecting.
+    Extend {
+        id: String,
+        /// How much later, e.g. 30m.
+        #[arg(long = "for", value_parser = humantime::parse_duration)]
+        duration: Duration,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -380,6 +392,7 @@ async fn dispatch(cli: Cli) -> Result<()> {
         Command::Audit {
             command: AuditCommand::Tail(args),
         } => audit_tail(args),
+        Command::Policy { command } => crate::policy::command::run(command),
     }
 }
 
@@ -578,6 +591,21 @@ async fn grant(cmd: GrantCommand, a: &ApiArgs) -> Result<()> {
                 );
             }
             Ok(())
+        }
+        GrantCommand::Extend { id, duration } => {
+            let g = client.extend_grant(&id, duration).await?;
+            if a.json {
+                print_json(&g)
+            } else {
+                println!(
+                    "extended {} ({} on {}): ends in {}",
+                    g.id,
+                    g.user,
+                    g.target,
+                    until(g.expires_at)
+                );
+                Ok(())
+            }
         }
         GrantCommand::Revoke { id } => {
             let g = client.revoke_grant(&id).await?;

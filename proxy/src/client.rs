@@ -141,6 +141,15 @@ impl ApiClient {
             .await
     }
 
+    /// `POST /v1/grants/{id}/extend`.
+    pub async fn extend_grant(&self, id: &str, by: std::time::Duration) -> Result<Grant, ClientError> {
+        let body = crate::api::ExtendBody {
+            duration_secs: by.as_secs().max(1),
+        };
+        self.post(&format!("/v1/grants/{}/extend", encode_segment(id)), &body)
+            .await
+    }
+
     /// `GET /v1/sessions`.
     pub async fn list_sessions(&self) -> Result<Vec<SessionInfo>, ClientError> {
         self.call(Method::GET, "/v1/sessions", None).await

@@ -42,9 +42,15 @@ struct RawConfig {
     #[serde(default)]
     limits: RawLimits,
     #[serde(default)]
+    sessions: RawSessions,
+    #[serde(default)]
     audit: RawAudit,
     #[serde(default)]
     targets: Vec<RawTarget>,
+    #[serde(default)]
+    webhooks: Vec<crate::notify::RawWebhook>,
+    #[serde(default)]
+    policies: Vec<crate::policy::RawPolicy>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -84,6 +90,12 @@ struct RawTls {
     ca_cert: Option<PathBuf>,
     server_cert: Option<PathBuf>,
     server_key: Option<PathBuf>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSessions {
+    expiry_notice: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -165,10 +177,16 @@ pub struct Config {
     pub listen: Listen,
     pub tls: TlsPaths,
     pub limits: Limits,
+    pub sessions: SessionsConfig,
     pub audit: AuditConfig,
     /// Grant store (SQLite). Always `DATA_DIR/jitgate.db`.
     pub store_path: PathBuf,
     pub targets: Arc<HashMap<TargetName, Arc<Target>>>,
+    /// `[[webhooks]]`: where notifications go (see [`crate::notify`]). Default: none.
+    pub webhooks: Vec<crate::notify::WebhookConfig>,
+    /// Access policies (`[[policies]]`), validated against the targets. Default: none, so
+    /// every request is refused.
+    pub policies: Arc<crate::policy::Policies>,
 }
 
 /// Listener addresses.
@@ -185,6 +203,14 @@ pub struct TlsPaths {
     pub ca_cert: PathBuf,
     pub server_cert: PathBuf,
     pub server_key: PathBuf,
+}
+
+/// How live sessions are treated.
+#[derive(Debug, Clone)]
+pub struct SessionsConfig {
+    /// How long before its grant ends a session gets a NOTICE saying so. Default 5m; 0s
+    /// turns the notice off.
+    pub expiry_notice: Duration,
 }
 
 /// Bounds on resources and waits.
@@ -397,7 +423,19 @@ impl RawConfig {
                 return Err(invalid(format!("targets[{i}].name"), "duplicate target name"));
             }
         }
+        let sessions = SessionsConfig {
+            expiry_notice: duration(
+                "sessions.expiry_notice",
+                self.sessions.expiry_notice.as_deref(),
+                Duration::from_secs(300),
+            )?,
+        };
+        let policies = Arc::new(crate::policy::validate(self.policies, &targets)?);
+        let webhooks = crate::notify::validate_webhooks(self.webhooks)?;
         Ok(Config {
+            webhooks,
+            policies,
+            sessions,
             audit,
             store_path: data_dir.join("jitgate.db"),
             data_dir,

@@ -10,12 +10,14 @@ use std::time::{Duration, SystemTime};
 
 use dashmap::DashMap;
 use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::audit::{AuditError, AuditEvent, AuditLog};
 use crate::metrics::Metrics;
+use crate::notify::{Notification, Notifier};
 use crate::store::{GrantStore, StoreError};
 use crate::types::{AccessLevel, GrantId, TargetName, UserName};
 
@@ -69,18 +71,47 @@ pub enum GrantError {
     Audit(#[from] AuditError),
 }
 
-/// A grant in the table with its cut signal.
+/// When a grant ends, as a monotonic instant (for timers) and as wall-clock time (for people
+/// and the store). An extension replaces it; sessions and the reaper watch it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Deadline {
+    pub instant: Instant,
+    pub at: SystemTime,
+}
+
+impl Deadline {
+    fn at(at: SystemTime) -> Self {
+        let left = at.duration_since(SystemTime::now()).unwrap_or_default();
+        Deadline {
+            instant: Instant::now() + left,
+            at,
+        }
+    }
+}
+
+/// A grant in the table with its cut signal and its (movable) deadline.
 #[derive(Debug)]
 struct LiveGrant {
+    /// The grant as created; `expires_at` here is the original expiry, see `deadline`.
     grant: Grant,
-    deadline: Instant,
+    deadline: watch::Sender<Deadline>,
     cut: CancellationToken,
     end: OnceLock<GrantEnd>,
 }
 
 impl LiveGrant {
+    fn deadline(&self) -> Deadline {
+        *self.deadline.borrow()
+    }
     fn is_live(&self, now: Instant) -> bool {
-        self.end.get().is_none() && now < self.deadline
+        self.end.get().is_none() && now < self.deadline().instant
+    }
+    /// The grant with its current expiry.
+    fn current(&self) -> Grant {
+        Grant {
+            expires_at: self.deadline().at,
+            ..self.grant.clone()
+        }
     }
 }
 
@@ -94,9 +125,13 @@ impl GrantPermit {
     pub fn grant(&self) -> &Grant {
         &self.0.grant
     }
-    /// Instant at which the grant expires.
+    /// Instant at which the grant expires now (an extension moves it).
     pub fn deadline(&self) -> Instant {
-        self.0.deadline
+        self.0.deadline().instant
+    }
+    /// Follows the grant's deadline as extensions move it.
+    pub fn deadline_watch(&self) -> watch::Receiver<Deadline> {
+        self.0.deadline.subscribe()
     }
     /// Fires when the grant is revoked or expires.
     pub fn cut_token(&self) -> CancellationToken {
@@ -128,6 +163,7 @@ pub struct Grants {
     store: Arc<dyn GrantStore>,
     audit: Arc<AuditLog>,
     metrics: Arc<Metrics>,
+    notifier: Arc<Notifier>,
     reapers: TaskTracker,
     shutdown: CancellationToken,
 }
@@ -142,6 +178,7 @@ impl Grants {
         store: Arc<dyn GrantStore>,
         audit: Arc<AuditLog>,
         metrics: Arc<Metrics>,
+        notifier: Arc<Notifier>,
         shutdown: CancellationToken,
     ) -> Result<Arc<Self>, GrantError> {
         let grants = Arc::new(Self {
@@ -150,6 +187,7 @@ impl Grants {
             store,
             audit,
             metrics,
+            notifier,
             reapers: TaskTracker::new(),
             shutdown,
         });
@@ -163,6 +201,9 @@ impl Grants {
                     target: grant.target.clone(),
                     access: grant.access,
                 })?;
+                grants
+                    .notifier
+                    .notify(Notification::grant_ended(&grant, GrantEnd::Expired, None));
             } else {
                 grants.activate(grant);
             }
@@ -211,6 +252,7 @@ impl Grants {
             return Err(e.into());
         }
         self.activate(grant.clone());
+        self.notifier.notify(Notification::grant_started(&grant));
         Ok(grant)
     }
 
@@ -226,6 +268,8 @@ impl Grants {
             return Err(GrantError::NotFound(id.clone()));
         }
         self.deactivate(&live);
+        self.notifier
+            .notify(Notification::grant_ended(&live.current(), GrantEnd::Revoked, Some(by)));
         let g = &live.grant;
         let audited = self.audit.record(AuditEvent::GrantRevoked {
             grant_id: g.id.clone(),
@@ -239,6 +283,37 @@ impl Grants {
         Ok(g.clone())
     }
 
+    /// Moves a live grant's deadline `by` later: stored, audited, then every session under it
+    /// follows the new deadline without reconnecting. The total lifetime stays within 30 days.
+    pub fn extend(&self, id: &GrantId, by: Duration, who: &UserName) -> Result<Grant, GrantError> {
+        let live = self
+            .by_id
+            .get(id)
+            .map(|g| Arc::clone(&g))
+            .ok_or_else(|| GrantError::NotFound(id.clone()))?;
+        if !live.is_live(Instant::now()) {
+            return Err(GrantError::NotFound(id.clone()));
+        }
+        let new_at = live.deadline().at + by;
+        if by.is_zero() || new_at.duration_since(SystemTime::now()).unwrap_or_default() > MAX_GRANT {
+            return Err(GrantError::BadDuration);
+        }
+        if !self.store.extend(id, new_at)? {
+            return Err(GrantError::NotFound(id.clone()));
+        }
+        let g = &live.grant;
+        self.audit.record(AuditEvent::GrantExtended {
+            grant_id: g.id.clone(),
+            user: g.user.clone(),
+            target: g.target.clone(),
+            access: g.access,
+            expires_at: new_at,
+            by: who.clone(),
+        })?;
+        live.deadline.send_replace(Deadline::at(new_at));
+        Ok(live.current())
+    }
+
     /// The best live grant for (user, target): the highest access level, then the latest
     /// expiry. `None` denies.
     pub fn lookup(&self, user: &UserName, target: &TargetName) -> Option<GrantPermit> {
@@ -247,7 +322,7 @@ impl Grants {
         entry
             .iter()
             .filter(|g| g.is_live(now))
-            .max_by_key(|g| (g.grant.access, g.deadline))
+            .max_by_key(|g| (g.grant.access, g.deadline().instant))
             .map(|g| GrantPermit(Arc::clone(g)))
     }
 
@@ -258,16 +333,15 @@ impl Grants {
             .by_id
             .iter()
             .filter(|g| g.is_live(now))
-            .map(|g| g.grant.clone())
+            .map(|g| g.current())
             .collect();
         v.sort_by_key(|g| g.expires_at);
         v
     }
 
     fn activate(self: &Arc<Self>, grant: Grant) {
-        let left = grant.expires_at.duration_since(SystemTime::now()).unwrap_or_default();
         let live = Arc::new(LiveGrant {
-            deadline: Instant::now() + left,
+            deadline: watch::Sender::new(Deadline::at(grant.expires_at)),
             cut: CancellationToken::new(),
             end: OnceLock::new(),
             grant,
@@ -278,10 +352,21 @@ impl Grants {
         self.metrics.grants_active.inc();
         let this = Arc::clone(self);
         self.reapers.spawn(async move {
-            tokio::select! {
-                _ = tokio::time::sleep_until(live.deadline) => this.expire(&live),
-                _ = live.cut.cancelled() => {}
-                _ = this.shutdown.cancelled() => {}
+            let mut deadline = live.deadline.subscribe();
+            loop {
+                let due = deadline.borrow_and_update().instant;
+                tokio::select! {
+                    _ = tokio::time::sleep_until(due) => {
+                        // An extension may have landed just now.
+                        if live.deadline().instant <= Instant::now() {
+                            this.expire(&live);
+                            return;
+                        }
+                    }
+                    _ = deadline.changed() => {}
+                    _ = live.cut.cancelled() => return,
+                    _ = this.shutdown.cancelled() => return,
+                }
             }
         });
     }
@@ -291,6 +376,8 @@ impl Grants {
             return;
         }
         self.deactivate(live);
+        self.notifier
+            .notify(Notification::grant_ended(&live.current(), GrantEnd::Expired, None));
         let g = &live.grant;
         if let Err(error) = self.store.end(&g.id, GrantEnd::Expired, SystemTime::now()) {
             tracing::error!(grant.id = %g.id, %error, "could not store grant expiry");

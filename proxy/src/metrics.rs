@@ -59,6 +59,10 @@ pub struct Metrics {
     pub statement_denials_total: IntCounterVec,
     /// Time from forwarding a statement to the server's answer.
     pub statement_duration_seconds: prometheus::Histogram,
+    /// Webhook notifications, by webhook and outcome (`delivered`, `failed`, `dropped`).
+    pub webhook_deliveries_total: IntCounterVec,
+    /// Notifications waiting in a webhook's queue, by webhook.
+    pub webhook_queue_depth: IntGaugeVec,
     ready: AtomicBool,
 }
 
@@ -177,6 +181,19 @@ impl Metrics {
             cancel_requests_total: reg!(IntCounterVec::new(
                 Opts::new("jitgate_cancel_requests_total", "Client query cancel requests"),
                 &["outcome"]
+            )
+            .expect("valid metric")),
+            webhook_deliveries_total: reg!(IntCounterVec::new(
+                Opts::new("jitgate_webhook_deliveries_total", "Webhook notifications by outcome"),
+                &["webhook", "outcome"]
+            )
+            .expect("valid metric")),
+            webhook_queue_depth: reg!(IntGaugeVec::new(
+                Opts::new(
+                    "jitgate_webhook_queue_depth",
+                    "Notifications waiting in a webhook's queue"
+                ),
+                &["webhook"]
             )
             .expect("valid metric")),
             registry,

@@ -17,6 +17,7 @@ use crate::audit::AuditLog;
 use crate::config::{Config, Listen};
 use crate::grants::Grants;
 use crate::metrics::{self, Metrics};
+use crate::notify::Notifier;
 use crate::pg::{self, PgContext};
 use crate::sessions::Sessions;
 use crate::store::SqliteStore;
@@ -90,9 +91,18 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: impl Future<Out
     let audit = AuditLog::open(&config.audit, Arc::clone(&metrics))?;
     let store = Arc::new(SqliteStore::open(&config.store_path)?);
     let cancel = CancellationToken::new();
-    let grants = Grants::restore(store, Arc::clone(&audit), Arc::clone(&metrics), cancel.clone())?;
-    let sessions = Arc::new(Sessions::default());
     let tracker = TaskTracker::new();
+    let notifier = Notifier::start(&config.webhooks, &metrics, &tracker, cancel.clone());
+    let grants = Grants::restore(
+        store,
+        Arc::clone(&audit),
+        Arc::clone(&metrics),
+        notifier,
+        cancel.clone(),
+    )
+    // Stops the webhook workers already started.
+    .inspect_err(|_| cancel.cancel())?;
+    let sessions = Arc::new(Sessions::default());
 
     let pg = Arc::new(PgContext {
         config: config.clone(),

@@ -22,6 +22,8 @@ pub trait GrantStore: Send + Sync + 'static {
     fn insert(&self, grant: &Grant) -> Result<(), StoreError>;
     /// Marks a grant ended; returns false when it was not active.
     fn end(&self, id: &GrantId, end: GrantEnd, at: SystemTime) -> Result<bool, StoreError>;
+    /// Moves an active grant's expiry; returns false when it was not active.
+    fn extend(&self, id: &GrantId, expires_at: SystemTime) -> Result<bool, StoreError>;
     /// Every grant not yet ended (some may be past their expiry time).
     fn active(&self) -> Result<Vec<Grant>, StoreError>;
 }

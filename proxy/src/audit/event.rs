@@ -105,6 +105,17 @@ pub enum AuditEvent {
         access: AccessLevel,
         by: UserName,
     },
+    #[serde(rename = "grant.extended")]
+    GrantExtended {
+        grant_id: GrantId,
+        user: UserName,
+        target: TargetName,
+        access: AccessLevel,
+        /// The new expiry.
+        #[serde(with = "crate::timefmt::serde_rfc3339")]
+        expires_at: SystemTime,
+        by: UserName,
+    },
     #[serde(rename = "grant.expired")]
     GrantExpired {
         grant_id: GrantId,
@@ -196,6 +207,7 @@ impl AuditEvent {
         match self {
             Self::GrantCreated { .. } => "grant.created",
             Self::GrantRevoked { .. } => "grant.revoked",
+            Self::GrantExtended { .. } => "grant.extended",
             Self::GrantExpired { .. } => "grant.expired",
             Self::SessionDenied { .. } => "session.denied",
             Self::SessionStart { .. } => "session.start",

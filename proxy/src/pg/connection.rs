@@ -13,13 +13,13 @@ use tracing::Instrument as _;
 
 use super::guard::Guard;
 use super::negotiate::{acceptor, negotiate, NegotiateError, Negotiated};
-use super::relay::{relay, RelayContext, RelayEnd};
+use super::relay::{relay, ExpiryNotice, RelayContext, RelayEnd};
 use super::startup::{self, CheckedStartup, Refusal};
 use super::statements::{SessionFacts, TextLimits, Tracker};
 use super::upstream;
 use super::PgContext;
 use crate::audit::{AuditEvent, SessionEndReason};
-use crate::grants::{GrantEnd, GrantPermit};
+use crate::grants::{Deadline, GrantEnd, GrantPermit};
 use crate::sessions::{CancelKey, NewSession};
 
 const PROTOCOL: &str = "postgres";
@@ -307,6 +307,7 @@ async fn run_session(ctx: Arc<PgContext>, mut n: Negotiated, peer: SocketAddr) {
             // Anything the client pipelined behind its startup message is a statement like
             // any other: it goes through the tracker, never straight upstream.
             initial: std::mem::take(&mut n.leftover),
+            notice: expiry_notice(&ctx, &permit),
         };
         relay(&mut n.tls, &mut up.stream, relay_cx, cut, fatal).await
     };
@@ -385,6 +386,38 @@ async fn forward_cancel(ctx: &PgContext, key: CancelKey) {
     }
 }
 
+/// The pre-expiry NOTICE for this session, unless turned off.
+fn expiry_notice(ctx: &PgContext, permit: &GrantPermit) -> Option<ExpiryNotice> {
+    let lead = ctx.config.sessions.expiry_notice;
+    if lead.is_zero() {
+        return None;
+    }
+    let grant = permit.grant();
+    let (target, grant_id) = (grant.target.to_string(), grant.id.to_string());
+    let render = move |d: Deadline| {
+        let left = d.at.duration_since(SystemTime::now()).unwrap_or_default();
+        let message = format!(
+            "jitgate: access to {target} ends in {} (at {})",
+            humantime::format_duration(std::time::Duration::from_secs(left.as_secs())),
+            humantime::format_rfc3339_seconds(d.at)
+        );
+        let hint = format!(
+            "to keep working, ask an admin to extend grant {grant_id}: jitgate grant extend {grant_id} --for 30m"
+        );
+        backend::notice_response(&Report {
+            sqlstate: "01000",
+            message: &message,
+            detail: None,
+            hint: Some(&hint),
+        })
+    };
+    Some(ExpiryNotice {
+        deadline: permit.deadline_watch(),
+        lead,
+        render: Box::new(render),
+    })
+}
+
 fn remaining(t: SystemTime) -> std::time::Duration {
     t.duration_since(SystemTime::now()).unwrap_or_default()
 }
@@ -398,15 +431,25 @@ async fn cut_signal(
     cert_deadline: Instant,
 ) -> SessionEndReason {
     let grant_cut = permit.cut_token();
-    tokio::select! {
-        _ = grant_cut.cancelled() => match permit.ended() {
-            Some(GrantEnd::Revoked) => SessionEndReason::GrantRevoked,
-            _ => SessionEndReason::GrantExpired,
-        },
-        _ = tokio::time::sleep_until(permit.deadline()) => SessionEndReason::GrantExpired,
-        _ = session.killed() => session.kill_reason().unwrap_or(SessionEndReason::Killed),
-        _ = tokio::time::sleep_until(cert_deadline) => SessionEndReason::CertExpired,
-        _ = ctx.shutdown.cancelled() => SessionEndReason::Shutdown,
+    let mut deadline = permit.deadline_watch();
+    loop {
+        // An extension moves the deadline: wait on the current one, start over when it moves.
+        let due = deadline.borrow_and_update().instant;
+        tokio::select! {
+            _ = grant_cut.cancelled() => return match permit.ended() {
+                Some(GrantEnd::Revoked) => SessionEndReason::GrantRevoked,
+                _ => SessionEndReason::GrantExpired,
+            },
+            _ = tokio::time::sleep_until(due) => {
+                if permit.deadline() <= Instant::now() {
+                    return SessionEndReason::GrantExpired;
+                }
+            }
+            _ = deadline.changed() => {}
+            _ = session.killed() => return session.kill_reason().unwrap_or(SessionEndReason::Killed),
+            _ = tokio::time::sleep_until(cert_deadline) => return SessionEndReason::CertExpired,
+            _ = ctx.shutdown.cancelled() => return SessionEndReason::Shutdown,
+        }
     }
 }
 

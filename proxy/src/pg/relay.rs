@@ -16,9 +16,12 @@ use bytes::BytesMut;
 use jitgate_protocol::postgres::backend::peek_tagged;
 use jitgate_protocol::postgres::scanner::{Piece, Scanner};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::sync::watch;
+use tokio::time::Sleep;
 
 use super::statements::{Batch, Disposition, Tracker};
 use crate::audit::{AuditLog, AuditTicket, SessionEndReason};
+use crate::grants::Deadline;
 use crate::metrics::Metrics;
 use crate::sessions::SessionHandle;
 
@@ -52,6 +55,24 @@ pub struct RelayContext<'a> {
     pub max_message_bytes: usize,
     /// Client bytes already read (pipelined behind the startup message).
     pub initial: BytesMut,
+    /// A NOTICE to send a while before the grant ends.
+    pub notice: Option<ExpiryNotice>,
+}
+
+/// The NOTICE a session gets `lead` before its grant's deadline; re-armed when an extension
+/// moves the deadline.
+pub struct ExpiryNotice {
+    pub deadline: watch::Receiver<Deadline>,
+    pub lead: Duration,
+    /// The NoticeResponse bytes for a deadline.
+    pub render: Box<dyn Fn(Deadline) -> Vec<u8> + Send + Sync>,
+}
+
+impl ExpiryNotice {
+    fn arm(&mut self) -> Pin<Box<Sleep>> {
+        let due = self.deadline.borrow_and_update().instant;
+        Box::pin(tokio::time::sleep_until(due.checked_sub(self.lead).unwrap_or(due)))
+    }
 }
 
 struct Out {
@@ -102,7 +123,10 @@ where
         target,
         max_message_bytes,
         initial,
+        mut notice,
     } = cx;
+    let mut notice_timer = notice.as_mut().map(ExpiryNotice::arm);
+    let mut notice_due = false;
     let mut inbuf = initial;
     let mut readbuf = vec![0u8; BUF].into_boxed_slice();
     let mut up = Out::new();
@@ -115,6 +139,19 @@ where
     let step = poll_fn(|cx: &mut Context<'_>| {
         if let Poll::Ready(reason) = cut.as_mut().poll(cx) {
             return Poll::Ready(Err(reason));
+        }
+        if let Some(n) = notice.as_mut() {
+            // The cut signal watches the deadline too, so a move wakes this task.
+            if n.deadline.has_changed().unwrap_or(false) {
+                notice_timer = Some(n.arm());
+                notice_due = false;
+            }
+            if let Some(t) = notice_timer.as_mut() {
+                if t.as_mut().poll(cx).is_ready() {
+                    notice_timer = None;
+                    notice_due = true;
+                }
+            }
         }
         for _ in 0..BUDGET {
             let mut progress = false;
@@ -207,6 +244,14 @@ where
                 }
             }
 
+            // The expiry notice goes out between two server messages.
+            if notice_due && down.is_empty() && scanner.at_boundary() {
+                if let Some(n) = notice.as_ref() {
+                    down.set((n.render)(*n.deadline.borrow()));
+                }
+                notice_due = false;
+                progress = true;
+            }
             // Upstream -> client: observed, passed through, a sentinel's error swapped.
             if down.is_empty() {
                 let mut rb = ReadBuf::new(&mut readbuf[..]);

@@ -94,6 +94,17 @@ impl GrantStore for SqliteStore {
         Ok(n == 1)
     }
 
+    fn extend(&self, id: &GrantId, expires_at: SystemTime) -> Result<bool, StoreError> {
+        let n = self
+            .conn()
+            .execute(
+                "UPDATE grants SET expires_at = ?2 WHERE id = ?1 AND ended_at IS NULL",
+                params![id.as_str(), to_millis(expires_at)],
+            )
+            .map_err(err)?;
+        Ok(n == 1)
+    }
+
     fn active(&self) -> Result<Vec<Grant>, StoreError> {
         let conn = self.conn();
         let mut stmt = conn
