@@ -247,31 +247,17 @@ impl AuditLogArgs {
             return Ok(file.clone());
         }
         if let Some(config) = &self.config {
-            let (data_dir, path) = audit_keys(config)?;
-            return match (path, data_dir) {
-                (Some(path), _) => Ok(path),
-                (None, Some(dir)) => Ok(dir.join("audit.jsonl")),
-                (None, None) => bail!("{}: no data_dir", config.display()),
-            };
+            return Ok(Config::load_without_secrets(config)?.audit.path);
         }
         if let Some(dir) = &self.data_dir {
             let config = dir.join("jitgate.toml");
-            let path = if config.exists() { audit_keys(&config)?.1 } else { None };
-            return Ok(path.unwrap_or_else(|| dir.join("audit.jsonl")));
+            if config.exists() {
+                return Ok(Config::load_without_secrets(&config)?.audit.path);
+            }
+            return Ok(dir.join("audit.jsonl"));
         }
         bail!("no audit log: pass --file FILE, --config FILE (or JITGATE_CONFIG) or --data-dir DIR")
     }
-}
-
-/// `data_dir` and `audit.path` from a config file, without resolving its secrets.
-fn audit_keys(path: &Path) -> Result<(Option<PathBuf>, Option<PathBuf>)> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    let value: toml::Value = toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
-    let key = |v: Option<&toml::Value>| v.and_then(|v| v.as_str()).map(PathBuf::from);
-    Ok((
-        key(value.get("data_dir")),
-        key(value.get("audit").and_then(|a| a.get("path"))),
-    ))
 }
 
 fn audit_verify(mut files: Vec<PathBuf>, log: &AuditLogArgs) -> Result<()> {
@@ -522,15 +508,9 @@ fn api_client(a: &ApiArgs) -> Result<ApiClient> {
     Ok(ApiClient::from_files(&api, &cert, &key, &ca)?)
 }
 
-/// Reads `listen.api` from a config file without resolving its secrets.
+/// `listen.api` of a config file (its secrets need not be available here).
 fn api_from_config(path: &Path) -> Result<String> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    let value: toml::Value = toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
-    let api = value
-        .get("listen")
-        .and_then(|l| l.get("api"))
-        .and_then(|a| a.as_str())
-        .unwrap_or("127.0.0.1:8443");
+    let api = Config::load_without_secrets(path)?.listen.api.to_string();
     // A wildcard bind address is reached through loopback.
     Ok(api.replace("0.0.0.0", "127.0.0.1").replace("[::]", "[::1]"))
 }

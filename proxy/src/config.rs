@@ -314,23 +314,92 @@ pub enum UpstreamTls {
     VerifyFull { ca_file: PathBuf, server_name: String },
 }
 
+/// Whether loading reads the secrets a config names (`serve`, `config check`) or only checks
+/// how they are named (CLI commands that inspect a config where the secrets are not available).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Secrets {
+    Resolve,
+    Skip,
+}
+
+/// Names of a secret's keys in messages: the table, its `*_env` and `*_file` fields, and
+/// the key the "not both" error names.
+pub(crate) struct SecretKeys<'a> {
+    pub table: &'a str,
+    pub env: &'a str,
+    pub file: &'a str,
+    pub both: &'a str,
+}
+
+/// A secret given as `*_env` (an environment variable) or `*_file` (a file, trailing newline
+/// removed), at most one of them. `None` when neither is set, or when `mode` skips secrets.
+pub(crate) fn resolve_secret(
+    keys: &SecretKeys<'_>,
+    env: Option<String>,
+    file: Option<PathBuf>,
+    mode: Secrets,
+) -> Result<Option<String>, ConfigError> {
+    let value = match (env, file) {
+        (Some(_), Some(_)) => {
+            return Err(invalid(
+                keys.both,
+                format!("set {} or {}, not both", keys.env, keys.file),
+            ));
+        }
+        _ if mode == Secrets::Skip => None,
+        (Some(var), None) => Some(std::env::var(&var).map_err(|_| {
+            invalid(
+                format!("{}.{}", keys.table, keys.env),
+                format!("environment variable {var} is not set"),
+            )
+        })?),
+        (None, Some(file)) => Some(
+            std::fs::read_to_string(&file)
+                .map_err(|e| {
+                    invalid(
+                        format!("{}.{}", keys.table, keys.file),
+                        format!("{}: {e}", file.display()),
+                    )
+                })?
+                .trim_end_matches(['\r', '\n'])
+                .to_owned(),
+        ),
+        (None, None) => None,
+    };
+    Ok(value)
+}
+
 impl Config {
-    /// Reads and validates a config file.
+    /// Reads and validates a config file, resolving its secrets.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        Self::load_with(path, Secrets::Resolve)
+    }
+
+    /// Reads and validates a config file without reading its secrets (passwords are `None`):
+    /// for commands that inspect a config. Never serve or connect with the result.
+    pub fn load_without_secrets(path: &Path) -> Result<Config, ConfigError> {
+        Self::load_with(path, Secrets::Skip)
+    }
+
+    fn load_with(path: &Path, secrets: Secrets) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_owned(),
             source,
         })?;
-        Self::parse(&text, path)
+        Self::parse_with(&text, path, secrets)
     }
 
     /// Parses and validates config text; `path` is used in messages only.
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        Self::parse_with(text, path, Secrets::Resolve)
+    }
+
+    fn parse_with(text: &str, path: &Path, secrets: Secrets) -> Result<Config, ConfigError> {
         let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
             path: path.to_owned(),
             message: e.to_string(),
         })?;
-        raw.validate()
+        raw.validate(secrets)
     }
 }
 
@@ -365,7 +434,7 @@ fn socket(key: &str, value: &str) -> Result<SocketAddr, ConfigError> {
 }
 
 impl RawConfig {
-    fn validate(self) -> Result<Config, ConfigError> {
+    fn validate(self, secrets: Secrets) -> Result<Config, ConfigError> {
         let data_dir = self.data_dir;
         let listen = Listen {
             postgres: socket("listen.postgres", &self.listen.postgres)?,
@@ -418,7 +487,7 @@ impl RawConfig {
         let audit = self.audit.validate(&data_dir)?;
         let mut targets = HashMap::new();
         for (i, t) in self.targets.into_iter().enumerate() {
-            let target = t.validate(i)?;
+            let target = t.validate(i, secrets)?;
             if targets.insert(target.name.clone(), Arc::new(target)).is_some() {
                 return Err(invalid(format!("targets[{i}].name"), "duplicate target name"));
             }
@@ -431,7 +500,7 @@ impl RawConfig {
             )?,
         };
         let policies = Arc::new(crate::policy::validate(self.policies, &targets)?);
-        let webhooks = crate::notify::validate_webhooks(self.webhooks)?;
+        let webhooks = crate::notify::validate_webhooks(self.webhooks, secrets)?;
         Ok(Config {
             webhooks,
             policies,
@@ -487,7 +556,7 @@ impl RawAudit {
 }
 
 impl RawTarget {
-    fn validate(self, i: usize) -> Result<Target, ConfigError> {
+    fn validate(self, i: usize, secrets: Secrets) -> Result<Target, ConfigError> {
         let key = |k: &str| format!("targets[{i}].{k}");
         let name = TargetName::new(self.name).map_err(|e| invalid(key("name"), e.to_string()))?;
         if self.kind != "postgres" {
@@ -511,24 +580,13 @@ impl RawTarget {
         for (level, c) in self.credentials {
             let ckey = key(&format!("credentials.{level}"));
             let access: AccessLevel = level.parse().map_err(|e: String| invalid(&ckey, e))?;
-            let password = match (c.password_env, c.password_file) {
-                (Some(_), Some(_)) => {
-                    return Err(invalid(&ckey, "set password_env or password_file, not both"));
-                }
-                (Some(var), None) => Some(std::env::var(&var).map_err(|_| {
-                    invalid(
-                        format!("{ckey}.password_env"),
-                        format!("environment variable {var} is not set"),
-                    )
-                })?),
-                (None, Some(file)) => Some(
-                    std::fs::read_to_string(&file)
-                        .map_err(|e| invalid(format!("{ckey}.password_file"), format!("{}: {e}", file.display())))?
-                        .trim_end_matches(['\r', '\n'])
-                        .to_owned(),
-                ),
-                (None, None) => None,
+            let keys = SecretKeys {
+                table: &ckey,
+                env: "password_env",
+                file: "password_file",
+                both: &ckey,
             };
+            let password = resolve_secret(&keys, c.password_env, c.password_file, secrets)?;
             if c.user.is_empty() {
                 return Err(invalid(format!("{ckey}.user"), "must not be empty"));
             }

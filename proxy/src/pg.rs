@@ -20,6 +20,20 @@ use crate::grants::Grants;
 use crate::metrics::Metrics;
 use crate::sessions::Sessions;
 
+/// Why the proxy refuses a session or a statement: what the client is told, and a bounded
+/// label for metrics and audit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    /// SQLSTATE for the client (28000, 42501, 58030, ...).
+    pub sqlstate: &'static str,
+    pub message: String,
+    pub hint: Option<String>,
+    /// Bounded label: startup refusals (`no_grant`, `startup_param`, ...) and statement
+    /// refusals (`read_only`, `deny_kind`, `unfiltered_write`, `unclassifiable`,
+    /// `unsafe_setting`, `same_message`, `audit_unavailable`).
+    pub reason: &'static str,
+}
+
 /// Everything a PostgreSQL connection task needs.
 pub struct PgContext {
     pub config: Config,

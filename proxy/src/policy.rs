@@ -4,7 +4,8 @@
 //!
 //! This module decides only. It does not store requests, count approvals or create grants:
 //! the request workflow does that with the decisions made here. Raw config parsing and
-//! validation live in [`raw`]; reading a file without its secrets in [`inspect`].
+//! validation live in [`raw`]; `policy explain` reads the config with
+//! `Config::load_without_secrets`.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -14,10 +15,8 @@ use crate::config::Target;
 use crate::types::{AccessLevel, Role, UserName};
 
 pub mod command;
-pub mod inspect;
 mod raw;
 
-pub use inspect::{load_for_inspection, Inspection};
 pub use raw::{validate, RawPolicy};
 
 #[cfg(test)]

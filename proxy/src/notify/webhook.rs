@@ -10,7 +10,7 @@ use hyper::Uri;
 use serde::Deserialize;
 
 use super::EventKind;
-use crate::config::ConfigError;
+use crate::config::{resolve_secret, ConfigError, SecretKeys, Secrets};
 
 /// One `[[webhooks]]` table as written.
 #[derive(Debug, Deserialize)]
@@ -92,10 +92,10 @@ fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
 }
 
 /// Validates every `[[webhooks]]` table; errors name the key (`webhooks[1].url`).
-pub fn validate(raw: Vec<RawWebhook>) -> Result<Vec<WebhookConfig>, ConfigError> {
+pub fn validate(raw: Vec<RawWebhook>, secrets: Secrets) -> Result<Vec<WebhookConfig>, ConfigError> {
     let mut out: Vec<WebhookConfig> = Vec::with_capacity(raw.len());
     for (i, w) in raw.into_iter().enumerate() {
-        let hook = w.validate(&format!("webhooks[{i}]"))?;
+        let hook = w.validate(&format!("webhooks[{i}]"), secrets)?;
         if out.iter().any(|h| h.name == hook.name) {
             return Err(invalid(format!("webhooks[{i}].name"), "duplicate webhook name"));
         }
@@ -105,7 +105,7 @@ pub fn validate(raw: Vec<RawWebhook>) -> Result<Vec<WebhookConfig>, ConfigError>
 }
 
 impl RawWebhook {
-    fn validate(self, key: &str) -> Result<WebhookConfig, ConfigError> {
+    fn validate(self, key: &str, secrets: Secrets) -> Result<WebhookConfig, ConfigError> {
         let k = |field: &str| format!("{key}.{field}");
         let name_ok = !self.name.is_empty()
             && self.name.len() <= 63
@@ -151,31 +151,25 @@ impl RawWebhook {
                 ))
             }
         };
-        let secret = match (self.secret_env, self.secret_file) {
-            (Some(_), Some(_)) => return Err(invalid(k("secret_env"), "set secret_env or secret_file, not both")),
-            (Some(var), None) => Some(
-                std::env::var(&var)
-                    .map_err(|_| invalid(k("secret_env"), format!("environment variable {var} is not set")))?
-                    .into_bytes(),
-            ),
-            (None, Some(file)) => Some(
-                std::fs::read_to_string(&file)
-                    .map_err(|e| invalid(k("secret_file"), format!("{}: {e}", file.display())))?
-                    .trim_end_matches(['\r', '\n'])
-                    .as_bytes()
-                    .to_vec(),
-            ),
-            (None, None) => None,
+        // Whether a secret is configured decides the format checks even when secrets are not
+        // read (inspection).
+        let configured = self.secret_env.is_some() || self.secret_file.is_some();
+        let keys = SecretKeys {
+            table: key,
+            env: "secret_env",
+            file: "secret_file",
+            both: &k("secret_env"),
         };
+        let secret = resolve_secret(&keys, self.secret_env, self.secret_file, secrets)?.map(String::into_bytes);
         match (format, &secret) {
-            (Format::Json, None) => {
+            (Format::Json, None) if !configured => {
                 return Err(invalid(
                     k("secret_env"),
                     "format = \"json\" is signed: set secret_env or secret_file",
                 ))
             }
             (Format::Json, Some(s)) if s.is_empty() => return Err(invalid(k("secret_env"), "the secret is empty")),
-            (Format::Slack, Some(_)) => {
+            (Format::Slack, _) if configured => {
                 return Err(invalid(
                     k("secret_env"),
                     "format = \"slack\" is not signed: remove the secret",

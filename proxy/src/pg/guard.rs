@@ -4,21 +4,9 @@
 
 use jitgate_protocol::sql::{Classified, StatementClass};
 
+use super::Refusal;
 use crate::config::DenyRule;
 use crate::types::AccessLevel;
-
-/// Why a statement was refused.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Denial {
-    /// Bounded label for metrics and audit: `read_only`, `deny_kind`, `unfiltered_write`,
-    /// `unclassifiable`, `unsafe_setting`, `same_message`, `audit_unavailable`.
-    pub reason: &'static str,
-    /// What the client is told.
-    pub message: String,
-    pub hint: Option<String>,
-    /// SQLSTATE for the client (42501, or 58030 when the audit log is unavailable).
-    pub sqlstate: &'static str,
-}
 
 /// The rules for one session: its access level and the target's deny rules for that level.
 #[derive(Debug, Clone)]
@@ -42,14 +30,14 @@ impl Guard {
     }
 
     /// Checks one classified statement.
-    pub fn check(&self, c: &Classified) -> Result<(), Denial> {
+    pub fn check(&self, c: &Classified) -> Result<(), Refusal> {
         // A setting the classifier could not clear (standard_conforming_strings off, a
         // multibyte client_encoding, an unreadable SET ROLE) would let the server read later
         // statements differently from the proxy: refused at every access level.
         if (c.class == StatementClass::Unknown && matches!(c.kind, "set" | "set_role" | "set_session_authorization"))
             || changes_lexing_by_function(&c.text)
         {
-            return Err(Denial {
+            return Err(Refusal {
                 reason: "unsafe_setting",
                 message: "jitgate: this setting would change how statements are read, so it is not allowed".into(),
                 hint: Some("keep standard_conforming_strings on and client_encoding UTF8".into()),
@@ -57,7 +45,7 @@ impl Guard {
             });
         }
         if self.access == AccessLevel::Read && !read_allows(c) {
-            return Err(Denial {
+            return Err(Refusal {
                 reason: "read_only",
                 message: format!(
                     "jitgate: read access to {} does not allow this statement ({} {})",
@@ -75,7 +63,7 @@ impl Guard {
         // Deny rules cannot be checked against a statement nobody can read: on a target with
         // rules for this level, unknown statements are refused (fail closed).
         if !self.rules.is_empty() && c.class == StatementClass::Unknown {
-            return Err(Denial {
+            return Err(Refusal {
                 reason: "unclassifiable",
                 message: format!(
                     "jitgate: {} has deny rules and this statement cannot be classified",
@@ -87,7 +75,7 @@ impl Guard {
         }
         for rule in &self.rules {
             if rule.kinds.iter().any(|k| k == c.kind) {
-                return Err(Denial {
+                return Err(Refusal {
                     reason: "deny_kind",
                     message: format!("jitgate: {} statements are not allowed on {}", c.kind, self.target),
                     hint: None,
@@ -95,7 +83,7 @@ impl Guard {
                 });
             }
             if rule.unfiltered_writes && c.has_where == Some(false) {
-                return Err(Denial {
+                return Err(Refusal {
                     reason: "unfiltered_write",
                     message: format!(
                         "jitgate: {} without WHERE is not allowed on {}",
@@ -132,8 +120,8 @@ fn read_allows(c: &Classified) -> bool {
 }
 
 /// The denial sent when a statement cannot be audited.
-pub fn audit_unavailable() -> Denial {
-    Denial {
+pub fn audit_unavailable() -> Refusal {
+    Refusal {
         reason: "audit_unavailable",
         message: "jitgate cannot write its audit log; statements are refused until it can".into(),
         hint: None,

@@ -2,6 +2,7 @@
 //! names a target (`prod-db` or `prod-db/otherdb`), and only allowlisted parameters pass
 //! upstream. Everything else is refused with a PostgreSQL error the client can act on.
 
+use super::Refusal;
 use crate::pki::Identity;
 use crate::types::TargetName;
 
@@ -54,16 +55,6 @@ pub struct CheckedStartup {
     pub database: Option<String>,
     /// Parameters to forward, in the order received.
     pub forward: Vec<(String, String)>,
-}
-
-/// A refused startup: SQLSTATE, message and hint for the client.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Refusal {
-    pub sqlstate: &'static str,
-    pub message: String,
-    pub hint: Option<String>,
-    /// Bounded label for metrics.
-    pub reason: &'static str,
 }
 
 fn refuse(sqlstate: &'static str, reason: &'static str, message: String, hint: Option<String>) -> Refusal {

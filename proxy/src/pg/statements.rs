@@ -24,7 +24,8 @@ use jitgate_protocol::postgres::messages::{decode_frontend, encode_parse, encode
 use jitgate_protocol::postgres::ProtocolError;
 use jitgate_protocol::sql::{self, Classified, SessionChange, StatementClass};
 
-use super::guard::{audit_unavailable, Denial, Guard};
+use super::guard::{audit_unavailable, Guard};
+use super::Refusal;
 use crate::audit::{AuditEvent, Decision, StatementPath};
 use crate::types::{AccessLevel, GrantId, SessionId, TargetName, UserName};
 
@@ -60,7 +61,7 @@ struct Prepared {
     kind: &'static str,
     tables: Vec<String>,
     session_change: Option<SessionChange>,
-    denial: Option<Denial>,
+    denial: Option<Refusal>,
     redact_params: bool,
 }
 
@@ -101,7 +102,7 @@ struct Slot {
     kind: SlotKind,
     /// Set when this message was replaced by a sentinel: the server's error for it is
     /// swapped for this one.
-    sentinel: Option<Denial>,
+    sentinel: Option<Refusal>,
 }
 
 /// The processed form of one batch of client messages.
@@ -144,7 +145,7 @@ pub struct Tracker {
     next_statement: u64,
     effective_role: Option<String>,
     session_authorization: Option<String>,
-    replacing: Option<Denial>,
+    replacing: Option<Refusal>,
     /// Set when the server reports a setting that changes how statements are read.
     unsafe_parameter: Option<String>,
     /// Statement ends produced while observing the server, drained by the relay.
@@ -198,7 +199,7 @@ impl Tracker {
         }
     }
 
-    fn push_slot(&mut self, kind: SlotKind, sentinel: Option<Denial>) -> u64 {
+    fn push_slot(&mut self, kind: SlotKind, sentinel: Option<Refusal>) -> u64 {
         self.next_seq += 1;
         self.pending.push_back(Slot {
             seq: self.next_seq,
@@ -263,7 +264,7 @@ impl Tracker {
         class: StatementClass,
         kind: &'static str,
         tables: Vec<String>,
-        denial: Option<&Denial>,
+        denial: Option<&Refusal>,
     ) -> (u64, AuditEvent) {
         self.next_statement += 1;
         let path = if kind.starts_with("copy") {
@@ -313,7 +314,7 @@ impl Tracker {
         match decode_frontend(msg)? {
             Frontend::Query { sql: text } => {
                 let statements = sql::classify(text);
-                let denials: Vec<Option<Denial>> = statements.iter().map(|c| self.guard.check(c).err()).collect();
+                let denials: Vec<Option<Refusal>> = statements.iter().map(|c| self.guard.check(c).err()).collect();
                 let refused = denials.iter().flatten().next().cloned();
                 let mut runs = VecDeque::new();
                 for (c, denial) in statements.iter().zip(&denials) {
@@ -591,8 +592,8 @@ impl Tracker {
     }
 }
 
-fn same_message() -> Denial {
-    Denial {
+fn same_message() -> Refusal {
+    Refusal {
         reason: "same_message",
         message: "refused with another statement of the same message".into(),
         hint: None,

@@ -7,7 +7,8 @@ use std::time::Duration;
 use anyhow::{Context as _, Result};
 use clap::{Args, Subcommand};
 
-use super::{load_for_inspection, Ask};
+use super::Ask;
+use crate::config::Config;
 use crate::types::{AccessLevel, Role, TargetName, UserName};
 
 /// `jitgate policy` subcommands.
@@ -59,7 +60,8 @@ fn explain(a: ExplainArgs) -> Result<()> {
     let user = UserName::new(a.user)?;
     let roles = a.roles.into_iter().map(Role::new).collect::<Result<Vec<_>, _>>()?;
     let target_name = TargetName::new(a.target)?;
-    let inspection = load_for_inspection(&a.config)?;
+    // Targets' secrets need not be available where a policy is explained.
+    let inspection = Config::load_without_secrets(&a.config)?;
     let target = inspection
         .targets
         .get(&target_name)

@@ -460,7 +460,7 @@ fn inspection_reads_policies_without_secrets() {
         ),
     )
     .unwrap();
-    let i = load_for_inspection(&path).unwrap();
+    let i = crate::config::Config::load_without_secrets(&path).unwrap();
     assert_eq!(i.policies.len(), 1);
     let t = &i.targets[&TargetName::new("staging-db").unwrap()];
     assert_eq!(t.labels, BTreeMap::from([("env".to_string(), "staging".to_string())]));
