@@ -1,16 +1,23 @@
-//! The control API: HTTPS + JSON over mTLS, for the CLI (and later the web console). Every
-//! route but `whoami` requires the `admin` role in the client certificate.
+//! The control API: HTTPS + JSON over mTLS, for the CLI (and later the web console). Each
+//! caller is identified by its client certificate (user and roles) and authorized by role:
 //!
-//! Routes: `GET/POST /v1/grants`, `POST /v1/grants/{id}/revoke`, `GET /v1/sessions`,
-//! `POST /v1/sessions/{id}/kill`, `GET /v1/whoami`.
+//! - anyone: `GET /v1/whoami`, `GET /openapi.json`, filing requests (the policies decide),
+//!   listing their own grants, and extension requests for them;
+//! - requests: visible to the requester, to holders of an approver role of the deciding
+//!   policy, and to admins; approvals and denials need an approver role (admins may deny);
+//! - `admin` role: direct grants (`POST /v1/grants`, revoke, extend) and sessions.
+//!
+//! Errors are RFC 9457 problem details (`application/problem+json`). The routes are described
+//! by `docs/openapi.json`, served at `/openapi.json`.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::{Path, State};
-use axum::http::StatusCode;
+use axum::extract::rejection::{JsonRejection, QueryRejection};
+use axum::extract::{Path, Query, State};
+use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
@@ -24,41 +31,130 @@ use crate::config::Config;
 use crate::grants::{Grant, GrantError, Grants, NewGrant};
 use crate::metrics::Metrics;
 use crate::pki::{identity_from_der, Identity};
+use crate::requests::{ListFilter, NewExtension, NewRequest, Request, RequestError, Requests};
 use crate::sessions::{SessionInfo, Sessions};
-use crate::types::{GrantId, SessionId};
+use crate::types::{GrantId, RequestId, SessionId};
+
+/// The OpenAPI document of this API, as kept in docs/.
+pub const OPENAPI: &str = include_str!("../../docs/openapi.json");
+
+/// Every route: method and path (axum syntax), as the OpenAPI document lists them.
+pub const ROUTES: &[(&str, &str)] = &[
+    ("get", "/openapi.json"),
+    ("get", "/v1/whoami"),
+    ("get", "/v1/grants"),
+    ("post", "/v1/grants"),
+    ("post", "/v1/grants/{id}/revoke"),
+    ("post", "/v1/grants/{id}/extend"),
+    ("post", "/v1/grants/{id}/extensions"),
+    ("get", "/v1/requests"),
+    ("post", "/v1/requests"),
+    ("get", "/v1/requests/{id}"),
+    ("post", "/v1/requests/{id}/approve"),
+    ("post", "/v1/requests/{id}/deny"),
+    ("post", "/v1/requests/{id}/withdraw"),
+    ("get", "/v1/sessions"),
+    ("post", "/v1/sessions/{id}/kill"),
+];
 
 /// State shared by API handlers.
 pub struct ApiState {
     pub config: Config,
     pub grants: Arc<Grants>,
+    pub requests: Arc<Requests>,
     pub sessions: Arc<Sessions>,
     pub metrics: Arc<Metrics>,
 }
 
-/// Error body: `{"error": "..."}`.
+/// An error body: RFC 9457 problem details, with `code` naming the kind of problem.
 #[derive(Debug, Serialize, Deserialize)]
-pub struct ApiErrorBody {
-    pub error: String,
+pub struct Problem {
+    /// Always `about:blank`: `code` and `title` say what went wrong.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// The HTTP status text.
+    pub title: String,
+    pub status: u16,
+    /// What happened, for people.
+    pub detail: String,
+    /// Stable, for programs: invalid, refused, forbidden, not_found, conflict, unavailable,
+    /// no_route.
+    pub code: String,
 }
 
-struct ApiError(StatusCode, String);
+/// A failed call: status, problem code and detail.
+pub struct ApiError(StatusCode, &'static str, String);
+
+impl ApiError {
+    fn forbidden(detail: String) -> Self {
+        ApiError(StatusCode::FORBIDDEN, "forbidden", detail)
+    }
+}
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.0, Json(ApiErrorBody { error: self.1 })).into_response()
+        let ApiError(status, code, detail) = self;
+        let body = Problem {
+            kind: "about:blank".into(),
+            title: status.canonical_reason().unwrap_or("Error").into(),
+            status: status.as_u16(),
+            detail,
+            code: code.into(),
+        };
+        let bytes = serde_json::to_vec(&body).unwrap_or_default();
+        (status, [(header::CONTENT_TYPE, "application/problem+json")], bytes).into_response()
     }
 }
 
 impl From<GrantError> for ApiError {
     fn from(e: GrantError) -> Self {
-        let status = match &e {
-            GrantError::NotFound(_) => StatusCode::NOT_FOUND,
+        let (status, code) = match &e {
+            GrantError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             GrantError::UnknownTarget(_) | GrantError::NoCredentials { .. } | GrantError::BadDuration => {
-                StatusCode::BAD_REQUEST
+                (StatusCode::BAD_REQUEST, "invalid")
             }
-            GrantError::Store(_) | GrantError::Audit(_) => StatusCode::SERVICE_UNAVAILABLE,
+            GrantError::Store(_) | GrantError::Audit(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
         };
-        ApiError(status, e.to_string())
+        ApiError(status, code, e.to_string())
+    }
+}
+
+impl From<RequestError> for ApiError {
+    fn from(e: RequestError) -> Self {
+        let (status, code) = match &e {
+            RequestError::Invalid(_) => (StatusCode::BAD_REQUEST, "invalid"),
+            RequestError::Refused(_) => (StatusCode::FORBIDDEN, "refused"),
+            RequestError::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
+            RequestError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
+            RequestError::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
+            RequestError::Grant(g) => return ApiError::from_grant_in_request(g, e.to_string()),
+            RequestError::Store(_) | RequestError::Audit(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+        };
+        ApiError(status, code, e.to_string())
+    }
+}
+
+impl ApiError {
+    fn from_grant_in_request(g: &GrantError, detail: String) -> Self {
+        let ApiError(status, code, _) = match g {
+            GrantError::Store(_) | GrantError::Audit(_) => {
+                ApiError(StatusCode::SERVICE_UNAVAILABLE, "unavailable", String::new())
+            }
+            _ => ApiError(StatusCode::CONFLICT, "conflict", String::new()),
+        };
+        ApiError(status, code, detail)
+    }
+}
+
+impl From<JsonRejection> for ApiError {
+    fn from(e: JsonRejection) -> Self {
+        ApiError(StatusCode::BAD_REQUEST, "invalid", e.body_text())
+    }
+}
+
+impl From<QueryRejection> for ApiError {
+    fn from(e: QueryRejection) -> Self {
+        ApiError(StatusCode::BAD_REQUEST, "invalid", e.body_text())
     }
 }
 
@@ -69,57 +165,98 @@ pub struct WhoAmI {
     pub roles: Vec<String>,
 }
 
+type Caller = Extension<Arc<Identity>>;
+type Shared = State<Arc<ApiState>>;
+
 fn router(state: Arc<ApiState>) -> Router {
     Router::new()
+        .route("/openapi.json", get(openapi))
         .route("/v1/whoami", get(whoami))
         .route("/v1/grants", get(list_grants).post(create_grant))
         .route("/v1/grants/{id}/revoke", post(revoke_grant))
         .route("/v1/grants/{id}/extend", post(extend_grant))
+        .route("/v1/grants/{id}/extensions", post(request_extension))
+        .route("/v1/requests", get(list_requests).post(create_request))
+        .route("/v1/requests/{id}", get(show_request))
+        .route("/v1/requests/{id}/approve", post(approve_request))
+        .route("/v1/requests/{id}/deny", post(deny_request))
+        .route("/v1/requests/{id}/withdraw", post(withdraw_request))
         .route("/v1/sessions", get(list_sessions))
         .route("/v1/sessions/{id}/kill", post(kill_session))
+        .fallback(no_route)
+        .method_not_allowed_fallback(no_method)
         .with_state(state)
+}
+
+async fn no_route(uri: axum::http::Uri) -> ApiError {
+    ApiError(StatusCode::NOT_FOUND, "no_route", format!("no route {}", uri.path()))
+}
+
+async fn no_method(method: axum::http::Method, uri: axum::http::Uri) -> ApiError {
+    ApiError(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "no_route",
+        format!("{method} is not allowed on {}", uri.path()),
+    )
 }
 
 fn require_admin(id: &Identity) -> Result<(), ApiError> {
     if id.has_role("admin") {
         Ok(())
     } else {
-        Err(ApiError(
-            StatusCode::FORBIDDEN,
-            format!("{} lacks the admin role", id.user),
-        ))
+        Err(ApiError::forbidden(format!("{} lacks the admin role", id.user)))
     }
 }
 
-async fn whoami(Extension(id): Extension<Arc<Identity>>) -> Json<WhoAmI> {
+/// Runs blocking request-service work (SQLite, audit fsync) off the async workers.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, RequestError> + Send + 'static,
+) -> Result<T, ApiError> {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(r) => r.map_err(ApiError::from),
+        Err(e) => Err(ApiError(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "unavailable",
+            e.to_string(),
+        )),
+    }
+}
+
+async fn openapi() -> impl IntoResponse {
+    ([(header::CONTENT_TYPE, "application/json")], OPENAPI)
+}
+
+async fn whoami(Extension(id): Caller) -> Json<WhoAmI> {
     Json(WhoAmI {
         user: id.user.to_string(),
         roles: id.roles.iter().map(ToString::to_string).collect(),
     })
 }
 
-async fn list_grants(
-    State(s): State<Arc<ApiState>>,
-    Extension(id): Extension<Arc<Identity>>,
-) -> Result<Json<Vec<Grant>>, ApiError> {
-    require_admin(&id)?;
-    Ok(Json(s.grants.list()))
+/// Admins get every active grant; anyone else their own.
+async fn list_grants(State(s): Shared, Extension(id): Caller) -> Json<Vec<Grant>> {
+    let mut grants = s.grants.list();
+    if !id.has_role("admin") {
+        grants.retain(|g| g.user == id.user);
+    }
+    Json(grants)
 }
 
 async fn create_grant(
-    State(s): State<Arc<ApiState>>,
-    Extension(id): Extension<Arc<Identity>>,
-    Json(req): Json<NewGrant>,
+    State(s): Shared,
+    Extension(id): Caller,
+    body: Result<Json<NewGrant>, JsonRejection>,
 ) -> Result<(StatusCode, Json<Grant>), ApiError> {
     require_admin(&id)?;
+    let Json(req) = body?;
     let grant = s.grants.create(req, id.user.clone(), &s.config)?;
     tracing::info!(grant.id = %grant.id, user = %grant.user, target = %grant.target, by = %id.user, "grant created");
     Ok((StatusCode::CREATED, Json(grant)))
 }
 
 async fn revoke_grant(
-    State(s): State<Arc<ApiState>>,
-    Extension(id): Extension<Arc<Identity>>,
+    State(s): Shared,
+    Extension(id): Caller,
     Path(grant): Path<String>,
 ) -> Result<Json<Grant>, ApiError> {
     require_admin(&id)?;
@@ -135,22 +272,106 @@ pub struct ExtendBody {
 }
 
 async fn extend_grant(
-    State(s): State<Arc<ApiState>>,
-    Extension(id): Extension<Arc<Identity>>,
+    State(s): Shared,
+    Extension(id): Caller,
     Path(grant): Path<String>,
-    Json(ext): Json<ExtendBody>,
+    body: Result<Json<ExtendBody>, JsonRejection>,
 ) -> Result<Json<Grant>, ApiError> {
     require_admin(&id)?;
+    let Json(ext) = body?;
     let by = std::time::Duration::from_secs(ext.duration_secs);
     let grant = s.grants.extend(&GrantId::from_string(grant), by, &id.user)?;
     tracing::info!(grant.id = %grant.id, by = %id.user, "grant extended");
     Ok(Json(grant))
 }
 
-async fn list_sessions(
-    State(s): State<Arc<ApiState>>,
-    Extension(id): Extension<Arc<Identity>>,
-) -> Result<Json<Vec<SessionInfo>>, ApiError> {
+async fn request_extension(
+    State(s): Shared,
+    Extension(id): Caller,
+    Path(grant): Path<String>,
+    body: Result<Json<NewExtension>, JsonRejection>,
+) -> Result<(StatusCode, Json<Request>), ApiError> {
+    let Json(ext) = body?;
+    let grant = GrantId::from_string(grant);
+    let r = blocking(move || s.requests.create_extension(&id, &grant, ext)).await?;
+    Ok((StatusCode::CREATED, Json(r)))
+}
+
+async fn create_request(
+    State(s): Shared,
+    Extension(id): Caller,
+    body: Result<Json<NewRequest>, JsonRejection>,
+) -> Result<(StatusCode, Json<Request>), ApiError> {
+    let Json(new) = body?;
+    let r = blocking(move || s.requests.create(&id, new)).await?;
+    Ok((StatusCode::CREATED, Json(r)))
+}
+
+async fn list_requests(
+    State(s): Shared,
+    Extension(id): Caller,
+    filter: Result<Query<ListFilter>, QueryRejection>,
+) -> Result<Json<Vec<Request>>, ApiError> {
+    let Query(filter) = filter?;
+    Ok(Json(blocking(move || s.requests.list(&id, &filter)).await?))
+}
+
+async fn show_request(
+    State(s): Shared,
+    Extension(id): Caller,
+    Path(r): Path<String>,
+) -> Result<Json<Request>, ApiError> {
+    let r = RequestId::from_string(r);
+    Ok(Json(blocking(move || s.requests.get(&id, &r)).await?))
+}
+
+/// Body of `POST /v1/requests/{id}/approve`.
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApproveBody {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub comment: Option<String>,
+}
+
+/// Body of `POST /v1/requests/{id}/deny`.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DenyBody {
+    pub reason: String,
+}
+
+async fn approve_request(
+    State(s): Shared,
+    Extension(id): Caller,
+    Path(r): Path<String>,
+    body: Result<Json<ApproveBody>, JsonRejection>,
+) -> Result<Json<Request>, ApiError> {
+    let Json(body) = body?;
+    let r = RequestId::from_string(r);
+    Ok(Json(blocking(move || s.requests.approve(&id, &r, body.comment)).await?))
+}
+
+async fn deny_request(
+    State(s): Shared,
+    Extension(id): Caller,
+    Path(r): Path<String>,
+    body: Result<Json<DenyBody>, JsonRejection>,
+) -> Result<Json<Request>, ApiError> {
+    let Json(body) = body?;
+    let r = RequestId::from_string(r);
+    Ok(Json(blocking(move || s.requests.deny(&id, &r, &body.reason)).await?))
+}
+
+async fn withdraw_request(
+    State(s): Shared,
+    Extension(id): Caller,
+    Path(r): Path<String>,
+) -> Result<Json<Request>, ApiError> {
+    let r = RequestId::from_string(r);
+    Ok(Json(blocking(move || s.requests.withdraw(&id, &r)).await?))
+}
+
+async fn list_sessions(State(s): Shared, Extension(id): Caller) -> Result<Json<Vec<SessionInfo>>, ApiError> {
     require_admin(&id)?;
     Ok(Json(s.sessions.list()))
 }
@@ -163,14 +384,18 @@ pub struct Killed {
 }
 
 async fn kill_session(
-    State(s): State<Arc<ApiState>>,
-    Extension(id): Extension<Arc<Identity>>,
+    State(s): Shared,
+    Extension(id): Caller,
     Path(session): Path<String>,
 ) -> Result<Json<Killed>, ApiError> {
     require_admin(&id)?;
     let sid = SessionId::from_string(session);
     if !s.sessions.kill(&sid) {
-        return Err(ApiError(StatusCode::NOT_FOUND, format!("no live session {sid}")));
+        return Err(ApiError(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("no live session {sid}"),
+        ));
     }
     tracing::info!(session.id = %sid, by = %id.user, "session killed");
     Ok(Json(Killed { id: sid, killed: true }))

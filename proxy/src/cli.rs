@@ -15,9 +15,9 @@ use crate::grants::NewGrant;
 use crate::pki::{self, files, Authority};
 use crate::types::{AccessLevel, Role, TargetName, UserName};
 
-/// jitgate: just-in-time access to PostgreSQL. Nobody keeps standing access: admins grant a
-/// user access to one target for a bounded time, and the proxy lets that user's psql
-/// sessions through only while the grant lives.
+/// jitgate: just-in-time access to PostgreSQL. Nobody keeps standing access: engineers
+/// request access to one target for a reason and a bounded time, policies or approvers
+/// decide, and the proxy lets their psql sessions through only while the grant lives.
 #[derive(Debug, Parser)]
 #[command(name = "jitgate", version, propagate_version = true)]
 pub struct Cli {
@@ -47,7 +47,16 @@ enum Command {
         #[command(subcommand)]
         command: CertCommand,
     },
-    /// Create, list and revoke grants (admin).
+    /// Ask for access to TARGET (`request TARGET --access read --for 1h --reason TEXT`), or
+    /// list, show and withdraw requests.
+    Request(crate::requests::command::RequestArgs),
+    /// Approve a pending request (needs an approver role of its policy; never your own).
+    Approve(crate::requests::command::ApproveArgs),
+    /// Deny a pending request, with a reason.
+    Deny(crate::requests::command::DenyArgs),
+    /// Ask for more time on your live grant; once approved its sessions keep going.
+    Extend(crate::requests::command::ExtendArgs),
+    /// Create, list and revoke grants directly (admin; `grant list` shows others their own).
     Grant {
         #[command(subcommand)]
         command: GrantCommand,
@@ -117,7 +126,7 @@ enum CertCommand {
 /// Where the control API is and which identity to present. Flags win over environment
 /// variables; anything unset falls back to the admin identity in `--data-dir`.
 #[derive(Debug, Args)]
-struct ApiArgs {
+pub(crate) struct ApiArgs {
     /// API address, host:port.
     #[arg(long, env = "JITGATE_API", global = true)]
     api: Option<String>,
@@ -135,7 +144,7 @@ struct ApiArgs {
     data_dir: Option<PathBuf>,
     /// Print JSON (an object, or an array for lists) instead of text.
     #[arg(long, global = true)]
-    json: bool,
+    pub(crate) json: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -328,6 +337,10 @@ pub fn main() -> std::process::ExitCode {
     };
     match runtime.block_on(dispatch(cli)) {
         Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) if e.is::<crate::requests::command::NotGranted>() => {
+            eprintln!("not granted: {e:#}");
+            std::process::ExitCode::from(2)
+        }
         Err(e) => {
             eprintln!("error: {e:#}");
             std::process::ExitCode::FAILURE
@@ -370,6 +383,10 @@ async fn dispatch(cli: Cli) -> Result<()> {
             );
             Ok(())
         }
+        Command::Request(args) => crate::requests::command::request(args).await,
+        Command::Approve(args) => crate::requests::command::approve(args).await,
+        Command::Deny(args) => crate::requests::command::deny(args).await,
+        Command::Extend(args) => crate::requests::command::extend(args).await,
         Command::Grant { command, api } => grant(command, &api).await,
         Command::Session { command, api } => session(command, &api).await,
         Command::Audit {
@@ -486,7 +503,7 @@ metrics = "127.0.0.1:9187"    # Prometheus /metrics, /healthz, /readyz (plain HT
 # password_env = "PROD_DB_READER_PASSWORD"   # or password_file = "/run/secrets/reader"
 "#;
 
-fn api_client(a: &ApiArgs) -> Result<ApiClient> {
+pub(crate) fn api_client(a: &ApiArgs) -> Result<ApiClient> {
     let dir = a.data_dir.as_deref();
     let from_dir = |name: &str| dir.map(|d| d.join(name));
     let api = match (&a.api, dir) {
@@ -515,7 +532,7 @@ fn api_from_config(path: &Path) -> Result<String> {
     Ok(api.replace("0.0.0.0", "127.0.0.1").replace("[::]", "[::1]"))
 }
 
-fn print_json<T: Serialize>(value: &T) -> Result<()> {
+pub(crate) fn print_json<T: Serialize>(value: &T) -> Result<()> {
     println!("{}", serde_json::to_string_pretty(value)?);
     Ok(())
 }

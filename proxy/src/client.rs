@@ -5,15 +5,17 @@ use std::path::Path;
 use std::sync::Arc;
 
 use http_body_util::{BodyExt as _, Full};
-use hyper::{Method, Request, StatusCode};
+pub use hyper::Method;
+use hyper::StatusCode;
 use hyper_util::rt::TokioIo;
 use rustls::pki_types::ServerName;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tokio::net::TcpStream;
 
-use crate::api::ApiErrorBody;
+use crate::api::Problem;
 use crate::grants::{Grant, NewGrant};
+use crate::requests::{ListFilter, NewExtension, NewRequest, Request};
 use crate::sessions::SessionInfo;
 
 /// API call failures.
@@ -23,8 +25,9 @@ pub enum ClientError {
     Setup(String),
     #[error("cannot reach the jitgate API at {addr}: {message}")]
     Connect { addr: String, message: String },
+    /// The API answered with a problem: `code` is its stable kind (refused, forbidden, ...).
     #[error("{message} (HTTP {status})")]
-    Api { status: u16, message: String },
+    Api { status: u16, code: String, message: String },
     #[error("unexpected API response: {0}")]
     Decode(String),
 }
@@ -64,12 +67,8 @@ impl ApiClient {
         })
     }
 
-    async fn call<T: DeserializeOwned>(
-        &self,
-        method: Method,
-        path: &str,
-        body: Option<Vec<u8>>,
-    ) -> Result<T, ClientError> {
+    /// Sends one request; returns the status and body as received.
+    pub async fn raw(&self, method: Method, path: &str, body: Option<Vec<u8>>) -> Result<(u16, Vec<u8>), ClientError> {
         let connect = |message: String| ClientError::Connect {
             addr: self.addr.clone(),
             message,
@@ -88,7 +87,7 @@ impl ApiClient {
         tokio::spawn(async move {
             let _ = conn.await;
         });
-        let req = Request::builder()
+        let req = hyper::Request::builder()
             .method(method)
             .uri(path)
             .header(hyper::header::HOST, &self.addr)
@@ -103,13 +102,28 @@ impl ApiClient {
             .await
             .map_err(|e| connect(e.to_string()))?
             .to_bytes();
-        if status != StatusCode::OK && status != StatusCode::CREATED {
-            let message = serde_json::from_slice::<ApiErrorBody>(&bytes)
-                .map(|b| b.error)
-                .unwrap_or_else(|_| String::from_utf8_lossy(&bytes).into_owned());
-            return Err(ClientError::Api {
-                status: status.as_u16(),
-                message,
+        Ok((status.as_u16(), bytes.to_vec()))
+    }
+
+    async fn call<T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> Result<T, ClientError> {
+        let (status, bytes) = self.raw(method, path, body).await?;
+        if status != StatusCode::OK.as_u16() && status != StatusCode::CREATED.as_u16() {
+            return Err(match serde_json::from_slice::<Problem>(&bytes) {
+                Ok(p) => ClientError::Api {
+                    status,
+                    code: p.code,
+                    message: p.detail,
+                },
+                Err(_) => ClientError::Api {
+                    status,
+                    code: String::new(),
+                    message: String::from_utf8_lossy(&bytes).into_owned(),
+                },
             });
         }
         serde_json::from_slice(&bytes).map_err(|e| ClientError::Decode(e.to_string()))
@@ -147,6 +161,63 @@ impl ApiClient {
             duration_secs: by.as_secs().max(1),
         };
         self.post(&format!("/v1/grants/{}/extend", encode_segment(id)), &body)
+            .await
+    }
+
+    /// `POST /v1/requests`: ask for access.
+    pub async fn create_request(&self, new: &NewRequest) -> Result<Request, ClientError> {
+        self.post("/v1/requests", new).await
+    }
+
+    /// `POST /v1/grants/{id}/extensions`: ask for more time on a live grant.
+    pub async fn request_extension(&self, grant: &str, ext: &NewExtension) -> Result<Request, ClientError> {
+        self.post(&format!("/v1/grants/{}/extensions", encode_segment(grant)), ext)
+            .await
+    }
+
+    /// `GET /v1/requests`.
+    pub async fn list_requests(&self, filter: &ListFilter) -> Result<Vec<Request>, ClientError> {
+        let mut query = Vec::new();
+        for (on, name) in [
+            (filter.mine, "mine"),
+            (filter.pending, "pending"),
+            (filter.break_glass, "break_glass"),
+        ] {
+            if on {
+                query.push(format!("{name}=true"));
+            }
+        }
+        let path = if query.is_empty() {
+            "/v1/requests".to_owned()
+        } else {
+            format!("/v1/requests?{}", query.join("&"))
+        };
+        self.call(Method::GET, &path, None).await
+    }
+
+    /// `GET /v1/requests/{id}`.
+    pub async fn get_request(&self, id: &str) -> Result<Request, ClientError> {
+        self.call(Method::GET, &format!("/v1/requests/{}", encode_segment(id)), None)
+            .await
+    }
+
+    /// `POST /v1/requests/{id}/approve`.
+    pub async fn approve_request(&self, id: &str, comment: Option<String>) -> Result<Request, ClientError> {
+        let body = crate::api::ApproveBody { comment };
+        self.post(&format!("/v1/requests/{}/approve", encode_segment(id)), &body)
+            .await
+    }
+
+    /// `POST /v1/requests/{id}/deny`.
+    pub async fn deny_request(&self, id: &str, reason: &str) -> Result<Request, ClientError> {
+        let body = crate::api::DenyBody { reason: reason.into() };
+        self.post(&format!("/v1/requests/{}/deny", encode_segment(id)), &body)
+            .await
+    }
+
+    /// `POST /v1/requests/{id}/withdraw`.
+    pub async fn withdraw_request(&self, id: &str) -> Result<Request, ClientError> {
+        self.post(&format!("/v1/requests/{}/withdraw", encode_segment(id)), &())
             .await
     }
 

@@ -44,6 +44,8 @@ struct RawConfig {
     #[serde(default)]
     sessions: RawSessions,
     #[serde(default)]
+    requests: RawRequests,
+    #[serde(default)]
     audit: RawAudit,
     #[serde(default)]
     targets: Vec<RawTarget>,
@@ -96,6 +98,12 @@ struct RawTls {
 #[serde(deny_unknown_fields)]
 struct RawSessions {
     expiry_notice: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRequests {
+    lapse_after: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -178,6 +186,7 @@ pub struct Config {
     pub tls: TlsPaths,
     pub limits: Limits,
     pub sessions: SessionsConfig,
+    pub requests: RequestsConfig,
     pub audit: AuditConfig,
     /// Grant store (SQLite). Always `DATA_DIR/jitgate.db`.
     pub store_path: PathBuf,
@@ -211,6 +220,14 @@ pub struct SessionsConfig {
     /// How long before its grant ends a session gets a NOTICE saying so. Default 5m; 0s
     /// turns the notice off.
     pub expiry_notice: Duration,
+}
+
+/// How access requests are handled (`[requests]`).
+#[derive(Debug, Clone)]
+pub struct RequestsConfig {
+    /// A request still pending this long after it was filed lapses (state `lapsed`) and can no
+    /// longer be approved. Default 1h; between 1s and 7d.
+    pub lapse_after: Duration,
 }
 
 /// Bounds on resources and waits.
@@ -499,12 +516,22 @@ impl RawConfig {
                 Duration::from_secs(300),
             )?,
         };
+        let lapse_after = duration(
+            "requests.lapse_after",
+            self.requests.lapse_after.as_deref(),
+            Duration::from_secs(3600),
+        )?;
+        if !(Duration::from_secs(1)..=Duration::from_secs(7 * 86_400)).contains(&lapse_after) {
+            return Err(invalid("requests.lapse_after", "must be between 1s and 7d"));
+        }
+        let requests = RequestsConfig { lapse_after };
         let policies = Arc::new(crate::policy::validate(self.policies, &targets)?);
         let webhooks = crate::notify::validate_webhooks(self.webhooks, secrets)?;
         Ok(Config {
             webhooks,
             policies,
             sessions,
+            requests,
             audit,
             store_path: data_dir.join("jitgate.db"),
             data_dir,

@@ -314,6 +314,12 @@ impl Grants {
         Ok(live.current())
     }
 
+    /// The live grant `id`, with its current expiry.
+    pub fn get(&self, id: &GrantId) -> Option<Grant> {
+        let live = self.by_id.get(id)?;
+        live.is_live(Instant::now()).then(|| live.current())
+    }
+
     /// The best live grant for (user, target): the highest access level, then the latest
     /// expiry. `None` denies.
     pub fn lookup(&self, user: &UserName, target: &TargetName) -> Option<GrantPermit> {

@@ -18,6 +18,7 @@ pub mod notify;
 pub mod pg;
 pub mod pki;
 pub mod policy;
+pub mod requests;
 pub mod sandbox;
 pub mod server;
 pub mod sessions;

@@ -19,8 +19,9 @@ use crate::grants::Grants;
 use crate::metrics::{self, Metrics};
 use crate::notify::Notifier;
 use crate::pg::{self, PgContext};
+use crate::requests::Requests;
 use crate::sessions::Sessions;
-use crate::store::SqliteStore;
+use crate::store::{GrantStore, RequestStore, SqliteStore};
 use crate::tls::ServerTls;
 
 /// Start-up failures.
@@ -89,7 +90,9 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: impl Future<Out
     let metrics = Metrics::new();
     let tls = ServerTls::load(&config.tls)?;
     let audit = AuditLog::open(&config.audit, Arc::clone(&metrics))?;
-    let store = Arc::new(SqliteStore::open(&config.store_path)?);
+    let sqlite = Arc::new(SqliteStore::open(&config.store_path)?);
+    let store: Arc<dyn GrantStore> = sqlite.clone();
+    let request_store: Arc<dyn RequestStore> = sqlite;
     let cancel = CancellationToken::new();
     let tracker = TaskTracker::new();
     let notifier = Notifier::start(&config.webhooks, &metrics, &tracker, cancel.clone());
@@ -97,11 +100,19 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: impl Future<Out
         store,
         Arc::clone(&audit),
         Arc::clone(&metrics),
-        notifier,
+        Arc::clone(&notifier),
         cancel.clone(),
     )
     // Stops the webhook workers already started.
     .inspect_err(|_| cancel.cancel())?;
+    let requests = Requests::new(
+        config.clone(),
+        request_store,
+        Arc::clone(&grants),
+        Arc::clone(&audit),
+        notifier,
+    );
+    tracker.spawn(Arc::clone(&requests).run_lapser(cancel.clone()));
     let sessions = Arc::new(Sessions::default());
 
     let pg = Arc::new(PgContext {
@@ -116,6 +127,7 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: impl Future<Out
     let api_state = Arc::new(ApiState {
         config: config.clone(),
         grants: Arc::clone(&grants),
+        requests,
         sessions: Arc::clone(&sessions),
         metrics: Arc::clone(&metrics),
     });

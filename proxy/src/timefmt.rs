@@ -34,3 +34,26 @@ pub mod serde_rfc3339 {
         humantime::parse_rfc3339_weak(&text).map_err(serde::de::Error::custom)
     }
 }
+
+/// Serde adapter: `Option<SystemTime>` <-> RFC 3339 string or `null`.
+pub mod serde_rfc3339_opt {
+    use std::time::SystemTime;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(t: &Option<SystemTime>, s: S) -> Result<S::Ok, S::Error> {
+        match t {
+            Some(t) => s.serialize_str(&super::rfc3339(*t)),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<SystemTime>, D::Error> {
+        match Option::<String>::deserialize(d)? {
+            Some(text) => humantime::parse_rfc3339_weak(&text)
+                .map(Some)
+                .map_err(serde::de::Error::custom),
+            None => Ok(None),
+        }
+    }
+}

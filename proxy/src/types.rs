@@ -165,6 +165,10 @@ id_type!(
     GrantId, "g"
 );
 id_type!(
+    /// Identifies an access or extension request.
+    RequestId, "r"
+);
+id_type!(
     /// Identifies a proxied session.
     SessionId, "s"
 );

@@ -266,6 +266,28 @@ ca_file = "{d}/pg-ca.crt"
         self.admin.as_ref().expect("proxy not running")
     }
 
+    /// An API client presenting `user`'s certificate.
+    pub fn api_as(&self, user: &UserCert) -> ApiClient {
+        ApiClient::from_files(&self.addrs().api.to_string(), &user.cert, &user.key, &user.ca).unwrap()
+    }
+
+    /// `JITGATE_*` variables that make the `jitgate` CLI talk to this proxy as `user`.
+    pub fn cli_env(&self, user: &UserCert) -> Vec<(&'static str, String)> {
+        vec![
+            ("JITGATE_API", self.addrs().api.to_string()),
+            ("JITGATE_CERT", user.cert.display().to_string()),
+            ("JITGATE_KEY", user.key.display().to_string()),
+            ("JITGATE_CA", user.ca.display().to_string()),
+        ]
+    }
+
+    /// Runs the `jitgate` CLI as `user` against this proxy.
+    pub async fn cli_as(&self, user: &UserCert, args: &[&str]) -> CliRun {
+        let env = self.cli_env(user);
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        run_jitgate(args, &env).await
+    }
+
     /// Issues a client certificate from the data directory's CA.
     pub fn user(&self, name: &str, roles: &[&str]) -> UserCert {
         self.user_with_ttl(name, roles, Duration::from_secs(3600))

@@ -244,10 +244,23 @@ async fn api_requires_admin_role() {
     let alice = h.user("alice", &["dev", "oncall"]);
     let client = ApiClient::from_files(&h.addrs().api.to_string(), &alice.cert, &alice.key, &alice.ca).unwrap();
     assert_eq!(client.whoami().await.unwrap().user, "alice");
-    match client.list_grants().await {
-        Err(ClientError::Api { status: 403, message }) => assert!(message.contains("admin"), "{message}"),
+    match client.list_sessions().await {
+        Err(ClientError::Api {
+            status: 403,
+            code,
+            message,
+        }) => assert!(message.contains("admin") && code == "forbidden", "{message}"),
         other => panic!("expected 403, got {other:?}"),
     }
+    // Without the admin role, a user lists only their own grants.
+    let mine = h
+        .grant("alice", "prod-db", AccessLevel::Read, Duration::from_secs(600))
+        .await;
+    h.grant("bob", "prod-db", AccessLevel::Read, Duration::from_secs(600))
+        .await;
+    let listed = client.list_grants().await.unwrap();
+    assert_eq!(listed.iter().map(|g| &g.id).collect::<Vec<_>>(), vec![&mine.id]);
+    assert_eq!(h.admin().list_grants().await.unwrap().len(), 2);
     let req = jitgate_tests::jitgate::grants::NewGrant {
         user: "alice".parse().unwrap(),
         target: "prod-db".parse().unwrap(),
@@ -259,7 +272,7 @@ async fn api_requires_admin_role() {
         client.create_grant(&req).await,
         Err(ClientError::Api { status: 403, .. })
     ));
-    assert!(h.admin().list_grants().await.unwrap().is_empty());
+    assert_eq!(h.admin().list_grants().await.unwrap().len(), 2);
     // No certificate at all: the TLS handshake fails.
     let r = jitgate(
         &[

@@ -37,7 +37,7 @@ async fn expiry_notice_arrives_before_the_grant_ends() {
         .0
         .get(&b'H')
         .unwrap()
-        .contains(&format!("jitgate grant extend {}", grant.id)));
+        .contains(&format!("jitgate extend {} --for", grant.id)));
     let (code, message) = raw::error_of(&msgs).expect("then the FATAL at expiry");
     assert_eq!(code, "57P01");
     assert!(message.contains("expired"), "{message}");

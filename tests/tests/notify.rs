@@ -241,3 +241,100 @@ format = "slack"
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn request_webhooks_fire_and_a_dead_endpoint_delays_no_decision() {
+    let mut h = Harness::start().await;
+    let (good, good_log) = receiver(vec![]).await;
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let secret_file = h.data_dir().join("webhook.secret");
+    std::fs::write(&secret_file, SECRET).unwrap();
+    let s = secret_file.display().to_string();
+    h.stop_proxy().await.unwrap();
+    h.edit_config(|c| {
+        format!(
+            r#"{c}
+[[policies]]
+name = "dev-prod-read"
+roles = ["dev"]
+targets = {{ env = "prod" }}
+access = ["read"]
+max_duration = "1h"
+approvers = ["dba"]
+approvals = 1
+break_glass = true
+
+[[webhooks]]
+name = "dead"
+url = "http://{dead}/hooks"
+secret_file = "{s}"
+timeout = "2s"
+max_attempts = 5
+
+[[webhooks]]
+name = "reviews"
+url = "http://{good}/hooks"
+events = ["request.created", "request.decided", "break_glass"]
+secret_file = "{s}"
+"#
+        )
+    });
+    h.start_proxy().await;
+    let alice = h.user("alice", &["dev"]);
+    let carol = h.user("carol", &["dba"]);
+    let within = |what: &'static str| move |_| panic!("{what} took longer than 10 s");
+
+    let ask = |break_glass: bool| jitgate_tests::jitgate::requests::NewRequest {
+        target: "prod-db".into(),
+        access: AccessLevel::Read,
+        duration_secs: 600,
+        reason: "INC-9".into(),
+        break_glass,
+    };
+    let filed = tokio::time::timeout(Duration::from_secs(10), h.api_as(&alice).create_request(&ask(false)))
+        .await
+        .unwrap_or_else(within("filing"))
+        .unwrap();
+    let approved = tokio::time::timeout(
+        Duration::from_secs(10),
+        h.api_as(&carol).approve_request(filed.id.as_str(), None),
+    )
+    .await
+    .unwrap_or_else(within("approving"))
+    .unwrap();
+    let glass = tokio::time::timeout(Duration::from_secs(10), h.api_as(&alice).create_request(&ask(true)))
+        .await
+        .unwrap_or_else(within("break-glass"))
+        .unwrap();
+    assert!(glass.break_glass && approved.grant_id.is_some());
+
+    eventually("request webhooks delivered", Duration::from_secs(20), || async {
+        good_log.lock().unwrap().len() >= 4
+    })
+    .await;
+    for r in good_log.lock().unwrap().iter() {
+        assert_eq!(r.headers["x-jitgate-signature"], sign(&r.body), "{r:?}");
+    }
+    let created = of_kind(&good_log, "request.created");
+    assert_eq!(created.len(), 1, "break-glass announces itself as break_glass");
+    assert_eq!(created[0].json()["data"]["id"], filed.id.as_str());
+    assert_eq!(created[0].json()["data"]["state"], "pending");
+    let decided: Vec<serde_json::Value> = of_kind(&good_log, "request.decided")
+        .iter()
+        .map(Received::json)
+        .collect();
+    let mine = decided.iter().find(|d| d["data"]["id"] == filed.id.as_str()).unwrap();
+    assert_eq!(mine["data"]["state"], "approved");
+    assert_eq!(mine["data"]["decided_by"], "carol");
+    assert_eq!(mine["data"]["grant_id"], approved.grant_id.as_ref().unwrap().as_str());
+    let glass_hook = of_kind(&good_log, "break_glass");
+    assert_eq!(glass_hook.len(), 1);
+    let g = glass_hook[0].json();
+    assert_eq!(g["data"]["id"], glass.id.as_str());
+    assert_eq!(g["data"]["user"], "alice");
+    assert_eq!(g["data"]["reason"], "INC-9");
+    assert_eq!(g["data"]["grant_id"], glass.grant_id.as_ref().unwrap().as_str());
+}

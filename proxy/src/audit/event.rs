@@ -8,6 +8,7 @@ use std::time::SystemTime;
 use serde::{Deserialize, Serialize};
 
 use crate::grants::Grant;
+use crate::requests::Request;
 use crate::types::{AccessLevel, GrantId, Role, SessionId, TargetName, UserName};
 
 /// Version of the record schema; bumped on incompatible changes.
@@ -123,6 +124,44 @@ pub enum AuditEvent {
         target: TargetName,
         access: AccessLevel,
     },
+    /// A request was filed (pending, or about to be granted by policy).
+    #[serde(rename = "request.created")]
+    RequestCreated { request: Request },
+    /// No policy allows a request: it was refused at once and never stored.
+    #[serde(rename = "request.refused")]
+    RequestRefused {
+        user: UserName,
+        roles: Vec<Role>,
+        target: String,
+        access: AccessLevel,
+        duration_secs: u64,
+        break_glass: bool,
+        /// The requester's justification.
+        reason: String,
+        /// Why it was refused.
+        refusal: String,
+    },
+    /// One approver approved a pending request (`approvals` of `approvals_needed` so far).
+    #[serde(rename = "request.approval")]
+    RequestApproval {
+        request_id: crate::types::RequestId,
+        /// The requester.
+        user: UserName,
+        by: UserName,
+        #[serde(skip_serializing_if = "Option::is_none", default)]
+        comment: Option<String>,
+        approvals: u32,
+        approvals_needed: u32,
+    },
+    /// Granted: `request.grant_id` names the grant created or extended.
+    #[serde(rename = "request.approved")]
+    RequestApproved { request: Request },
+    #[serde(rename = "request.denied")]
+    RequestDenied { request: Request },
+    #[serde(rename = "request.withdrawn")]
+    RequestWithdrawn { request: Request },
+    #[serde(rename = "request.lapsed")]
+    RequestLapsed { request: Request },
     #[serde(rename = "session.denied")]
     SessionDenied {
         user: UserName,
@@ -209,6 +248,13 @@ impl AuditEvent {
             Self::GrantRevoked { .. } => "grant.revoked",
             Self::GrantExtended { .. } => "grant.extended",
             Self::GrantExpired { .. } => "grant.expired",
+            Self::RequestCreated { .. } => "request.created",
+            Self::RequestRefused { .. } => "request.refused",
+            Self::RequestApproval { .. } => "request.approval",
+            Self::RequestApproved { .. } => "request.approved",
+            Self::RequestDenied { .. } => "request.denied",
+            Self::RequestWithdrawn { .. } => "request.withdrawn",
+            Self::RequestLapsed { .. } => "request.lapsed",
             Self::SessionDenied { .. } => "session.denied",
             Self::SessionStart { .. } => "session.start",
             Self::Statement { .. } => "statement",

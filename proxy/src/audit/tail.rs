@@ -122,16 +122,21 @@ impl Printer {
     }
 }
 
-/// A string field of the record, or of its `grant` object.
-fn field<'a>(v: &'a Value, name: &str) -> Option<&'a str> {
+/// A field of the record, or of its `grant` or `request` object.
+fn lookup<'a>(v: &'a Value, name: &str) -> Option<&'a Value> {
     v.get(name)
         .or_else(|| v.get("grant").and_then(|g| g.get(name)))
-        .and_then(Value::as_str)
+        .or_else(|| v.get("request").and_then(|r| r.get(name)))
+}
+
+/// A string field of the record, or of its `grant` or `request` object.
+fn field<'a>(v: &'a Value, name: &str) -> Option<&'a str> {
+    lookup(v, name).and_then(Value::as_str)
 }
 
 /// Any field as display text; `-` when absent.
 fn show(v: &Value, name: &str) -> String {
-    match v.get(name).or_else(|| v.get("grant").and_then(|g| g.get(name))) {
+    match lookup(v, name) {
         None | Some(Value::Null) => "-".into(),
         Some(Value::String(s)) => s.clone(),
         Some(other) => other.to_string(),
@@ -188,6 +193,25 @@ pub fn text(v: &Value) -> String {
             s("by")
         ),
         "grant.expired" => format!("{} {} {} {}", s("user"), s("target"), s("grant_id"), s("access")),
+        _ if v.get("request").is_some() => {
+            let why = if s("note") == "-" { s("reason") } else { s("note") };
+            format!(
+                "{} {} {} {} {}{} {}s policy {}: {}",
+                s("user"),
+                s("target"),
+                s("id"),
+                s("access"),
+                s("state"),
+                if v["request"]["break_glass"] == Value::Bool(true) {
+                    " BREAK-GLASS"
+                } else {
+                    ""
+                },
+                s("duration_secs"),
+                s("policy"),
+                why
+            )
+        }
         "statement" => {
             let denied = match v.get("denied_by").and_then(Value::as_str) {
                 Some(by) => format!(" denied by {by}"),

@@ -402,9 +402,7 @@ fn expiry_notice(ctx: &PgContext, permit: &GrantPermit) -> Option<ExpiryNotice> 
             humantime::format_duration(std::time::Duration::from_secs(left.as_secs())),
             humantime::format_rfc3339_seconds(d.at)
         );
-        let hint = format!(
-            "to keep working, ask an admin to extend grant {grant_id}: jitgate grant extend {grant_id} --for 30m"
-        );
+        let hint = format!("to keep working, ask for more time: jitgate extend {grant_id} --for 30m --reason TEXT");
         backend::notice_response(&Report {
             sqlstate: "01000",
             message: &message,

@@ -7,10 +7,11 @@ use std::time::SystemTime;
 
 use rusqlite::{params, Connection};
 
-use super::{GrantStore, StoreError};
+use super::{GrantStore, RequestQuery, RequestStore, StoreError};
 use crate::grants::{Grant, GrantEnd};
+use crate::requests::{Request, RequestState};
 use crate::timefmt::{from_millis, to_millis};
-use crate::types::{GrantId, TargetName, UserName};
+use crate::types::{GrantId, RequestId, TargetName, UserName};
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS grants (
@@ -26,6 +27,17 @@ CREATE TABLE IF NOT EXISTS grants (
     end_reason  TEXT
 );
 CREATE INDEX IF NOT EXISTS grants_active ON grants (ended_at) WHERE ended_at IS NULL;
+CREATE TABLE IF NOT EXISTS requests (
+    id          TEXT PRIMARY KEY,
+    user        TEXT NOT NULL,
+    state       TEXT NOT NULL,
+    break_glass INTEGER NOT NULL,
+    created_at  INTEGER NOT NULL,
+    lapses_at   INTEGER NOT NULL,
+    body        TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS requests_state ON requests (state, lapses_at);
+CREATE INDEX IF NOT EXISTS requests_created ON requests (created_at);
 ";
 
 /// SQLite-backed [`GrantStore`].
@@ -142,6 +154,109 @@ impl GrantStore for SqliteStore {
             });
         }
         Ok(grants)
+    }
+}
+
+/// The indexed columns of a request row, then its JSON body.
+fn request_row(r: &Request) -> Result<(i64, i64, String), StoreError> {
+    let body = serde_json::to_string(r).map_err(err)?;
+    Ok((to_millis(r.created_at), to_millis(r.lapses_at), body))
+}
+
+fn decode_requests(rows: Vec<String>) -> Result<Vec<Request>, StoreError> {
+    rows.iter()
+        .map(|body| serde_json::from_str(body).map_err(|e| StoreError(format!("stored request: {e}"))))
+        .collect()
+}
+
+impl RequestStore for SqliteStore {
+    fn insert_request(&self, r: &Request) -> Result<(), StoreError> {
+        let (created, lapses, body) = request_row(r)?;
+        self.conn()
+            .execute(
+                "INSERT INTO requests (id, user, state, break_glass, created_at, lapses_at, body)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                params![
+                    r.id.as_str(),
+                    r.user.as_str(),
+                    r.state.as_str(),
+                    r.break_glass,
+                    created,
+                    lapses,
+                    body
+                ],
+            )
+            .map_err(err)?;
+        Ok(())
+    }
+
+    fn update_request(&self, r: &Request) -> Result<(), StoreError> {
+        let (_, lapses, body) = request_row(r)?;
+        let n = self
+            .conn()
+            .execute(
+                "UPDATE requests SET state = ?2, lapses_at = ?3, body = ?4 WHERE id = ?1",
+                params![r.id.as_str(), r.state.as_str(), lapses, body],
+            )
+            .map_err(err)?;
+        if n == 1 {
+            Ok(())
+        } else {
+            Err(StoreError(format!("request {} is not stored", r.id)))
+        }
+    }
+
+    fn request(&self, id: &RequestId) -> Result<Option<Request>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare("SELECT body FROM requests WHERE id = ?1").map_err(err)?;
+        let mut rows = stmt.query_map([id.as_str()], |r| r.get::<_, String>(0)).map_err(err)?;
+        match rows.next() {
+            Some(body) => Ok(decode_requests(vec![body.map_err(err)?])?.pop()),
+            None => Ok(None),
+        }
+    }
+
+    fn requests(&self, q: &RequestQuery) -> Result<Vec<Request>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare(
+                "SELECT body FROM requests
+                 WHERE (?1 IS NULL OR user = ?1) AND (?2 IS NULL OR state = ?2) AND (?3 = 0 OR break_glass = 1)
+                 ORDER BY created_at DESC, id LIMIT ?4",
+            )
+            .map_err(err)?;
+        let limit = if q.limit == 0 {
+            -1
+        } else {
+            i64::try_from(q.limit).unwrap_or(-1)
+        };
+        let rows = stmt
+            .query_map(
+                params![
+                    q.user.as_ref().map(UserName::as_str),
+                    q.state.map(RequestState::as_str),
+                    q.break_glass,
+                    limit
+                ],
+                |r| r.get::<_, String>(0),
+            )
+            .map_err(err)?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(err)?;
+        decode_requests(rows)
+    }
+
+    fn pending_due(&self, now: SystemTime) -> Result<Vec<Request>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare("SELECT body FROM requests WHERE state = 'pending' AND lapses_at <= ?1 ORDER BY lapses_at")
+            .map_err(err)?;
+        let rows = stmt
+            .query_map([to_millis(now)], |r| r.get::<_, String>(0))
+            .map_err(err)?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(err)?;
+        decode_requests(rows)
     }
 }
 
