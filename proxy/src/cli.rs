@@ -486,7 +486,7 @@ data_dir = "@DATA_DIR@"
 
 [listen]
 postgres = "127.0.0.1:5433"   # psql connects here (TLS + client certificate)
-api = "127.0.0.1:8443"        # control API for the jitgate CLI (mTLS, admin role)
+api = "127.0.0.1:8443"        # control API for the jitgate CLI (mTLS; authorized by certificate roles)
 metrics = "127.0.0.1:9187"    # Prometheus /metrics, /healthz, /readyz (plain HTTP)
 
 # One [[targets]] table per PostgreSQL server. Clients pick it with dbname=NAME

@@ -8,11 +8,11 @@ use anyhow::{Context as _, Result};
 
 use crate::client::ApiClient;
 use crate::config::Config;
-use crate::grants::NewGrant;
 use crate::pki::{self, files, Authority};
+use crate::requests::NewRequest;
 use crate::sandbox::{LocalPostgres, PgOptions};
 use crate::server::Listeners;
-use crate::types::{AccessLevel, Role, TargetName, UserName};
+use crate::types::{AccessLevel, Role, UserName};
 
 const TARGET: &str = "demo-db";
 const READER_PASSWORD: &str = "demo-reader-password";
@@ -51,6 +51,14 @@ labels = {{ env = "demo" }}
 [targets.credentials.read]
 user = "jit_reader"
 password_file = "{secret}"
+
+[[policies]]
+name = "demo-read"
+roles = ["dev"]
+targets = {{ env = "demo" }}
+access = ["read"]
+max_duration = "1h"
+approve = "auto"
 "#,
         data = data.display(),
         addr = pg.address(),
@@ -77,28 +85,30 @@ password_file = "{secret}"
         listeners,
         shutdown.clone().cancelled_owned(),
     ));
-    let admin = ApiClient::from_files(
+    // The demo user asks for access like any engineer; policy demo-read approves at once.
+    let as_demo = ApiClient::from_files(
         &addrs.api.to_string(),
-        &data.join(files::ADMIN_CERT),
-        &data.join(files::ADMIN_KEY),
+        &data.join("demo.crt"),
+        &data.join("demo.key"),
         &data.join(files::CA_CERT),
     )?;
-    let grant = admin
-        .create_grant(&NewGrant {
-            user: user.clone(),
-            target: TargetName::new(TARGET)?,
+    let request = as_demo
+        .create_request(&NewRequest {
+            target: TARGET.into(),
             access: AccessLevel::Read,
             duration_secs: 15 * 60,
             reason: "jitgate demo".into(),
+            break_glass: false,
         })
         .await
-        .context("creating the demo grant")?;
+        .context("requesting the demo grant")?;
+    let grant = request.grant_id.context("the demo request was not granted")?;
 
     let d = data.display();
     println!();
     println!(
-        "jitgate demo is running. Connect as user 'demo' (read access for 15 minutes, grant {}):",
-        grant.id
+        "jitgate demo is running. Connect as user 'demo' (read access for 15 minutes, request {}, grant {grant}):",
+        request.id
     );
     println!();
     println!(
@@ -106,11 +116,18 @@ password_file = "{secret}"
         port = addrs.postgres.port()
     );
     println!();
-    println!("Manage grants and sessions as admin:");
+    println!("Ask for more access as 'demo' (policy demo-read grants up to 1h at once):");
+    println!(
+        "  jitgate request {TARGET} --for 30m --reason \"trying jitgate\" --api {api} --cert {d}/demo.crt --key {d}/demo.key --ca {d}/ca.crt",
+        api = addrs.api
+    );
+    println!();
+    println!("Manage grants, requests and sessions as admin:");
     println!("  export JITGATE_DATA_DIR={d}");
     println!("  jitgate grant list");
     println!("  jitgate session list");
-    println!("  jitgate grant revoke {}", grant.id);
+    println!("  jitgate request list");
+    println!("  jitgate grant revoke {grant}");
     println!();
     println!("Audit log: {d}/audit.jsonl   Metrics: http://{}/metrics", addrs.metrics);
     println!("Press Ctrl-C to stop and remove everything.");

@@ -304,6 +304,7 @@ async fn demo_prints_a_working_psql_command() {
         .unwrap();
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
     let mut psql_line = None;
+    let mut request_line = None;
     let mut data_dir = None;
     let found = tokio::time::timeout(Duration::from_secs(60), async {
         while let Some(line) = lines.next_line().await.unwrap() {
@@ -312,6 +313,9 @@ async fn demo_prints_a_working_psql_command() {
             }
             if line.trim().starts_with("psql \"") {
                 psql_line = Some(line.trim().to_owned());
+            }
+            if line.trim().starts_with("jitgate request demo-db ") {
+                request_line = Some(line.trim().to_owned());
             }
             if line.contains("Press Ctrl-C") {
                 return;
@@ -332,6 +336,23 @@ async fn demo_prints_a_working_psql_command() {
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "100");
     let data_dir = data_dir.expect("demo prints its data dir");
     assert!(Path::new(&data_dir).is_dir());
+
+    // The printed request command works as printed: the demo user gets more access at once.
+    let request_line = request_line.expect("demo prints a request command");
+    let bin_dir = jitgate_bin().parent().unwrap().display().to_string();
+    let out = Command::new("sh")
+        .args(["-c", &request_line])
+        .env("PATH", format!("{bin_dir}:{}", std::env::var("PATH").unwrap()))
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("approved: read access to demo-db for 30m"), "{stdout}");
 
     // Ctrl-C removes everything.
     let pid = child.id().unwrap().to_string();

@@ -78,8 +78,7 @@ async fn read_grant_refuses_everything_but_reads() {
         "{stderr}"
     );
     assert!(
-        stderr
-            .contains("HINT:  request write access: jitgate grant create --user alice --target prod-db --access write"),
+        stderr.contains("HINT:  request write access: jitgate request prod-db --access write --for 30m"),
         "{stderr}"
     );
     assert!(stdout.contains("still usable|100"), "{stdout}");

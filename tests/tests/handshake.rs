@@ -61,10 +61,7 @@ async fn no_grant_gets_28000_with_hint() {
         out.stderr
     );
     assert!(
-        out.stderr.contains("HINT:")
-            && out
-                .stderr
-                .contains("jitgate grant create --user alice --target prod-db"),
+        out.stderr.contains("HINT:") && out.stderr.contains("jitgate request prod-db --access read"),
         "{}",
         out.stderr
     );

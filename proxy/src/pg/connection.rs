@@ -138,9 +138,7 @@ async fn run_session(ctx: Arc<PgContext>, mut n: Negotiated, peer: SocketAddr) {
     };
     let Some(permit) = ctx.grants.lookup(&user, &target) else {
         let msg = format!("no active grant for {user} on {target}");
-        let hint = format!(
-            "ask an admin to run: jitgate grant create --user {user} --target {target} --access read --for 30m --reason \"...\""
-        );
+        let hint = format!("request access: jitgate request {target} --access read --for 30m --reason \"...\"");
         refuse(
             &ctx,
             &mut n,
@@ -277,7 +275,7 @@ async fn run_session(ctx: Arc<PgContext>, mut n: Negotiated, peer: SocketAddr) {
         target: target.clone(),
         access: grant.access,
     };
-    let guard = Guard::new(grant.access, target.as_str(), user.as_str(), &target_cfg.guardrails);
+    let guard = Guard::new(grant.access, target.as_str(), &target_cfg.guardrails);
     let audit_cfg = &ctx.config.audit;
     let limits = TextLimits {
         max_statement_bytes: audit_cfg.max_statement_bytes,

@@ -13,18 +13,16 @@ use crate::types::AccessLevel;
 pub struct Guard {
     access: AccessLevel,
     target: String,
-    user: String,
     rules: Vec<DenyRule>,
 }
 
 impl Guard {
     /// Rules for `access` on `target`; `rules` are the target's, filtered here by level.
-    pub fn new(access: AccessLevel, target: &str, user: &str, rules: &[DenyRule]) -> Self {
+    pub fn new(access: AccessLevel, target: &str, rules: &[DenyRule]) -> Self {
         let rules = rules.iter().filter(|r| r.access.contains(&access)).cloned().collect();
         Self {
             access,
             target: target.to_owned(),
-            user: user.to_owned(),
             rules,
         }
     }
@@ -54,8 +52,8 @@ impl Guard {
                     c.kind
                 ),
                 hint: Some(format!(
-                    "request write access: jitgate grant create --user {} --target {} --access write --for 30m --reason \"...\"",
-                    self.user, self.target
+                    "request write access: jitgate request {} --access write --for 30m --reason \"...\"",
+                    self.target
                 )),
                 sqlstate: "42501",
             });
