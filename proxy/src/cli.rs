@@ -35,7 +35,7 @@ enum Command {
         #[arg(long, short, env = "JITGATE_CONFIG")]
         config: PathBuf,
     },
-    /// Start a sandbox: throwaway PostgreSQL, proxy, demo user and a 15-minute grant.
+    /// Start a sandbox: throwaway PostgreSQL, proxy, demo user, an auto-approve policy and a 15-minute grant.
     Demo,
     /// Validate configuration files.
     Config {
