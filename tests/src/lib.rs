@@ -28,6 +28,28 @@ pub const WRITER_PASSWORD: &str = "writer-secret-pw";
 pub const MD5_PASSWORD: &str = "md5-secret-pw";
 pub const ADMIN_PASSWORD: &str = "admin-secret-pw";
 
+/// The `[[policies]]` of the request-workflow issue: auto-approved staging for developers,
+/// production reads with two approvals (dba or lead) and break-glass.
+pub const EXAMPLE_POLICIES: &str = r#"
+[[policies]]
+name = "dev-staging"
+roles = ["dev"]
+targets = { env = "staging" }
+access = ["read", "write"]
+max_duration = "4h"
+approve = "auto"
+
+[[policies]]
+name = "dev-prod-read"
+roles = ["dev"]
+targets = { env = "prod" }
+access = ["read"]
+max_duration = "1h"
+approvers = ["dba", "lead"]
+approvals = 2
+break_glass = true
+"#;
+
 /// Harness knobs.
 #[derive(Debug, Clone, Default)]
 pub struct Options {

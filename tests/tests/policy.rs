@@ -9,25 +9,7 @@ use jitgate_tests::{run_jitgate, CliRun};
 
 const SECRET_VAR: &str = "POLICY_TEST_PROD_PASSWORD";
 
-const POLICIES: &str = r#"
-[[policies]]
-name = "dev-staging"
-roles = ["dev"]
-targets = { env = "staging" }
-access = ["read", "write"]
-max_duration = "4h"
-approve = "auto"
-
-[[policies]]
-name = "dev-prod-read"
-roles = ["dev"]
-targets = { env = "prod" }
-access = ["read"]
-max_duration = "1h"
-approvers = ["dba", "lead"]
-approvals = 2
-break_glass = true
-"#;
+use jitgate_tests::EXAMPLE_POLICIES as POLICIES;
 
 /// A data dir from `jitgate init` and a config with two labelled targets and `policies`.
 async fn setup(tmp: &Path, policies: &str) -> PathBuf {

@@ -8,30 +8,11 @@ use std::time::{Duration, SystemTime};
 use jitgate_tests::jitgate::client::ClientError;
 use jitgate_tests::jitgate::requests::{ListFilter, NewRequest, RequestState};
 use jitgate_tests::jitgate::types::AccessLevel;
-use jitgate_tests::{eventually, jitgate_bin, CliRun, Harness, UserCert};
+use jitgate_tests::{eventually, jitgate_bin, CliRun, Harness, UserCert, EXAMPLE_POLICIES};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
-/// A `staging-db` target (labels env = staging) and the policies of the issue, plus one
-/// single-approver policy for on-call engineers.
-const POLICIES: &str = r#"
-[[policies]]
-name = "dev-staging"
-roles = ["dev"]
-targets = { env = "staging" }
-access = ["read", "write"]
-max_duration = "4h"
-approve = "auto"
-
-[[policies]]
-name = "dev-prod-read"
-roles = ["dev"]
-targets = { env = "prod" }
-access = ["read"]
-max_duration = "1h"
-approvers = ["dba", "lead"]
-approvals = 2
-break_glass = true
-
+/// One single-approver policy for on-call engineers, after the example policies.
+const ONCALL_POLICY: &str = r#"
 [[policies]]
 name = "oncall-prod"
 roles = ["oncall"]
@@ -42,7 +23,8 @@ approvers = ["dba"]
 approvals = 1
 "#;
 
-/// Starts the world with the policies and `extra` config appended.
+/// Starts the world with a `staging-db` target (labels env = staging), the example policies,
+/// the on-call policy and `extra` config appended.
 async fn start(extra: &str) -> Harness {
     let mut h = Harness::start().await;
     h.stop_proxy().await.unwrap();
@@ -62,7 +44,8 @@ password_file = "{d}/reader.password"
 [targets.credentials.write]
 user = "jit_writer"
 password_file = "{d}/writer.password"
-{POLICIES}
+{EXAMPLE_POLICIES}
+{ONCALL_POLICY}
 {extra}
 "#
         )
