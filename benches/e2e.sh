@@ -9,7 +9,9 @@
 #
 # Knobs (environment): ROUNDS, DURATION (seconds per pgbench run), CLIENTS (-c, 8),
 # THREADS (-j, 2), SCALE (pgbench -i -s, 10), IDLE_SESSIONS ("1000 10000"),
-# SEVER_SESSIONS ("100 1000 10000"), SEVER_OPEN_RATE (sessions/s assumed when sizing the
+# SEVER_SESSIONS ("100 1000 10000"; both are capped to what the open-files limit allows:
+# each session holds two descriptors in the proxy), WORKLOADS (pgbench workloads to run, all
+# five by default; empty skips pgbench), SEVER_OPEN_RATE (sessions/s assumed when sizing the
 # expiring grant, 150), PROFILE_SECS (10), RESULTS_DIR (where the table and raw output go;
 # kept after the run).
 #
@@ -108,6 +110,16 @@ trap 'exit 130' INT TERM
 
 # Sockets: 10,000 sessions are 20,000 descriptors in the proxy.
 ulimit -n 262144 2>/dev/null || ulimit -n "$(ulimit -Hn)"
+NOFILE=$(ulimit -n)
+fit_sessions() { # n -> n, or fewer when the proxy could not hold them
+    local max=$(((NOFILE - 200) / 2))
+    if (($1 > max)); then
+        say "open-files limit $NOFILE: $1 sessions capped at $max"
+        echo "$max"
+    else
+        echo "$1"
+    fi
+}
 
 mapfile -t PORTS < <("$E2E" free-ports 7)
 PG_PORT=${PORTS[0]} BOUNCER_PORT=${PORTS[1]} FAKE_PORT=${PORTS[2]}
@@ -241,7 +253,7 @@ conn_of() {
 pid_of() {
     case $1 in pgbouncer) echo "$BOUNCER_PID" ;; jitgate) echo "$JG_PID" ;; *) echo "" ;; esac
 }
-WORKLOADS=(select-simple select-extended select-prepared tpcb-simple connect-select)
+read -r -a WORKLOADS <<<"${WORKLOADS-select-simple select-extended select-prepared tpcb-simple connect-select}"
 args_of() {
     case $1 in
     select-simple) echo "-S -M simple" ;;
@@ -343,12 +355,14 @@ client_args() { # target n
     echo "--addr 127.0.0.1:${JGF_PORTS[0]} --dbname $1 --user bench --cert $JGF/bench/bench.crt --key $JGF/bench/bench.key --ca $JGF/bench/ca.crt --n $2"
 }
 for n in $IDLE_SESSIONS; do
+    n=$(fit_sessions "$n")
     restart_fake_jitgate
     say "idle memory: $n sessions"
     # shellcheck disable=SC2046
     "$E2E" hold $(client_args fake-idle "$n") --pid "$JGF_PID" | tee -a "$RAW" >&2
 done
 for n in $SEVER_SESSIONS; do
+    n=$(fit_sessions "$n")
     restart_fake_jitgate
     lead=$((5 + n / SEVER_OPEN_RATE))
     say "sever: $n sessions under one grant ending in ${lead}s"
