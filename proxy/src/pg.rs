@@ -14,6 +14,14 @@ use std::sync::Arc;
 
 pub use connection::serve_connection;
 
+/// Internals the criterion benches in `benches/` drive directly (the per-message statement
+/// tracker and its guard). Not a stable API.
+#[doc(hidden)]
+pub mod bench_support {
+    pub use super::guard::Guard;
+    pub use super::statements::{Batch, Disposition, SessionFacts, TextLimits, Tracker};
+}
+
 use crate::audit::AuditLog;
 use crate::config::Config;
 use crate::grants::Grants;

@@ -1,0 +1,146 @@
+//! Audit throughput on one core: encoding a `statement` record (serde_json, as
+//! `AuditLog::enqueue` does on the relay's thread) and chaining it (`chain::encode`: the
+//! SHA-256 line hash, as the writer thread does), separately and together; then the whole
+//! `AuditLog` (enqueue, writer thread, one `write` per batch) into a file. Target: 100,000
+//! statements per second.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use jitgate::audit::chain;
+use jitgate::audit::{AuditEvent, AuditLog, AuditRecord, Decision, Outcome, StatementPath, SCHEMA_VERSION};
+use jitgate::config::AuditConfig;
+use jitgate::metrics::Metrics;
+use jitgate::types::{AccessLevel, GrantId, SessionId, TargetName, UserName};
+use std::hint::black_box;
+
+fn statement(n: u64) -> AuditEvent {
+    AuditEvent::Statement {
+        session_id: SessionId::from_string("s-58189bf90145bd98"),
+        statement: n,
+        grant_id: GrantId::from_string("g-5f0c2a9d4e7b1c38"),
+        user: UserName::new("alice").unwrap(),
+        target: TargetName::new("prod-db").unwrap(),
+        access: AccessLevel::Write,
+        protocol: StatementPath::Extended,
+        text: "SELECT abalance FROM pgbench_accounts WHERE aid = $1;".into(),
+        params: vec![Some("731942".into())],
+        class: "read".into(),
+        kind: "select".into(),
+        tables: vec!["pgbench_accounts".into()],
+        effective_role: None,
+        decision: Decision::Allowed,
+        denied_by: None,
+    }
+}
+
+fn statement_end(n: u64) -> AuditEvent {
+    AuditEvent::StatementEnd {
+        session_id: SessionId::from_string("s-58189bf90145bd98"),
+        statement: n,
+        outcome: Outcome::Ok {
+            tag: "SELECT 1".into(),
+            rows: Some(1),
+        },
+        duration_us: 87,
+        copy_bytes: None,
+    }
+}
+
+fn encode(event: AuditEvent) -> Vec<u8> {
+    serde_json::to_vec(&AuditRecord {
+        v: SCHEMA_VERSION,
+        ts: SystemTime::now(),
+        event,
+    })
+    .unwrap()
+}
+
+fn bench(c: &mut Criterion) {
+    let mut g = c.benchmark_group("audit");
+    g.throughput(Throughput::Elements(1));
+    let body = encode(statement(1));
+    g.bench_function("encode_statement", |b| {
+        let mut n = 0;
+        b.iter(|| {
+            n += 1;
+            encode(statement(n))
+        })
+    });
+    g.bench_function("chain_statement", |b| {
+        let mut prev = chain::GENESIS;
+        let mut out = Vec::with_capacity(1 << 20);
+        let mut seq = 0;
+        b.iter(|| {
+            if out.len() > (1 << 20) - 2048 {
+                out.clear();
+            }
+            seq += 1;
+            prev = chain::encode(seq, &prev, black_box(&body), &mut out);
+        })
+    });
+    // Per statement the proxy writes two records: `statement` before forwarding and
+    // `statement.end` when the server answers.
+    g.bench_function("encode_and_chain_statement_and_end", |b| {
+        let mut prev = chain::GENESIS;
+        let mut out = Vec::with_capacity(1 << 20);
+        let mut seq = 0;
+        b.iter(|| {
+            if out.len() > (1 << 20) - 4096 {
+                out.clear();
+            }
+            for body in [encode(statement(seq)), encode(statement_end(seq))] {
+                seq += 1;
+                prev = chain::encode(seq, &prev, &body, &mut out);
+            }
+        })
+    });
+
+    // The whole log: one submission per statement (a relay batch), the writer thread chains
+    // and writes them in groups. Measured from the first enqueue to the last acknowledgement.
+    let dir = tempfile::tempdir().unwrap();
+    let log = AuditLog::open(
+        &AuditConfig {
+            path: dir.path().join("audit.jsonl"),
+            max_file_bytes: 1 << 30,
+            fsync_interval: Duration::from_secs(1),
+            queue_depth: 1 << 16,
+            max_statement_bytes: 65_536,
+            max_param_bytes: 256,
+            redact_params_matching: Vec::new(),
+        },
+        Metrics::new(),
+    )
+    .unwrap();
+    let log = Arc::clone(&log);
+    let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+    g.bench_function("audit_log_enqueue_to_written_statement_and_end", |b| {
+        b.iter_custom(|iters| {
+            let t0 = Instant::now();
+            let mut tickets = Vec::with_capacity(4096);
+            for i in 0..iters {
+                tickets.push(log.enqueue(vec![statement(i)]).unwrap());
+                drop(log.enqueue(vec![statement_end(i)]).unwrap());
+                if tickets.len() == 4096 {
+                    rt.block_on(async {
+                        for t in tickets.drain(..) {
+                            t.await.unwrap();
+                        }
+                    });
+                }
+            }
+            rt.block_on(async {
+                for t in tickets.drain(..) {
+                    t.await.unwrap();
+                }
+            });
+            t0.elapsed()
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);

@@ -1,0 +1,83 @@
+//! `jitgate-e2e`: the helper binary of `benches/e2e.sh`.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context as _, Result};
+use clap::{Parser, Subcommand};
+use jitgate_benches::{fake_pg, report, sessions};
+
+#[derive(Debug, Parser)]
+#[command(name = "jitgate-e2e", about = "Helpers for benches/e2e.sh")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Print N free loopback TCP ports, one a line.
+    FreePorts { n: usize },
+    /// Run a fake PostgreSQL upstream (trust login, then idle) until killed.
+    FakePg {
+        #[arg(long)]
+        listen: String,
+    },
+    /// Open and hold N idle sessions; print the proxy's RSS per session.
+    Hold {
+        #[command(flatten)]
+        target: sessions::Target,
+        /// The proxy's process id (for /proc/PID/status).
+        #[arg(long)]
+        pid: u32,
+        /// Wait this long after the last session opened before reading RSS.
+        #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+        settle: Duration,
+    },
+    /// Open N sessions under a grant about to end; print sever latency percentiles.
+    Sever {
+        #[command(flatten)]
+        target: sessions::Target,
+        /// Output of `jitgate grant create --json` for the grant the sessions run under.
+        #[arg(long)]
+        grant_json: PathBuf,
+        /// Give up this long after the grant's end.
+        #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+        timeout: Duration,
+    },
+    /// Print the Markdown results table of the raw lines in FILE.
+    Report { file: PathBuf },
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let rt = tokio::runtime::Runtime::new()?;
+    match cli.command {
+        Command::FreePorts { n } => {
+            // Hold all listeners until every port is chosen, so the N ports differ.
+            let listeners: Vec<_> = (0..n)
+                .map(|_| std::net::TcpListener::bind("127.0.0.1:0"))
+                .collect::<Result<_, _>>()?;
+            for l in &listeners {
+                println!("{}", l.local_addr()?.port());
+            }
+            Ok(())
+        }
+        Command::FakePg { listen } => rt.block_on(fake_pg::serve(&listen)),
+        Command::Hold { target, pid, settle } => rt.block_on(sessions::memory(&target, pid, settle)),
+        Command::Sever {
+            target,
+            grant_json,
+            timeout,
+        } => {
+            let text = std::fs::read_to_string(&grant_json)?;
+            let grant: jitgate::grants::Grant =
+                serde_json::from_str(&text).with_context(|| format!("reading {}", grant_json.display()))?;
+            rt.block_on(sessions::sever(&target, grant.expires_at, timeout))
+        }
+        Command::Report { file } => {
+            print!("{}", report::render(&std::fs::read_to_string(file)?));
+            Ok(())
+        }
+    }
+}

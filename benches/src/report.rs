@@ -1,0 +1,184 @@
+//! The e2e results table: reads the raw lines `benches/e2e.sh` collects and prints medians
+//! over rounds as Markdown.
+//!
+//! Input lines, whitespace-separated:
+//! - `pgbench WORKLOAD TARGET ROUND SECS TPS LAT_MS TXNS CPU_S AUDIT_RECORDS` (`-` where a
+//!   value does not apply: CPU for direct targets, audit records for all but jitgate);
+//! - `memory k=v ...` and `sever k=v ...` as printed by the `hold` and `sever` subcommands;
+//! - anything else is ignored.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+use crate::stats::median;
+
+/// Targets in table order; ratios are taken against the two reference targets.
+const TARGETS: &[&str] = &["direct-tcp", "direct-tls", "pgbouncer", "jitgate"];
+const VS_TLS: &str = "direct-tls";
+const VS_BOUNCER: &str = "pgbouncer";
+
+#[derive(Debug, Default)]
+struct Runs {
+    tps: Vec<f64>,
+    lat_ms: Vec<f64>,
+    cpu_per_1k: Vec<f64>,
+    audit_per_s: Vec<f64>,
+}
+
+fn num(s: &str) -> Option<f64> {
+    s.parse().ok()
+}
+
+fn fields(line: &str) -> BTreeMap<&str, &str> {
+    line.split_whitespace().filter_map(|kv| kv.split_once('=')).collect()
+}
+
+fn ratio(a: Option<f64>, b: Option<f64>) -> String {
+    match (a, b) {
+        (Some(a), Some(b)) if b > 0.0 => format!("{:.2}", a / b),
+        _ => "-".into(),
+    }
+}
+
+fn opt(v: Option<f64>, digits: usize) -> String {
+    v.map_or("-".into(), |v| format!("{v:.digits$}"))
+}
+
+/// Renders the Markdown report of `input`.
+pub fn render(input: &str) -> String {
+    let mut workloads: Vec<String> = Vec::new();
+    let mut runs: BTreeMap<(String, String), Runs> = BTreeMap::new();
+    let mut memory = Vec::new();
+    let mut sever = Vec::new();
+    for line in input.lines() {
+        let w: Vec<&str> = line.split_whitespace().collect();
+        match w.first().copied() {
+            Some("pgbench") if w.len() >= 10 => {
+                let (workload, target) = (w[1].to_owned(), w[2].to_owned());
+                if !workloads.contains(&workload) {
+                    workloads.push(workload.clone());
+                }
+                let r = runs.entry((workload, target)).or_default();
+                let (secs, tps, lat, txns) = (num(w[4]), num(w[5]), num(w[6]), num(w[7]));
+                r.tps.extend(tps);
+                r.lat_ms.extend(lat);
+                if let (Some(cpu), Some(txns)) = (num(w[8]), txns) {
+                    if txns > 0.0 {
+                        r.cpu_per_1k.push(cpu / txns * 1000.0);
+                    }
+                }
+                if let (Some(records), Some(secs)) = (num(w[9]), secs) {
+                    if secs > 0.0 {
+                        r.audit_per_s.push(records / secs);
+                    }
+                }
+            }
+            Some("memory") => memory.push(fields(line)),
+            Some("sever") => sever.push(fields(line)),
+            _ => {}
+        }
+    }
+
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "| workload | target | TPS | avg latency ms | TPS / direct TLS | TPS / pgbouncer | latency / direct TLS | latency / pgbouncer | proxy CPU s per 1k tx | audit records/s |"
+    );
+    let _ = writeln!(out, "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+    for workload in &workloads {
+        let med = |target: &str, pick: fn(&Runs) -> &Vec<f64>| {
+            runs.get(&(workload.clone(), target.to_owned()))
+                .and_then(|r| median(pick(r)))
+        };
+        for target in TARGETS {
+            let Some(r) = runs.get(&(workload.clone(), (*target).to_owned())) else {
+                continue;
+            };
+            let tps = median(&r.tps);
+            let lat = median(&r.lat_ms);
+            let _ = writeln!(
+                out,
+                "| {workload} | {target} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                opt(tps, 0),
+                opt(lat, 3),
+                ratio(tps, med(VS_TLS, |r| &r.tps)),
+                ratio(tps, med(VS_BOUNCER, |r| &r.tps)),
+                ratio(lat, med(VS_TLS, |r| &r.lat_ms)),
+                ratio(lat, med(VS_BOUNCER, |r| &r.lat_ms)),
+                opt(median(&r.cpu_per_1k), 3),
+                opt(median(&r.audit_per_s), 0),
+            );
+        }
+    }
+
+    if !memory.is_empty() {
+        let _ = writeln!(out);
+        let _ = writeln!(
+            out,
+            "| idle mTLS sessions (fake upstream) | jitgate RSS before KiB | after KiB | KiB per session | open time s | opens/s |"
+        );
+        let _ = writeln!(out, "|---:|---:|---:|---:|---:|---:|");
+        for m in &memory {
+            let g = |k: &str| m.get(k).copied().unwrap_or("-");
+            let _ = writeln!(
+                out,
+                "| {} | {} | {} | {} | {} | {} |",
+                g("N"),
+                g("rss_before_kib"),
+                g("rss_after_kib"),
+                g("per_session_kib"),
+                g("open_s"),
+                g("opens_per_s")
+            );
+        }
+    }
+    if !sever.is_empty() {
+        let _ = writeln!(out);
+        let _ = writeln!(
+            out,
+            "| sessions under one expiring grant (fake upstream) | sever p50 ms | p99 ms | max ms | ended early | still open |"
+        );
+        let _ = writeln!(out, "|---:|---:|---:|---:|---:|---:|");
+        for s in &sever {
+            let g = |k: &str| s.get(k).copied().unwrap_or("-");
+            let _ = writeln!(
+                out,
+                "| {} | {} | {} | {} | {} | {} |",
+                g("N"),
+                g("p50_ms"),
+                g("p99_ms"),
+                g("max_ms"),
+                g("early"),
+                g("still_open")
+            );
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn medians_and_ratios() {
+        let input = "\
+pgbench select-prepared direct-tls 1 10 100 0.5 1000 - -
+pgbench select-prepared direct-tls 2 10 300 0.3 3000 - -
+pgbench select-prepared pgbouncer 1 10 100 1.0 1000 2.0 -
+pgbench select-prepared jitgate 1 10 50 2.0 500 1.0 1000
+memory N=10 rss_before_kib=1 rss_after_kib=11 per_session_kib=1.0 open_s=0.1 opens_per_s=100
+noise
+";
+        let out = render(input);
+        assert!(
+            out.contains("| select-prepared | direct-tls | 200 | 0.400 | 1.00 | 2.00 |"),
+            "{out}"
+        );
+        assert!(
+            out.contains("| select-prepared | jitgate | 50 | 2.000 | 0.25 | 0.50 | 5.00 | 2.00 | 2.000 | 100 |"),
+            "{out}"
+        );
+        assert!(out.contains("| 10 | 1 | 11 | 1.0 | 0.1 | 100 |"), "{out}");
+    }
+}
