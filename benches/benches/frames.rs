@@ -72,7 +72,7 @@ fn tracker() -> Tracker {
         target: target.clone(),
         access: AccessLevel::Write,
     };
-    let guard = Guard::new(AccessLevel::Write, target.as_str(), user.as_str(), &[]);
+    let guard = Guard::new(AccessLevel::Write, target.as_str(), &[]);
     let limits = TextLimits {
         max_statement_bytes: 65_536,
         max_param_bytes: 256,
