@@ -24,7 +24,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 pub use event::{AuditEvent, AuditRecord, Decision, Outcome, SessionEndReason, StatementPath, SCHEMA_VERSION};
-pub use writer::{AuditLog, AuditTicket};
+pub use writer::{AuditLog, AuditTicket, Written};
 
 /// An audit record was not written.
 #[derive(Debug, Clone, thiserror::Error)]

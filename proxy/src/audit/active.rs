@@ -187,11 +187,6 @@ impl ActiveFile {
         Ok(true)
     }
 
-    /// Whether records were written since the last sync.
-    pub fn is_unsynced(&self) -> bool {
-        self.unsynced
-    }
-
     /// Syncs the file, renames it to `PATH.<first seq>` and continues in a fresh `PATH`.
     pub fn rotate(&mut self) -> std::io::Result<PathBuf> {
         self.sync()?;

@@ -1,11 +1,22 @@
-//! The writer: one thread takes queued submissions in batches, chains their records, writes
-//! each batch with one `write`, then acknowledges every submitter. `fsync` runs on a timer
-//! (`audit.fsync_interval`), at rotation and at shutdown, never per batch.
+//! The writer. Records are chained and appended under one lock (the [`Core`]: the file and the
+//! chain's tip), by whichever thread holds it:
+//!
+//! - [`AuditLog::write_or_enqueue`], the relay's path: when the lock is free and the log is a
+//!   healthy regular file, the caller chains and writes its records itself (one `write` to
+//!   the page cache, no thread hand-off); otherwise (another writer, an `fsync`, a pipe or
+//!   device, a failed file) the records are queued and a ticket resolves when they are
+//!   written, so a session task never waits on the lock.
+//! - The writer thread takes queued submissions in batches, chains their records, writes each
+//!   batch with one `write`, then acknowledges every submitter.
+//!
+//! `fsync` runs on the writer thread on a timer (`audit.fsync_interval`), at rotation and at
+//! shutdown, never per batch. With `fsync_interval = 0s` (sync after every batch) everything
+//! goes through the writer thread.
 
 use std::future::Future;
 use std::path::PathBuf;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::task::{Context, Poll};
@@ -33,6 +44,10 @@ const CHAIN_BYTES: usize = 180;
 pub struct AuditLog {
     path: PathBuf,
     queue_depth: usize,
+    core: Arc<Mutex<Core>>,
+    /// Whether callers may write under the lock themselves (not with `fsync_interval = 0`).
+    inline: bool,
+    closed: AtomicBool,
     tx: RwLock<Option<SyncSender<Submission>>>,
     thread: Mutex<Option<JoinHandle<()>>>,
     metrics: Arc<Metrics>,
@@ -55,6 +70,15 @@ impl Future for AuditTicket {
             .poll(cx)
             .map(|r| r.unwrap_or(Err(AuditError::Closed)))
     }
+}
+
+/// What [`AuditLog::write_or_enqueue`] did with the records.
+#[derive(Debug)]
+pub enum Written {
+    /// They are in the file.
+    Now,
+    /// They are queued; the ticket resolves when they are written.
+    Later(AuditTicket),
 }
 
 /// One serialized record (`{"v":1,"ts":...}`), not yet chained.
@@ -91,11 +115,17 @@ impl AuditLog {
         let path = config.path.clone();
         let (file, tip) = ActiveFile::open(&path).map_err(|e| AuditError::io(&path, e))?;
         let (tx, rx) = mpsc::sync_channel(config.queue_depth);
-        let writer = Writer {
-            rx,
+        let core = Arc::new(Mutex::new(Core {
             path: path.clone(),
             file: Some(file),
             tip,
+            max_file_bytes: config.max_file_bytes,
+            metrics: Arc::clone(&metrics),
+        }));
+        let writer = Writer {
+            rx,
+            core: Arc::clone(&core),
+            path: path.clone(),
             max_file_bytes: config.max_file_bytes,
             fsync_interval: config.fsync_interval,
             last_sync: Instant::now(),
@@ -109,6 +139,9 @@ impl AuditLog {
         Ok(Arc::new(AuditLog {
             path,
             queue_depth: config.queue_depth,
+            core,
+            inline: !config.fsync_interval.is_zero(),
+            closed: AtomicBool::new(false),
             tx: RwLock::new(Some(tx)),
             thread: Mutex::new(Some(thread)),
             metrics,
@@ -128,6 +161,39 @@ impl AuditLog {
         Ok(AuditTicket { rx })
     }
 
+    /// Writes `events` (stamped now) at once when no one else is writing, else queues them.
+    /// Never waits for the lock: the relay calls it on its task for every batch of statements.
+    pub fn write_or_enqueue(&self, events: Vec<AuditEvent>) -> Result<Written, AuditError> {
+        if events.is_empty() {
+            return Ok(Written::Now);
+        }
+        let records = self.encode(events)?;
+        if self.inline && !self.closed.load(Ordering::Acquire) {
+            if let Ok(mut core) = self.core.try_lock() {
+                // Only a regular file, open and healthy: a pipe or device may block for as
+                // long as its reader likes, and a blocked tokio worker stalls the runtime.
+                if core.file.as_ref().is_some_and(ActiveFile::is_regular) {
+                    return match core.append(&records) {
+                        Ok(()) => Ok(Written::Now),
+                        Err(e) => Err(core.failed(&records, e)),
+                    };
+                }
+            }
+        }
+        let (tx, rx) = oneshot::channel();
+        self.send(Submission {
+            records,
+            ack: Ack::Ticket(tx),
+        })?;
+        Ok(Written::Later(AuditTicket { rx }))
+    }
+
+    /// Holds the file as a writer would, for tests of the queued path.
+    #[cfg(test)]
+    pub(crate) fn hold_file(&self) -> impl Sized + '_ {
+        self.core.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
     /// Writes one event, stamped now, and waits until it is in the file. Safe to call from a
     /// tokio worker thread (it blocks that thread for the length of one batch).
     pub fn record(&self, event: AuditEvent) -> Result<(), AuditError> {
@@ -139,6 +205,7 @@ impl AuditLog {
     /// Writes what is queued, syncs and stops the writer thread. Later submissions fail with
     /// [`AuditError::Closed`]. Idempotent.
     pub fn close(&self) {
+        self.closed.store(true, Ordering::Release);
         drop(self.tx.write().unwrap_or_else(PoisonError::into_inner).take());
         let thread = self.thread.lock().unwrap_or_else(PoisonError::into_inner).take();
         if let Some(thread) = thread {
@@ -149,6 +216,12 @@ impl AuditLog {
     }
 
     fn submit(&self, events: Vec<AuditEvent>, ack: Ack) -> Result<(), AuditError> {
+        let records = self.encode(events)?;
+        self.send(Submission { records, ack })
+    }
+
+    /// Serializes events stamped now; on failure counts them all as refused.
+    fn encode(&self, events: Vec<AuditEvent>) -> Result<Vec<Encoded>, AuditError> {
         let ts = SystemTime::now();
         let mut records = Vec::with_capacity(events.len());
         let mut events = events.into_iter();
@@ -171,12 +244,17 @@ impl AuditLog {
                 }
             }
         }
+        Ok(records)
+    }
+
+    /// Queues a submission for the writer thread; never blocks.
+    fn send(&self, submission: Submission) -> Result<(), AuditError> {
         let tx = self.tx.read().unwrap_or_else(PoisonError::into_inner);
         let Some(tx) = tx.as_ref() else {
-            return Err(self.refuse(records.iter().map(|r| r.kind), AuditError::Closed));
+            return Err(self.refuse(submission.records.iter().map(|r| r.kind), AuditError::Closed));
         };
         self.metrics.audit_queue_depth.inc();
-        let refused = match tx.try_send(Submission { records, ack }) {
+        let refused = match tx.try_send(submission) {
             Ok(()) => return Ok(()),
             Err(TrySendError::Full(s)) => (
                 s,
@@ -210,12 +288,93 @@ impl Drop for AuditLog {
     }
 }
 
-struct Writer {
-    rx: Receiver<Submission>,
+/// The file and the chain's tip: whoever holds the lock appends.
+struct Core {
     path: PathBuf,
-    /// `None` after a failed write: the next batch reopens (and repairs) the file.
+    /// `None` after a failed write: the next append reopens (and repairs) the file.
     file: Option<ActiveFile>,
     tip: Tip,
+    max_file_bytes: u64,
+    metrics: Arc<Metrics>,
+}
+
+impl Core {
+    /// Chains `records` after the tip and appends them with one write, rotating first when
+    /// they would take the file past `max_file_bytes`. Counts them when written.
+    fn append(&mut self, records: &[Encoded]) -> std::io::Result<()> {
+        self.append_all(records.iter(), records.len())
+    }
+
+    fn append_all<'a>(&mut self, records: impl Iterator<Item = &'a Encoded>, count: usize) -> std::io::Result<()> {
+        let mut file = match self.file.take() {
+            Some(file) => file,
+            None => {
+                let (file, tip) = ActiveFile::open(&self.path)?;
+                // Only a regular file's chain can be read back; a device keeps the writer's.
+                if file.is_regular() {
+                    self.tip = tip;
+                }
+                file
+            }
+        };
+        let mut buf = Vec::new();
+        let mut tip = self.tip;
+        for r in records {
+            buf.reserve(r.body.len() + CHAIN_BYTES);
+            tip.prev = chain::encode(tip.next_seq, &tip.prev, &r.body, &mut buf);
+            tip.next_seq += 1;
+        }
+        debug_assert_eq!(tip.next_seq - self.tip.next_seq, count as u64);
+        if file.needs_rotation(buf.len() as u64, self.max_file_bytes) {
+            self.sync_file(&mut file);
+            let to = file.rotate()?;
+            tracing::info!(path = %self.path.display(), to = %to.display(), "audit log rotated");
+        }
+        file.append(&buf, self.tip.next_seq)?;
+        self.tip = tip;
+        self.file = Some(file);
+        self.metrics.audit_records_total.inc_by(count as u64);
+        self.metrics.audit_batch_records.observe(count as f64);
+        Ok(())
+    }
+
+    /// Logs and counts a failed append of `records`; the error for their submitters.
+    fn failed(&self, records: &[Encoded], e: std::io::Error) -> AuditError {
+        let error = AuditError::io(&self.path, e);
+        tracing::error!(path = %self.path.display(), %error, records = records.len(), "audit batch not written");
+        for r in records {
+            self.metrics.audit_write_errors_total.with_label_values(&[r.kind]).inc();
+        }
+        error
+    }
+
+    fn sync(&mut self) {
+        if let Some(mut file) = self.file.take() {
+            self.sync_file(&mut file);
+            self.file = Some(file);
+        }
+    }
+
+    fn sync_file(&self, file: &mut ActiveFile) {
+        let start = Instant::now();
+        match file.sync() {
+            Ok(true) => self.metrics.audit_fsync_seconds.observe(start.elapsed().as_secs_f64()),
+            Ok(false) => {}
+            Err(error) => {
+                self.metrics
+                    .audit_write_errors_total
+                    .with_label_values(&["fsync"])
+                    .inc();
+                tracing::error!(path = %self.path.display(), %error, "audit log fsync failed");
+            }
+        }
+    }
+}
+
+struct Writer {
+    rx: Receiver<Submission>,
+    core: Arc<Mutex<Core>>,
+    path: PathBuf,
     max_file_bytes: u64,
     fsync_interval: Duration,
     last_sync: Instant,
@@ -223,28 +382,32 @@ struct Writer {
 }
 
 impl Writer {
+    fn core(&self) -> std::sync::MutexGuard<'_, Core> {
+        self.core.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
     fn run(mut self) {
         let byte_cap = usize::try_from(self.max_file_bytes)
             .unwrap_or(usize::MAX)
             .min(MAX_BATCH_BYTES);
         let mut batch = Vec::new();
         loop {
-            let unsynced = self.file.as_ref().is_some_and(ActiveFile::is_unsynced);
-            let first = if unsynced {
-                let wait = self.fsync_interval.saturating_sub(self.last_sync.elapsed());
-                match self.rx.recv_timeout(wait) {
-                    Ok(s) => s,
-                    Err(RecvTimeoutError::Timeout) => {
-                        self.sync();
-                        continue;
-                    }
-                    Err(RecvTimeoutError::Disconnected) => break,
-                }
+            // Callers may have written under the lock since the last sync: wake on the timer
+            // whether or not anything was queued.
+            // (With `fsync_interval = 0` every write goes through here and is synced at once.)
+            let next = if self.fsync_interval.is_zero() {
+                self.rx.recv().map_err(|_| RecvTimeoutError::Disconnected)
             } else {
-                match self.rx.recv() {
-                    Ok(s) => s,
-                    Err(_) => break,
+                self.rx
+                    .recv_timeout(self.fsync_interval.saturating_sub(self.last_sync.elapsed()))
+            };
+            let first = match next {
+                Ok(s) => s,
+                Err(RecvTimeoutError::Timeout) => {
+                    self.sync();
+                    continue;
                 }
+                Err(RecvTimeoutError::Disconnected) => break,
             };
             let mut records = first.records.len();
             let mut bytes = size(&first);
@@ -268,10 +431,10 @@ impl Writer {
 
     /// Writes and acknowledges (or fails) every submission in `batch`, leaving it empty.
     fn write(&mut self, batch: &mut Vec<Submission>, records: usize) {
-        match self.append(batch, records) {
+        let mut core = self.core();
+        match core.append_all(batch.iter().flat_map(|s| &s.records), records) {
             Ok(()) => {
-                self.metrics.audit_records_total.inc_by(records as u64);
-                self.metrics.audit_batch_records.observe(records as f64);
+                drop(core);
                 for s in batch.drain(..) {
                     s.ack.send(Ok(()));
                 }
@@ -281,7 +444,7 @@ impl Writer {
                 tracing::error!(path = %self.path.display(), %error, records, "audit batch not written");
                 for s in batch.drain(..) {
                     for r in &s.records {
-                        self.metrics.audit_write_errors_total.with_label_values(&[r.kind]).inc();
+                        core.metrics.audit_write_errors_total.with_label_values(&[r.kind]).inc();
                     }
                     s.ack.send(Err(error.clone()));
                 }
@@ -289,59 +452,9 @@ impl Writer {
         }
     }
 
-    /// Chains the batch's records after the tip and appends them with one write, rotating
-    /// first when they would take the file past `max_file_bytes`.
-    fn append(&mut self, batch: &[Submission], records: usize) -> std::io::Result<()> {
-        let mut file = match self.file.take() {
-            Some(file) => file,
-            None => {
-                let (file, tip) = ActiveFile::open(&self.path)?;
-                // Only a regular file's chain can be read back; a device keeps the writer's.
-                if file.is_regular() {
-                    self.tip = tip;
-                }
-                file
-            }
-        };
-        let mut buf = Vec::with_capacity(batch.iter().map(size).sum::<usize>());
-        let mut tip = self.tip;
-        for r in batch.iter().flat_map(|s| &s.records) {
-            tip.prev = chain::encode(tip.next_seq, &tip.prev, &r.body, &mut buf);
-            tip.next_seq += 1;
-        }
-        debug_assert_eq!(tip.next_seq - self.tip.next_seq, records as u64);
-        if file.needs_rotation(buf.len() as u64, self.max_file_bytes) {
-            self.sync_file(&mut file);
-            let to = file.rotate()?;
-            tracing::info!(path = %self.path.display(), to = %to.display(), "audit log rotated");
-        }
-        file.append(&buf, self.tip.next_seq)?;
-        self.tip = tip;
-        self.file = Some(file);
-        Ok(())
-    }
-
     fn sync(&mut self) {
-        if let Some(mut file) = self.file.take() {
-            self.sync_file(&mut file);
-            self.file = Some(file);
-        }
+        self.core().sync();
         self.last_sync = Instant::now();
-    }
-
-    fn sync_file(&self, file: &mut ActiveFile) {
-        let start = Instant::now();
-        match file.sync() {
-            Ok(true) => self.metrics.audit_fsync_seconds.observe(start.elapsed().as_secs_f64()),
-            Ok(false) => {}
-            Err(error) => {
-                self.metrics
-                    .audit_write_errors_total
-                    .with_label_values(&["fsync"])
-                    .inc();
-                tracing::error!(path = %self.path.display(), %error, "audit log fsync failed");
-            }
-        }
     }
 }
 

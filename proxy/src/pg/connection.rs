@@ -314,9 +314,10 @@ async fn run_session(ctx: Arc<PgContext>, mut n: Negotiated, peer: SocketAddr) {
     let reason = match end {
         RelayEnd::Closed(r) => r,
         RelayEnd::ProtocolViolation => SessionEndReason::Error,
-        RelayEnd::Cut(r) => {
+        RelayEnd::Cut { reason: r, in_flight } => {
             ctx.metrics.session_cuts_total.with_label_values(&[r.as_str()]).inc();
-            if let Some(key) = up.backend_key {
+            // An idle backend needs no cancel: closing the connection ends it.
+            if let Some(key) = up.backend_key.filter(|_| in_flight) {
                 // Stop a statement in progress on the server too; best effort, bounded.
                 let target_cfg = Arc::clone(&target_cfg);
                 let wait = ctx.config.limits.upstream_connect_timeout;
@@ -339,7 +340,9 @@ async fn run_session(ctx: Arc<PgContext>, mut n: Negotiated, peer: SocketAddr) {
         .bytes_total
         .with_label_values(&["target_to_client"])
         .inc_by(bytes_to_client);
-    let _ = ctx.audit.record(AuditEvent::SessionEnd {
+    // Not waited for: thousands of sessions cut at once must not queue up on the writer one
+    // after another. A record that cannot be written is counted by the audit log.
+    let _ = ctx.audit.write_or_enqueue(vec![AuditEvent::SessionEnd {
         session_id: session.id.clone(),
         grant_id: grant.id.clone(),
         user,
@@ -351,7 +354,7 @@ async fn run_session(ctx: Arc<PgContext>, mut n: Negotiated, peer: SocketAddr) {
         bytes_from_client,
         bytes_to_client,
         duration_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
-    });
+    }]);
     tracing::info!(
         reason = reason.as_str(),
         bytes_from_client,

@@ -20,7 +20,7 @@ use tokio::sync::watch;
 use tokio::time::Sleep;
 
 use super::statements::{Batch, Disposition, Tracker};
-use crate::audit::{AuditLog, AuditTicket, SessionEndReason};
+use crate::audit::{AuditLog, AuditTicket, SessionEndReason, Written};
 use crate::grants::Deadline;
 use crate::metrics::Metrics;
 use crate::sessions::SessionHandle;
@@ -39,8 +39,9 @@ const OBSERVED: &[u8] = b"CES";
 pub enum RelayEnd {
     /// Ended by a side closing or failing.
     Closed(SessionEndReason),
-    /// Cut by the proxy; the client has been told why (best effort).
-    Cut(SessionEndReason),
+    /// Cut by the proxy; the client has been told why (best effort). `in_flight`: the server
+    /// had not answered everything sent to it, so a statement may still be running there.
+    Cut { reason: SessionEndReason, in_flight: bool },
     /// The client broke the protocol; it has been told.
     ProtocolViolation,
 }
@@ -210,8 +211,13 @@ where
                         if batch.records.is_empty() {
                             up.set(batch.forward);
                         } else {
-                            match audit.enqueue(std::mem::take(&mut batch.records)) {
-                                Ok(ticket) => waiting = Some((ticket, batch)),
+                            match audit.write_or_enqueue(std::mem::take(&mut batch.records)) {
+                                Ok(Written::Now) => {
+                                    tracker.mark_forwarded(&batch);
+                                    count_forwarded(metrics, target, &batch);
+                                    up.set(batch.forward);
+                                }
+                                Ok(Written::Later(ticket)) => waiting = Some((ticket, batch)),
                                 Err(_) => {
                                     tracker.use_fallback(&batch);
                                     count_unaudited(metrics, &batch);
@@ -328,7 +334,13 @@ where
             );
             (RelayEnd::ProtocolViolation, Some(protocol_fatal(&message)))
         }
-        Err(reason) => (RelayEnd::Cut(reason), Some(fatal(reason))),
+        Err(reason) => (
+            RelayEnd::Cut {
+                reason,
+                in_flight: true,
+            },
+            Some(fatal(reason)),
+        ),
     };
     if let Some(last) = last {
         let flush = finish(
@@ -343,6 +355,13 @@ where
         );
         let _ = tokio::time::timeout(CUT_FLUSH, flush).await;
     }
+    let end = match end {
+        RelayEnd::Cut { reason, .. } => RelayEnd::Cut {
+            reason,
+            in_flight: tracker.awaiting_answers(),
+        },
+        other => other,
+    };
     tracker.abandon();
     flush_ends(tracker, audit, metrics);
     end
@@ -430,7 +449,7 @@ fn flush_ends(tracker: &mut Tracker, audit: &AuditLog, metrics: &Metrics) {
     let ends = tracker.take_ends();
     if !ends.is_empty() {
         // A full queue is counted by the audit log; the statement already ran.
-        let _ = audit.enqueue(ends);
+        let _ = audit.write_or_enqueue(ends);
     }
 }
 

@@ -14,6 +14,8 @@
 //! (`statements/answers.rs`).
 
 mod answers;
+#[cfg(test)]
+mod tests;
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -32,6 +34,11 @@ use crate::types::{AccessLevel, GrantId, SessionId, TargetName, UserName};
 /// Text the server cannot parse: it answers with a syntax error in the refused statement's
 /// place, which the proxy replaces with its own error.
 const SENTINEL: &str = "/* jitgate: statement refused by the proxy */ JITGATE_REFUSED";
+
+/// Longest statement text whose classification a session remembers.
+const CACHED_TEXT_BYTES: usize = 8192;
+/// Most statement texts a session remembers classifications of.
+const CACHED_TEXTS: usize = 256;
 
 /// Who the records are about.
 #[derive(Debug, Clone)]
@@ -139,6 +146,9 @@ pub struct Tracker {
     guard: Guard,
     limits: TextLimits,
     prepared: HashMap<String, Arc<Prepared>>,
+    /// Classifications by exact statement text: drivers re-send the same text (an unnamed
+    /// `Parse` per execution), and classifying it again costs microseconds each time.
+    classified: HashMap<Box<str>, Arc<Vec<Classified>>>,
     portals: HashMap<String, Portal>,
     pending: VecDeque<Slot>,
     next_seq: u64,
@@ -162,6 +172,7 @@ impl Tracker {
             guard,
             limits,
             prepared: HashMap::new(),
+            classified: HashMap::new(),
             portals: HashMap::new(),
             pending: VecDeque::new(),
             next_seq: 0,
@@ -173,6 +184,23 @@ impl Tracker {
             ends: Vec::new(),
             durations: Vec::new(),
         }
+    }
+
+    /// `sql::classify(text)`, remembered per session for texts up to [`CACHED_TEXT_BYTES`]
+    /// (at most [`CACHED_TEXTS`] of them; the cache starts over when full).
+    fn classify(&mut self, text: &str) -> Arc<Vec<Classified>> {
+        if text.len() > CACHED_TEXT_BYTES {
+            return Arc::new(sql::classify(text));
+        }
+        if let Some(c) = self.classified.get(text) {
+            return Arc::clone(c);
+        }
+        if self.classified.len() >= CACHED_TEXTS {
+            self.classified.clear();
+        }
+        let c = Arc::new(sql::classify(text));
+        self.classified.insert(text.into(), Arc::clone(&c));
+        c
     }
 
     /// Applies a role change to the statements that follow it (records are made before the
@@ -313,7 +341,7 @@ impl Tracker {
         let now = Instant::now();
         match decode_frontend(msg)? {
             Frontend::Query { sql: text } => {
-                let statements = sql::classify(text);
+                let statements = self.classify(text);
                 let denials: Vec<Option<Refusal>> = statements.iter().map(|c| self.guard.check(c).err()).collect();
                 let refused = denials.iter().flatten().next().cloned();
                 let mut runs = VecDeque::new();
@@ -364,7 +392,7 @@ impl Tracker {
                 }
             }
             Frontend::Parse { name, sql: text } => {
-                let statements = sql::classify(text);
+                let statements = self.classify(text);
                 // A prepared statement holds one command; take the most privileged if more.
                 let c = most_privileged(&statements);
                 let denial = statements.iter().find_map(|c| self.guard.check(c).err());

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use super::super::chain::verify_files;
 use super::super::files::{chain_files, rotated_files};
-use super::super::{AuditError, AuditEvent, AuditLog};
+use super::super::{AuditError, AuditEvent, AuditLog, Written};
 use super::{config, event};
 use crate::config::AuditConfig;
 use crate::metrics::Metrics;
@@ -48,15 +48,27 @@ fn concurrent_submitters_each_find_their_record_written() {
             std::thread::spawn(move || {
                 let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
                 for i in 0..60 {
-                    let ids: Vec<String> = if t % 2 == 0 {
-                        let id = format!("{t}-{i}");
-                        log.record(event(&id)).unwrap();
-                        vec![id]
-                    } else {
-                        let ids: Vec<String> = (0..3).map(|k| format!("{t}-{i}-{k}")).collect();
-                        let ticket = log.enqueue(ids.iter().map(|id| event(id)).collect()).unwrap();
-                        rt.block_on(ticket).unwrap();
-                        ids
+                    let ids: Vec<String> = match t % 3 {
+                        0 => {
+                            let id = format!("{t}-{i}");
+                            log.record(event(&id)).unwrap();
+                            vec![id]
+                        }
+                        1 => {
+                            let ids: Vec<String> = (0..3).map(|k| format!("{t}-{i}-{k}")).collect();
+                            let ticket = log.enqueue(ids.iter().map(|id| event(id)).collect()).unwrap();
+                            rt.block_on(ticket).unwrap();
+                            ids
+                        }
+                        _ => {
+                            // The relay's path: written here when the file is free, else queued.
+                            let ids: Vec<String> = (0..2).map(|k| format!("{t}-{i}-{k}")).collect();
+                            match log.write_or_enqueue(ids.iter().map(|id| event(id)).collect()).unwrap() {
+                                Written::Now => {}
+                                Written::Later(ticket) => rt.block_on(ticket).unwrap(),
+                            }
+                            ids
+                        }
                     };
                     // Acknowledged means in the file.
                     let text = std::fs::read_to_string(&path).unwrap();
@@ -75,7 +87,8 @@ fn concurrent_submitters_each_find_their_record_written() {
     }
     log.close();
     let s = verify(&config);
-    let total = 4 * 60 + 4 * 60 * 3;
+    // Threads 0, 3, 6 record one at a time; 1, 4, 7 enqueue three; 2 and 5 write two.
+    let total = 3 * 60 + 3 * 60 * 3 + 2 * 60 * 2;
     assert_eq!((s.records, s.seqs), (total, Some((1, total))));
     let ids = grant_ids(&config);
     assert_eq!(ids.iter().collect::<HashSet<_>>().len() as u64, total);
@@ -372,4 +385,88 @@ fn the_api_has_the_promised_bounds() {
     ticket::<super::super::AuditTicket>();
     shared::<AuditLog>();
     error::<AuditError>();
+}
+
+#[test]
+fn write_or_enqueue_writes_at_once_when_the_file_is_free_and_queues_when_it_is_not() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = config(dir.path());
+    let metrics = Metrics::new();
+    let log = AuditLog::open(&config, Arc::clone(&metrics)).unwrap();
+    let in_file = |id: &str| {
+        std::fs::read_to_string(&config.path)
+            .unwrap()
+            .contains(&format!("\"g-{id}\""))
+    };
+    for i in 0..5 {
+        let id = format!("now-{i}");
+        let written = log.write_or_enqueue(vec![event(&id)]).unwrap();
+        assert!(matches!(written, Written::Now), "{written:?}");
+        // In the file when the call returns: no hand-off to the writer thread.
+        assert!(in_file(&id));
+    }
+    // While someone else holds the file, the records are queued, not waited for.
+    let held = log.hold_file();
+    let Written::Later(ticket) = log.write_or_enqueue(vec![event("later")]).unwrap() else {
+        panic!("written while the file was held");
+    };
+    let waiter = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        rt.block_on(ticket)
+    });
+    assert!(!in_file("later"));
+    drop(held);
+    waiter.join().unwrap().unwrap();
+    assert!(in_file("later"));
+    log.close();
+    assert_eq!(verify(&config).records, 6);
+    assert_eq!(metrics.audit_records_total.get(), 6);
+    assert!(matches!(
+        log.write_or_enqueue(vec![event("closed")]),
+        Err(AuditError::Closed)
+    ));
+}
+
+#[test]
+fn write_or_enqueue_always_queues_when_every_batch_is_synced() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = config(dir.path());
+    config.fsync_interval = Duration::ZERO;
+    let metrics = Metrics::new();
+    let log = AuditLog::open(&config, Arc::clone(&metrics)).unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+    for i in 0..3 {
+        match log.write_or_enqueue(vec![event(&i.to_string())]).unwrap() {
+            Written::Later(ticket) => rt.block_on(ticket).unwrap(),
+            Written::Now => panic!("fsync_interval = 0 syncs every batch on the writer thread"),
+        }
+    }
+    log.close();
+    // One sync per batch (the ack may come before its sync: counted once the writer stopped).
+    assert_eq!(metrics.audit_fsync_seconds.get_sample_count(), 3);
+    assert_eq!(verify(&config).records, 3);
+}
+
+#[test]
+fn write_or_enqueue_leaves_devices_to_the_writer_thread_and_reports_their_failure() {
+    // A pipe or device may block for as long as its reader likes: never written on the
+    // caller's thread, which may be a tokio worker.
+    let mut config = config(std::path::Path::new("/"));
+    config.path = "/dev/full".into();
+    let metrics = Metrics::new();
+    let log = AuditLog::open(&config, Arc::clone(&metrics)).unwrap();
+    let Written::Later(ticket) = log.write_or_enqueue(vec![event("x"), event("y")]).unwrap() else {
+        panic!("a device was written inline");
+    };
+    let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+    let err = rt.block_on(ticket).unwrap_err();
+    assert!(matches!(err, AuditError::Io { .. }), "{err}");
+    assert_eq!(
+        metrics
+            .audit_write_errors_total
+            .with_label_values(&["grant.expired"])
+            .get(),
+        2
+    );
+    assert_eq!(metrics.audit_records_total.get(), 0);
 }

@@ -251,6 +251,11 @@ impl Tracker {
         std::mem::take(&mut self.durations)
     }
 
+    /// Whether anything sent to the server is still unanswered.
+    pub fn awaiting_answers(&self) -> bool {
+        !self.pending.is_empty()
+    }
+
     /// Statements still waiting for an answer when the session ends: `interrupted`, since
     /// they may or may not have run.
     pub fn abandon(&mut self) {
