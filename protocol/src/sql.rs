@@ -17,6 +17,7 @@ mod piece;
 mod query;
 mod redact;
 mod session;
+mod shape;
 mod statement;
 #[cfg(test)]
 mod tests;
@@ -205,6 +206,8 @@ pub enum SessionChange {
     /// `None` for `DEFAULT` and `RESET`.
     SearchPath(Option<String>),
 }
+
+pub use shape::shape;
 
 /// Splits `sql` into statements and classifies each. Text that does not parse yields ONE
 /// Classified with class Unknown, kind "unknown" and the whole (trimmed) text. Empty input

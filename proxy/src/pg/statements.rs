@@ -59,6 +59,52 @@ pub struct TextLimits {
     pub redact_params_matching: Vec<String>,
 }
 
+/// A remembered classification: the statements of the text it was made from, and where each
+/// one's text sits in it (the same offsets in every text of the same shape).
+#[derive(Debug)]
+struct Cached {
+    source: Box<str>,
+    statements: Arc<Vec<Classified>>,
+    spans: Vec<std::ops::Range<usize>>,
+}
+
+impl Cached {
+    /// `None` when a statement's text is not a slice of `source` (then it is not cached).
+    fn new(source: &str, statements: &Arc<Vec<Classified>>) -> Option<Self> {
+        let mut spans = Vec::with_capacity(statements.len());
+        let mut from = 0;
+        for c in statements.iter() {
+            let start = from + source.get(from..)?.find(c.text.as_str())?;
+            from = start + c.text.len();
+            spans.push(start..from);
+        }
+        Some(Self {
+            source: source.into(),
+            statements: Arc::clone(statements),
+            spans,
+        })
+    }
+
+    /// The statements for `text` (of this entry's shape): shared when it is the source text,
+    /// else copies carrying `text`'s own statement texts.
+    fn for_text(&self, text: &str) -> Option<Arc<Vec<Classified>>> {
+        if *self.source == *text {
+            return Some(Arc::clone(&self.statements));
+        }
+        if text.len() != self.source.len() {
+            return None;
+        }
+        let mut out = Vec::with_capacity(self.statements.len());
+        for (c, span) in self.statements.iter().zip(&self.spans) {
+            out.push(Classified {
+                text: text.get(span.clone())?.to_owned(),
+                ..c.clone()
+            });
+        }
+        Some(Arc::new(out))
+    }
+}
+
 /// A prepared statement as the proxy knows it.
 #[derive(Debug)]
 struct Prepared {
@@ -146,9 +192,10 @@ pub struct Tracker {
     guard: Guard,
     limits: TextLimits,
     prepared: HashMap<String, Arc<Prepared>>,
-    /// Classifications by exact statement text: drivers re-send the same text (an unnamed
-    /// `Parse` per execution), and classifying it again costs microseconds each time.
-    classified: HashMap<Box<str>, Arc<Vec<Classified>>>,
+    /// Classifications by statement text, or by its shape (`sql::shape`: numbers zeroed)
+    /// where it has one: drivers re-send the same text (an unnamed `Parse` per execution) or
+    /// the same statement with other numbers, and classifying costs microseconds each time.
+    classified: HashMap<Box<str>, Cached>,
     portals: HashMap<String, Portal>,
     pending: VecDeque<Slot>,
     next_seq: u64,
@@ -186,21 +233,27 @@ impl Tracker {
         }
     }
 
-    /// `sql::classify(text)`, remembered per session for texts up to [`CACHED_TEXT_BYTES`]
-    /// (at most [`CACHED_TEXTS`] of them; the cache starts over when full).
+    /// `sql::classify(text)`, remembered per session by text or shape for texts up to
+    /// [`CACHED_TEXT_BYTES`] (at most [`CACHED_TEXTS`] of them; the cache starts over when
+    /// full). A hit by shape gets the remembered decisions with its own statement texts.
     fn classify(&mut self, text: &str) -> Arc<Vec<Classified>> {
         if text.len() > CACHED_TEXT_BYTES {
             return Arc::new(sql::classify(text));
         }
-        if let Some(c) = self.classified.get(text) {
-            return Arc::clone(c);
+        let key = sql::shape(text).unwrap_or(std::borrow::Cow::Borrowed(text));
+        if let Some(c) = self.classified.get(key.as_ref()) {
+            if let Some(hit) = c.for_text(text) {
+                return hit;
+            }
         }
-        if self.classified.len() >= CACHED_TEXTS {
-            self.classified.clear();
+        let statements = Arc::new(sql::classify(text));
+        if let Some(cached) = Cached::new(text, &statements) {
+            if self.classified.len() >= CACHED_TEXTS {
+                self.classified.clear();
+            }
+            self.classified.insert(key.into(), cached);
         }
-        let c = Arc::new(sql::classify(text));
-        self.classified.insert(text.into(), Arc::clone(&c));
-        c
+        statements
     }
 
     /// Applies a role change to the statements that follow it (records are made before the

@@ -64,3 +64,36 @@ fn repeated_texts_are_decided_as_the_first_time() {
     assert!(t.classified.len() <= CACHED_TEXTS);
     assert_eq!(decisions(&mut t, &delete), first_delete);
 }
+
+#[test]
+fn texts_of_one_shape_share_a_classification_and_keep_their_own_text() {
+    let mut t = read_tracker();
+    let texts = |t: &mut Tracker, sql: &str| -> Vec<(String, Vec<String>)> {
+        t.client_batch(&encode_query(sql))
+            .unwrap()
+            .records
+            .into_iter()
+            .map(|r| match r {
+                AuditEvent::Statement { text, tables, .. } => (text, tables),
+                other => panic!("{other:?}"),
+            })
+            .collect()
+    };
+    let a = texts(&mut t, "SELECT name FROM items WHERE id = 7; SELECT 1 FROM t1");
+    let b = texts(&mut t, "SELECT name FROM items WHERE id = 8; SELECT 5 FROM t1");
+    assert_eq!(t.classified.len(), 1, "one shape");
+    assert_eq!(a[0].0, "SELECT name FROM items WHERE id = 7");
+    assert_eq!(b[0].0, "SELECT name FROM items WHERE id = 8");
+    assert_eq!(b[1].0, "SELECT 5 FROM t1");
+    assert_eq!(b[1].1, ["t1"]);
+    // Digits in identifiers are not numbers: another table, another entry.
+    let c = texts(&mut t, "SELECT name FROM items WHERE id = 8; SELECT 5 FROM t2");
+    assert_eq!(c[1].1, ["t2"]);
+    assert_eq!(t.classified.len(), 2);
+    // Strings are never shaped: the decision on a string-bearing text is its own.
+    let mut w = read_tracker();
+    let first = decisions(&mut w, &encode_query("SET standard_conforming_strings = 'on'"));
+    let second = decisions(&mut w, &encode_query("SET standard_conforming_strings = 'of'"));
+    assert_eq!(w.classified.len(), 2);
+    assert_ne!(first, second, "{first:?} {second:?}");
+}
