@@ -143,7 +143,37 @@ impl GrantPermit {
     }
 }
 
-type Key = (UserName, TargetName);
+/// The table key of (user, target): `user`, a NUL, `target`. Looked up as a `str` built on
+/// the stack, so a lookup allocates nothing.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct Key(Box<str>);
+
+impl Key {
+    fn new(user: &UserName, target: &TargetName) -> Self {
+        Key(format!("{user}\0{target}").into_boxed_str())
+    }
+}
+
+impl std::borrow::Borrow<str> for Key {
+    fn borrow(&self) -> &str {
+        &self.0
+    }
+}
+
+/// Names are at most 63 bytes each, so a key always fits.
+const KEY_BYTES: usize = 128;
+
+/// `user`, a NUL and `target` in `buf` (the form of [`Key`]), or `None` if too long.
+fn key_str<'a>(buf: &'a mut [u8; KEY_BYTES], user: &str, target: &str) -> Option<&'a str> {
+    let n = user.len() + 1 + target.len();
+    if n > KEY_BYTES {
+        return None;
+    }
+    buf[..user.len()].copy_from_slice(user.as_bytes());
+    buf[user.len()] = 0;
+    buf[user.len() + 1..n].copy_from_slice(target.as_bytes());
+    std::str::from_utf8(&buf[..n]).ok()
+}
 
 /// What an admin asks for when creating a grant directly.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -324,7 +354,9 @@ impl Grants {
     /// expiry. `None` denies.
     pub fn lookup(&self, user: &UserName, target: &TargetName) -> Option<GrantPermit> {
         let now = Instant::now();
-        let entry = self.by_key.get(&(user.clone(), target.clone()))?;
+        let mut buf = [0u8; KEY_BYTES];
+        let key = key_str(&mut buf, user.as_str(), target.as_str())?;
+        let entry = self.by_key.get(key)?;
         entry
             .iter()
             .filter(|g| g.is_live(now))
@@ -352,7 +384,7 @@ impl Grants {
             end: OnceLock::new(),
             grant,
         });
-        let key = (live.grant.user.clone(), live.grant.target.clone());
+        let key = Key::new(&live.grant.user, &live.grant.target);
         self.by_key.entry(key).or_default().push(Arc::clone(&live));
         self.by_id.insert(live.grant.id.clone(), Arc::clone(&live));
         self.metrics.grants_active.inc();
@@ -403,7 +435,7 @@ impl Grants {
         if self.by_id.remove(&live.grant.id).is_some() {
             self.metrics.grants_active.dec();
         }
-        let key = (live.grant.user.clone(), live.grant.target.clone());
+        let key = Key::new(&live.grant.user, &live.grant.target);
         self.by_key.remove_if_mut(&key, |_, v| {
             v.retain(|g| !Arc::ptr_eq(g, live));
             v.is_empty()
