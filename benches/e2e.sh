@@ -9,7 +9,7 @@
 #
 # Knobs (environment): ROUNDS, DURATION (seconds per pgbench run), CLIENTS (-c, 8),
 # THREADS (-j, 2), SCALE (pgbench -i -s, 10), IDLE_SESSIONS ("1000 10000"),
-# SEVER_SESSIONS ("100 1000 10000"; both are capped to what the open-files limit allows:
+# SEVER_SESSIONS ("100 1000 10000"; empty skips; both are capped to what the open-files limit allows:
 # each session holds two descriptors in the proxy), WORKLOADS (pgbench workloads to run, all
 # five by default; empty skips pgbench), SEVER_OPEN_RATE (sessions/s assumed when sizing the
 # expiring grant, 150), PROFILE_SECS (10), RESULTS_DIR (where the table and raw output go;
@@ -26,15 +26,15 @@ ROOT=$PWD
 QUICK=${QUICK:-0}
 if [[ $QUICK == 1 ]]; then
     ROUNDS=${ROUNDS:-1} DURATION=${DURATION:-2} SCALE=${SCALE:-1}
-    IDLE_SESSIONS=${IDLE_SESSIONS:-100} SEVER_SESSIONS=${SEVER_SESSIONS:-100}
+    IDLE_SESSIONS=${IDLE_SESSIONS-100} SEVER_SESSIONS=${SEVER_SESSIONS-100}
 fi
 ROUNDS=${ROUNDS:-3}
 DURATION=${DURATION:-10}
 CLIENTS=${CLIENTS:-8}
 THREADS=${THREADS:-2}
 SCALE=${SCALE:-10}
-IDLE_SESSIONS=${IDLE_SESSIONS:-1000 10000}
-SEVER_SESSIONS=${SEVER_SESSIONS:-100 1000 10000}
+IDLE_SESSIONS=${IDLE_SESSIONS-1000 10000}
+SEVER_SESSIONS=${SEVER_SESSIONS-100 1000 10000}
 SEVER_OPEN_RATE=${SEVER_OPEN_RATE:-150}
 PROFILE=${PROFILE:-0}
 PROFILE_SECS=${PROFILE_SECS:-10}
