@@ -1,4 +1,5 @@
-//! PostgreSQL framing on pgbench traffic, as the relay does it per read: split the client's
+//! PostgreSQL framing on pgbench traffic (synthesized per transaction, and recorded from real
+//! pgbench sessions by `benches/record-traffic.sh`), as the relay does it per read: split the client's
 //! bytes into whole messages and decode each (`peek_tagged` + `decode_frontend`), follow the
 //! server's message boundaries (`Scanner`), and the whole per-statement work of the session's
 //! statement tracker (classification, guard, record building, answer matching), with and
@@ -12,7 +13,7 @@ use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughpu
 use jitgate::audit::{AuditEvent, AuditRecord, SCHEMA_VERSION};
 use jitgate::pg::bench_support::{Disposition, Guard, SessionFacts, TextLimits, Tracker};
 use jitgate::types::{AccessLevel, GrantId, SessionId, TargetName, UserName};
-use jitgate_benches::traffic::{self, Exchange, Mode};
+use jitgate_benches::traffic::{self, Exchange, Mode, Read};
 use jitgate_protocol::postgres::backend::peek_tagged;
 use jitgate_protocol::postgres::messages::decode_frontend;
 use jitgate_protocol::postgres::scanner::{Piece, Scanner};
@@ -108,6 +109,81 @@ fn track(t: &mut Tracker, sc: &mut Scanner, out: &mut Vec<u8>, x: &Exchange) -> 
     records
 }
 
+/// Replays a recorded session read by read, as the relay would: client bytes are
+/// buffered until whole messages are in, which go through the tracker; server reads go
+/// through the scanner and the tracker's answer matching. Returns the records made.
+fn replay(reads: &[Read]) -> usize {
+    let mut t = tracker();
+    let mut sc = Scanner::new(b"CES");
+    let mut inbuf: Vec<u8> = Vec::new();
+    let mut out = Vec::with_capacity(8192);
+    let mut records = 0;
+    for read in reads {
+        match read {
+            Read::Client(b) => {
+                inbuf.extend_from_slice(b);
+                let mut whole = 0;
+                while let Some((_, len)) = peek_tagged(&inbuf[whole..], usize::MAX).unwrap() {
+                    whole += len;
+                }
+                if whole > 0 {
+                    let mut batch = t.client_batch(&inbuf[..whole]).unwrap();
+                    t.mark_forwarded(&batch);
+                    records += std::mem::take(&mut batch.records).len();
+                    inbuf.drain(..whole);
+                }
+            }
+            Read::Server(b) => {
+                let x = Exchange {
+                    frontend: Vec::new(),
+                    backend: b.clone(),
+                };
+                out.clear();
+                records += track(&mut t, &mut sc, &mut out, &x).len();
+            }
+        }
+    }
+    records
+}
+
+fn bench_recorded(c: &mut Criterion) {
+    for name in traffic::RECORDED {
+        let reads = traffic::recorded(name);
+        let client: Vec<u8> = reads
+            .iter()
+            .filter_map(|r| match r {
+                Read::Client(b) => Some(b.as_slice()),
+                Read::Server(_) => None,
+            })
+            .collect::<Vec<_>>()
+            .concat();
+        let mut g = c.benchmark_group(format!("recorded/{name}"));
+        // 200 pgbench transactions per recording.
+        g.throughput(Throughput::Elements(200));
+        g.bench_function("frontend_split_decode", |b| b.iter(|| split_and_decode(&client)));
+        g.bench_function("backend_scan", |b| {
+            let mut sc = Scanner::new(b"CES");
+            let mut out = Vec::with_capacity(65536);
+            b.iter(|| {
+                out.clear();
+                for r in &reads {
+                    if let Read::Server(bytes) = r {
+                        sc.feed(bytes, |p| {
+                            if let Piece::Bytes(b) = p {
+                                out.extend_from_slice(b)
+                            }
+                        })
+                        .unwrap();
+                    }
+                }
+                out.len()
+            })
+        });
+        g.bench_function("tracker", |b| b.iter(|| replay(&reads)));
+        g.finish();
+    }
+}
+
 fn bench(c: &mut Criterion) {
     for Workload { name, setup, xs } in workloads() {
         let mut g = c.benchmark_group(format!("frames/{name}"));
@@ -178,5 +254,5 @@ fn bench(c: &mut Criterion) {
     }
 }
 
-criterion_group!(benches, bench);
+criterion_group!(benches, bench, bench_recorded);
 criterion_main!(benches);

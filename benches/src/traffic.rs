@@ -287,6 +287,43 @@ pub fn ready_answer() -> Vec<u8> {
     out
 }
 
+/// One read the relay made in a recorded session, in order.
+#[derive(Debug, Clone)]
+pub enum Read {
+    /// Bytes from the client (psql, pgbench).
+    Client(Vec<u8>),
+    /// Bytes from PostgreSQL.
+    Server(Vec<u8>),
+}
+
+/// Recorded pgbench sessions (`benches/record-traffic.sh`; 200 transactions each, after
+/// login): `select-simple`, `select-extended`, `select-prepared`, `tpcb-simple`.
+pub const RECORDED: [&str; 4] = ["select-simple", "select-extended", "select-prepared", "tpcb-simple"];
+
+/// The reads of the recorded session `name` (one of [`RECORDED`]).
+pub fn recorded(name: &str) -> Vec<Read> {
+    let bytes: &[u8] = match name {
+        "select-simple" => include_bytes!("../data/select-simple.trace"),
+        "select-extended" => include_bytes!("../data/select-extended.trace"),
+        "select-prepared" => include_bytes!("../data/select-prepared.trace"),
+        "tpcb-simple" => include_bytes!("../data/tpcb-simple.trace"),
+        other => panic!("no recorded session {other}"),
+    };
+    let mut reads = Vec::new();
+    let mut rest = bytes;
+    while rest.len() >= 5 {
+        let len = u32::from_be_bytes([rest[1], rest[2], rest[3], rest[4]]) as usize;
+        let data = rest[5..5 + len].to_vec();
+        reads.push(if rest[0] == b'F' {
+            Read::Client(data)
+        } else {
+            Read::Server(data)
+        });
+        rest = &rest[5 + len..];
+    }
+    reads
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
@@ -318,5 +355,27 @@ mod tests {
         }
         assert_eq!(frames(&tpcb_simple(1)[0].frontend), b"Q");
         assert_eq!(frames(&login_answer(1, 2)).first(), Some(&b'R'));
+    }
+
+    #[test]
+    fn recordings_are_whole_messages_of_200_transactions() {
+        for name in RECORDED {
+            let reads = recorded(name);
+            let (mut client, mut server) = (Vec::new(), Vec::new());
+            for r in &reads {
+                match r {
+                    Read::Client(b) => client.extend_from_slice(b),
+                    Read::Server(b) => server.extend_from_slice(b),
+                }
+            }
+            let mut b = &client[..];
+            while let Some((_, len)) = peek_tagged(b, usize::MAX).unwrap() {
+                decode_frontend(&b[..len]).unwrap();
+                b = &b[len..];
+            }
+            assert!(b.is_empty(), "{name}: client bytes end mid-message");
+            let ready = frames(&server).iter().filter(|&&t| t == b'Z').count();
+            assert!(ready >= 200, "{name}: {ready} ReadyForQuery");
+        }
     }
 }
