@@ -209,6 +209,16 @@ pub enum SessionChange {
 
 pub use shape::shape;
 
+/// Whether `haystack` contains `needle`, ASCII letters compared without case (no allocation:
+/// runs on every recorded statement).
+pub fn contains_ignore_ascii_case(haystack: &str, needle: &str) -> bool {
+    needle.is_empty()
+        || haystack
+            .as_bytes()
+            .windows(needle.len())
+            .any(|w| w.eq_ignore_ascii_case(needle.as_bytes()))
+}
+
 /// Splits `sql` into statements and classifies each. Text that does not parse yields ONE
 /// Classified with class Unknown, kind "unknown" and the whole (trimmed) text. Empty input
 /// (only whitespace/comments/semicolons) yields one Classified with kind "empty" and class Read.

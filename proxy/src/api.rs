@@ -127,22 +127,15 @@ impl From<RequestError> for ApiError {
             RequestError::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
             RequestError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             RequestError::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
-            RequestError::Grant(g) => return ApiError::from_grant_in_request(g, e.to_string()),
-            RequestError::Store(_) | RequestError::Audit(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+            RequestError::Store(_)
+            | RequestError::Audit(_)
+            | RequestError::Grant(GrantError::Store(_) | GrantError::Audit(_)) => {
+                (StatusCode::SERVICE_UNAVAILABLE, "unavailable")
+            }
+            // The grant could not be made for the request as it stands (target gone, ...).
+            RequestError::Grant(_) => (StatusCode::CONFLICT, "conflict"),
         };
         ApiError(status, code, e.to_string())
-    }
-}
-
-impl ApiError {
-    fn from_grant_in_request(g: &GrantError, detail: String) -> Self {
-        let ApiError(status, code, _) = match g {
-            GrantError::Store(_) | GrantError::Audit(_) => {
-                ApiError(StatusCode::SERVICE_UNAVAILABLE, "unavailable", String::new())
-            }
-            _ => ApiError(StatusCode::CONFLICT, "conflict", String::new()),
-        };
-        ApiError(status, code, detail)
     }
 }
 

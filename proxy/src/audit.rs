@@ -1,6 +1,7 @@
 //! The audit log: typed, versioned events ([`AuditEvent`]) appended as hash-chained JSON
-//! lines ([`chain`]) by one writer thread that commits them in groups ([`AuditLog`]), in a
-//! file that rotates at a size limit ([`files`]). `jitgate audit verify` checks the chain;
+//! lines ([`chain`]) ([`AuditLog`]: written by the session that submits them when the file is
+//! free, else by one writer thread that commits them in groups), in a file that rotates at a
+//! size limit ([`files`]). `jitgate audit verify` checks the chain;
 //! `jitgate audit tail` ([`tail`]) prints records for people.
 //!
 //! Fail closed: a record that cannot be written is reported to its submitter, which refuses

@@ -272,6 +272,13 @@ ca_file = "{d}/pg-ca.crt"
         r.task.await.unwrap()
     }
 
+    /// Stops the proxy, appends `extra` to its config file and starts it again.
+    pub async fn reconfigure(&mut self, extra: &str) {
+        self.stop_proxy().await.unwrap();
+        self.edit_config(|c| format!("{c}\n{extra}\n"));
+        self.start_proxy().await;
+    }
+
     /// Stops and starts the proxy with the same data directory.
     pub async fn restart_proxy(&mut self) {
         self.stop_proxy().await.unwrap();

@@ -13,10 +13,8 @@ async fn audit_failure_refuses_sessions() {
     let alice = h.user("alice", &["dev"]);
     h.grant("alice", "prod-db", AccessLevel::Read, Duration::from_secs(3600))
         .await;
-    h.stop_proxy().await.unwrap();
     // A device that accepts the open and refuses every write (ENOSPC).
-    h.edit_config(|c| format!("{c}\n[audit]\npath = \"/dev/full\"\n"));
-    h.start_proxy().await;
+    h.reconfigure("[audit]\npath = \"/dev/full\"").await;
 
     let out = h.psql(&alice, "prod-db", "SELECT 1").await;
     assert!(!out.success);

@@ -89,9 +89,8 @@ async fn audit_log_is_a_verifiable_chain_across_restarts_and_rotation() {
     assert!(!h.psql(&bob, "prod-db", "SELECT 3").await.success);
 
     // A restart continues the chain; a small max_file_bytes makes the log rotate.
-    h.stop_proxy().await.unwrap();
-    h.edit_config(|c| format!("{c}\n[audit]\nmax_file_bytes = 4096\nfsync_interval = \"100ms\"\n"));
-    h.start_proxy().await;
+    h.reconfigure("[audit]\nmax_file_bytes = 4096\nfsync_interval = \"100ms\"")
+        .await;
     for i in 0..16 {
         session(&h, &alice, &format!("SELECT {i}")).await;
     }

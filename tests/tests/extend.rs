@@ -13,9 +13,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 #[tokio::test(flavor = "multi_thread")]
 async fn expiry_notice_arrives_before_the_grant_ends() {
     let mut h = Harness::start().await;
-    h.stop_proxy().await.unwrap();
-    h.edit_config(|c| format!("{c}\n[sessions]\nexpiry_notice = \"4s\"\n"));
-    h.start_proxy().await;
+    h.reconfigure("[sessions]\nexpiry_notice = \"4s\"").await;
     let alice = h.user("alice", &["dev"]);
     let grant = h
         .grant("alice", "prod-db", AccessLevel::Read, Duration::from_secs(7))

@@ -120,10 +120,8 @@ async fn webhooks_are_signed_retried_and_never_block_grants() {
     let secret_file = h.data_dir().join("webhook.secret");
     std::fs::write(&secret_file, format!("{SECRET}\n")).unwrap();
     let s = secret_file.display().to_string();
-    h.stop_proxy().await.unwrap();
-    h.edit_config(|c| {
-        format!(
-            r#"{c}
+    h.reconfigure(&format!(
+        r#"
 [[webhooks]]
 name = "dead"
 url = "http://{dead}/hooks"
@@ -149,9 +147,8 @@ url = "http://{chat}/services/T0/B0"
 events = ["grant.started"]
 format = "slack"
 "#
-        )
-    });
-    h.start_proxy().await;
+    ))
+    .await;
 
     let grant = tokio::time::timeout(
         Duration::from_secs(10),
@@ -253,10 +250,8 @@ async fn request_webhooks_fire_and_a_dead_endpoint_delays_no_decision() {
     let secret_file = h.data_dir().join("webhook.secret");
     std::fs::write(&secret_file, SECRET).unwrap();
     let s = secret_file.display().to_string();
-    h.stop_proxy().await.unwrap();
-    h.edit_config(|c| {
-        format!(
-            r#"{c}
+    h.reconfigure(&format!(
+        r#"
 [[policies]]
 name = "dev-prod-read"
 roles = ["dev"]
@@ -280,9 +275,8 @@ url = "http://{good}/hooks"
 events = ["request.created", "request.decided", "break_glass"]
 secret_file = "{s}"
 "#
-        )
-    });
-    h.start_proxy().await;
+    ))
+    .await;
     let alice = h.user("alice", &["dev"]);
     let carol = h.user("carol", &["dba"]);
     let within = |what: &'static str| move |_| panic!("{what} took longer than 10 s");

@@ -27,12 +27,10 @@ approvals = 1
 /// the on-call policy and `extra` config appended.
 async fn start(extra: &str) -> Harness {
     let mut h = Harness::start().await;
-    h.stop_proxy().await.unwrap();
     let d = h.data_dir().display().to_string();
     let addr = h.pg.address();
-    h.edit_config(|c| {
-        format!(
-            r#"{c}
+    h.reconfigure(&format!(
+        r#"
 [[targets]]
 name = "staging-db"
 address = "{addr}"
@@ -48,9 +46,8 @@ password_file = "{d}/writer.password"
 {ONCALL_POLICY}
 {extra}
 "#
-        )
-    });
-    h.start_proxy().await;
+    ))
+    .await;
     h
 }
 

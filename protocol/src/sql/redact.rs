@@ -22,7 +22,7 @@ const MASK: &str = "'***'";
 pub fn redact(sql: &str) -> String {
     // Nearly every statement has no PASSWORD keyword: skip the lexer for those (this runs on
     // every statement the proxy records).
-    if !sql.as_bytes().windows(8).any(|w| w.eq_ignore_ascii_case(b"password")) {
+    if !super::contains_ignore_ascii_case(sql, "password") {
         return sql.to_owned();
     }
     let mut masked: Vec<Range<usize>> = Vec::new();

@@ -55,7 +55,7 @@ pub struct AuditLog {
     last_refusal_log: AtomicU64,
 }
 
-/// Resolves once the records handed to [`AuditLog::enqueue`] are in the file (the `write`
+/// Resolves once the records handed to [`AuditLog::write_or_enqueue`] are in the file (the `write`
 /// returned), or failed. Dropping it does not cancel anything.
 #[derive(Debug)]
 pub struct AuditTicket {
@@ -121,6 +121,7 @@ impl AuditLog {
             tip,
             max_file_bytes: config.max_file_bytes,
             metrics: Arc::clone(&metrics),
+            scratch: Vec::new(),
         }));
         let writer = Writer {
             rx,
@@ -151,7 +152,9 @@ impl AuditLog {
 
     /// Queues `events` (stamped now) without waiting. Fails at once when the queue is full or
     /// the writer has stopped. The ticket resolves when the batch holding them is written.
-    pub fn enqueue(&self, events: Vec<AuditEvent>) -> Result<AuditTicket, AuditError> {
+    /// Only the queue path; the relay uses [`AuditLog::write_or_enqueue`].
+    #[cfg(test)]
+    pub(crate) fn enqueue(&self, events: Vec<AuditEvent>) -> Result<AuditTicket, AuditError> {
         let (tx, rx) = oneshot::channel();
         if events.is_empty() {
             drop(tx.send(Ok(())));
@@ -296,6 +299,8 @@ struct Core {
     tip: Tip,
     max_file_bytes: u64,
     metrics: Arc<Metrics>,
+    /// The chained lines of one append, reused (appends run on the relay's path).
+    scratch: Vec<u8>,
 }
 
 impl Core {
@@ -317,7 +322,8 @@ impl Core {
                 file
             }
         };
-        let mut buf = Vec::new();
+        let mut buf = std::mem::take(&mut self.scratch);
+        buf.clear();
         let mut tip = self.tip;
         for r in records {
             buf.reserve(r.body.len() + CHAIN_BYTES);
@@ -325,17 +331,28 @@ impl Core {
             tip.next_seq += 1;
         }
         debug_assert_eq!(tip.next_seq - self.tip.next_seq, count as u64);
-        if file.needs_rotation(buf.len() as u64, self.max_file_bytes) {
-            self.sync_file(&mut file);
-            let to = file.rotate()?;
-            tracing::info!(path = %self.path.display(), to = %to.display(), "audit log rotated");
+        let written = self.write_out(&mut file, &buf);
+        // Big batches (rotation-sized) are not kept around.
+        if buf.capacity() <= 1 << 20 {
+            self.scratch = buf;
         }
-        file.append(&buf, self.tip.next_seq)?;
+        written?;
         self.tip = tip;
         self.file = Some(file);
         self.metrics.audit_records_total.inc_by(count as u64);
         self.metrics.audit_batch_records.observe(count as f64);
         Ok(())
+    }
+
+    /// Appends chained lines, rotating first when they would take the file past
+    /// `max_file_bytes`.
+    fn write_out(&self, file: &mut ActiveFile, buf: &[u8]) -> std::io::Result<()> {
+        if file.needs_rotation(buf.len() as u64, self.max_file_bytes) {
+            self.sync_file(file);
+            let to = file.rotate()?;
+            tracing::info!(path = %self.path.display(), to = %to.display(), "audit log rotated");
+        }
+        file.append(buf, self.tip.next_seq)
     }
 
     /// Logs and counts a failed append of `records`; the error for their submitters.

@@ -280,11 +280,7 @@ async fn run_session(ctx: Arc<PgContext>, mut n: Negotiated, peer: SocketAddr) {
     let limits = TextLimits {
         max_statement_bytes: audit_cfg.max_statement_bytes,
         max_param_bytes: audit_cfg.max_param_bytes,
-        redact_params_matching: audit_cfg
-            .redact_params_matching
-            .iter()
-            .map(|w| w.to_ascii_lowercase())
-            .collect(),
+        redact_params_matching: audit_cfg.redact_params_matching.clone(),
     };
     let mut tracker = Tracker::new(facts, guard, limits);
 

@@ -2,7 +2,7 @@
 //! statement reaches the database. They sit on top of the upstream role of the access level
 //! (which should itself be least-privilege), never instead of it.
 
-use jitgate_protocol::sql::{Classified, StatementClass};
+use jitgate_protocol::sql::{self, Classified, StatementClass};
 
 use super::Refusal;
 use crate::config::DenyRule;
@@ -100,8 +100,8 @@ impl Guard {
 /// `set_config('standard_conforming_strings' | 'client_encoding', ...)`: the same change as a
 /// refused SET, made from inside an expression.
 fn changes_lexing_by_function(text: &str) -> bool {
-    let lower = text.to_ascii_lowercase();
-    lower.contains("set_config") && (lower.contains("standard_conforming_strings") || lower.contains("client_encoding"))
+    let has = |word| sql::contains_ignore_ascii_case(text, word);
+    has("set_config") && (has("standard_conforming_strings") || has("client_encoding"))
 }
 
 /// A read grant runs reads, transaction control and harmless session statements; anything

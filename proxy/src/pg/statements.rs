@@ -55,53 +55,46 @@ pub struct SessionFacts {
 pub struct TextLimits {
     pub max_statement_bytes: usize,
     pub max_param_bytes: usize,
-    /// Lowercase words; a statement whose text contains one has its parameters redacted.
+    /// Words (ASCII case ignored); a statement whose text contains one has its parameters
+    /// redacted.
     pub redact_params_matching: Vec<String>,
 }
 
-/// A remembered classification: the statements of the text it was made from, and where each
-/// one's text sits in it (the same offsets in every text of the same shape).
-#[derive(Debug)]
-struct Cached {
-    source: Box<str>,
-    statements: Arc<Vec<Classified>>,
-    spans: Vec<std::ops::Range<usize>>,
+/// The statements of one query text as classified, and where each one's own text sits in
+/// the input. Texts of one shape (`sql::shape`) share both: shaping keeps every byte offset.
+#[derive(Debug, Clone)]
+struct Statements {
+    list: Arc<Vec<Classified>>,
+    /// `None` when a statement's text is not a slice of the input (then `Classified::text`).
+    spans: Option<Arc<[std::ops::Range<usize>]>>,
 }
 
-impl Cached {
-    /// `None` when a statement's text is not a slice of `source` (then it is not cached).
-    fn new(source: &str, statements: &Arc<Vec<Classified>>) -> Option<Self> {
-        let mut spans = Vec::with_capacity(statements.len());
+impl Statements {
+    fn new(input: &str, list: Vec<Classified>) -> Self {
+        let mut spans = Vec::with_capacity(list.len());
         let mut from = 0;
-        for c in statements.iter() {
-            let start = from + source.get(from..)?.find(c.text.as_str())?;
-            from = start + c.text.len();
-            spans.push(start..from);
+        for c in &list {
+            let Some(start) = input.get(from..).and_then(|rest| rest.find(c.text.as_str())) else {
+                return Self {
+                    list: Arc::new(list),
+                    spans: None,
+                };
+            };
+            spans.push(from + start..from + start + c.text.len());
+            from += start + c.text.len();
         }
-        Some(Self {
-            source: source.into(),
-            statements: Arc::clone(statements),
-            spans,
-        })
+        Self {
+            list: Arc::new(list),
+            spans: Some(spans.into()),
+        }
     }
 
-    /// The statements for `text` (of this entry's shape): shared when it is the source text,
-    /// else copies carrying `text`'s own statement texts.
-    fn for_text(&self, text: &str) -> Option<Arc<Vec<Classified>>> {
-        if *self.source == *text {
-            return Some(Arc::clone(&self.statements));
-        }
-        if text.len() != self.source.len() {
-            return None;
-        }
-        let mut out = Vec::with_capacity(self.statements.len());
-        for (c, span) in self.statements.iter().zip(&self.spans) {
-            out.push(Classified {
-                text: text.get(span.clone())?.to_owned(),
-                ..c.clone()
-            });
-        }
-        Some(Arc::new(out))
+    /// The `i`th statement's own text in `input`, the text these statements were looked up for.
+    fn text<'a>(&'a self, i: usize, input: &'a str) -> &'a str {
+        self.spans
+            .as_ref()
+            .and_then(|s| input.get(s[i].clone()))
+            .unwrap_or(&self.list[i].text)
     }
 }
 
@@ -195,7 +188,7 @@ pub struct Tracker {
     /// Classifications by statement text, or by its shape (`sql::shape`: numbers zeroed)
     /// where it has one: drivers re-send the same text (an unnamed `Parse` per execution) or
     /// the same statement with other numbers, and classifying costs microseconds each time.
-    classified: HashMap<Box<str>, Cached>,
+    classified: HashMap<Box<str>, Statements>,
     portals: HashMap<String, Portal>,
     pending: VecDeque<Slot>,
     next_seq: u64,
@@ -235,23 +228,22 @@ impl Tracker {
 
     /// `sql::classify(text)`, remembered per session by text or shape for texts up to
     /// [`CACHED_TEXT_BYTES`] (at most [`CACHED_TEXTS`] of them; the cache starts over when
-    /// full). A hit by shape gets the remembered decisions with its own statement texts.
-    fn classify(&mut self, text: &str) -> Arc<Vec<Classified>> {
+    /// full). Texts of one shape share the decisions; [`Statements::text`] gives each its own
+    /// statement texts. (`Guard::check` reads words of `Classified::text`, never digits.)
+    fn classify(&mut self, text: &str) -> Statements {
         if text.len() > CACHED_TEXT_BYTES {
-            return Arc::new(sql::classify(text));
+            return Statements::new(text, sql::classify(text));
         }
         let key = sql::shape(text).unwrap_or(std::borrow::Cow::Borrowed(text));
-        if let Some(c) = self.classified.get(key.as_ref()) {
-            if let Some(hit) = c.for_text(text) {
-                return hit;
-            }
+        if let Some(hit) = self.classified.get(key.as_ref()) {
+            return hit.clone();
         }
-        let statements = Arc::new(sql::classify(text));
-        if let Some(cached) = Cached::new(text, &statements) {
+        let statements = Statements::new(text, sql::classify(text));
+        if statements.spans.is_some() {
             if self.classified.len() >= CACHED_TEXTS {
                 self.classified.clear();
             }
-            self.classified.insert(key.into(), cached);
+            self.classified.insert(key.into(), statements.clone());
         }
         statements
     }
@@ -329,11 +321,10 @@ impl Tracker {
     }
 
     fn wants_param_redaction(&self, text: &str) -> bool {
-        let lower = text.to_ascii_lowercase();
         self.limits
             .redact_params_matching
             .iter()
-            .any(|w| lower.contains(w.as_str()))
+            .any(|w| sql::contains_ignore_ascii_case(text, w))
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -395,11 +386,11 @@ impl Tracker {
         match decode_frontend(msg)? {
             Frontend::Query { sql: text } => {
                 let statements = self.classify(text);
-                let denials: Vec<Option<Refusal>> = statements.iter().map(|c| self.guard.check(c).err()).collect();
+                let denials: Vec<Option<Refusal>> = statements.list.iter().map(|c| self.guard.check(c).err()).collect();
                 let refused = denials.iter().flatten().next().cloned();
                 let mut runs = VecDeque::new();
-                for (c, denial) in statements.iter().zip(&denials) {
-                    let text = self.cap(&c.text);
+                for (i, (c, denial)) in statements.list.iter().zip(&denials).enumerate() {
+                    let text = self.cap(statements.text(i, text));
                     let own = denial.clone().or_else(|| refused.as_ref().map(|_| same_message()));
                     let (id, event) = self.statement_record(
                         StatementPath::Simple,
@@ -445,7 +436,7 @@ impl Tracker {
                 }
             }
             Frontend::Parse { name, sql: text } => {
-                let statements = self.classify(text);
+                let statements = Arc::clone(&self.classify(text).list);
                 // A prepared statement holds one command; take the most privileged if more.
                 let c = most_privileged(&statements);
                 let denial = statements.iter().find_map(|c| self.guard.check(c).err());
