@@ -1,5 +1,5 @@
 //! Audit throughput on one core: encoding a `statement` record (serde_json, as
-//! `AuditLog::enqueue` does on the relay's thread) and chaining it (`chain::encode`: the
+//! `AuditLog::write_or_enqueue` does on the relay's thread) and chaining it (`chain::encode`: the
 //! SHA-256 line hash, as the writer thread does), separately and together; then the whole
 //! `AuditLog` (enqueue, writer thread, one `write` per batch) into a file. Target: 100,000
 //! statements per second.

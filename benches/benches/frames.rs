@@ -3,7 +3,7 @@
 //! bytes into whole messages and decode each (`peek_tagged` + `decode_frontend`), follow the
 //! server's message boundaries (`Scanner`), and the whole per-statement work of the session's
 //! statement tracker (classification, guard, record building, answer matching), with and
-//! without serializing the audit records it produces (which `AuditLog::enqueue` does on the
+//! without serializing the audit records it produces (which `AuditLog::write_or_enqueue` does on the
 //! relay's thread).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
