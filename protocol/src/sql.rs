@@ -12,10 +12,13 @@
 //! Anything that does not parse, or that the parser might have misread, is `Unknown`, which
 //! the proxy treats as the most privileged class.
 
+mod config_call;
 mod fallback;
 mod piece;
 mod query;
+pub mod reading;
 mod redact;
+pub mod roles;
 mod session;
 mod shape;
 mod statement;
@@ -165,6 +168,32 @@ pub struct Classified {
     /// for RESET ALL (search_path) and DISCARD ALL (session authorization; it also resets
     /// search_path, which one value cannot say).
     pub session_change: Option<SessionChange>,
+    /// For statements that change roles (`CREATE`/`ALTER`/`DROP ROLE`, `USER` or `GROUP`,
+    /// `GRANT`/`REVOKE` of memberships): the roles they name (see [`roles`]). `None` otherwise.
+    pub roles: Option<RolesNamed>,
+    /// Code the server runs that the proxy cannot read statement by statement: a `DO` block, a
+    /// function or procedure definition, or text that does not tokenize.
+    pub opaque: bool,
+}
+
+/// The roles a role-changing statement names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RolesNamed {
+    /// Every identifier in the statement as the server resolves it, cut to 63 bytes.
+    pub names: Vec<String>,
+    /// The statement may change a role it does not name (`CURRENT_USER`, `SESSION_USER`,
+    /// `CURRENT_ROLE`, `ALTER ROLE ALL`, a Unicode-escaped identifier).
+    pub any_role: bool,
+}
+
+impl RolesNamed {
+    /// Whether the statement may change one of `roles` (names as the server stores them).
+    pub fn touches(&self, roles: &[String]) -> bool {
+        self.any_role
+            || roles
+                .iter()
+                .any(|r| self.names.iter().any(|n| n == roles::truncate_identifier(r)))
+    }
 }
 
 impl Classified {
@@ -177,6 +206,8 @@ impl Classified {
             tables: Vec::new(),
             has_where: None,
             session_change: None,
+            roles: None,
+            opaque: true,
         }
     }
 
@@ -189,6 +220,8 @@ impl Classified {
             tables: Vec::new(),
             has_where: None,
             session_change: None,
+            roles: None,
+            opaque: false,
         }
     }
 }

@@ -145,6 +145,8 @@ struct RawTarget {
     tls: RawUpstreamTls,
     #[serde(default)]
     guardrails: Vec<RawDenyRule>,
+    #[serde(default)]
+    allow_role_management: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -196,6 +198,9 @@ pub struct Config {
     /// Access policies (`[[policies]]`), validated against the targets. Default: none, so
     /// every request is refused.
     pub policies: Arc<crate::policy::Policies>,
+    /// Every role jitgate logs in with, on any target: no statement may change them (see
+    /// `Target::allow_role_management`).
+    pub login_roles: Arc<[String]>,
 }
 
 /// Listener addresses.
@@ -289,6 +294,9 @@ pub struct Target {
     pub tls: UpstreamTls,
     /// Statement deny rules, on top of the read-only rule of `read` grants.
     pub guardrails: Vec<DenyRule>,
+    /// Admin grants on this target may change the roles jitgate logs in with (passwords,
+    /// validity, login, settings, names, memberships). Default `false`: no grant may.
+    pub allow_role_management: bool,
 }
 
 /// One `[[targets.guardrails]]` rule: statements it refuses for the access levels it names.
@@ -527,7 +535,14 @@ impl RawConfig {
         let requests = RequestsConfig { lapse_after };
         let policies = Arc::new(crate::policy::validate(self.policies, &targets)?);
         let webhooks = crate::notify::validate_webhooks(self.webhooks, secrets)?;
+        let mut login_roles: Vec<String> = targets
+            .values()
+            .flat_map(|t| t.credentials.values().map(|c| c.user.clone()))
+            .collect();
+        login_roles.sort();
+        login_roles.dedup();
         Ok(Config {
+            login_roles: login_roles.into(),
             webhooks,
             policies,
             sessions,
@@ -677,6 +692,7 @@ impl RawTarget {
             credentials,
             tls,
             guardrails,
+            allow_role_management: self.allow_role_management,
         })
     }
 }

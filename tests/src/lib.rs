@@ -426,6 +426,27 @@ ca_file = "{d}/pg-ca.crt"
         PsqlOutput::from(out)
     }
 
+    /// Runs `psql -c sql` straight against the cluster (not through the proxy), logging in as
+    /// `role` with `password` over TCP (SCRAM): what an engineer holding that password could do.
+    pub async fn direct_psql(&self, role: &str, password: &str, sql: &str) -> PsqlOutput {
+        let conninfo = format!(
+            "host=127.0.0.1 port={} user={role} dbname=app sslmode=disable",
+            self.pg.port()
+        );
+        let out = tokio::time::timeout(
+            Duration::from_secs(60),
+            client_command("psql")
+                .env("PGPASSWORD", password)
+                .arg(conninfo)
+                .args(["-X", "-A", "-t", "-w", "-c", sql])
+                .output(),
+        )
+        .await
+        .expect("psql did not finish within 60s")
+        .unwrap();
+        PsqlOutput::from(out)
+    }
+
     /// Starts an interactive psql reading commands from a pipe; it stays idle until written to.
     pub fn psql_interactive(&self, user: &UserCert, dbname: &str) -> Child {
         client_command("psql")

@@ -348,13 +348,21 @@ async fn lexing_changes_made_any_other_way_end_the_session() {
         "{}",
         out.stderr
     );
-    // A role default the proxy cannot read under: refused at login.
-    h.pg.sql("postgres", "ALTER ROLE jit_admin SET standard_conforming_strings = off")
-        .unwrap();
-    let out = h.psql(&alice, "prod-db", "SELECT 1").await;
-    assert!(
-        !out.success && out.stderr.contains("reports standard_conforming_strings=off"),
-        "{}",
-        out.stderr
-    );
+    // A role or database default the proxy cannot read under never applies: the proxy pins
+    // both settings in its own startup packet, which takes precedence.
+    h.pg.sql(
+        "postgres",
+        "ALTER ROLE jit_admin SET standard_conforming_strings = off; \
+         ALTER ROLE jit_admin SET client_encoding = 'SJIS'",
+    )
+    .unwrap();
+    let out = h
+        .psql(
+            &alice,
+            "prod-db",
+            "SELECT current_setting('standard_conforming_strings') || ' ' || current_setting('client_encoding')",
+        )
+        .await;
+    assert!(out.success, "{}", out.stderr);
+    assert_eq!(out.stdout.trim(), "on UTF8");
 }

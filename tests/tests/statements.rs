@@ -316,8 +316,10 @@ async fn secrets_never_reach_the_audit_file() {
     let h = Harness::start().await;
     let alice = h.user("alice", &["dba"]);
     h.grant("alice", "prod-db", AccessLevel::Admin, HOUR).await;
+    // Not a role jitgate logs in with: those cannot be changed through it at all.
+    h.pg.sql("postgres", "CREATE ROLE reporting LOGIN").unwrap();
     let out = h
-        .psql(&alice, "prod-db", "ALTER ROLE jit_md5 PASSWORD 'hunter2-very-secret'")
+        .psql(&alice, "prod-db", "ALTER ROLE reporting PASSWORD 'hunter2-very-secret'")
         .await;
     assert!(out.success, "{out:?}");
     let mut s = raw::session(&h, &alice, "prod-db").await;

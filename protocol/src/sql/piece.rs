@@ -4,7 +4,9 @@
 //! sqlparser's tokenizer decides what is a top-level semicolon (not one inside a string,
 //! quoted identifier, dollar-quoted body or comment), so splitting and parsing agree on the
 //! lexing. Its token locations are line/column pairs counted in `char`s; they are turned back
-//! into byte offsets so each statement's text is an exact slice of the input.
+//! into byte offsets so each statement's text is an exact slice of the input. The split must
+//! agree with [`super::reading::semicolons`], a scanner that follows PostgreSQL's `scan.l`;
+//! text on which the two disagree does not split (and is classified `Unknown`).
 
 use sqlparser::dialect::PostgreSqlDialect;
 use sqlparser::keywords::Keyword;
@@ -88,7 +90,13 @@ pub(super) fn split(sql: &str) -> Option<Vec<Piece<'_>>> {
         .filter(|t| t.token == Token::SemiColon)
         .map(|t| t.span.start)
         .collect();
-    let mut ends = byte_offsets(sql, &semicolons)?.into_iter();
+    let ends = byte_offsets(sql, &semicolons)?;
+    // sqlparser's tokenizer and a scanner modelled on PostgreSQL's own must agree on where
+    // statements end; where they do not, nobody can say what the server will run.
+    if super::reading::semicolons(sql).as_ref() != Some(&ends) {
+        return None;
+    }
+    let mut ends = ends.into_iter();
     let mut pieces = Vec::new();
     let mut start = 0;
     let mut current = Vec::new();

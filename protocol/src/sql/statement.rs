@@ -13,7 +13,7 @@ use sqlparser::parser::Parser;
 
 use super::piece::Piece;
 use super::query::{object_name, query_class, relations};
-use super::{fallback, session, Classified, SessionChange, StatementClass, RECURSION_LIMIT};
+use super::{config_call, fallback, roles, session, Classified, SessionChange, StatementClass, RECURSION_LIMIT};
 
 /// What one statement does, before its text is attached.
 pub(super) struct Outcome {
@@ -56,7 +56,7 @@ impl Outcome {
         self
     }
 
-    fn into_classified(self, text: &str, relations: Vec<String>) -> Classified {
+    fn into_classified(self, text: &str, relations: Vec<String>, facts: TokenFacts) -> Classified {
         let mut tables: Vec<String> = Vec::with_capacity(self.tables.len() + relations.len());
         for name in self.tables.into_iter().chain(relations) {
             if !tables.contains(&name) {
@@ -70,6 +70,28 @@ impl Outcome {
             tables,
             has_where: self.has_where,
             session_change: self.session_change,
+            roles: facts.roles,
+            opaque: facts.opaque,
+        }
+    }
+}
+
+/// What a statement's tokens say before it is parsed.
+struct TokenFacts {
+    roles: Option<super::RolesNamed>,
+    opaque: bool,
+}
+
+impl TokenFacts {
+    fn of(text: &str, lead: &[String], piece: &Piece<'_>) -> Self {
+        let words: Vec<&str> = lead.iter().map(String::as_str).collect();
+        let opaque = matches!(
+            words.as_slice(),
+            ["DO", ..] | ["CREATE", "FUNCTION" | "PROCEDURE", ..] | ["CREATE", "OR", "REPLACE"]
+        );
+        Self {
+            roles: roles::named(text, lead, &piece.tokens),
+            opaque,
         }
     }
 }
@@ -78,10 +100,14 @@ impl Outcome {
 /// parse, and to `Unknown` when those are not conclusive either.
 pub(super) fn classify_piece(piece: Piece<'_>) -> Classified {
     let text = piece.text;
-    if !piece.within_limits() {
-        return Classified::unknown(text);
-    }
     let lead = fallback::lead_words(&piece.tokens);
+    let facts = TokenFacts::of(text, &lead, &piece);
+    if !piece.within_limits() {
+        return Classified {
+            roles: facts.roles,
+            ..Classified::unknown(text)
+        };
+    }
     let parsed = Parser::new(&PostgreSqlDialect {})
         .with_recursion_limit(RECURSION_LIMIT)
         .with_tokens_with_locations(piece.tokens)
@@ -92,13 +118,21 @@ pub(super) fn classify_piece(piece: Piece<'_>) -> Classified {
     };
     let Some(statement) = statement else {
         return match fallback::classify(&lead) {
-            Some(outcome) => outcome.into_classified(text, Vec::new()),
-            None => Classified::unknown(text),
+            Some(outcome) => outcome.into_classified(text, Vec::new(), facts),
+            None => Classified {
+                roles: facts.roles,
+                ..Classified::unknown(text)
+            },
         };
     };
     match relations(&statement) {
-        Some(relations) => classify_statement(&statement).into_classified(text, relations),
-        None => Classified::unknown(text),
+        Some(relations) => {
+            config_call::apply(&statement, classify_statement(&statement)).into_classified(text, relations, facts)
+        }
+        None => Classified {
+            roles: facts.roles,
+            ..Classified::unknown(text)
+        },
     }
 }
 

@@ -275,7 +275,10 @@ async fn run_session(ctx: Arc<PgContext>, mut n: Negotiated, peer: SocketAddr) {
         target: target.clone(),
         access: grant.access,
     };
-    let guard = Guard::new(grant.access, target.as_str(), &target_cfg.guardrails);
+    let guard = Guard::new(grant.access, target.as_str(), &target_cfg.guardrails).protecting(
+        std::sync::Arc::clone(&ctx.config.login_roles),
+        target_cfg.allow_role_management,
+    );
     let audit_cfg = &ctx.config.audit;
     let limits = TextLimits {
         max_statement_bytes: audit_cfg.max_statement_bytes,

@@ -2,29 +2,57 @@
 //! statement reaches the database. They sit on top of the upstream role of the access level
 //! (which should itself be least-privilege), never instead of it.
 
-use jitgate_protocol::sql::{self, Classified, StatementClass};
+use std::sync::Arc;
+
+use jitgate_protocol::sql::{self, roles, Classified, StatementClass};
 
 use super::Refusal;
 use crate::config::DenyRule;
 use crate::types::AccessLevel;
 
-/// The rules for one session: its access level and the target's deny rules for that level.
+/// The rules for one session: its access level, the target's deny rules for that level, and
+/// the roles the proxy logs in with.
 #[derive(Debug, Clone)]
 pub struct Guard {
     access: AccessLevel,
     target: String,
     rules: Vec<DenyRule>,
+    /// Roles whose password, validity, login, settings, name or memberships no statement may
+    /// change: every role jitgate logs in with, on any target (roles are cluster-wide).
+    login_roles: Arc<[String]>,
+    /// The target lets admin grants manage those roles (`allow_role_management`).
+    role_management: bool,
 }
 
 impl Guard {
-    /// Rules for `access` on `target`; `rules` are the target's, filtered here by level.
+    /// Rules for `access` on `target`; `rules` are the target's, filtered here by level. No
+    /// login roles are protected until [`Guard::protecting`] names them.
     pub fn new(access: AccessLevel, target: &str, rules: &[DenyRule]) -> Self {
         let rules = rules.iter().filter(|r| r.access.contains(&access)).cloned().collect();
         Self {
             access,
             target: target.to_owned(),
             rules,
+            login_roles: Arc::from(Vec::new()),
+            role_management: false,
         }
+    }
+
+    /// Refuses statements that change any of `login_roles`, except on admin grants where the
+    /// target allows role management.
+    pub fn protecting(mut self, login_roles: Arc<[String]>, allow_role_management: bool) -> Self {
+        self.login_roles = login_roles;
+        self.role_management = allow_role_management && self.access == AccessLevel::Admin;
+        self
+    }
+
+    /// Whether `c` may change one of the proxy's login roles.
+    fn changes_login_role(&self, c: &Classified) -> bool {
+        if self.login_roles.is_empty() {
+            return false;
+        }
+        c.roles.as_ref().is_some_and(|r| r.touches(&self.login_roles))
+            || (c.opaque && roles::code_may_change(&c.text, &self.login_roles))
     }
 
     /// Checks one classified statement.
@@ -32,13 +60,35 @@ impl Guard {
         // A setting the classifier could not clear (standard_conforming_strings off, a
         // multibyte client_encoding, an unreadable SET ROLE) would let the server read later
         // statements differently from the proxy: refused at every access level.
-        if (c.class == StatementClass::Unknown && matches!(c.kind, "set" | "set_role" | "set_session_authorization"))
-            || changes_lexing_by_function(&c.text)
-        {
+        if (c.class == StatementClass::Unknown && c.kind == "set") || changes_lexing_by_function(&c.text) {
             return Err(Refusal {
                 reason: "unsafe_setting",
                 message: "jitgate: this setting would change how statements are read, so it is not allowed".into(),
                 hint: Some("keep standard_conforming_strings on and client_encoding UTF8".into()),
+                sqlstate: "42501",
+            });
+        }
+        // A role switch whose role cannot be read would leave every later record with the
+        // wrong effective role.
+        if c.class == StatementClass::Unknown && matches!(c.kind, "set_role" | "set_session_authorization") {
+            return Err(Refusal {
+                reason: "unsafe_setting",
+                message: "jitgate: this statement switches to a role jitgate cannot read, so it is not allowed".into(),
+                hint: Some("name the role as a plain identifier or string: SET ROLE name".into()),
+                sqlstate: "42501",
+            });
+        }
+        // The engineer must never hold a password, or a membership, that outlives the grant.
+        if !self.role_management && self.changes_login_role(c) {
+            return Err(Refusal {
+                reason: "login_role",
+                message: "jitgate: this statement would change a role jitgate logs in with \
+                          (its password, validity, login, settings, name or memberships), so it is not allowed"
+                    .into(),
+                hint: Some(
+                    "ask a database administrator, or use an admin grant on a target with allow_role_management = true"
+                        .into(),
+                ),
                 sqlstate: "42501",
             });
         }
@@ -124,5 +174,19 @@ pub fn audit_unavailable() -> Refusal {
         message: "jitgate cannot write its audit log; statements are refused until it can".into(),
         hint: None,
         sqlstate: "58030",
+    }
+}
+
+/// The denial sent for a statement whose reading depends on `client_encoding` or
+/// `standard_conforming_strings`, sent before the server answered everything before it (see
+/// `sql::reading`): an earlier statement may have changed them.
+pub fn setting_dependent() -> Refusal {
+    Refusal {
+        reason: "setting_dependent",
+        message: "jitgate: this statement could read differently under another client_encoding or \
+                  standard_conforming_strings, and it came before the server answered the statements before it"
+            .into(),
+        hint: Some("send it again on its own, once the earlier results have arrived".into()),
+        sqlstate: "42501",
     }
 }

@@ -26,7 +26,7 @@ use jitgate_protocol::postgres::messages::{decode_frontend, encode_parse, encode
 use jitgate_protocol::postgres::ProtocolError;
 use jitgate_protocol::sql::{self, Classified, SessionChange, StatementClass};
 
-use super::guard::{audit_unavailable, Guard};
+use super::guard::{audit_unavailable, setting_dependent, Guard};
 use super::Refusal;
 use crate::audit::{AuditEvent, Decision, StatementPath};
 use crate::types::{AccessLevel, GrantId, SessionId, TargetName, UserName};
@@ -198,6 +198,11 @@ pub struct Tracker {
     replacing: Option<Refusal>,
     /// Set when the server reports a setting that changes how statements are read.
     unsafe_parameter: Option<String>,
+    /// Everything sent to the server has been answered through a `ReadyForQuery`, so its
+    /// `client_encoding` and `standard_conforming_strings` are the ones it last reported (and
+    /// the proxy ends the session on any value it cannot read under). While not, an earlier
+    /// statement may have changed them, and text whose reading depends on them is refused.
+    settled: bool,
     /// Statement ends produced while observing the server, drained by the relay.
     ends: Vec<AuditEvent>,
     /// Durations of ended statements, drained by the relay for metrics.
@@ -221,6 +226,7 @@ impl Tracker {
             session_authorization: None,
             replacing: None,
             unsafe_parameter: None,
+            settled: true,
             ends: Vec::new(),
             durations: Vec::new(),
         }
@@ -381,12 +387,38 @@ impl Tracker {
         Ok(batch)
     }
 
+    /// The refusal for SQL text the server may read under settings the proxy does not know.
+    fn reading_refusal(&self, text: &str) -> Option<Refusal> {
+        (!self.settled && sql::reading::depends_on_settings(text)).then(setting_dependent)
+    }
+
     fn client_message(&mut self, msg: &[u8], batch: &mut Batch) -> Result<(), ProtocolError> {
+        let frontend = decode_frontend(msg)?;
+        // Anything the server runs (statements, and the type input functions and commits that
+        // Parse, Bind and Sync may run) may change its settings; Describe, Close and Flush
+        // cannot.
+        let unsettles = !matches!(
+            frontend,
+            Frontend::Describe { .. } | Frontend::Close { .. } | Frontend::Flush | Frontend::Terminate
+        );
+        self.message(frontend, msg, batch);
+        if unsettles {
+            self.settled = false;
+        }
+        Ok(())
+    }
+
+    fn message(&mut self, frontend: Frontend<'_>, msg: &[u8], batch: &mut Batch) {
         let now = Instant::now();
-        match decode_frontend(msg)? {
+        match frontend {
             Frontend::Query { sql: text } => {
                 let statements = self.classify(text);
-                let denials: Vec<Option<Refusal>> = statements.list.iter().map(|c| self.guard.check(c).err()).collect();
+                let unreadable = self.reading_refusal(text);
+                let denials: Vec<Option<Refusal>> = statements
+                    .list
+                    .iter()
+                    .map(|c| unreadable.clone().or_else(|| self.guard.check(c).err()))
+                    .collect();
                 let refused = denials.iter().flatten().next().cloned();
                 let mut runs = VecDeque::new();
                 for (i, (c, denial)) in statements.list.iter().zip(&denials).enumerate() {
@@ -439,7 +471,9 @@ impl Tracker {
                 let statements = Arc::clone(&self.classify(text).list);
                 // A prepared statement holds one command; take the most privileged if more.
                 let c = most_privileged(&statements);
-                let denial = statements.iter().find_map(|c| self.guard.check(c).err());
+                let denial = self
+                    .reading_refusal(text)
+                    .or_else(|| statements.iter().find_map(|c| self.guard.check(c).err()));
                 let prepared = Arc::new(Prepared {
                     text: self.cap(text.trim()),
                     class: c.map_or(StatementClass::Unknown, |c| c.class),
@@ -612,7 +646,6 @@ impl Tracker {
                 self.pass(msg, batch, None)
             }
         }
-        Ok(())
     }
 
     fn pass(&mut self, msg: &[u8], batch: &mut Batch, slot: Option<SlotKind>) {
@@ -681,6 +714,8 @@ fn unknown_classified(kind: &'static str) -> Classified {
         tables: Vec::new(),
         has_where: None,
         session_change: None,
+        roles: None,
+        opaque: false,
     }
 }
 

@@ -104,8 +104,21 @@ pub async fn connect(
         .ok_or(UpstreamError::NoCredentials(access))?;
     let mut stream = open(target).await?;
 
-    let mut params: Vec<(&str, &str)> = vec![("user", &cred.user), ("database", database)];
-    params.extend(forward.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+    // The two settings that decide how the server reads statement text are pinned to the ones
+    // the proxy reads with, so no role, database or server default can differ. (The client may
+    // only ask for these values: `startup::check`.)
+    let mut params: Vec<(&str, &str)> = vec![
+        ("user", &cred.user),
+        ("database", database),
+        ("client_encoding", "UTF8"),
+        ("standard_conforming_strings", "on"),
+    ];
+    params.extend(
+        forward
+            .iter()
+            .filter(|(k, _)| !matches!(k.as_str(), "client_encoding" | "standard_conforming_strings"))
+            .map(|(k, v)| (k.as_str(), v.as_str())),
+    );
     write(&mut stream, &encode_startup(&params)).await?;
 
     let mut buf = BytesMut::with_capacity(1024);

@@ -28,6 +28,7 @@ fn target(name: &str, labels: &[(&str, &str)], levels: &[AccessLevel]) -> Target
             })
             .collect(),
         tls: UpstreamTls::Disable,
+        allow_role_management: false,
         guardrails: Vec::new(),
     }
 }

@@ -217,6 +217,14 @@ impl Tracker {
     }
 
     fn on_ready(&mut self) {
+        self.pop_to_ready();
+        if self.pending.is_empty() {
+            self.settled = true;
+        }
+    }
+
+    /// Closes what is left up to the `Sync` or `Query` a `ReadyForQuery` answers.
+    fn pop_to_ready(&mut self) {
         while let Some(slot) = self.pending.pop_front() {
             match slot.kind {
                 SlotKind::Sync => return,
