@@ -38,7 +38,7 @@ pub struct Refusal {
     pub hint: Option<String>,
     /// Bounded label: startup refusals (`no_grant`, `startup_param`, ...) and statement
     /// refusals (`read_only`, `deny_kind`, `unfiltered_write`, `unclassifiable`,
-    /// `unsafe_setting`, `same_message`, `audit_unavailable`).
+    /// `unsafe_setting`, `setting_dependent`, `login_role`, `same_message`, `audit_unavailable`).
     pub reason: &'static str,
 }
 

@@ -71,7 +71,9 @@ async fn no_write_grant_changes_a_login_role_however_it_is_spelled() {
         assert!(!out.success, "{sql}: {out:?}");
         assert!(out.stderr.contains(REFUSED), "{sql}: {}", out.stderr);
     }
-    let out = h.psql(&alice, "prod-db", "ALTER ROLE jit_writer PASSWORD 'chosen'").await;
+    let out = h
+        .psql(&alice, "prod-db", "ALTER ROLE jit_writer PASSWORD 'chosen'")
+        .await;
     assert!(out.stderr.contains("allow_role_management"), "{}", out.stderr);
     // The extended protocol, pipelined behind an allowed statement.
     let mut s = raw::session(&h, &alice, "prod-db").await;
@@ -136,7 +138,9 @@ password_file = "{d}/admin.password"
     // Still refused for a write grant there.
     let bob = h.user("bob", &["dev"]);
     h.grant("bob", "roles-db", AccessLevel::Write, HOUR).await;
-    let out = h.psql(&bob, "roles-db", "ALTER ROLE jit_writer PASSWORD 'chosen'").await;
+    let out = h
+        .psql(&bob, "roles-db", "ALTER ROLE jit_writer PASSWORD 'chosen'")
+        .await;
     assert!(!out.success && out.stderr.contains(REFUSED), "{out:?}");
     // An admin grant there may.
     h.grant("alice", "roles-db", AccessLevel::Admin, HOUR).await;
@@ -145,8 +149,11 @@ password_file = "{d}/admin.password"
         .await;
     assert!(out.success, "{out:?}");
     assert_eq!(
-        h.pg.sql("postgres", "SELECT rolvaliduntil FROM pg_roles WHERE rolname = 'jit_reader'")
-            .unwrap(),
+        h.pg.sql(
+            "postgres",
+            "SELECT rolvaliduntil FROM pg_roles WHERE rolname = 'jit_reader'"
+        )
+        .unwrap(),
         "infinity"
     );
 }

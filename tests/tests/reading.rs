@@ -65,8 +65,7 @@ fn record_with(h: &Harness, needle: &str) -> serde_json::Value {
     statements(h)
         .into_iter()
         .map(|(s, _)| s)
-        .filter(|s| s["text"].as_str().is_some_and(|t| t.contains(needle)))
-        .last()
+        .rfind(|s| s["text"].as_str().is_some_and(|t| t.contains(needle)))
         .unwrap_or_else(|| panic!("no statement record containing {needle:?}"))
 }
 
