@@ -405,3 +405,152 @@ deny_kinds = ["set_role", "set_session_authorization"]
         .await;
     assert!(!out.success && out.stderr.contains("read access"), "{out:?}");
 }
+
+/// One server connection reading under `client_encoding` and `standard_conforming_strings`.
+async fn server_reading(h: &Harness, encoding: &str, scs: &str) -> tokio::net::TcpStream {
+    let mut s = tokio::net::TcpStream::connect(h.pg.address()).await.unwrap();
+    raw::send_startup(
+        &mut s,
+        &[
+            ("user", "jit_trust"),
+            ("database", "app"),
+            ("client_encoding", encoding),
+            ("standard_conforming_strings", scs),
+        ],
+    )
+    .await;
+    let login = read_until_ready(&mut s).await;
+    assert_eq!(error_of(&login), None, "{encoding} {scs}");
+    s
+}
+
+/// What the server ran of `text`: the first column of each result, or `None` if it refused
+/// the text.
+async fn server_runs(s: &mut tokio::net::TcpStream, text: &str) -> Option<Vec<String>> {
+    send(s, &encode_query(text)).await;
+    let msgs = read_until_ready(s).await;
+    let rows = first_column(&msgs);
+    match error_of(&msgs) {
+        // Refused as a whole (an invalid byte sequence, a syntax error): nothing ran.
+        Some(_) if rows.is_empty() => None,
+        Some(e) => panic!("{text:?}: ran {rows:?}, then {e:?}"),
+        None => Some(rows),
+    }
+}
+
+/// Texts of one to three `SELECT 'kN', <literal>` statements whose literals and comments mix
+/// backslashes, quotes, semicolons and multibyte characters, from a fixed seed.
+fn corpus() -> Vec<String> {
+    const PIECES: &[&str] = &[
+        "a",
+        "\\",
+        "''",
+        ";",
+        "\u{e9}",
+        "\u{4e2d}",
+        "\u{c1}",
+        "\u{ff71}",
+        "\u{d55c}",
+        "\u{1f600}",
+        "@",
+        "1",
+        " ",
+        "\u{4e2d}\\",
+        "\u{c1}\\",
+        "\\'",
+        "$",
+        "\"",
+    ];
+    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+    let mut next = |n: usize| {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        (seed % n as u64) as usize
+    };
+    let mut texts = Vec::new();
+    while texts.len() < 400 {
+        let statements = 1 + next(3);
+        let mut text = String::new();
+        for k in 0..statements {
+            let mut body = String::new();
+            for _ in 0..1 + next(4) {
+                body.push_str(PIECES[next(PIECES.len())]);
+            }
+            let literal = match next(5) {
+                0 => format!("'{body}'"),
+                1 => format!("E'{body}'"),
+                2 => format!("$$ {body} $$"),
+                3 => format!("'x' -- {body}\n"),
+                _ => format!("'x' /* {body} */"),
+            };
+            if k > 0 {
+                text.push_str("; ");
+            }
+            text.push_str(&format!("SELECT 'k{k}', {literal}"));
+        }
+        texts.push(text);
+    }
+    texts
+}
+
+/// The proxy's reading of `text`: the statement markers it expects, when it splits the text.
+fn proxy_reading(text: &str) -> Option<Vec<String>> {
+    let statements = jitgate_protocol::sql::classify(text);
+    let markers: Vec<String> = (0..statements.len()).map(|k| format!("k{k}")).collect();
+    let split = jitgate_protocol::sql::reading::semicolons(text)?;
+    (split.len() + 1 == statements.len()
+        && statements.iter().all(|c| c.kind == "select")
+        && statements
+            .iter()
+            .enumerate()
+            .all(|(k, c)| c.text.contains(&format!("'k{k}'"))))
+    .then_some(markers)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn texts_the_proxy_forwards_when_unsettled_split_alike_under_every_setting_on_a_real_server() {
+    let h = Harness::start().await;
+    let readings = [
+        ("UTF8", "off"),
+        ("SJIS", "on"),
+        ("SJIS", "off"),
+        ("SHIFT_JIS_2004", "on"),
+        ("BIG5", "on"),
+        ("BIG5", "off"),
+        ("GBK", "on"),
+        ("GBK", "off"),
+        ("UHC", "on"),
+        ("UHC", "off"),
+        ("GB18030", "on"),
+        ("GB18030", "off"),
+        ("JOHAB", "on"),
+        ("JOHAB", "off"),
+    ];
+    let texts = corpus();
+    let (mut checked, mut compared, mut dependent) = (0, 0, 0);
+    for (encoding, scs) in readings {
+        let mut s = server_reading(&h, encoding, scs).await;
+        for text in &texts {
+            let Some(expected) = proxy_reading(text) else { continue };
+            if jitgate_protocol::sql::reading::depends_on_settings(text) {
+                dependent += 1;
+                continue;
+            }
+            checked += 1;
+            if let Some(ran) = server_runs(&mut s, text).await {
+                assert_eq!(ran, expected, "{encoding}, standard_conforming_strings={scs}: {text:?}");
+                compared += 1;
+            }
+        }
+    }
+    assert!(
+        compared > 2000 && dependent > 0,
+        "{checked} checked, {compared} run by the server, {dependent} dependent"
+    );
+    // The harness sees a difference where there is one: the smuggle splits in two in SJIS.
+    let smuggle = "SELECT 'k0', E'\u{c1}\\' ; SELECT 'k1'; --'";
+    assert!(jitgate_protocol::sql::reading::depends_on_settings(smuggle));
+    let mut s = server_reading(&h, "SJIS", "on").await;
+    assert_eq!(server_runs(&mut s, smuggle).await.unwrap(), ["k0", "k1"]);
+}

@@ -97,3 +97,63 @@ fn texts_of_one_shape_share_a_classification_and_keep_their_own_text() {
     assert_eq!(w.classified.len(), 2);
     assert_ne!(first, second, "{first:?} {second:?}");
 }
+
+/// `denied_by` of every `statement` record of one client batch.
+fn denied_by(t: &mut Tracker, msgs: &[u8]) -> Vec<Option<String>> {
+    t.client_batch(msgs)
+        .unwrap()
+        .records
+        .into_iter()
+        .map(|r| match r {
+            AuditEvent::Statement { denied_by, .. } => denied_by,
+            other => panic!("not a statement record: {other:?}"),
+        })
+        .collect()
+}
+
+#[test]
+fn text_that_reads_differently_waits_for_every_answer() {
+    use jitgate_protocol::postgres::frontend::encode_tagged;
+    let mut t = read_tracker();
+    let text = "SELECT E'\u{4e2d}\\'', 1 --'";
+    let ready = b"I";
+    let refused = || vec![Some("setting_dependent".to_owned())];
+    // Settled at the start: read as sent.
+    assert_eq!(denied_by(&mut t, &encode_query(text)), [None]);
+    // Behind it, unanswered: refused.
+    let mut batch = encode_query("SELECT 1");
+    batch.extend(encode_query(text));
+    assert_eq!(denied_by(&mut t, &batch), [vec![None], refused()].concat());
+    // Text that reads the same under every setting is never held back.
+    assert_eq!(denied_by(&mut t, &encode_query("SELECT 'M\u{fc}ller'")), [None]);
+    // One ReadyForQuery per Query; the last one settles the session.
+    for _ in 0..3 {
+        let _ = t.backend_end(b'Z', ready);
+        assert!(!t.settled);
+    }
+    let _ = t.backend_end(b'Z', ready);
+    assert!(t.settled);
+
+    // The extended protocol: a Parse behind an Execute that has no answer yet is refused...
+    let mut batch = encode_parse("", text);
+    batch.extend(encode_tagged(b'B', b"\0\0\0\0\0\0\0\0"));
+    batch.extend(encode_tagged(b'E', b"\0\0\0\0\0"));
+    assert_eq!(denied_by(&mut t, &batch), [None]);
+    assert_eq!(denied_by(&mut t, &encode_parse("", text)), refused());
+    // ...and stays refused when every message is answered but no ReadyForQuery has come: the
+    // server reports changed settings only before ReadyForQuery.
+    for tag in [b'1', b'2', b'C'] {
+        let _ = t.backend_end(tag, b"SELECT 1\0");
+    }
+    assert_eq!(denied_by(&mut t, &encode_parse("", text)), refused());
+    let _ = t.backend_end(b'E', b"");
+    assert_eq!(denied_by(&mut t, &encode_tagged(b'S', b"")), []);
+    let _ = t.backend_end(b'Z', ready);
+    assert!(t.settled);
+    // Describe, Close and Flush run nothing on the server: the session stays settled.
+    let mut quiet = encode_tagged(b'D', b"S\0");
+    quiet.extend(encode_tagged(b'C', b"S\0"));
+    quiet.extend(encode_tagged(b'H', b""));
+    quiet.extend(encode_query(text));
+    assert_eq!(denied_by(&mut t, &quiet), [None]);
+}
