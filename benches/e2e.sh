@@ -11,7 +11,9 @@
 # THREADS (-j, 2), SCALE (pgbench -i -s, 10), IDLE_SESSIONS ("1000 10000"),
 # SEVER_SESSIONS ("100 1000 10000"; empty skips; both are capped to what the open-files limit allows:
 # each session holds two descriptors in the proxy), WORKLOADS (pgbench workloads to run, all
-# five by default; empty skips pgbench), SEVER_OPEN_RATE (sessions/s assumed when sizing the
+# five by default; empty skips pgbench; `select-pipeline` runs benches/data/pipeline.sql, ten
+# selects in one libpq pipeline), BASELINE_JITGATE (path to another jitgate binary, run as the
+# extra target `jitgate-base` beside this build, same config, interleaved), SEVER_OPEN_RATE (sessions/s assumed when sizing the
 # expiring grant, 150), PROFILE_SECS (10), RESULTS_DIR (where the table and raw output go;
 # kept after the run).
 #
@@ -121,9 +123,9 @@ fit_sessions() { # n -> n, or fewer when the proxy could not hold them
     fi
 }
 
-mapfile -t PORTS < <("$E2E" free-ports 7)
+mapfile -t PORTS < <("$E2E" free-ports 9)
 PG_PORT=${PORTS[0]} BOUNCER_PORT=${PORTS[1]} FAKE_PORT=${PORTS[2]}
-JG_PORTS=("${PORTS[3]}" "${PORTS[4]}") JGF_PORTS=("${PORTS[5]}" "${PORTS[6]}")
+JG_PORTS=("${PORTS[3]}" "${PORTS[4]}") JGF_PORTS=("${PORTS[5]}" "${PORTS[6]}") JGB_PORTS=("${PORTS[7]}" "${PORTS[8]}")
 
 wait_port() { # port what
     local i
@@ -191,8 +193,8 @@ wait_port "$BOUNCER_PORT" pgbouncer
 BOUNCER_PID=$(cat "$WORK/bouncer/pgbouncer.pid")
 
 # jitgate: `jitgate init` PKI, a write grant (the TPC-B script writes), full statement audit.
-start_jitgate() { # dir -> sets JG_PID_OUT
-    "$JG" serve --config "$1/jitgate.toml" >>"$1/serve.log" 2>&1 &
+start_jitgate() { # dir [binary] -> sets JG_PID_OUT
+    "${2:-$JG}" serve --config "$1/jitgate.toml" >>"$1/serve.log" 2>&1 &
     JG_PID_OUT=$!
     PIDS+=("$JG_PID_OUT")
 }
@@ -203,7 +205,8 @@ stop_pid() {
     for p in "${PIDS[@]}"; do [[ $p == "$1" ]] || keep+=("$p"); done
     PIDS=("${keep[@]}")
 }
-setup_jitgate() { # dir pg_port api_port targets-toml
+setup_jitgate() { # dir pg_port api_port targets-toml [binary]
+    local JG=${5:-$JG}
     "$JG" init --data-dir "$1" >/dev/null
     cat >"$1/jitgate.toml" <<EOF
 data_dir = "$1"
@@ -238,6 +241,24 @@ wait_port "${JG_PORTS[1]}" "jitgate api"
 "$JG" grant create --data-dir "$JGD" --user bench --target bench-db --access write --for 8h \
     --reason "e2e benchmark" >/dev/null
 AUDIT=$JGD/audit.jsonl
+if [[ -n ${BASELINE_JITGATE:-} ]]; then
+    JGB=$WORK/jgb
+    say "starting the baseline jitgate ($BASELINE_JITGATE) on port ${JGB_PORTS[0]}"
+    setup_jitgate "$JGB" "${JGB_PORTS[0]}" "${JGB_PORTS[1]}" "[[targets]]
+name = \"bench-db\"
+address = \"127.0.0.1:$PG_PORT\"
+database = \"bench\"
+[targets.credentials.write]
+user = \"bench\"" "$BASELINE_JITGATE"
+    start_jitgate "$JGB" "$BASELINE_JITGATE"
+    JGB_PID=$JG_PID_OUT
+    wait_port "${JGB_PORTS[0]}" "baseline jitgate"
+    wait_port "${JGB_PORTS[1]}" "baseline jitgate api"
+    "$BASELINE_JITGATE" grant create --data-dir "$JGB" --user bench --target bench-db --access write \
+        --for 8h --reason "e2e benchmark" >/dev/null
+    CONN_JGB="host=127.0.0.1 port=${JGB_PORTS[0]} dbname=bench-db user=bench sslmode=verify-full sslrootcert=$JGB/bench/ca.crt sslcert=$JGB/bench/bench.crt sslkey=$JGB/bench/bench.key"
+    TARGETS+=(jitgate-base)
+fi
 
 CONN_TCP="host=127.0.0.1 port=$PG_PORT dbname=bench user=bench sslmode=disable"
 CONN_TLS="host=127.0.0.1 port=$PG_PORT dbname=bench user=bench sslmode=verify-full sslrootcert=$WORK/pg/server.crt"
@@ -247,11 +268,11 @@ TARGETS=(direct-tcp direct-tls pgbouncer jitgate)
 conn_of() {
     case $1 in
     direct-tcp) echo "$CONN_TCP" ;; direct-tls) echo "$CONN_TLS" ;;
-    pgbouncer) echo "$CONN_BOUNCER" ;; jitgate) echo "$CONN_JG" ;;
+    pgbouncer) echo "$CONN_BOUNCER" ;; jitgate) echo "$CONN_JG" ;; jitgate-base) echo "$CONN_JGB" ;;
     esac
 }
 pid_of() {
-    case $1 in pgbouncer) echo "$BOUNCER_PID" ;; jitgate) echo "$JG_PID" ;; *) echo "" ;; esac
+    case $1 in pgbouncer) echo "$BOUNCER_PID" ;; jitgate) echo "$JG_PID" ;; jitgate-base) echo "$JGB_PID" ;; *) echo "" ;; esac
 }
 read -r -a WORKLOADS <<<"${WORKLOADS-select-simple select-extended select-prepared tpcb-simple connect-select}"
 args_of() {
@@ -261,6 +282,7 @@ args_of() {
     select-prepared) echo "-S -M prepared" ;;
     tpcb-simple) echo "-M simple" ;;
     connect-select) echo "-S -M simple -C" ;;
+    select-pipeline) echo "-M prepared -f $ROOT/benches/data/pipeline.sql" ;;
     esac
 }
 

@@ -13,7 +13,7 @@ use std::fmt::Write as _;
 use crate::stats::median;
 
 /// Targets in table order; ratios are taken against the two reference targets.
-const TARGETS: &[&str] = &["direct-tcp", "direct-tls", "pgbouncer", "jitgate"];
+const TARGETS: &[&str] = &["direct-tcp", "direct-tls", "pgbouncer", "jitgate", "jitgate-base"];
 const VS_TLS: &str = "direct-tls";
 const VS_BOUNCER: &str = "pgbouncer";
 
