@@ -26,9 +26,12 @@
 //!   makes `U&'...'` an error.
 //!
 //! A text of ASCII without backslashes reads the same everywhere ([`depends_on_settings`]
-//! answers at once). Anything else is lexed under each reading and the token boundaries
+//! answers at once); any other text longer than [`MAX_CHECKED_BYTES`] counts as depending. Anything else is lexed under each reading and the token boundaries
 //! compared with the proxy's own reading; a reading that fails to lex (an unterminated
 //! literal, say) runs nothing on the server and is skipped.
+
+/// Longest text [`depends_on_settings`] lexes under every reading.
+pub const MAX_CHECKED_BYTES: usize = 1 << 20;
 
 /// Whether the server could split `text` into tokens differently from the proxy, under some
 /// client encoding or with `standard_conforming_strings` off. See the module docs.
@@ -36,6 +39,11 @@ pub fn depends_on_settings(text: &str) -> bool {
     let bytes = text.as_bytes();
     if bytes.iter().all(|&b| b < 0x80 && b != b'\\') {
         return false;
+    }
+    if bytes.len() > MAX_CHECKED_BYTES {
+        // Too long to lex a dozen times on the relay's task: treated as depending (refused
+        // only behind unanswered messages).
+        return true;
     }
     let baseline = lex(&utf8_units(text), bytes, true);
     let ascii = bytes.is_ascii();
@@ -85,16 +93,23 @@ enum Unit {
     Wide,
 }
 
-/// A character and the byte offset it starts at.
-type Units = Vec<(usize, Unit)>;
+/// The byte offset each character starts at; its first byte tells ASCII from wide. (Texts are
+/// at most 1 GiB: `limits.max_message_bytes`.)
+type Units = Vec<u32>;
 
 fn utf8_units(text: &str) -> Units {
-    text.char_indices()
-        .map(|(i, c)| {
-            let unit = if c.is_ascii() { Unit::Ascii(c as u8) } else { Unit::Wide };
-            (i, unit)
-        })
-        .collect()
+    text.char_indices().map(|(i, _)| offset(i)).collect()
+}
+
+fn offset(i: usize) -> u32 {
+    u32::try_from(i).unwrap_or(u32::MAX)
+}
+
+fn unit_at(text: &[u8], offset: u32) -> Unit {
+    match text.get(offset as usize) {
+        Some(&b) if b < 0x80 => Unit::Ascii(b),
+        _ => Unit::Wide,
+    }
 }
 
 /// The client-only encodings, as groups that split bytes into characters alike.
@@ -123,15 +138,8 @@ impl Encoding {
         let mut units = Vec::with_capacity(bytes.len());
         let mut i = 0;
         while let Some(&b) = bytes.get(i) {
-            let len = if b < 0x80 {
-                units.push((i, Unit::Ascii(b)));
-                i += 1;
-                continue;
-            } else {
-                self.char_len(&bytes[i..])?
-            };
-            units.push((i, Unit::Wide));
-            i += len;
+            units.push(offset(i));
+            i += if b < 0x80 { 1 } else { self.char_len(&bytes[i..])? };
         }
         Some(units)
     }
@@ -226,7 +234,8 @@ fn dollar_tag_cont(u: Unit) -> bool {
 
 /// The scanner over one reading of the text.
 struct Lexer<'a> {
-    units: &'a [(usize, Unit)],
+    units: &'a [u32],
+    text: &'a [u8],
     end: usize,
     scs: bool,
     pos: usize,
@@ -234,18 +243,18 @@ struct Lexer<'a> {
 
 impl Lexer<'_> {
     fn ascii(&self, i: usize) -> Option<u8> {
-        match self.units.get(i) {
-            Some((_, Unit::Ascii(b))) => Some(*b),
+        match self.unit(i) {
+            Some(Unit::Ascii(b)) => Some(b),
             _ => None,
         }
     }
 
     fn unit(&self, i: usize) -> Option<Unit> {
-        self.units.get(i).map(|&(_, u)| u)
+        self.units.get(i).map(|&o| unit_at(self.text, o))
     }
 
     fn offset(&self, i: usize) -> usize {
-        self.units.get(i).map_or(self.end, |&(o, _)| o)
+        self.units.get(i).map_or(self.end, |&o| o as usize)
     }
 
     /// Skips a quoted body starting after its opening quote at `self.pos`; returns the index
@@ -473,9 +482,10 @@ impl Lexer<'_> {
 }
 
 /// Lexes one reading of `text`, split into `units`.
-fn lex(units: &[(usize, Unit)], text: &[u8], scs: bool) -> Result<Vec<Token>, LexError> {
+fn lex(units: &[u32], text: &[u8], scs: bool) -> Result<Vec<Token>, LexError> {
     let mut lexer = Lexer {
         units,
+        text,
         end: text.len(),
         scs,
         pos: 0,

@@ -61,3 +61,11 @@ fn semicolons_are_the_top_level_ones() {
     assert_eq!(semicolons("SELECT 'a'\n  -- c\n'b'; SELECT 1"), Some(vec![21]));
     assert_eq!(semicolons("SELECT 1 +--;\n 2; x"), Some(vec![16]));
 }
+
+#[test]
+fn texts_too_long_to_check_count_as_depending_unless_plain_ascii() {
+    let long = format!("SELECT '{}'", "a".repeat(super::MAX_CHECKED_BYTES));
+    assert!(!depends_on_settings(&long));
+    let long = format!("SELECT '\u{e9}{}'", "a".repeat(super::MAX_CHECKED_BYTES));
+    assert!(depends_on_settings(&long));
+}
