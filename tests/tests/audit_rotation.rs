@@ -19,7 +19,7 @@ use jitgate_tests::{client_command, eventually, jitgate_bin, run_jitgate, Harnes
 use serde_json::Value;
 use tokio::io::AsyncWriteExt as _;
 
-fn s(p: &Path) -> &str {
+fn p(p: &Path) -> &str {
     p.to_str().unwrap()
 }
 
@@ -114,7 +114,7 @@ fn assert_rows_audited_in(h: &Harness, files: &[PathBuf], from: u64) -> usize {
 
 /// `jitgate audit verify --data-dir DIR`: the verdict's first line, asserting success.
 async fn verify_all(dir: &Path) -> String {
-    let r = run_jitgate(&["audit", "verify", "--data-dir", s(dir)], &[]).await;
+    let r = run_jitgate(&["audit", "verify", "--data-dir", p(dir)], &[]).await;
     assert!(r.ok, "audit verify failed: {} {}", r.stdout, r.stderr);
     r.stdout.lines().next().unwrap().to_owned()
 }
@@ -236,7 +236,7 @@ async fn a_renamed_log_continues_its_chain_across_restarts_whatever_the_files_ar
     let n = remaining.last().unwrap()["seq"].as_u64().unwrap();
     // All the files, given in any order, verify as one chain from seq 1.
     let mut args = vec!["audit", "verify"];
-    args.extend(every_file.iter().rev().map(|p| s(p)));
+    args.extend(every_file.iter().rev().map(|f| p(f)));
     let r = run_jitgate(&args, &[]).await;
     assert!(r.ok, "{} {}", r.stdout, r.stderr);
     assert!(
@@ -245,7 +245,7 @@ async fn a_renamed_log_continues_its_chain_across_restarts_whatever_the_files_ar
         r.stdout
     );
     // The data directory alone now holds the chain's end: a clear verdict, not a failure.
-    let r = run_jitgate(&["audit", "verify", "--data-dir", s(&dir)], &[]).await;
+    let r = run_jitgate(&["audit", "verify", "--data-dir", p(&dir)], &[]).await;
     assert!(r.ok, "{} {}", r.stdout, r.stderr);
     assert!(
         r.stdout.contains("earlier records are not in these files"),
@@ -375,11 +375,17 @@ impl Proxy {
                 pg
             }
         };
+        // Its log goes next to the data directory, for a failing test to show.
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(h.data_dir().with_extension("proxy.log"))
+            .unwrap();
         let child = tokio::process::Command::new(jitgate_bin())
             .args(["serve", "--config"])
             .arg(h.config_path())
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(log)
             .kill_on_drop(true)
             .spawn()
             .unwrap();
@@ -464,11 +470,14 @@ async fn the_logrotate_example_rotates_a_live_log_and_loses_no_record() {
         example.contains(reload),
         "the example's postrotate changed: update this test"
     );
-    let conf = example
-        .replace("/var/lib/jitgate", s(&dir))
-        .replace(reload, &format!("kill -HUP {}", proxy.pid()));
     let conf_path = dir.join("logrotate.conf");
-    std::fs::write(&conf_path, conf).unwrap();
+    let configure = |pid: u32| {
+        let conf = example
+            .replace("/var/lib/jitgate", p(&dir))
+            .replace(reload, &format!("kill -HUP {pid}"));
+        std::fs::write(&conf_path, conf).unwrap();
+    };
+    configure(proxy.pid());
     let state = dir.join("logrotate.state");
     let logrotate = || {
         let out = std::process::Command::new("/usr/sbin/logrotate")
@@ -525,6 +534,7 @@ async fn the_logrotate_example_rotates_a_live_log_and_loses_no_record() {
 
     // And after a restart.
     let proxy = Proxy::start(&h, &alice).await;
+    configure(proxy.pid());
     logrotate();
     let out = h
         .psql_conninfo(
