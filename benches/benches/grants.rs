@@ -78,7 +78,6 @@ fn table(n: usize) -> Table {
         &AuditConfig {
             path: dir.path().join("audit.jsonl"),
             tip_path: dir.path().join("audit.tip"),
-            tip_path: dir.path().join("audit.tip"),
             max_file_bytes: 1 << 30,
             fsync_interval: Duration::from_secs(1),
             queue_depth: 1024,

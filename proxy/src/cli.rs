@@ -302,9 +302,19 @@ fn audit_verify(mut files: Vec<PathBuf>, log: &AuditLogArgs) -> Result<()> {
         if found.is_empty() && files.is_empty() {
             bail!("no audit log at {}", active.display());
         }
+        // A file given (or a copy of one: same first record) is not added twice.
         let given: Vec<PathBuf> = files.iter().filter_map(|f| f.canonicalize().ok()).collect();
+        let starts: Vec<u64> = files
+            .iter()
+            .filter_map(|f| siblings::first_seq(f).ok().flatten())
+            .collect();
         for f in found {
-            if !f.canonicalize().is_ok_and(|c| given.contains(&c)) {
+            let same = f.canonicalize().is_ok_and(|c| given.contains(&c));
+            let copy = siblings::first_seq(&f)
+                .ok()
+                .flatten()
+                .is_some_and(|s| starts.contains(&s));
+            if !same && !copy {
                 files.push(f);
             }
         }

@@ -157,7 +157,7 @@ async fn removing_the_live_log_refuses_the_statement_in_flight_and_continues_the
     assert_eq!(first["seq"], last_before + 1);
     let verdict = verify_all(&dir).await;
     assert!(
-        verdict.starts_with(&format!("ok: ")) && verdict.contains(&format!("seq {}..", last_before + 1)),
+        verdict.starts_with("ok: ") && verdict.contains(&format!("seq {}..", last_before + 1)),
         "{verdict}"
     );
     let (_, metrics) = h.metrics_get("/metrics").await;

@@ -54,13 +54,18 @@ pub fn find(active: &Path) -> std::io::Result<Vec<PathBuf>> {
     Ok(found)
 }
 
+/// Whether `path` starts with gzip's magic bytes.
+fn is_gzip(path: &Path) -> std::io::Result<bool> {
+    let mut magic = [0u8; 2];
+    let n = read_up_to(&mut File::open(path)?, &mut magic)?;
+    Ok(n == 2 && magic == GZIP_MAGIC)
+}
+
 /// Opens `path` for reading lines, through gzip when it starts with gzip's magic bytes.
 pub fn open(path: &Path) -> std::io::Result<Box<dyn BufRead + Send>> {
-    let mut file = File::open(path)?;
-    let mut magic = [0u8; 2];
-    let n = read_up_to(&mut file, &mut magic)?;
+    let gzip = is_gzip(path)?;
     let file = File::open(path)?;
-    if n == 2 && magic == GZIP_MAGIC {
+    if gzip {
         Ok(Box::new(BufReader::with_capacity(
             1 << 16,
             MultiGzDecoder::new(BufReader::new(file)),
@@ -89,8 +94,14 @@ pub fn first_seq(path: &Path) -> std::io::Result<Option<u64>> {
     Ok(chain::peek_seq(&line))
 }
 
-/// The last whole chained record of `path` (reads all of it: gzip has no random access).
+/// The last whole chained record of `path`: read from its end, or all of it when compressed
+/// (gzip has no random access).
 fn last_link(path: &Path) -> std::io::Result<Option<Link>> {
+    if !is_gzip(path)? {
+        let file = File::open(path)?;
+        let (_, last) = super::files::last_line(&file, file.metadata()?.len())?;
+        return Ok(last.and_then(|l| chain::parse(&l).ok()));
+    }
     let mut reader = open(path)?;
     let mut line = Vec::new();
     let mut last = None;
