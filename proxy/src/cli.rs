@@ -30,7 +30,7 @@ pub struct Cli {
 enum Command {
     /// Create a data directory: CA, server certificate, admin identity and a commented config.
     Init(InitArgs),
-    /// Run the proxy.
+    /// Run the proxy. SIGTERM or Ctrl-C stop it; SIGHUP reopens the audit log (logrotate).
     Serve {
         /// Config file (see deploy/examples/jitgate.toml).
         #[arg(long, short, env = "JITGATE_CONFIG")]
