@@ -1,8 +1,9 @@
 //! Audit throughput on one core: encoding a `statement` record (serde_json, as
 //! `AuditLog::write_or_enqueue` does on the relay's thread) and chaining it (`chain::encode`: the
 //! SHA-256 line hash, as the writer thread does), separately and together; then the whole
-//! `AuditLog` (enqueue, writer thread, one `write` per batch) into a file. Target: 100,000
-//! statements per second.
+//! `AuditLog` (enqueue, writer thread, one `write` per batch) into a file, and the `stat` that
+//! checks after each batch that the path still names the file. Target: 100,000 statements
+//! per second.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::sync::Arc;
@@ -105,6 +106,7 @@ fn bench(c: &mut Criterion) {
     let log = AuditLog::open(
         &AuditConfig {
             path: dir.path().join("audit.jsonl"),
+            tip_path: dir.path().join("audit.tip"),
             max_file_bytes: 1 << 30,
             fsync_interval: Duration::from_secs(1),
             queue_depth: 1 << 16,
@@ -116,6 +118,28 @@ fn bench(c: &mut Criterion) {
     )
     .unwrap();
     let log = Arc::clone(&log);
+    // What the writer adds per batch to check that the path still names its file: one
+    // `stat` of the path (next to one `write` of a record of the same size, for scale).
+    let path = dir.path().join("audit.jsonl");
+    g.bench_function("check_stat_of_the_audit_path", |b| {
+        b.iter(|| std::fs::metadata(black_box(&path)).unwrap().len())
+    });
+    let scratch = dir.path().join("scratch");
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&scratch)
+        .unwrap();
+    let line = {
+        let mut out = Vec::new();
+        chain::encode(1, &chain::GENESIS, &body, &mut out);
+        out
+    };
+    g.bench_function("write_one_statement_line", |b| {
+        use std::io::Write as _;
+        b.iter(|| file.write_all(black_box(&line)).unwrap())
+    });
+    drop(file);
     let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
     g.bench_function("audit_log_write_or_enqueue_statement_and_end", |b| {
         b.iter_custom(|iters| {

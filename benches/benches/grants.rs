@@ -77,6 +77,7 @@ fn table(n: usize) -> Table {
     let audit = AuditLog::open(
         &AuditConfig {
             path: dir.path().join("audit.jsonl"),
+            tip_path: dir.path().join("audit.tip"),
             max_file_bytes: 1 << 30,
             fsync_interval: Duration::from_secs(1),
             queue_depth: 1024,

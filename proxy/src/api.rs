@@ -5,7 +5,8 @@
 //!   listing their own grants, and extension requests for them;
 //! - requests: visible to the requester, to holders of an approver role of the deciding
 //!   policy, and to admins; approvals and denials need an approver role (admins may deny);
-//! - `admin` role: direct grants (`POST /v1/grants`, revoke, extend) and sessions.
+//! - `admin` role: direct grants (`POST /v1/grants`, revoke, extend), sessions, and
+//!   reopening the audit log (`POST /v1/audit/reopen`, for logrotate).
 //!
 //! Errors are RFC 9457 problem details (`application/problem+json`). The routes are described
 //! by `docs/openapi.json`, served at `/openapi.json`.
@@ -27,6 +28,7 @@ use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use tower::ServiceExt as _;
 
+use crate::audit::{AuditLog, ReopenReason};
 use crate::config::Config;
 use crate::grants::{Grant, GrantError, Grants, NewGrant};
 use crate::metrics::Metrics;
@@ -55,6 +57,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("post", "/v1/requests/{id}/withdraw"),
     ("get", "/v1/sessions"),
     ("post", "/v1/sessions/{id}/kill"),
+    ("post", "/v1/audit/reopen"),
 ];
 
 /// State shared by API handlers.
@@ -63,6 +66,7 @@ pub struct ApiState {
     pub grants: Arc<Grants>,
     pub requests: Arc<Requests>,
     pub sessions: Arc<Sessions>,
+    pub audit: Arc<AuditLog>,
     pub metrics: Arc<Metrics>,
 }
 
@@ -176,6 +180,7 @@ fn router(state: Arc<ApiState>) -> Router {
         .route("/v1/requests/{id}/withdraw", post(withdraw_request))
         .route("/v1/sessions", get(list_sessions))
         .route("/v1/sessions/{id}/kill", post(kill_session))
+        .route("/v1/audit/reopen", post(reopen_audit))
         .fallback(no_route)
         .method_not_allowed_fallback(no_method)
         .with_state(state)
@@ -392,6 +397,41 @@ async fn kill_session(
     }
     tracing::info!(session.id = %sid, by = %id.user, "session killed");
     Ok(Json(Killed { id: sid, killed: true }))
+}
+
+/// Body of `POST /v1/audit/reopen`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ReopenedLog {
+    /// `audit.path`.
+    pub path: String,
+    /// Whether the path named another file than the one the log was writing.
+    pub new_file: bool,
+    /// Seq of the `audit.reopened` record (absent for a device or pipe).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seq: Option<u64>,
+}
+
+async fn reopen_audit(State(s): Shared, Extension(id): Caller) -> Result<Json<ReopenedLog>, ApiError> {
+    require_admin(&id)?;
+    let audit = Arc::clone(&s.audit);
+    let by = id.user.clone();
+    let reopened = match tokio::task::spawn_blocking(move || audit.reopen(ReopenReason::Command, Some(by))).await {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => return Err(ApiError(StatusCode::SERVICE_UNAVAILABLE, "unavailable", e.to_string())),
+        Err(e) => {
+            return Err(ApiError(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "unavailable",
+                e.to_string(),
+            ))
+        }
+    };
+    tracing::info!(by = %id.user, new_file = reopened.new_file, "audit log reopened on request");
+    Ok(Json(ReopenedLog {
+        path: s.config.audit.path.display().to_string(),
+        new_file: reopened.new_file,
+        seq: reopened.seq,
+    }))
 }
 
 /// Serves one API connection: mTLS handshake, then HTTP/1.1 until either side closes or the

@@ -1,7 +1,9 @@
 //! The audit log: typed, versioned events ([`AuditEvent`]) appended as hash-chained JSON
 //! lines ([`chain`]) ([`AuditLog`]: written by the session that submits them when the file is
 //! free, else by one writer thread that commits them in groups), in a file that rotates at a
-//! size limit ([`files`]). `jitgate audit verify` checks the chain;
+//! size limit ([`files`]). A log renamed, removed or truncated from outside is noticed at the
+//! next write and reopened, the chain continuing ([`siblings`] finds its files again, the tip
+//! file remembers where it ends). `jitgate audit verify` checks the chain;
 //! `jitgate audit tail` ([`tail`]) prints records for people.
 //!
 //! Fail closed: a record that cannot be written is reported to its submitter, which refuses
@@ -15,7 +17,9 @@ mod active;
 pub mod chain;
 mod event;
 pub mod files;
+pub mod siblings;
 pub mod tail;
+mod tip;
 mod writer;
 
 #[cfg(test)]
@@ -24,8 +28,10 @@ mod tests;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-pub use event::{AuditEvent, AuditRecord, Decision, Outcome, SessionEndReason, StatementPath, SCHEMA_VERSION};
-pub use writer::{AuditLog, AuditTicket, Written};
+pub use event::{
+    AuditEvent, AuditRecord, Decision, Outcome, ReopenReason, SessionEndReason, StatementPath, SCHEMA_VERSION,
+};
+pub use writer::{AuditLog, AuditTicket, Reopened, Written};
 
 /// An audit record was not written.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -36,6 +42,11 @@ pub enum AuditError {
     /// More submissions are waiting than `audit.queue_depth` allows.
     #[error("audit queue is full ({depth} submissions waiting)")]
     QueueFull { depth: usize },
+    /// The file was renamed, removed or truncated by something else while the batch was
+    /// written: the batch is refused (and cut back out where the old file still exists), and
+    /// the log continues in the file the path names now.
+    #[error("audit log {path} was {reason} while being written; the batch is refused and the log reopened")]
+    Moved { path: PathBuf, reason: ReopenReason },
     /// The log was closed (the proxy is shutting down) or its writer stopped.
     #[error("audit log is closed")]
     Closed,

@@ -1,6 +1,7 @@
 //! The `jitgate` command line: server commands (`init`, `serve`, `config check`, `demo`,
-//! `cert issue`), admin commands over the control API (`grant ...`, `session ...`) and the
-//! audit log readers that work on the files (`audit verify`, `audit tail`).
+//! `cert issue`), admin commands over the control API (`grant ...`, `session ...`,
+//! `audit reopen`) and the audit log readers that work on the files (`audit verify`,
+//! `audit tail`).
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -29,7 +30,7 @@ pub struct Cli {
 enum Command {
     /// Create a data directory: CA, server certificate, admin identity and a commented config.
     Init(InitArgs),
-    /// Run the proxy.
+    /// Run the proxy. SIGTERM or Ctrl-C stop it; SIGHUP reopens the audit log (logrotate).
     Serve {
         /// Config file (see deploy/examples/jitgate.toml).
         #[arg(long, short, env = "JITGATE_CONFIG")]
@@ -70,7 +71,8 @@ enum Command {
         #[command(flatten)]
         api: ApiArgs,
     },
-    /// Check the audit log's hash chain, or read it (works on the files; no API needed).
+    /// Check the audit log's hash chain or read it (both work on the files; no API needed),
+    /// or make the running proxy reopen it (admin, through the API).
     Audit {
         #[command(subcommand)]
         command: AuditCommand,
@@ -191,17 +193,31 @@ enum AuditCommand {
     /// Prove the audit log unedited, or name its first bad record.
     ///
     /// Checks every record's hash and that each record follows the one before it, across
-    /// rotated files. Exits 0 printing `ok: N records, seq A..B` and the last record's hash
-    /// (keep a copy elsewhere: a log cut short at its end still verifies, but ends at another
-    /// hash), or exits 1 naming the file, line and seq of the first bad record and why
-    /// (edited, removed, reordered, truncated).
+    /// all the files of the log, put in chain order by their first record (whatever they are
+    /// named, gzip-compressed or not). Exits 0 printing `ok: N records, seq A..B` and the last
+    /// record's hash (keep a copy elsewhere: a log cut short at its end still verifies, but
+    /// ends at another hash), or exits 1 naming the file, line and seq of the first bad record
+    /// and why (edited, removed, reordered, truncated). When the files start after seq 1
+    /// (older files rotated away) it says so and still exits 0.
     Verify {
-        /// Files to check as one log, oldest first. Default: the configured log's rotated
-        /// files, then its active file. Files of one log given in any order (a shell glob
-        /// such as audit.jsonl*) are put in chain order.
+        /// Files to check as one log, in any order (e.g. audit.jsonl* or a directory of
+        /// shipped files). With --file, --config or --data-dir as well, the files found next
+        /// to that log are added. Default: the configured log's files: the active file and
+        /// every file next to it named after it (FILE.<seq>, FILE.1, FILE.2.gz, FILE-DATE.gz).
         files: Vec<PathBuf>,
         #[command(flatten)]
         log: AuditLogArgs,
+    },
+    /// Make the running proxy reopen its audit log (admin, through the control API).
+    ///
+    /// For logrotate's postrotate (deploy/logrotate/jitgate): the proxy continues the hash
+    /// chain in the file the path names now (creating it if needed), after an
+    /// `audit.reopened` record, so no statement is refused for the rotation. SIGHUP to
+    /// `jitgate serve` does the same without a certificate. Prints the path, whether it
+    /// named a new file and the seq of the `audit.reopened` record.
+    Reopen {
+        #[command(flatten)]
+        api: ApiArgs,
     },
     /// Print audit records, one readable line each (or --json), optionally following.
     ///
@@ -236,7 +252,8 @@ struct TailArgs {
 /// Where the audit log is. The first given of --file, --config and --data-dir wins.
 #[derive(Debug, Args)]
 struct AuditLogArgs {
-    /// The active audit file; its rotated files (FILE.<seq>) are found beside it.
+    /// The active audit file; its other files (FILE.<seq>, FILE.1, FILE.2.gz, ...) are found
+    /// beside it.
     #[arg(long)]
     file: Option<PathBuf>,
     /// Config file to take `audit.path` (default DATA_DIR/audit.jsonl) from. Its secrets are
@@ -250,6 +267,11 @@ struct AuditLogArgs {
 }
 
 impl AuditLogArgs {
+    /// Whether a flag (or its environment variable) names the log.
+    fn given(&self) -> bool {
+        self.file.is_some() || self.config.is_some() || self.data_dir.is_some()
+    }
+
     /// The active audit file.
     fn active(&self) -> Result<PathBuf> {
         if let Some(file) = &self.file {
@@ -270,22 +292,58 @@ impl AuditLogArgs {
 }
 
 fn audit_verify(mut files: Vec<PathBuf>, log: &AuditLogArgs) -> Result<()> {
-    if files.is_empty() {
+    use crate::audit::siblings;
+    if files.is_empty() || log.given() {
         let active = log.active()?;
-        files = crate::audit::files::chain_files(&active)?;
-        if files.is_empty() {
+        let mut found = siblings::find(&active)?;
+        if active.exists() {
+            found.push(active.clone());
+        }
+        if found.is_empty() && files.is_empty() {
             bail!("no audit log at {}", active.display());
         }
-    } else {
-        crate::audit::files::chain_order(&mut files);
+        // A file given (or a copy of one: same first record) is not added twice.
+        let given: Vec<PathBuf> = files.iter().filter_map(|f| f.canonicalize().ok()).collect();
+        let starts: Vec<u64> = files
+            .iter()
+            .filter_map(|f| siblings::first_seq(f).ok().flatten())
+            .collect();
+        for f in found {
+            let same = f.canonicalize().is_ok_and(|c| given.contains(&c));
+            let copy = siblings::first_seq(&f)
+                .ok()
+                .flatten()
+                .is_some_and(|s| starts.contains(&s));
+            if !same && !copy {
+                files.push(f);
+            }
+        }
     }
+    let files = siblings::chain_order(files);
     let summary = crate::audit::chain::verify_files(&files)?;
     println!("{summary}");
     if let Some(hash) = summary.last_hash {
         println!("last hash: {}", crate::audit::chain::hex(&hash));
     }
     if let Some((first, _)) = summary.seqs.filter(|(first, _)| *first > 1) {
-        eprintln!("note: the log starts at seq {first}; the files before it were not checked");
+        println!(
+            "starts at seq {first}: earlier records are not in these files (rotated away or removed \
+             before {}); within the files given, nothing is edited, removed or out of order",
+            files.first().map_or_else(String::new, |f| f.display().to_string())
+        );
+    }
+    Ok(())
+}
+
+async fn audit_reopen(a: &ApiArgs) -> Result<()> {
+    let r = api_client(a)?.reopen_audit().await?;
+    if a.json {
+        return print_json(&r);
+    }
+    let file = if r.new_file { "new file" } else { "same file" };
+    match r.seq {
+        Some(seq) => println!("reopened {}: {file}; audit.reopened is seq {seq}", r.path),
+        None => println!("reopened {}: {file}", r.path),
     }
     Ok(())
 }
@@ -395,6 +453,9 @@ async fn dispatch(cli: Cli) -> Result<()> {
         Command::Audit {
             command: AuditCommand::Tail(args),
         } => audit_tail(args),
+        Command::Audit {
+            command: AuditCommand::Reopen { api },
+        } => audit_reopen(&api).await,
         Command::Policy { command } => crate::policy::command::run(command),
     }
 }

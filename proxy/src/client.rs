@@ -226,6 +226,11 @@ impl ApiClient {
         self.call(Method::GET, "/v1/sessions", None).await
     }
 
+    /// `POST /v1/audit/reopen`.
+    pub async fn reopen_audit(&self) -> Result<crate::api::ReopenedLog, ClientError> {
+        self.post("/v1/audit/reopen", &()).await
+    }
+
     /// `POST /v1/sessions/{id}/kill`.
     pub async fn kill_session(&self, id: &str) -> Result<crate::api::Killed, ClientError> {
         self.post(&format!("/v1/sessions/{}/kill", encode_segment(id)), &())

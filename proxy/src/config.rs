@@ -259,6 +259,10 @@ pub struct AuditConfig {
     /// Active audit file (hash-chained JSON lines); rotated files sit beside it as
     /// `PATH.<first seq>`. Default `DATA_DIR/audit.jsonl`.
     pub path: PathBuf,
+    /// Where the chain's last `seq` and hash are kept outside the log, so a restart continues
+    /// the chain when the log files were rotated or removed from outside. Always
+    /// `DATA_DIR/audit.tip` (not a config key).
+    pub tip_path: PathBuf,
     /// Size at which the active file is rotated, in bytes. At least 4096. Default 104857600
     /// (100 MiB).
     pub max_file_bytes: u64,
@@ -562,6 +566,7 @@ impl RawAudit {
     fn validate(self, data_dir: &Path) -> Result<AuditConfig, ConfigError> {
         let audit = AuditConfig {
             path: self.path.unwrap_or_else(|| data_dir.join("audit.jsonl")),
+            tip_path: data_dir.join("audit.tip"),
             max_file_bytes: self.max_file_bytes.unwrap_or(100 << 20),
             fsync_interval: duration(
                 "audit.fsync_interval",

@@ -45,6 +45,9 @@ pub struct Metrics {
     pub audit_write_errors_total: IntCounterVec,
     /// Audit records written (handed to the operating system).
     pub audit_records_total: IntCounter,
+    /// Times the audit log was reopened, by `reason` (`deleted`, `renamed`, `truncated`,
+    /// `signal`, `command`).
+    pub audit_reopens_total: IntCounterVec,
     /// Submissions waiting for the audit writer.
     pub audit_queue_depth: IntGauge,
     /// Records per audit batch (one `write` each).
@@ -142,6 +145,14 @@ impl Metrics {
             audit_records_total: reg!(
                 IntCounter::new("jitgate_audit_records_total", "Audit records written").expect("valid metric")
             ),
+            audit_reopens_total: reg!(IntCounterVec::new(
+                Opts::new(
+                    "jitgate_audit_reopens_total",
+                    "Times the audit log was reopened (moved from outside, or on request)"
+                ),
+                &["reason"]
+            )
+            .expect("valid metric")),
             audit_queue_depth: reg!(IntGauge::new(
                 "jitgate_audit_queue_depth",
                 "Submissions waiting for the audit writer"

@@ -1,5 +1,5 @@
 //! Server assembly: binds listeners, restores grants, runs every listener until shutdown, and
-//! waits a bounded grace period for sessions to end.
+//! waits a bounded grace period for sessions to end. SIGHUP reopens the audit log.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -13,7 +13,7 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument as _;
 
 use crate::api::{self, ApiState};
-use crate::audit::AuditLog;
+use crate::audit::{AuditLog, ReopenReason};
 use crate::config::{Config, Listen};
 use crate::grants::Grants;
 use crate::metrics::{self, Metrics};
@@ -129,8 +129,10 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: impl Future<Out
         grants: Arc::clone(&grants),
         requests,
         sessions: Arc::clone(&sessions),
+        audit: Arc::clone(&audit),
         metrics: Arc::clone(&metrics),
     });
+    tracker.spawn(reopen_on_sighup(Arc::clone(&audit), cancel.clone()));
     let addrs = listeners.addrs();
     let limit = config.limits.max_connections;
 
@@ -185,6 +187,29 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: impl Future<Out
         tracing::error!("closing the audit log failed");
     }
     Ok(())
+}
+
+/// SIGHUP reopens the audit log (logrotate's postrotate), until shutdown.
+async fn reopen_on_sighup(audit: Arc<AuditLog>, cancel: CancellationToken) {
+    let mut hup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        Ok(s) => s,
+        Err(error) => {
+            tracing::warn!(%error, "cannot listen for SIGHUP; reopen the audit log with `jitgate audit reopen`");
+            return;
+        }
+    };
+    loop {
+        tokio::select! {
+            got = hup.recv() => if got.is_none() { return },
+            _ = cancel.cancelled() => return,
+        }
+        let audit = Arc::clone(&audit);
+        match tokio::task::spawn_blocking(move || audit.reopen(ReopenReason::Signal, None)).await {
+            Ok(Ok(r)) => tracing::info!(new_file = r.new_file, "audit log reopened on SIGHUP"),
+            Ok(Err(error)) => tracing::error!(%error, "audit log not reopened on SIGHUP"),
+            Err(error) => tracing::error!(%error, "audit log not reopened on SIGHUP"),
+        }
+    }
 }
 
 async fn accept_loop<F, Fut>(

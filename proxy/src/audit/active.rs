@@ -1,27 +1,39 @@
 //! The file the writer appends to: opened with its tail repaired, appended to a whole batch at
-//! a time (or not at all), rotated and synced. Only the writer thread touches it.
+//! a time (or not at all), rotated and synced. Touched only under the writer's lock.
+//!
+//! After every append the path is checked to still name the open file (same device and inode,
+//! so still linked, and not shorter than what was written): a log renamed, removed or
+//! truncated behind the writer's back ([`AppendError::Moved`]) fails the batch, which is cut
+//! back out of the old file where it still exists. One `stat` of the path per batch; the
+//! open file is `fstat`ed only when the path no longer names it, to tell a removal from a
+//! rename.
 
 use std::fs::{File, OpenOptions};
 use std::io::Write as _;
-use std::os::unix::fs::OpenOptionsExt as _;
+use std::os::unix::fs::{FileExt as _, MetadataExt as _, OpenOptionsExt as _};
 use std::path::{Path, PathBuf};
 
-use super::chain::{self, Hash, GENESIS};
+use super::chain;
+use super::event::ReopenReason;
 use super::files;
+use super::tip::Tip;
 
-/// Where the chain continues.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Tip {
-    pub next_seq: u64,
-    pub prev: Hash,
+/// (device, inode) of a file.
+pub type Ident = (u64, u64);
+
+/// Why an append failed.
+#[derive(Debug)]
+pub enum AppendError {
+    /// The write (or a rotation before it) failed.
+    Io(std::io::Error),
+    /// The path no longer names the file written to.
+    Moved(ReopenReason),
 }
 
-impl Tip {
-    /// The start of a new log.
-    pub const GENESIS: Tip = Tip {
-        next_seq: 1,
-        prev: GENESIS,
-    };
+impl From<std::io::Error> for AppendError {
+    fn from(e: std::io::Error) -> Self {
+        AppendError::Io(e)
+    }
 }
 
 /// The active audit file.
@@ -30,28 +42,31 @@ pub struct ActiveFile {
     file: File,
     /// Bytes in the file, as far as this writer knows.
     len: u64,
-    /// False for devices and pipes, which are never read, truncated or rotated.
-    regular: bool,
+    /// (device, inode) for regular files; `None` for devices and pipes, which are never read,
+    /// checked, truncated or rotated.
+    ident: Option<Ident>,
     /// Seq of the file's first record; `None` while the file is empty.
     first_seq: Option<u64>,
     /// Written since the last sync.
     unsynced: bool,
 }
 
-fn open_regular(path: &Path) -> std::io::Result<File> {
-    OpenOptions::new()
+fn open_regular(path: &Path) -> std::io::Result<(File, Ident)> {
+    let file = OpenOptions::new()
         .read(true)
         .append(true)
         .create(true)
         .mode(0o640)
-        .open(path)
+        .open(path)?;
+    let m = file.metadata()?;
+    Ok((file, (m.dev(), m.ino())))
 }
 
 impl ActiveFile {
     /// Opens `path` for appending (creating it if needed), cuts an incomplete last line left by
-    /// a crash, and returns where the chain continues: after the file's last record, or after
-    /// the newest rotated file's when the file is empty.
-    pub fn open(path: &Path) -> std::io::Result<(ActiveFile, Tip)> {
+    /// a crash, and returns where the file's own chain ends (`None` when it holds no record,
+    /// was set aside for holding no chain, or is a device).
+    pub fn open(path: &Path) -> std::io::Result<(ActiveFile, Option<Tip>)> {
         let existed = match std::fs::metadata(path) {
             Ok(m) if !m.is_file() => {
                 let file = OpenOptions::new().append(true).open(path)?;
@@ -59,17 +74,17 @@ impl ActiveFile {
                     path: path.to_owned(),
                     file,
                     len: 0,
-                    regular: false,
+                    ident: None,
                     first_seq: None,
                     unsynced: false,
                 };
-                return Ok((active, rotated_tip(path)?));
+                return Ok((active, None));
             }
             Ok(_) => true,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
             Err(e) => return Err(e),
         };
-        let file = open_regular(path)?;
+        let (file, ident) = open_regular(path)?;
         if !existed {
             files::sync_parent(path)?;
         }
@@ -77,14 +92,12 @@ impl ActiveFile {
             path: path.to_owned(),
             len: file.metadata()?.len(),
             file,
-            regular: true,
+            ident: Some(ident),
             first_seq: None,
             unsynced: false,
         };
-        if let Some(tip) = active.repair()? {
-            return Ok((active, tip));
-        }
-        Ok((active, rotated_tip(path)?))
+        let tip = active.repair()?;
+        Ok((active, tip))
     }
 
     /// Cuts an incomplete last line and reads where the file's chain ends; `None` when the
@@ -120,10 +133,7 @@ impl ActiveFile {
                 );
             }
             self.first_seq = Some(first.seq);
-            return Ok(Some(Tip {
-                next_seq: last.seq.saturating_add(1),
-                prev: last.hash,
-            }));
+            return Ok(Some(Tip::after(last.seq, last.hash)));
         }
         // Written before records were chained (or by something else): keep it out of the log.
         let to = files::unchained_path(&self.path);
@@ -133,7 +143,9 @@ impl ActiveFile {
             "audit log holds records without a hash chain; set aside, a chained file starts"
         );
         std::fs::rename(&self.path, &to)?;
-        self.file = open_regular(&self.path)?;
+        let (file, ident) = open_regular(&self.path)?;
+        self.file = file;
+        self.ident = Some(ident);
         files::sync_parent(&self.path)?;
         self.len = 0;
         Ok(None)
@@ -141,36 +153,122 @@ impl ActiveFile {
 
     /// Whether this is a regular file (its chain can be read back).
     pub fn is_regular(&self) -> bool {
-        self.regular
+        self.ident.is_some()
+    }
+
+    /// (device, inode) of a regular file.
+    pub fn ident(&self) -> Option<Ident> {
+        self.ident
     }
 
     /// Whether appending `bytes` more would take a non-empty file past `max`.
     pub fn needs_rotation(&self, bytes: u64, max: u64) -> bool {
-        self.regular && self.len > 0 && self.len + bytes > max
+        self.is_regular() && self.len > 0 && self.len + bytes > max
     }
 
-    /// Appends `buf` (whole lines, the first with `first_seq`) with one write. On failure the
-    /// file is cut back to its length before, so no part of `buf` stays.
-    pub fn append(&mut self, buf: &[u8], first_seq: u64) -> std::io::Result<()> {
-        match self.file.write_all(buf) {
-            Ok(()) => {
-                self.len += buf.len() as u64;
+    /// Appends `buf` (whole lines, the first with `first_seq`) with one write, then checks that
+    /// the path still names this file, whole. On failure no part of `buf` stays in the file
+    /// where the writer can tell it is its own, and a file shortened by someone else is never
+    /// extended.
+    pub fn append(&mut self, buf: &[u8], first_seq: u64) -> Result<(), AppendError> {
+        if let Err(error) = self.file.write_all(buf) {
+            self.cut_back_to_len();
+            return Err(AppendError::Io(error));
+        }
+        let Some(ident) = self.ident else {
+            self.unsynced = true;
+            return Ok(());
+        };
+        let expected = self.len + buf.len() as u64;
+        let reason = match std::fs::metadata(&self.path) {
+            // The path names the open file, so the file is linked.
+            Ok(m) if (m.dev(), m.ino()) == ident && m.len() >= expected => {
+                self.len = m.len();
                 self.first_seq.get_or_insert(first_seq);
                 self.unsynced = true;
-                Ok(())
+                return Ok(());
             }
+            Ok(m) if (m.dev(), m.ino()) == ident => ReopenReason::Truncated,
+            Ok(_) => self.unlinked_or_renamed(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => self.unlinked_or_renamed(),
             Err(error) => {
-                if self.regular {
-                    if let Err(cut) = self.file.set_len(self.len) {
-                        tracing::error!(
-                            path = %self.path.display(),
-                            error = %cut,
-                            "cannot cut a failed audit batch back out; the file is repaired when reopened"
-                        );
-                    }
-                }
-                Err(error)
+                self.cut_back_to_len();
+                return Err(AppendError::Io(error));
             }
+        };
+        if reason != ReopenReason::Deleted {
+            self.cut_back_own(buf);
+        }
+        Err(AppendError::Moved(reason))
+    }
+
+    /// Why the path no longer names the open file: removed (no link left) or renamed.
+    fn unlinked_or_renamed(&self) -> ReopenReason {
+        match self.file.metadata() {
+            Ok(m) if m.nlink() == 0 => ReopenReason::Deleted,
+            _ => ReopenReason::Renamed,
+        }
+    }
+
+    /// Whether the path still names this file, whole, without writing: `None` when it does
+    /// (and always for devices).
+    pub fn moved(&self) -> Option<ReopenReason> {
+        let ident = self.ident?;
+        match std::fs::metadata(&self.path) {
+            Ok(m) if (m.dev(), m.ino()) == ident && m.len() >= self.len => None,
+            Ok(m) if (m.dev(), m.ino()) == ident => Some(ReopenReason::Truncated),
+            _ => Some(self.unlinked_or_renamed()),
+        }
+    }
+
+    /// After a failed write: cuts the file back to its length before, only ever shortening it
+    /// (a file truncated by someone else keeps its length; an incomplete line left at its end
+    /// is cut when it is reopened).
+    fn cut_back_to_len(&self) {
+        if !self.is_regular() {
+            return;
+        }
+        let cut = match self.file.metadata() {
+            Ok(m) if m.len() > self.len => self.file.set_len(self.len),
+            Ok(_) => Ok(()),
+            Err(e) => Err(e),
+        };
+        if let Err(error) = cut {
+            tracing::error!(
+                path = %self.path.display(),
+                %error,
+                "cannot cut a failed audit batch back out; the file is repaired when reopened"
+            );
+        }
+    }
+
+    /// After a write that landed in a file the path no longer names whole: removes `buf` from
+    /// the end of the file if that is where it is, and touches nothing otherwise.
+    fn cut_back_own(&self, buf: &[u8]) {
+        let cut = (|| -> std::io::Result<bool> {
+            let size = self.file.metadata()?.len();
+            let Some(start) = size.checked_sub(buf.len() as u64) else {
+                return Ok(false);
+            };
+            let mut tail = vec![0; buf.len()];
+            self.file.read_exact_at(&mut tail, start)?;
+            if tail != buf {
+                return Ok(false);
+            }
+            self.file.set_len(start)?;
+            Ok(true)
+        })();
+        match cut {
+            Ok(true) => {}
+            Ok(false) => tracing::warn!(
+                path = %self.path.display(),
+                "a refused audit batch is not at the end of the moved file; left as it is"
+            ),
+            Err(error) => tracing::error!(
+                path = %self.path.display(),
+                %error,
+                "cannot cut a refused audit batch out of the moved file"
+            ),
         }
     }
 
@@ -181,7 +279,7 @@ impl ActiveFile {
             return Ok(false);
         }
         self.unsynced = false;
-        if self.regular {
+        if self.is_regular() {
             self.file.sync_data()?;
         }
         Ok(true)
@@ -201,31 +299,12 @@ impl ActiveFile {
             ));
         }
         std::fs::rename(&self.path, &to)?;
-        self.file = open_regular(&self.path)?;
+        let (file, ident) = open_regular(&self.path)?;
+        self.file = file;
+        self.ident = Some(ident);
         self.len = 0;
         self.first_seq = None;
         files::sync_parent(&self.path)?;
         Ok(to)
     }
-}
-
-/// Where the chain continues after the newest rotated file of `active` (the genesis when
-/// there is none).
-fn rotated_tip(active: &Path) -> std::io::Result<Tip> {
-    let Some((_, newest)) = files::rotated_files(active)?.pop() else {
-        return Ok(Tip::GENESIS);
-    };
-    let file = File::open(&newest)?;
-    let (_, last) = files::last_line(&file, file.metadata()?.len())?;
-    let link = last.as_deref().and_then(|l| chain::parse(l).ok()).ok_or_else(|| {
-        std::io::Error::other(format!(
-            "{}: the last line is not a chained audit record, so the chain cannot continue; \
-             restore the file or move it out of the way",
-            newest.display()
-        ))
-    })?;
-    Ok(Tip {
-        next_seq: link.seq.saturating_add(1),
-        prev: link.hash,
-    })
 }

@@ -6,7 +6,7 @@
 //! across files; `prev` is the previous record's `hash` (64 zeros for the first record).
 //!
 //! This module does no file I/O of its own beyond reading what it is handed; the writer and
-//! the CLI decide which files make up the log.
+//! the CLI decide which files make up the log ([`super::siblings`] finds and orders them).
 
 use std::fmt;
 use std::io::BufRead;
@@ -116,6 +116,11 @@ fn push_hex(bytes: &Hash, out: &mut Vec<u8>) {
         out.push(DIGITS[usize::from(b >> 4)]);
         out.push(DIGITS[usize::from(b & 0xf)]);
     }
+}
+
+/// A hash from its 64 lower-case hex digits.
+pub fn parse_hash(text: &[u8]) -> Option<Hash> {
+    parse_hex(text)
 }
 
 fn parse_hex(text: &[u8]) -> Option<Hash> {
@@ -247,15 +252,15 @@ impl Verifier {
         Self::default()
     }
 
-    /// Checks every line of `path`.
+    /// Checks every line of `path` (read through gzip when it is compressed).
     pub fn check_file(&mut self, path: &Path) -> Result<(), VerifyError> {
-        let file = std::fs::File::open(path).map_err(|e| VerifyError {
+        let reader = super::siblings::open(path).map_err(|e| VerifyError {
             file: path.to_owned(),
             line: 0,
             seq: None,
             problem: Problem::Io(e),
         })?;
-        self.check_reader(path, std::io::BufReader::with_capacity(1 << 16, file))
+        self.check_reader(path, reader)
     }
 
     /// Checks every line read from `reader`; `name` is used in errors.

@@ -52,6 +52,42 @@ impl SessionEndReason {
     }
 }
 
+/// Why the audit log was reopened (`audit.reopened`): what the writer found when it checked
+/// the file after a write, or who asked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReopenReason {
+    /// The file was removed (no name links it any more).
+    Deleted,
+    /// The path names another file, or none, while the old one still exists elsewhere.
+    Renamed,
+    /// The file is shorter than what the proxy wrote to it (copytruncate, `> file`).
+    Truncated,
+    /// SIGHUP to `jitgate serve`.
+    Signal,
+    /// `jitgate audit reopen` (`POST /v1/audit/reopen`).
+    Command,
+}
+
+impl ReopenReason {
+    /// The reason as a metric label and audit value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Deleted => "deleted",
+            Self::Renamed => "renamed",
+            Self::Truncated => "truncated",
+            Self::Signal => "signal",
+            Self::Command => "command",
+        }
+    }
+}
+
+impl std::fmt::Display for ReopenReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// How a statement reached the server.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -237,6 +273,19 @@ pub enum AuditEvent {
         bytes_to_client: u64,
         duration_ms: u64,
     },
+    /// The audit log continues in the file its path names now: the first record written
+    /// there after the old file was renamed, removed or truncated from outside, or after a
+    /// reopen on request. `seq` and `prev` carry on from the old file's last record.
+    #[serde(rename = "audit.reopened")]
+    AuditReopened {
+        reason: ReopenReason,
+        /// Whether the path named another file than the one written before (false when a
+        /// requested reopen found the same file, or after a truncation).
+        new_file: bool,
+        /// The admin who asked (`jitgate audit reopen`).
+        #[serde(skip_serializing_if = "Option::is_none", default)]
+        by: Option<UserName>,
+    },
 }
 
 impl AuditEvent {
@@ -260,6 +309,7 @@ impl AuditEvent {
             Self::Statement { .. } => "statement",
             Self::StatementEnd { .. } => "statement.end",
             Self::SessionEnd { .. } => "session.end",
+            Self::AuditReopened { .. } => "audit.reopened",
         }
     }
 }

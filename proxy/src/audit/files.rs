@@ -3,7 +3,8 @@
 //! The active file is `PATH` (`audit.path`); when it would pass `max_file_bytes`, it is renamed
 //! to `PATH.<seq of its first record, 20 digits>`, so the rotated files sort in chain order by
 //! name. A file set aside because it holds no chain (written before chaining existed) is
-//! renamed to `PATH.unchained-<unix ms>` and is not part of the log.
+//! renamed to `PATH.unchained-<unix ms>` and is not part of the log. Files renamed by others
+//! (logrotate) are found by [`super::siblings`].
 
 use std::fs::File;
 use std::io::{Read as _, Seek as _, SeekFrom};
@@ -72,23 +73,6 @@ pub fn chain_files(active: &Path) -> std::io::Result<Vec<PathBuf>> {
         files.push(active.to_owned());
     }
     Ok(files)
-}
-
-/// Puts `files` in chain order when they are all the active file or rotated files of one log
-/// (as a shell glob `audit.jsonl*` gives them); any other list is kept as given.
-pub fn chain_order(files: &mut [PathBuf]) {
-    fn active_of(f: &Path) -> PathBuf {
-        match f.file_name().and_then(|n| n.to_str()).and_then(|n| n.rsplit_once('.')) {
-            Some((base, _)) if rotated_seq(&f.with_file_name(base), f).is_some() => f.with_file_name(base),
-            _ => f.to_owned(),
-        }
-    }
-    let Some(active) = files.first().map(|f| active_of(f)) else {
-        return;
-    };
-    if files.iter().all(|f| active_of(f) == active) {
-        files.sort_by_key(|f| rotated_seq(&active, f).unwrap_or(u64::MAX));
-    }
 }
 
 const CHUNK: u64 = 1 << 16;

@@ -193,6 +193,17 @@ pub fn text(v: &Value) -> String {
             s("by")
         ),
         "grant.expired" => format!("{} {} {} {}", s("user"), s("target"), s("grant_id"), s("access")),
+        "audit.reopened" => {
+            let file = if v.get("new_file") == Some(&Value::Bool(true)) {
+                "new file"
+            } else {
+                "same file"
+            };
+            match v.get("by") {
+                Some(_) => format!("{}: {file}, by {}", s("reason"), s("by")),
+                None => format!("{}: {file}", s("reason")),
+            }
+        }
         _ if v.get("request").is_some() => {
             let why = if s("note") == "-" { s("reason") } else { s("note") };
             format!(

@@ -1,8 +1,9 @@
 //! Unit tests of the audit log: the chain format and verifier, the writer (group commit,
-//! rotation, restart, failures) and `audit tail`.
+//! rotation, restart, failures, files moved from outside and reopening) and `audit tail`.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod chain;
+mod reopen;
 mod tail;
 mod writer;
 
@@ -27,6 +28,7 @@ fn event(id: &str) -> AuditEvent {
 fn config(dir: &Path) -> AuditConfig {
     AuditConfig {
         path: dir.join("audit.jsonl"),
+        tip_path: dir.join("audit.tip"),
         max_file_bytes: 100 << 20,
         fsync_interval: Duration::from_millis(20),
         queue_depth: 65_536,

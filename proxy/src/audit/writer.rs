@@ -12,6 +12,14 @@
 //! `fsync` runs on the writer thread on a timer (`audit.fsync_interval`), at rotation and at
 //! shutdown, never per batch. With `fsync_interval = 0s` (sync after every batch) everything
 //! goes through the writer thread.
+//!
+//! Whoever appends checks, before acknowledging, that the path still names the file written
+//! to ([`ActiveFile::append`]). When it does not (renamed, removed or truncated from
+//! outside), the batch fails, the log is reopened at the path at once and the chain goes on
+//! there, its first record an `audit.reopened` event with the reason; seq and prev carry
+//! over. [`AuditLog::reopen`] does the same on request (SIGHUP, `jitgate audit reopen`).
+//! The chain's tip is also kept in the tip file ([`super::tip`]), so a restart continues it
+//! whatever happened to the files.
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -25,12 +33,14 @@ use std::time::{Duration, Instant, SystemTime};
 
 use tokio::sync::oneshot;
 
-use super::active::{ActiveFile, Tip};
+use super::active::{ActiveFile, AppendError, Ident};
 use super::chain;
-use super::event::{AuditEvent, AuditRecord, SCHEMA_VERSION};
-use super::AuditError;
+use super::event::{AuditEvent, AuditRecord, ReopenReason, SCHEMA_VERSION};
+use super::tip::{Tip, TipFile};
+use super::{siblings, AuditError};
 use crate::config::AuditConfig;
 use crate::metrics::Metrics;
+use crate::types::UserName;
 
 /// Most records the writer puts in one batch.
 const MAX_BATCH_RECORDS: usize = 4096;
@@ -81,6 +91,16 @@ pub enum Written {
     Later(AuditTicket),
 }
 
+/// What [`AuditLog::reopen`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Reopened {
+    /// Seq of the `audit.reopened` record (`None` for a device or pipe, which is reopened
+    /// without a record).
+    pub seq: Option<u64>,
+    /// Whether the path named another file than the one the log was writing.
+    pub new_file: bool,
+}
+
 /// One serialized record (`{"v":1,"ts":...}`), not yet chained.
 struct Encoded {
     kind: &'static str,
@@ -113,20 +133,31 @@ impl AuditLog {
     /// end) and starts the writer thread.
     pub fn open(config: &AuditConfig, metrics: Arc<Metrics>) -> Result<Arc<AuditLog>, AuditError> {
         let path = config.path.clone();
-        let (file, tip) = ActiveFile::open(&path).map_err(|e| AuditError::io(&path, e))?;
+        let (file, own_tip) = ActiveFile::open(&path).map_err(|e| AuditError::io(&path, e))?;
+        let (tip, tip_file) = if file.is_regular() {
+            let tip_file = TipFile::open(&config.tip_path).map_err(|e| AuditError::io(&config.tip_path, e))?;
+            (start_tip(&path, own_tip, &tip_file)?, Some(tip_file))
+        } else {
+            // A device keeps no chain to read back: it starts one.
+            (Tip::GENESIS, None)
+        };
         let (tx, rx) = mpsc::sync_channel(config.queue_depth);
         let core = Arc::new(Mutex::new(Core {
             path: path.clone(),
+            ident: file.ident(),
             file: Some(file),
             tip,
             max_file_bytes: config.max_file_bytes,
             metrics: Arc::clone(&metrics),
             scratch: Vec::new(),
+            stale: None,
+            pending: None,
+            pending_by: None,
+            tip_file,
         }));
         let writer = Writer {
             rx,
             core: Arc::clone(&core),
-            path: path.clone(),
             max_file_bytes: config.max_file_bytes,
             fsync_interval: config.fsync_interval,
             last_sync: Instant::now(),
@@ -178,7 +209,7 @@ impl AuditLog {
                 if core.file.as_ref().is_some_and(ActiveFile::is_regular) {
                     return match core.append(&records) {
                         Ok(()) => Ok(Written::Now),
-                        Err(e) => Err(core.failed(&records, e)),
+                        Err(e) => Err(core.failed(records.iter(), e)),
                     };
                 }
             }
@@ -203,6 +234,32 @@ impl AuditLog {
         let (tx, rx) = mpsc::sync_channel(1);
         self.submit(vec![event], Ack::Blocking(tx))?;
         rx.recv().unwrap_or(Err(AuditError::Closed))
+    }
+
+    /// Reopens the log at its path (SIGHUP, `jitgate audit reopen`, logrotate's postrotate):
+    /// the chain continues in whatever file the path names now (a new one after a rename or
+    /// removal, the same one when nothing moved), after an `audit.reopened` record with
+    /// `reason`. Blocks for the length of one batch: call it off the tokio workers.
+    /// `by` is the admin who asked, recorded in the event.
+    pub fn reopen(&self, reason: ReopenReason, by: Option<UserName>) -> Result<Reopened, AuditError> {
+        if self.closed.load(Ordering::Acquire) {
+            return Err(AuditError::Closed);
+        }
+        let mut core = self.core.lock().unwrap_or_else(PoisonError::into_inner);
+        core.pending = Some(reason);
+        core.pending_by = by;
+        if let Some(mut old) = core.file.take() {
+            // What was written to the old file goes to disk before it is let go.
+            core.sync_file(&mut old);
+            core.stale = Some(old);
+        }
+        match core.reopen() {
+            Ok((file, reopened)) => {
+                core.file = Some(file);
+                Ok(reopened)
+            }
+            Err(e) => Err(core.failed(std::iter::empty(), e)),
+        }
     }
 
     /// Writes what is queued, syncs and stops the writer thread. Later submissions fail with
@@ -291,12 +348,49 @@ impl Drop for AuditLog {
     }
 }
 
+/// Where the chain continues at start-up: after the highest `seq` found in the active file,
+/// the files beside it (whatever logrotate named them) and the tip file, so a log renamed,
+/// compressed, moved away or removed while the proxy was down never restarts the chain.
+fn start_tip(path: &std::path::Path, own: Option<Tip>, tip_file: &TipFile) -> Result<Tip, AuditError> {
+    let beside = siblings::newest_tip(path).map_err(|e| AuditError::io(path, e))?;
+    let remembered = tip_file.read();
+    let tip = Tip::GENESIS.max(beside).max(remembered).max(own);
+    match own {
+        Some(own) if own != tip => tracing::warn!(
+            path = %path.display(),
+            file_seq = own.next_seq - 1,
+            seq = tip.next_seq - 1,
+            "the active audit file ends before the chain's last record; the chain continues after that record"
+        ),
+        None if tip.next_seq > 1 => tracing::info!(
+            path = %path.display(),
+            seq = tip.next_seq - 1,
+            "active audit file is new or empty; the chain continues after its last record elsewhere"
+        ),
+        _ => {}
+    }
+    Ok(tip)
+}
+
+/// Why an append failed, before it becomes an [`AuditError`] for the submitters.
+type Failure = AppendError;
+
 /// The file and the chain's tip: whoever holds the lock appends.
 struct Core {
     path: PathBuf,
     /// `None` after a failed write: the next append reopens (and repairs) the file.
     file: Option<ActiveFile>,
+    /// (device, inode) of the last regular file opened: whether a reopen finds a new file.
+    ident: Option<Ident>,
+    /// The file of a failed write, kept until the reopen has asked whether it was moved.
+    stale: Option<ActiveFile>,
+    /// Why the next file opened starts with an `audit.reopened` record.
+    pending: Option<ReopenReason>,
+    /// Who asked for the pending reopen.
+    pending_by: Option<UserName>,
     tip: Tip,
+    /// `None` for devices and pipes.
+    tip_file: Option<TipFile>,
     max_file_bytes: u64,
     metrics: Arc<Metrics>,
     /// The chained lines of one append, reused (appends run on the relay's path).
@@ -306,21 +400,14 @@ struct Core {
 impl Core {
     /// Chains `records` after the tip and appends them with one write, rotating first when
     /// they would take the file past `max_file_bytes`. Counts them when written.
-    fn append(&mut self, records: &[Encoded]) -> std::io::Result<()> {
+    fn append(&mut self, records: &[Encoded]) -> Result<(), Failure> {
         self.append_all(records.iter(), records.len())
     }
 
-    fn append_all<'a>(&mut self, records: impl Iterator<Item = &'a Encoded>, count: usize) -> std::io::Result<()> {
+    fn append_all<'a>(&mut self, records: impl Iterator<Item = &'a Encoded>, count: usize) -> Result<(), Failure> {
         let mut file = match self.file.take() {
             Some(file) => file,
-            None => {
-                let (file, tip) = ActiveFile::open(&self.path)?;
-                // Only a regular file's chain can be read back; a device keeps the writer's.
-                if file.is_regular() {
-                    self.tip = tip;
-                }
-                file
-            }
+            None => self.reopen()?.0,
         };
         let mut buf = std::mem::take(&mut self.scratch);
         buf.clear();
@@ -336,28 +423,119 @@ impl Core {
         if buf.capacity() <= 1 << 20 {
             self.scratch = buf;
         }
-        written?;
-        self.tip = tip;
-        self.file = Some(file);
-        self.metrics.audit_records_total.inc_by(count as u64);
-        self.metrics.audit_batch_records.observe(count as f64);
-        Ok(())
+        match written {
+            Ok(()) => {
+                self.tip = tip;
+                self.file = Some(file);
+                self.metrics.audit_records_total.inc_by(count as u64);
+                self.metrics.audit_batch_records.observe(count as f64);
+                Ok(())
+            }
+            Err(AppendError::Io(e)) => {
+                self.stale = Some(file);
+                Err(AppendError::Io(e))
+            }
+            Err(AppendError::Moved(reason)) => {
+                // Switch now, so the new file exists and the next batch goes there.
+                self.pending = Some(reason);
+                drop(file);
+                match self.reopen() {
+                    Ok((file, _)) => self.file = Some(file),
+                    Err(e) => {
+                        tracing::error!(path = %self.path.display(), error = ?e, "cannot reopen the audit log; the next batch tries again");
+                    }
+                }
+                Err(AppendError::Moved(reason))
+            }
+        }
     }
 
     /// Appends chained lines, rotating first when they would take the file past
     /// `max_file_bytes`.
-    fn write_out(&self, file: &mut ActiveFile, buf: &[u8]) -> std::io::Result<()> {
+    fn write_out(&mut self, file: &mut ActiveFile, buf: &[u8]) -> Result<(), Failure> {
         if file.needs_rotation(buf.len() as u64, self.max_file_bytes) {
+            // Never rename whatever now sits at the path: only the file the log was writing.
+            if let Some(reason) = file.moved() {
+                return Err(AppendError::Moved(reason));
+            }
             self.sync_file(file);
             let to = file.rotate()?;
+            self.ident = file.ident();
+            self.write_tip();
             tracing::info!(path = %self.path.display(), to = %to.display(), "audit log rotated");
         }
         file.append(buf, self.tip.next_seq)
     }
 
+    /// Opens the file at the path after a failed write, a move or on request. The chain goes
+    /// on from the writer's tip (or from the file's own last record if that is later: lines
+    /// of a failed batch that could not be cut back). When a reason is pending, or the path
+    /// names another file than the one written last, the first record is `audit.reopened`.
+    fn reopen(&mut self) -> Result<(ActiveFile, Reopened), Failure> {
+        if let Some(stale) = self.stale.take() {
+            if self.pending.is_none() {
+                self.pending = stale.moved();
+            }
+        }
+        let (mut file, own_tip) = ActiveFile::open(&self.path)?;
+        if !file.is_regular() {
+            self.pending = None;
+            return Ok((
+                file,
+                Reopened {
+                    seq: None,
+                    new_file: false,
+                },
+            ));
+        }
+        let new_file = file.ident() != self.ident;
+        self.ident = file.ident();
+        self.tip = self.tip.max(own_tip);
+        let Some(reason) = self.pending.or(new_file.then_some(ReopenReason::Renamed)) else {
+            return Ok((file, Reopened { seq: None, new_file }));
+        };
+        let record = AuditRecord {
+            v: SCHEMA_VERSION,
+            ts: SystemTime::now(),
+            event: AuditEvent::AuditReopened {
+                reason,
+                new_file,
+                by: self.pending_by.clone(),
+            },
+        };
+        let body = serde_json::to_vec(&record).map_err(|e| AppendError::Io(std::io::Error::other(e)))?;
+        let mut buf = Vec::with_capacity(body.len() + CHAIN_BYTES);
+        let seq = self.tip.next_seq;
+        let hash = chain::encode(seq, &self.tip.prev, &body, &mut buf);
+        file.append(&buf, seq)?;
+        self.tip = Tip::after(seq, hash);
+        self.pending = None;
+        self.pending_by = None;
+        self.metrics.audit_records_total.inc();
+        self.metrics
+            .audit_reopens_total
+            .with_label_values(&[reason.as_str()])
+            .inc();
+        self.write_tip();
+        tracing::warn!(path = %self.path.display(), reason = reason.as_str(), new_file, seq, "audit log reopened");
+        Ok((
+            file,
+            Reopened {
+                seq: Some(seq),
+                new_file,
+            },
+        ))
+    }
+
     /// Logs and counts a failed append of `records`; the error for their submitters.
-    fn failed(&self, records: &[Encoded], e: std::io::Error) -> AuditError {
-        let error = AuditError::io(&self.path, e);
+    fn failed<'a>(&self, records: impl ExactSizeIterator<Item = &'a Encoded>, e: Failure) -> AuditError {
+        let error = match e {
+            AppendError::Io(e) => AuditError::io(&self.path, e),
+            AppendError::Moved(reason) => AuditError::Moved {
+                path: self.path.clone(),
+                reason,
+            },
+        };
         tracing::error!(path = %self.path.display(), %error, records = records.len(), "audit batch not written");
         for r in records {
             self.metrics.audit_write_errors_total.with_label_values(&[r.kind]).inc();
@@ -365,10 +543,29 @@ impl Core {
         error
     }
 
+    /// Syncs the file, then records the tip in the tip file.
     fn sync(&mut self) {
         if let Some(mut file) = self.file.take() {
             self.sync_file(&mut file);
             self.file = Some(file);
+        }
+        self.write_tip();
+    }
+
+    /// Records the chain's tip in the tip file (a `pwrite`; nothing when unchanged).
+    fn write_tip(&mut self) {
+        if let Some(tip_file) = self.tip_file.as_mut() {
+            if let Err(error) = tip_file.write(self.tip) {
+                tracing::warn!(%error, "cannot record the audit chain's tip");
+            }
+        }
+    }
+
+    /// At close: the file and the tip file on stable storage.
+    fn close(&mut self) {
+        self.sync();
+        if let Some(Err(error)) = self.tip_file.as_ref().map(TipFile::sync) {
+            tracing::warn!(%error, "cannot sync the audit tip file");
         }
     }
 
@@ -391,7 +588,6 @@ impl Core {
 struct Writer {
     rx: Receiver<Submission>,
     core: Arc<Mutex<Core>>,
-    path: PathBuf,
     max_file_bytes: u64,
     fsync_interval: Duration,
     last_sync: Instant,
@@ -443,7 +639,7 @@ impl Writer {
                 self.sync();
             }
         }
-        self.sync();
+        self.core().close();
     }
 
     /// Writes and acknowledges (or fails) every submission in `batch`, leaving it empty.
@@ -457,12 +653,10 @@ impl Writer {
                 }
             }
             Err(e) => {
-                let error = AuditError::io(&self.path, e);
-                tracing::error!(path = %self.path.display(), %error, records, "audit batch not written");
+                let all: Vec<&Encoded> = batch.iter().flat_map(|s| &s.records).collect();
+                let error = core.failed(all.into_iter(), e);
+                drop(core);
                 for s in batch.drain(..) {
-                    for r in &s.records {
-                        core.metrics.audit_write_errors_total.with_label_values(&[r.kind]).inc();
-                    }
                     s.ack.send(Err(error.clone()));
                 }
             }

@@ -5,7 +5,8 @@ use std::path::{Path, PathBuf};
 use sha2::{Digest as _, Sha256};
 
 use super::super::chain::{encode, hex, parse, verify_files, Problem, Summary, Verifier, VerifyError, GENESIS};
-use super::super::files::{chain_order, rotated_path};
+use super::super::files::rotated_path;
+use super::super::siblings;
 
 /// `n` chained records, one `Vec` per line (newline included).
 fn lines(n: u64) -> Vec<Vec<u8>> {
@@ -265,17 +266,40 @@ fn a_rotated_file_cut_short_is_named() {
 }
 
 #[test]
-fn files_of_one_log_are_put_in_chain_order() {
-    let a = PathBuf::from("/x/audit.jsonl");
-    let r1 = rotated_path(&a, 1);
-    let r9 = rotated_path(&a, 9);
-    assert_eq!(r9, PathBuf::from("/x/audit.jsonl.00000000000000000009"));
-    let mut glob = vec![a.clone(), r1.clone(), r9.clone()];
-    chain_order(&mut glob);
-    assert_eq!(glob, vec![r1.clone(), r9.clone(), a.clone()]);
-    let mut others = vec![PathBuf::from("/y/b.jsonl"), PathBuf::from("/y/a.jsonl")];
-    chain_order(&mut others);
-    assert_eq!(others, vec![PathBuf::from("/y/b.jsonl"), PathBuf::from("/y/a.jsonl")]);
+fn files_are_found_by_their_names_and_put_in_chain_order_by_their_records() {
+    use std::io::Write as _;
+    let dir = tempfile::tempdir().unwrap();
+    let a = dir.path().join("audit.jsonl");
+    assert_eq!(rotated_path(&a, 9), dir.path().join("audit.jsonl.00000000000000000009"));
+    let all: Vec<u8> = lines(12).concat();
+    let split = |from: usize, to: usize| -> Vec<u8> { lines(12)[from..to].concat() };
+    // Names that sort against chain order: logrotate's numbers count backwards.
+    let newest = dir.path().join("audit.jsonl.1");
+    let middle = dir.path().join("audit.jsonl-20261201.gz");
+    let oldest = dir.path().join("audit.jsonl.00000000000000000001");
+    std::fs::write(&oldest, split(0, 4)).unwrap();
+    let mut gz = flate2::write::GzEncoder::new(std::fs::File::create(&middle).unwrap(), flate2::Compression::fast());
+    gz.write_all(&split(4, 8)).unwrap();
+    gz.finish().unwrap();
+    std::fs::write(&newest, split(8, 11)).unwrap();
+    std::fs::write(&a, split(11, 12)).unwrap();
+    // Not part of the log: set aside, another log's file, an unrelated name.
+    std::fs::write(dir.path().join("audit.jsonl.unchained-1"), b"{}\n").unwrap();
+    std::fs::write(dir.path().join("other.jsonl.1"), &all).unwrap();
+    std::fs::write(dir.path().join("audit.jsonlx"), &all).unwrap();
+    let mut found = siblings::find(&a).unwrap();
+    found.sort();
+    let mut want = vec![newest.clone(), middle.clone(), oldest.clone()];
+    want.sort();
+    assert_eq!(found, want);
+    let ordered = siblings::chain_order(vec![a.clone(), newest.clone(), middle.clone(), oldest.clone()]);
+    assert_eq!(ordered, vec![oldest, middle, newest, a.clone()]);
+    let s = verify_files(&ordered).unwrap();
+    assert_eq!((s.records, s.seqs), (12, Some((1, 12))));
+    // An empty file orders last and holds nothing.
+    let empty = dir.path().join("audit.jsonl.9");
+    std::fs::write(&empty, b"").unwrap();
+    assert_eq!(siblings::chain_order(vec![empty.clone(), a.clone()]), vec![a, empty]);
 }
 
 #[test]

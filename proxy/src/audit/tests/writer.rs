@@ -161,10 +161,11 @@ fn a_restart_continues_the_chain() {
     assert_eq!((s.records, s.seqs), (75, Some((1, 75))));
 
     // A crash between rotating and creating the next file leaves no active file: the chain
-    // continues after the newest rotated one.
+    // continues after the newest rotated one (here with no tip file to tell otherwise).
     let (first, newest) = rotated_files(&config.path).unwrap().pop().unwrap();
     let last_rotated_seq = first + std::fs::read_to_string(&newest).unwrap().lines().count() as u64 - 1;
     std::fs::remove_file(&config.path).unwrap();
+    std::fs::remove_file(&config.tip_path).unwrap();
     let log = AuditLog::open(&config, Metrics::new()).unwrap();
     log.record(event("after")).unwrap();
     drop(log);
