@@ -216,6 +216,8 @@ api = "127.0.0.1:$3"
 metrics = "127.0.0.1:0"
 [limits]
 max_connections = 30000
+# Every session is the one user "bench".
+max_sessions_per_user = 30000
 shutdown_grace = "2s"
 [sessions]
 expiry_notice = "0s"

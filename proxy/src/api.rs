@@ -12,7 +12,6 @@
 //! by `docs/openapi.json`, served at `/openapi.json`.
 
 use std::convert::Infallible;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -24,11 +23,13 @@ use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
 use hyper_util::rt::TokioIo;
 use serde::{Deserialize, Serialize};
+use tokio::io::AsyncWriteExt as _;
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use tower::ServiceExt as _;
 
 use crate::audit::{AuditLog, ReopenReason};
+use crate::budget::{Authenticated, Ticket};
 use crate::config::Config;
 use crate::grants::{Grant, GrantError, Grants, NewGrant};
 use crate::metrics::Metrics;
@@ -68,6 +69,8 @@ pub struct ApiState {
     pub sessions: Arc<Sessions>,
     pub audit: Arc<AuditLog>,
     pub metrics: Arc<Metrics>,
+    /// Connections past the TLS handshake (`limits.max_connections`).
+    pub connections: Authenticated,
 }
 
 /// An error body: RFC 9457 problem details, with `code` naming the kind of problem.
@@ -434,18 +437,47 @@ async fn reopen_audit(State(s): Shared, Extension(id): Caller) -> Result<Json<Re
     }))
 }
 
+/// How long a refused connection may take to get its `close_notify` out.
+const CLOSE_BOUND: Duration = Duration::from_secs(1);
+
+/// Answers every request with `503` and `detail`: the router of a connection over
+/// `limits.max_connections`.
+fn refusing_router(detail: String) -> Router {
+    Router::new().fallback(move || {
+        let detail = detail.clone();
+        async move { ApiError(StatusCode::SERVICE_UNAVAILABLE, "unavailable", detail) }
+    })
+}
+
+/// Resolves when `ticket` is evicted; never without one.
+async fn evicted(ticket: Option<&Ticket>) {
+    match ticket {
+        Some(t) => t.evicted().await,
+        None => std::future::pending().await,
+    }
+}
+
 /// Serves one API connection: mTLS handshake, then HTTP/1.1 until either side closes or the
-/// proxy shuts down.
+/// proxy shuts down. `ticket` is its slot in the listener's unauthenticated budget, given up
+/// for a slot of `limits.max_connections` once the certificate is verified; without a free
+/// one, each request gets `503` and the connection closes.
 pub async fn serve_connection(
     state: Arc<ApiState>,
     tls: Arc<rustls::ServerConfig>,
     tcp: TcpStream,
-    _peer: SocketAddr,
-    handshake_timeout: Duration,
+    ticket: Ticket,
     shutdown: CancellationToken,
 ) {
-    let accepted = tokio::time::timeout(handshake_timeout, tokio_rustls::TlsAcceptor::from(tls).accept(tcp)).await;
-    let stream = match accepted {
+    let handshake_timeout = state.config.limits.handshake_timeout;
+    let handshake = tokio::time::timeout(handshake_timeout, tokio_rustls::TlsAcceptor::from(tls).accept(tcp));
+    let accepted = tokio::select! {
+        r = handshake => r,
+        () = ticket.evicted() => {
+            tracing::debug!("unauthenticated connection evicted by a newer one");
+            return;
+        }
+    };
+    let mut stream = match accepted {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
             let reason = crate::tls::failure_reason(&e);
@@ -480,10 +512,27 @@ pub async fn serve_connection(
                 .tls_handshake_failures_total
                 .with_label_values(&["api", "bad_certificate"])
                 .inc();
+            let _ = tokio::time::timeout(CLOSE_BOUND, stream.shutdown()).await;
             return;
         }
     };
-    let app = router(state).layer(Extension(identity));
+    let slot = state.connections.try_take();
+    let (app, ticket) = match &slot {
+        Some(_) => {
+            drop(ticket);
+            (router(Arc::clone(&state)).layer(Extension(identity)), None)
+        }
+        None => {
+            state
+                .metrics
+                .connections_refused_total
+                .with_label_values(&["api", "max_connections"])
+                .inc();
+            let max = state.connections.max();
+            let detail = format!("too many connections: the API holds its limit of {max} (limits.max_connections)");
+            (refusing_router(detail), Some(ticket))
+        }
+    };
     let service = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
         let app = app.clone();
         async move {
@@ -494,16 +543,20 @@ pub async fn serve_connection(
             )
         }
     });
+    // On a normal end hyper shuts the stream down, which sends close_notify.
     let conn = hyper::server::conn::http1::Builder::new()
         .timer(hyper_util::rt::TokioTimer::new())
         .header_read_timeout(handshake_timeout)
+        .keep_alive(slot.is_some())
         .serve_connection(TokioIo::new(stream), service);
     tokio::pin!(conn);
     tokio::select! {
         r = conn.as_mut() => if let Err(error) = r { tracing::debug!(%error, "API connection ended") },
+        () = evicted(ticket.as_ref()) => {}
         _ = shutdown.cancelled() => {
             conn.as_mut().graceful_shutdown();
             let _ = tokio::time::timeout(Duration::from_secs(2), conn).await;
         }
     }
+    drop(slot);
 }

@@ -160,8 +160,8 @@ enum GrantCommand {
         /// read, write or admin.
         #[arg(long, default_value = "read")]
         access: AccessLevel,
-        /// How long, e.g. 30m or 2h.
-        #[arg(long = "for", value_parser = humantime::parse_duration)]
+        /// How long, e.g. 30m or 2h: whole seconds, at least 1s.
+        #[arg(long = "for", value_parser = crate::timefmt::parse_grant_duration)]
         duration: Duration,
         /// Why (ticket, incident); recorded in the audit log.
         #[arg(long)]
@@ -174,8 +174,8 @@ enum GrantCommand {
     /// Move a grant's end later; live sessions keep going without reconnecting.
     Extend {
         id: String,
-        /// How much later, e.g. 30m.
-        #[arg(long = "for", value_parser = humantime::parse_duration)]
+        /// How much later, e.g. 30m: whole seconds, at least 1s.
+        #[arg(long = "for", value_parser = crate::timefmt::parse_grant_duration)]
         duration: Duration,
     },
 }
@@ -617,7 +617,7 @@ async fn grant(cmd: GrantCommand, a: &ApiArgs) -> Result<()> {
                 user: UserName::new(user)?,
                 target: TargetName::new(target)?,
                 access,
-                duration_secs: duration.as_secs().max(1),
+                duration_secs: duration.as_secs(),
                 reason,
             };
             let g = client.create_grant(&req).await?;

@@ -155,10 +155,10 @@ impl ApiClient {
             .await
     }
 
-    /// `POST /v1/grants/{id}/extend`.
+    /// `POST /v1/grants/{id}/extend`: `by` in whole seconds (the API refuses 0).
     pub async fn extend_grant(&self, id: &str, by: std::time::Duration) -> Result<Grant, ClientError> {
         let body = crate::api::ExtendBody {
-            duration_secs: by.as_secs().max(1),
+            duration_secs: by.as_secs(),
         };
         self.post(&format!("/v1/grants/{}/extend", encode_segment(id)), &body)
             .await

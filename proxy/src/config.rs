@@ -110,6 +110,8 @@ struct RawRequests {
 #[serde(deny_unknown_fields)]
 struct RawLimits {
     max_connections: Option<usize>,
+    max_unauthenticated: Option<usize>,
+    max_sessions_per_user: Option<usize>,
     handshake_timeout: Option<String>,
     upstream_connect_timeout: Option<String>,
     max_startup_message_bytes: Option<usize>,
@@ -238,9 +240,18 @@ pub struct RequestsConfig {
 /// Bounds on resources and waits.
 #[derive(Debug, Clone)]
 pub struct Limits {
-    /// Concurrent client connections per listener. Default 10,000.
+    /// Connections past the TLS handshake with a valid certificate, per listener: on the
+    /// postgres listener, sessions and connections about to start one. Over it a client gets
+    /// `53300` (the API: `503`). Default 10,000.
     pub max_connections: usize,
-    /// Deadline for the TLS handshake plus startup message. Default 10s.
+    /// Connections that have not yet presented a valid certificate, per listener. When full,
+    /// a new connection evicts an older one (the oldest of the source holding the most).
+    /// Default 128.
+    pub max_unauthenticated: usize,
+    /// Live PostgreSQL sessions of one user. Over it the client gets `53300`. Default 100.
+    pub max_sessions_per_user: usize,
+    /// Deadline from accept for the TLS handshake plus the startup message (the API: the TLS
+    /// handshake, and each request's headers). Default 5s.
     pub handshake_timeout: Duration,
     /// Deadline for connecting and logging in to a target. Default 10s.
     pub upstream_connect_timeout: Duration,
@@ -478,10 +489,12 @@ impl RawConfig {
         let l = self.limits;
         let limits = Limits {
             max_connections: l.max_connections.unwrap_or(10_000),
+            max_unauthenticated: l.max_unauthenticated.unwrap_or(128),
+            max_sessions_per_user: l.max_sessions_per_user.unwrap_or(100),
             handshake_timeout: duration(
                 "limits.handshake_timeout",
                 l.handshake_timeout.as_deref(),
-                Duration::from_secs(10),
+                Duration::from_secs(5),
             )?,
             upstream_connect_timeout: duration(
                 "limits.upstream_connect_timeout",
@@ -500,6 +513,15 @@ impl RawConfig {
         };
         if limits.max_connections == 0 {
             return Err(invalid("limits.max_connections", "must be at least 1"));
+        }
+        if limits.max_unauthenticated == 0 {
+            return Err(invalid("limits.max_unauthenticated", "must be at least 1"));
+        }
+        if limits.max_sessions_per_user == 0 {
+            return Err(invalid("limits.max_sessions_per_user", "must be at least 1"));
+        }
+        if limits.handshake_timeout.is_zero() {
+            return Err(invalid("limits.handshake_timeout", "must be more than 0s"));
         }
         if !(1024..=1 << 30).contains(&limits.max_message_bytes) {
             return Err(invalid(
@@ -795,5 +817,28 @@ password_env = "JITGATE_TEST_CONFIG_PW"
         }
         let err = with("max_files = 3").unwrap_err().to_string();
         assert!(err.contains("max_files"), "{err}");
+    }
+
+    #[test]
+    fn connection_limits_have_defaults_and_are_checked() {
+        std::env::set_var("JITGATE_TEST_CONFIG_PW", "pw");
+        let c = parse(MINIMAL).unwrap();
+        assert_eq!(c.limits.max_connections, 10_000);
+        assert_eq!(c.limits.max_unauthenticated, 128);
+        assert_eq!(c.limits.max_sessions_per_user, 100);
+        assert_eq!(c.limits.handshake_timeout, Duration::from_secs(5));
+        let with = |limits: &str| parse(&MINIMAL.replace("[[targets]]", &format!("[limits]\n{limits}\n[[targets]]")));
+        let c = with("max_unauthenticated = 8\nmax_sessions_per_user = 3\nhandshake_timeout = \"1s\"").unwrap();
+        assert_eq!((c.limits.max_unauthenticated, c.limits.max_sessions_per_user), (8, 3));
+        for (text, key) in [
+            ("max_unauthenticated = 0", "limits.max_unauthenticated"),
+            ("max_sessions_per_user = 0", "limits.max_sessions_per_user"),
+            ("handshake_timeout = \"0s\"", "limits.handshake_timeout"),
+        ] {
+            let err = with(text).unwrap_err().to_string();
+            assert!(err.starts_with(key), "{text}: {err}");
+        }
+        let err = with("max_sessions = 3").unwrap_err().to_string();
+        assert!(err.contains("max_sessions"), "{err}");
     }
 }

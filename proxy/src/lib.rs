@@ -8,6 +8,7 @@
 
 pub mod api;
 pub mod audit;
+pub mod budget;
 pub mod cli;
 pub mod client;
 pub mod config;

@@ -40,6 +40,11 @@ pub struct Metrics {
     pub upstream_errors_total: IntCounterVec,
     /// Failed client TLS handshakes, by reason.
     pub tls_handshake_failures_total: IntCounterVec,
+    /// Connections that have not yet presented a valid certificate, by listener.
+    pub connections_unauthenticated: IntGaugeVec,
+    /// Connections closed or refused because a connection budget was full, by listener and
+    /// reason (`evicted`, `max_connections`, `max_sessions_per_user`).
+    pub connections_refused_total: IntCounterVec,
     /// Audit records that could not be written, by event (`kind`); failed syncs as
     /// `kind="fsync"`.
     pub audit_write_errors_total: IntCounterVec,
@@ -131,6 +136,22 @@ impl Metrics {
             .expect("valid metric")),
             tls_handshake_failures_total: reg!(IntCounterVec::new(
                 Opts::new("jitgate_tls_handshake_failures_total", "Failed client TLS handshakes"),
+                &["listener", "reason"]
+            )
+            .expect("valid metric")),
+            connections_unauthenticated: reg!(IntGaugeVec::new(
+                Opts::new(
+                    "jitgate_connections_unauthenticated",
+                    "Connections that have not yet presented a valid client certificate"
+                ),
+                &["listener"]
+            )
+            .expect("valid metric")),
+            connections_refused_total: reg!(IntCounterVec::new(
+                Opts::new(
+                    "jitgate_connections_refused_total",
+                    "Connections closed or refused because a connection budget was full"
+                ),
                 &["listener", "reason"]
             )
             .expect("valid metric")),

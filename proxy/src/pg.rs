@@ -1,6 +1,8 @@
-//! The PostgreSQL listener: TLS negotiation (`SSLRequest` and direct TLS), startup checks,
-//! grant lookup, upstream login and the relay.
+//! The PostgreSQL listener: TLS negotiation (`SSLRequest` and direct TLS), connection budgets,
+//! startup checks, grant lookup, upstream login, the relay and the bounded close.
 
+mod admit;
+mod close;
 mod connection;
 mod guard;
 mod negotiate;
@@ -12,7 +14,7 @@ mod upstream;
 
 use std::sync::Arc;
 
-pub use connection::serve_connection;
+pub use admit::serve_connection;
 
 /// Internals the criterion benches in `benches/` drive directly (the per-message statement
 /// tracker and its guard). Not a stable API.
@@ -23,6 +25,7 @@ pub mod bench_support {
 }
 
 use crate::audit::AuditLog;
+use crate::budget::{Authenticated, UserSessions};
 use crate::config::Config;
 use crate::grants::Grants;
 use crate::metrics::Metrics;
@@ -51,4 +54,8 @@ pub struct PgContext {
     pub audit: Arc<AuditLog>,
     pub metrics: Arc<Metrics>,
     pub shutdown: tokio_util::sync::CancellationToken,
+    /// Connections past the TLS handshake (`limits.max_connections`).
+    pub connections: Authenticated,
+    /// Sessions per user (`limits.max_sessions_per_user`).
+    pub users: Arc<UserSessions>,
 }

@@ -1,5 +1,10 @@
 //! Server assembly: binds listeners, restores grants, runs every listener until shutdown, and
 //! waits a bounded grace period for sessions to end. SIGHUP reopens the audit log.
+//!
+//! The accept loops never wait for a slot: every accepted connection is admitted to its
+//! listener's unauthenticated budget ([`Unauthenticated`]), which evicts an older
+//! connection when full, so no number of idle or slow connections stops a listener from
+//! accepting.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -7,13 +12,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument as _;
 
 use crate::api::{self, ApiState};
 use crate::audit::{AuditLog, ReopenReason};
+use crate::budget::{Authenticated, Ticket, Unauthenticated, UserSessions};
 use crate::config::{Config, Listen};
 use crate::grants::Grants;
 use crate::metrics::{self, Metrics};
@@ -123,6 +128,8 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: impl Future<Out
         audit: Arc::clone(&audit),
         metrics: Arc::clone(&metrics),
         shutdown: cancel.clone(),
+        connections: Authenticated::new(config.limits.max_connections),
+        users: UserSessions::new(config.limits.max_sessions_per_user),
     });
     let api_state = Arc::new(ApiState {
         config: config.clone(),
@@ -131,36 +138,35 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: impl Future<Out
         sessions: Arc::clone(&sessions),
         audit: Arc::clone(&audit),
         metrics: Arc::clone(&metrics),
+        connections: Authenticated::new(config.limits.max_connections),
     });
     tracker.spawn(reopen_on_sighup(Arc::clone(&audit), cancel.clone()));
     let addrs = listeners.addrs();
-    let limit = config.limits.max_connections;
+    let unauthenticated = config.limits.max_unauthenticated;
 
     let pg_tracker = tracker.clone();
     tracker.spawn(accept_loop(
         "postgres",
         listeners.postgres,
-        limit,
+        Unauthenticated::new("postgres", unauthenticated, &metrics),
         cancel.clone(),
         pg_tracker,
-        move |tcp, peer| pg::serve_connection(Arc::clone(&pg), tcp, peer),
+        move |tcp, peer, ticket| pg::serve_connection(Arc::clone(&pg), tcp, peer, ticket),
     ));
     let api_tls = Arc::clone(&tls.api);
     let api_cancel = cancel.clone();
-    let handshake = config.limits.handshake_timeout;
     tracker.spawn(accept_loop(
         "api",
         listeners.api,
-        limit,
+        Unauthenticated::new("api", unauthenticated, &metrics),
         cancel.clone(),
         tracker.clone(),
-        move |tcp, peer| {
+        move |tcp, _peer, ticket| {
             api::serve_connection(
                 Arc::clone(&api_state),
                 Arc::clone(&api_tls),
                 tcp,
-                peer,
-                handshake,
+                ticket,
                 api_cancel.clone(),
             )
         },
@@ -212,26 +218,20 @@ async fn reopen_on_sighup(audit: Arc<AuditLog>, cancel: CancellationToken) {
     }
 }
 
+/// Accepts until `cancel`, admitting each connection to `budget` and handing it to `handler`
+/// with its ticket.
 async fn accept_loop<F, Fut>(
     name: &'static str,
     listener: TcpListener,
-    limit: usize,
+    budget: Arc<Unauthenticated>,
     cancel: CancellationToken,
     tracker: TaskTracker,
     handler: F,
 ) where
-    F: Fn(TcpStream, SocketAddr) -> Fut,
+    F: Fn(TcpStream, SocketAddr, Ticket) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {
-    let permits = Arc::new(Semaphore::new(limit));
     loop {
-        let permit = tokio::select! {
-            p = Arc::clone(&permits).acquire_owned() => match p {
-                Ok(p) => p,
-                Err(_) => return,
-            },
-            _ = cancel.cancelled() => return,
-        };
         let (tcp, peer) = tokio::select! {
             r = listener.accept() => match r {
                 Ok(conn) => conn,
@@ -247,13 +247,7 @@ async fn accept_loop<F, Fut>(
             _ = cancel.cancelled() => return,
         };
         let span = tracing::info_span!("conn", listener = name, client.addr = %peer);
-        let fut = handler(tcp, peer);
-        tracker.spawn(
-            async move {
-                fut.await;
-                drop(permit);
-            }
-            .instrument(span),
-        );
+        let ticket = budget.admit(peer.ip());
+        tracker.spawn(handler(tcp, peer, ticket).instrument(span));
     }
 }

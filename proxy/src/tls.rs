@@ -1,12 +1,16 @@
 //! TLS configuration for the client-facing listeners and classification of handshake
 //! failures. Both listeners require a client certificate chaining to the jitgate CA; rustls
 //! (webpki) checks the chain, validity period and client-auth usage during the handshake.
+//!
+//! Session resumption is off: a resumed TLS session carries the certificate of the handshake
+//! it resumes and is not verified again, so a certificate that has expired since (or a CA
+//! that is no longer trusted) would still pass. Every connection makes a full handshake.
 
 use std::path::Path;
 use std::sync::Arc;
 
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use rustls::server::WebPkiClientVerifier;
+use rustls::server::{NoServerSessionStorage, WebPkiClientVerifier};
 use rustls::{RootCertStore, ServerConfig};
 
 use crate::config::TlsPaths;
@@ -85,6 +89,9 @@ impl ServerTls {
                 .with_client_cert_verifier(verifier)
                 .with_single_cert(certs.clone(), key.clone_key())?;
             cfg.alpn_protocols = vec![alpn.to_vec()];
+            // No resumption (see the module doc): no session cache, no TLS 1.3 tickets.
+            cfg.session_storage = Arc::new(NoServerSessionStorage {});
+            cfg.send_tls13_tickets = 0;
             Ok(Arc::new(cfg))
         };
         Ok(Self {

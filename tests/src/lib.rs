@@ -55,6 +55,8 @@ break_glass = true
 pub struct Options {
     /// `limits.handshake_timeout` (default 10s).
     pub handshake_timeout: Option<&'static str>,
+    /// More `[limits]` lines, e.g. `max_sessions_per_user = 2`.
+    pub limits: &'static str,
     /// Serve TLS on the PostgreSQL cluster and add target `tls-db` with `verify-full`.
     pub upstream_tls: bool,
 }
@@ -144,6 +146,7 @@ metrics = "127.0.0.1:0"
 [limits]
 handshake_timeout = "{handshake}"
 shutdown_grace = "2s"
+{limits}
 
 [[targets]]
 name = "prod-db"
@@ -189,6 +192,7 @@ user = "jit_md5"
 password_file = "{d}/md5.password"
 "#,
             handshake = opts.handshake_timeout.unwrap_or("10s"),
+            limits = opts.limits,
             addr = pg.address(),
         );
         if opts.upstream_tls {

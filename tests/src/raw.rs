@@ -56,7 +56,22 @@ pub async fn ssl_request_tls(
     addr: std::net::SocketAddr,
     cfg: Arc<rustls::ClientConfig>,
 ) -> std::io::Result<TlsStream<TcpStream>> {
-    let mut tcp = TcpStream::connect(addr).await?;
+    ssl_request_tls_over(TcpStream::connect(addr).await?, cfg).await
+}
+
+/// A TCP connection whose receive buffer is `rcvbuf` bytes (set before connecting, so the
+/// window it advertises is small from the start): a slow reader.
+pub async fn tcp_with_rcvbuf(addr: std::net::SocketAddr, rcvbuf: u32) -> std::io::Result<TcpStream> {
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.set_recv_buffer_size(rcvbuf)?;
+    socket.connect(addr).await
+}
+
+/// The classic `SSLRequest` upgrade on a connection already open.
+pub async fn ssl_request_tls_over(
+    mut tcp: TcpStream,
+    cfg: Arc<rustls::ClientConfig>,
+) -> std::io::Result<TlsStream<TcpStream>> {
     tcp.write_all(&encode_ssl_request()).await?;
     let mut b = [0u8; 1];
     tcp.read_exact(&mut b).await?;
@@ -126,6 +141,45 @@ async fn read_until_ready_inner<S: AsyncReadExt + Unpin>(s: &mut S) -> Vec<Msg> 
     }
 }
 
+/// Everything a connection delivered until it ended, and how it ended.
+#[derive(Debug)]
+pub struct Ending {
+    pub msgs: Vec<Msg>,
+    /// `Ok` for a clean end (over TLS: `close_notify`, then EOF); otherwise the error, such as
+    /// `UnexpectedEof` for a TCP close without `close_notify`, or `ConnectionReset`.
+    pub end: Result<(), std::io::ErrorKind>,
+}
+
+/// Reads messages until the connection ends; panics after 30 s rather than hang a test.
+pub async fn read_to_end<S: AsyncReadExt + Unpin>(s: &mut S) -> Ending {
+    let read = async {
+        let mut buf = Vec::new();
+        let mut chunk = vec![0u8; 16 << 10];
+        let end = loop {
+            match s.read(&mut chunk).await {
+                Ok(0) => break Ok(()),
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                Err(e) => break Err(e.kind()),
+            }
+        };
+        let mut msgs = Vec::new();
+        let mut rest = &buf[..];
+        while let Ok(Some((tag, len))) = peek_tagged(rest, 1 << 30) {
+            if rest.len() < len {
+                break;
+            }
+            let raw = rest[..len].to_vec();
+            rest = &rest[len..];
+            let decoded = decode(&raw).unwrap_or(BackendMessage::Other { tag });
+            msgs.push(Msg { tag, decoded, raw });
+        }
+        Ending { msgs, end }
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(30), read)
+        .await
+        .expect("the connection did not end within 30s")
+}
+
 /// The first `ErrorResponse` among `msgs`: (SQLSTATE, message).
 pub fn error_of(msgs: &[Msg]) -> Option<(String, String)> {
     msgs.iter().find_map(|m| match &m.decoded {
@@ -153,11 +207,13 @@ pub fn bind(portal: &str, statement: &str, params: &[P<'_>]) -> Vec<u8> {
     body.push(0);
     body.extend_from_slice(statement.as_bytes());
     body.push(0);
-    body.extend_from_slice(&(params.len() as i16).to_be_bytes());
+    // Counts are unsigned 16-bit, as PostgreSQL reads them.
+    let count = u16::try_from(params.len()).expect("at most 65535 parameters");
+    body.extend_from_slice(&count.to_be_bytes());
     for p in params {
         body.extend_from_slice(&(matches!(p, P::Binary(_)) as i16).to_be_bytes());
     }
-    body.extend_from_slice(&(params.len() as i16).to_be_bytes());
+    body.extend_from_slice(&count.to_be_bytes());
     for p in params {
         match p {
             P::Null => body.extend_from_slice(&(-1i32).to_be_bytes()),

@@ -5,6 +5,7 @@
 use std::time::Duration;
 
 use jitgate_tests::jitgate::types::AccessLevel;
+use jitgate_tests::raw::{self, error_of, read_until_ready, send_query, send_startup};
 use jitgate_tests::{eventually, Harness};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::process::Child;
@@ -259,4 +260,57 @@ async fn revoke_cuts_session_streaming_a_result() {
         h.backends_of("jit_reader") == 0
     })
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_slow_reader_gets_nothing_past_the_cut_bound() {
+    let h = Harness::start().await;
+    let alice = h.user("alice", &["dev"]);
+    let grant = h
+        .grant("alice", "prod-db", AccessLevel::Read, Duration::from_secs(4))
+        .await;
+    // A client with a 64 KiB receive buffer that reads a large COPY slowly: the proxy's
+    // kernel send queue toward it grows to megabytes.
+    let cfg = raw::client_config(h.data_dir(), Some(&alice), None);
+    let tcp = raw::tcp_with_rcvbuf(h.addrs().postgres, 64 << 10).await.unwrap();
+    let mut s = raw::ssl_request_tls_over(tcp, cfg).await.unwrap();
+    send_startup(&mut s, &[("user", "alice"), ("database", "prod-db")]).await;
+    let login = read_until_ready(&mut s).await;
+    assert!(error_of(&login).is_none(), "{login:?}");
+    // generate_series in the select list streams (in FROM it would be materialized first).
+    send_query(
+        &mut s,
+        "COPY (SELECT repeat('x', 200), generate_series(1, 100000000)) TO STDOUT",
+    )
+    .await;
+    // 16 KiB every 25 ms (at most 640 KiB/s) until the connection ends, reset or closed.
+    let mut received = 0u64;
+    let mut buf = vec![0u8; 16 << 10];
+    let ended = tokio::time::timeout(Duration::from_secs(120), async {
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) => return "eof".to_owned(),
+                Ok(n) => received += n as u64,
+                Err(e) => return format!("{:?}", e.kind()),
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    })
+    .await
+    .expect("the connection must end after the cut");
+    eventually("session.end", Duration::from_secs(10), || async {
+        ends_of(&h, grant.id.as_str()).len() == 1
+    })
+    .await;
+    let end = &ends_of(&h, grant.id.as_str())[0];
+    assert_eq!(end["reason"], "grant_expired", "{end}");
+    let sent = end["bytes_to_client"].as_u64().unwrap();
+    eprintln!("ended by {ended}: the proxy wrote {sent} bytes, the client read {received}");
+    // What the proxy had handed to the kernel but the client had not read when the bound
+    // passed was discarded (RST), not delivered for seconds after the cut. (Without the reset
+    // the client reads every byte the proxy wrote: megabytes, for seconds after the cut.)
+    assert!(
+        sent.saturating_sub(received) > 256 << 10,
+        "the client read {received} of the {sent} bytes the proxy wrote (ended by {ended})"
+    );
 }

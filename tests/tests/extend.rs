@@ -131,3 +131,48 @@ async fn extension_keeps_live_sessions_going_until_the_new_deadline() {
         .await
         .is_err());
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn zero_and_fractional_durations_are_refused_not_rounded() {
+    let h = Harness::start().await;
+    let grant = h
+        .grant("alice", "prod-db", AccessLevel::Read, Duration::from_secs(600))
+        .await;
+    let d = h.data_dir();
+    let api = h.addrs().api.to_string();
+    let (cert, key, ca) = (d.join("admin.crt"), d.join("admin.key"), d.join("ca.crt"));
+    let env = [
+        ("JITGATE_API", api.as_str()),
+        ("JITGATE_CERT", cert.to_str().unwrap()),
+        ("JITGATE_KEY", key.to_str().unwrap()),
+        ("JITGATE_CA", ca.to_str().unwrap()),
+    ];
+    let id = grant.id.as_str();
+    for duration in ["0s", "0", "500ms", "1500ms"] {
+        for args in [
+            vec!["grant", "extend", id, "--for", duration],
+            vec![
+                "grant", "create", "--user", "alice", "--target", "prod-db", "--for", duration, "--reason", "x",
+            ],
+            vec!["request", "prod-db", "--for", duration, "--reason", "x"],
+            vec!["extend", id, "--for", duration, "--reason", "x"],
+        ] {
+            let r = run_jitgate(&args, &env).await;
+            assert!(!r.ok, "{args:?} succeeded: {}", r.stdout);
+            assert_eq!(r.code, Some(2), "{args:?}: {}", r.stderr);
+            assert!(r.stderr.contains("--for"), "{args:?}: {}", r.stderr);
+            assert!(
+                r.stderr.contains("must be at least 1s") || r.stderr.contains("must be whole seconds"),
+                "{args:?}: {}",
+                r.stderr
+            );
+        }
+    }
+    // The API refuses a zero extension as well.
+    assert!(h.admin().extend_grant(id, Duration::ZERO).await.is_err());
+    // Nothing moved, nothing was made.
+    let grants = h.admin().list_grants().await.unwrap();
+    assert_eq!(grants.len(), 1);
+    assert_eq!(grants[0].expires_at, grant.expires_at);
+    assert!(h.audit_events("grant.extended").is_empty());
+}

@@ -323,3 +323,44 @@ async fn oversized_startup_is_refused() {
     h.grant("alice", "prod-db", AccessLevel::Read, HOUR).await;
     assert!(h.psql(&alice, "prod-db", "SELECT 1").await.success);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_resumed_tls_session_does_not_outlive_its_certificate() {
+    let h = Harness::start().await;
+    h.grant("alice", "prod-db", AccessLevel::Read, HOUR).await;
+    let ca = Authority::load(h.data_dir()).unwrap();
+    let now = time::OffsetDateTime::now_utc();
+    let not_after = now + time::Duration::seconds(2);
+    let (cert, key) = ca
+        .issue_client_between(
+            &UserName::new("alice").unwrap(),
+            &[],
+            now - time::Duration::hours(1),
+            not_after,
+        )
+        .unwrap();
+    let alice = h.user_from_pem("alice", &cert, &key);
+    // One client configuration for both connections: rustls resumes the first one's session
+    // for the second when the server lets it.
+    let cfg = raw::client_config(h.data_dir(), Some(&alice), None);
+    let mut s = raw::ssl_request_tls(h.addrs().postgres, cfg.clone()).await.unwrap();
+    send_startup(&mut s, &[("user", "alice"), ("database", "prod-db")]).await;
+    let login = read_until_ready(&mut s).await;
+    assert!(error_of(&login).is_none(), "{login:?}");
+    drop(s);
+    // Two seconds past notAfter.
+    let wait = (not_after - time::OffsetDateTime::now_utc()) + time::Duration::seconds(2);
+    tokio::time::sleep(Duration::try_from(wait).unwrap_or_default()).await;
+    match raw::ssl_request_tls(h.addrs().postgres, cfg).await {
+        Err(_) => {}
+        Ok(mut s) => {
+            // TLS 1.3: the client sees the server's alert on its first read.
+            send_startup(&mut s, &[("user", "alice"), ("database", "prod-db")]).await;
+            let ending = raw::read_to_end(&mut s).await;
+            assert!(ending.end.is_err(), "the handshake must fail: {ending:?}");
+            assert!(error_of(&ending.msgs).is_none(), "refused only at startup: {ending:?}");
+        }
+    }
+    assert_handshake_failures(&h, "expired_certificate", 1.0).await;
+    assert_eq!(h.audit_events("session.start").len(), 1);
+}

@@ -11,14 +11,17 @@ pub const MAX_LOGIN_MESSAGE_LEN: usize = 1 << 20;
 
 /// Returns `(tag, total length including the tag byte)` of the tagged message at the front of
 /// `buf`, `Ok(None)` when the 5-byte header is incomplete, or an error when the length field
-/// is below 4 or above `max`.
+/// is below 4 ([`ProtocolError::TooShort`]) or above `max` ([`ProtocolError::TooLong`]).
 pub fn peek_tagged(buf: &[u8], max: usize) -> Result<Option<(u8, usize)>, ProtocolError> {
     let Some(head) = buf.get(..5) else {
         return Ok(None);
     };
     let len = u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize;
-    if !(4..=max).contains(&len) {
-        return Err(ProtocolError::BadLength { len, max });
+    if len < 4 {
+        return Err(ProtocolError::TooShort { len, min: 4 });
+    }
+    if len > max {
+        return Err(ProtocolError::TooLong { len, max });
     }
     Ok(Some((head[0], len + 1)))
 }
@@ -260,8 +263,17 @@ mod tests {
     fn peek_checks_bounds() {
         assert_eq!(peek_tagged(b"Z\0\0", 100), Ok(None));
         assert_eq!(peek_tagged(b"Z\0\0\0\x05I", 100), Ok(Some((b'Z', 6))));
-        assert!(peek_tagged(b"Z\0\0\0\x03", 100).is_err());
-        assert!(peek_tagged(b"D\x7f\0\0\0", 100).is_err());
+        assert_eq!(
+            peek_tagged(b"Z\0\0\0\x03", 100),
+            Err(ProtocolError::TooShort { len: 3, min: 4 })
+        );
+        assert_eq!(
+            peek_tagged(b"D\x7f\0\0\0", 100),
+            Err(ProtocolError::TooLong {
+                len: 0x7f00_0000,
+                max: 100
+            })
+        );
     }
 
     #[test]

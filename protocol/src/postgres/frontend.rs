@@ -32,14 +32,17 @@ pub enum StartupRequest {
 }
 
 /// Returns the total length of the startup message at the front of `buf`, `Ok(None)` when
-/// fewer than four bytes are buffered, or an error when the length is outside `8..=max`.
+/// fewer than four bytes are buffered, or an error when the length is below 8 or above `max`.
 pub fn peek_startup_len(buf: &[u8], max: usize) -> Result<Option<usize>, ProtocolError> {
     let Some(head) = buf.get(..4) else {
         return Ok(None);
     };
     let len = u32::from_be_bytes([head[0], head[1], head[2], head[3]]) as usize;
-    if !(8..=max).contains(&len) {
-        return Err(ProtocolError::BadLength { len, max });
+    if len < 8 {
+        return Err(ProtocolError::TooShort { len, min: 8 });
+    }
+    if len > max {
+        return Err(ProtocolError::TooLong { len, max });
     }
     Ok(Some(len))
 }
@@ -164,14 +167,17 @@ mod tests {
 
     #[test]
     fn oversized_and_undersized_lengths_are_refused() {
-        assert!(matches!(
+        assert_eq!(
             peek_startup_len(&[0, 1, 0, 0], 10_000),
-            Err(ProtocolError::BadLength { .. })
-        ));
-        assert!(matches!(
+            Err(ProtocolError::TooLong {
+                len: 65_536,
+                max: 10_000
+            })
+        );
+        assert_eq!(
             peek_startup_len(&[0, 0, 0, 3], 10_000),
-            Err(ProtocolError::BadLength { .. })
-        ));
+            Err(ProtocolError::TooShort { len: 3, min: 8 })
+        );
     }
 
     #[test]

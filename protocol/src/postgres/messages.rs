@@ -1,10 +1,34 @@
 //! Tagged frontend messages after startup (`Query`, the extended protocol, COPY, function
 //! calls) and the backend messages the relay observes to learn how statements ended.
 //!
-//! Decoding borrows from the message bytes; nothing is copied until the caller decides to
-//! keep it.
+//! Framing is [`peek_frontend`]: the type byte is checked against the messages a client may
+//! send after startup before the length is read, and the length against a maximum before
+//! anything is buffered. Decoding borrows from the message bytes; nothing is copied until the
+//! caller decides to keep it.
 
 use super::{take_cstr, take_i32, ProtocolError};
+
+/// Type bytes of the messages a client may send once logged in, as PostgreSQL's backend
+/// accepts them (`SocketBackend` in `postgres.c`): Bind, Close, Describe, Execute,
+/// FunctionCall, Flush, Parse, Query, Sync, Terminate, CopyDone, CopyData, CopyFail. Anything
+/// else (a second `StartupMessage`, whose first byte is 0, or a password message) is a
+/// protocol violation.
+pub const FRONTEND_TYPES: &[u8] = b"BCDEFHPQSXcdf";
+
+/// Returns `(type, total length including the type byte)` of the frontend message at the
+/// front of `buf`, or `Ok(None)` while its header is incomplete. The type byte is checked
+/// first, as soon as it arrives, so a length is never trusted for a message that cannot be
+/// one ([`ProtocolError::UnknownType`]); then the length must be at least 4
+/// ([`ProtocolError::TooShort`]) and at most `max` ([`ProtocolError::TooLong`]).
+pub fn peek_frontend(buf: &[u8], max: usize) -> Result<Option<(u8, usize)>, ProtocolError> {
+    let Some(&tag) = buf.first() else {
+        return Ok(None);
+    };
+    if !FRONTEND_TYPES.contains(&tag) {
+        return Err(ProtocolError::UnknownType(tag));
+    }
+    super::backend::peek_tagged(buf, max)
+}
 
 /// A frontend message, borrowed from its bytes (tag included).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -47,7 +71,8 @@ pub enum Frontend<'a> {
         message: &'a str,
     },
     Terminate,
-    /// Any other tag (e.g. a password message after startup): forwarded, never interpreted.
+    /// Any other tag. The relay frames with [`peek_frontend`], which refuses these before
+    /// they are decoded; decoding them here is kept for callers that do not.
     Other {
         tag: u8,
     },
@@ -70,9 +95,15 @@ fn take_i16(buf: &mut &[u8]) -> Result<i16, ProtocolError> {
     Ok(v)
 }
 
+/// A count of formats, parameters or arguments: an unsigned `Int16` (0 to 65535), as
+/// PostgreSQL reads it (`pq_getmsgint(msg, 2)`).
 fn take_count(buf: &mut &[u8]) -> Result<usize, ProtocolError> {
-    let n = take_i16(buf)?;
-    usize::try_from(n).map_err(|_| ProtocolError::Malformed("negative count"))
+    if buf.len() < 2 {
+        return Err(ProtocolError::Malformed("message ends inside a count"));
+    }
+    let n = u16::from_be_bytes([buf[0], buf[1]]);
+    *buf = &buf[2..];
+    Ok(usize::from(n))
 }
 
 /// Reads format codes and values as `Bind` and `FunctionCall` lay them out.
@@ -278,6 +309,59 @@ mod tests {
         body.extend_from_slice(&1i16.to_be_bytes());
         body.extend_from_slice(&1000i32.to_be_bytes());
         assert!(decode_frontend(&encode_tagged(b'B', &body)).is_err());
+    }
+
+    #[test]
+    fn bind_counts_are_unsigned_up_to_65535() {
+        for n in [32_768usize, 65_535] {
+            let mut body = b"\0s\0".to_vec();
+            body.extend_from_slice(&0u16.to_be_bytes());
+            body.extend_from_slice(&u16::try_from(n).unwrap().to_be_bytes());
+            for _ in 0..n {
+                body.extend_from_slice(&(-1i32).to_be_bytes());
+            }
+            body.extend_from_slice(&0u16.to_be_bytes());
+            let msg = encode_tagged(b'B', &body);
+            let Frontend::Bind { params, .. } = decode_frontend(&msg).unwrap() else {
+                panic!("not a Bind")
+            };
+            assert_eq!(params.len(), n);
+        }
+    }
+
+    #[test]
+    fn framing_checks_the_type_before_the_length() {
+        // A second StartupMessage: its first byte (0) is no message type, whatever follows.
+        assert_eq!(peek_frontend(b"\0", 1 << 24), Err(ProtocolError::UnknownType(0)));
+        assert_eq!(
+            peek_frontend(b"\0\0\0\x25\0\0\x03\0\0", 1 << 24),
+            Err(ProtocolError::UnknownType(0))
+        );
+        assert_eq!(
+            peek_frontend(b"p\0\0\0\x08abc\0", 1 << 24),
+            Err(ProtocolError::UnknownType(b'p'))
+        );
+        assert_eq!(peek_frontend(b"", 1 << 24), Ok(None));
+        assert_eq!(peek_frontend(b"Q\0\0", 1 << 24), Ok(None));
+        for len in 0u8..4 {
+            assert_eq!(
+                peek_frontend(&[b'Q', 0, 0, 0, len], 1 << 24),
+                Err(ProtocolError::TooShort {
+                    len: usize::from(len),
+                    min: 4
+                })
+            );
+        }
+        assert_eq!(
+            peek_frontend(b"Q\x01\0\0\x01", 1 << 24),
+            Err(ProtocolError::TooLong {
+                len: (1 << 24) + 1,
+                max: 1 << 24
+            })
+        );
+        for &t in FRONTEND_TYPES {
+            assert_eq!(peek_frontend(&[t, 0, 0, 0, 4], 1 << 24), Ok(Some((t, 5))));
+        }
     }
 
     #[test]

@@ -92,7 +92,7 @@ impl Scanner {
             let h = self.header;
             let len = u32::from_be_bytes([h[1], h[2], h[3], h[4]]) as usize;
             if len < 4 {
-                return Err(ProtocolError::BadLength { len, max: usize::MAX });
+                return Err(ProtocolError::TooShort { len, min: 4 });
             }
             self.header_len = 0;
             self.tag = h[0];

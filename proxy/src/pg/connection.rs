@@ -1,19 +1,21 @@
-//! One client connection, start to end: negotiate, check the startup, look up the grant, log
-//! in upstream, register and audit the session, relay, and record how it ended.
+//! One session, from a negotiated connection with a session slot (`admit`) to its end: the
+//! per-user limit, startup checks, grant lookup, upstream login, registration and audit, the
+//! relay, how it ended, and the close within its bound.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Instant as StdInstant, SystemTime};
 
+use bytes::BytesMut;
 use jitgate_protocol::postgres::backend::{self, Report, Severity};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::time::{timeout, Instant};
-use tracing::Instrument as _;
+use tokio_rustls::server::TlsStream;
 
+use super::close::{close, CLOSE_BOUND};
 use super::guard::Guard;
-use super::negotiate::{acceptor, negotiate, NegotiateError, Negotiated};
-use super::relay::{relay, ExpiryNotice, RelayContext, RelayEnd};
+use super::relay::{relay, ExpiryNotice, RelayContext, RelayEnd, Relayed};
 use super::startup::{self, CheckedStartup};
 use super::statements::{SessionFacts, TextLimits, Tracker};
 use super::upstream;
@@ -21,9 +23,20 @@ use super::PgContext;
 use super::Refusal;
 use crate::audit::{AuditEvent, SessionEndReason};
 use crate::grants::{Deadline, GrantEnd, GrantPermit};
+use crate::pki::Identity;
 use crate::sessions::{CancelKey, NewSession};
 
-const PROTOCOL: &str = "postgres";
+/// The `protocol` label of this listener's metrics.
+pub(super) const PROTOCOL: &str = "postgres";
+
+/// A client that passed TLS with a jitgate certificate and sent a `StartupMessage`.
+pub(super) struct Negotiated {
+    pub(super) tls: TlsStream<TcpStream>,
+    pub(super) identity: Identity,
+    pub(super) params: Vec<(String, String)>,
+    /// Bytes the client sent after its startup message (pipelined queries), to be relayed.
+    pub(super) leftover: BytesMut,
+}
 
 fn error_bytes(severity: Severity, code: &str, message: &str, hint: Option<&str>) -> Vec<u8> {
     backend::error_response(
@@ -37,48 +50,17 @@ fn error_bytes(severity: Severity, code: &str, message: &str, hint: Option<&str>
     )
 }
 
-/// Serves one accepted TCP connection on the PostgreSQL listener.
-pub async fn serve_connection(ctx: Arc<PgContext>, tcp: TcpStream, peer: SocketAddr) {
-    let _ = tcp.set_nodelay(true);
-    let limits = &ctx.config.limits;
-    let negotiated = timeout(
-        limits.handshake_timeout,
-        negotiate(tcp, acceptor(&ctx.tls), limits.max_startup_message_bytes),
-    )
-    .await;
-    let negotiated = match negotiated {
-        Err(_) => {
-            ctx.metrics
-                .tls_handshake_failures_total
-                .with_label_values(&[PROTOCOL, "timeout"])
-                .inc();
-            tracing::debug!("handshake timed out");
-            return;
-        }
-        Ok(Err(NegotiateError::Handshake { reason, message })) => {
-            ctx.metrics
-                .tls_handshake_failures_total
-                .with_label_values(&[PROTOCOL, reason])
-                .inc();
-            tracing::info!(reason, error = %message, "TLS handshake refused");
-            return;
-        }
-        Ok(Err(NegotiateError::Cancel { process_id, secret_key })) => {
-            forward_cancel(&ctx, CancelKey { process_id, secret_key }).await;
-            return;
-        }
-        Ok(Err(NegotiateError::Client(reason))) => {
-            tracing::debug!(%reason, "client left during negotiation");
-            return;
-        }
-        Ok(Ok(n)) => n,
-    };
-    let span = tracing::info_span!("session", identity = %negotiated.identity.user, target = tracing::field::Empty, session.id = tracing::field::Empty);
-    run_session(ctx, negotiated, peer).instrument(span).await;
+/// The target the client asked for, as sent (for refusals before it is checked).
+fn asked_target(n: &Negotiated) -> String {
+    n.params
+        .iter()
+        .find(|(k, _)| k == "database")
+        .map_or("", |(_, v)| v.as_str())
+        .to_owned()
 }
 
-async fn refuse(ctx: &PgContext, n: &mut Negotiated, peer: SocketAddr, target: &str, r: Refusal) {
-    ctx.metrics.sessions_denied_total.with_label_values(&[r.reason]).inc();
+/// Audits a refusal, tells the client and closes the connection.
+async fn deny(ctx: &PgContext, n: &mut Negotiated, peer: SocketAddr, target: &str, r: Refusal) {
     let _ = ctx.audit.record(AuditEvent::SessionDenied {
         user: n.identity.user.clone(),
         target: target.to_owned(),
@@ -87,14 +69,27 @@ async fn refuse(ctx: &PgContext, n: &mut Negotiated, peer: SocketAddr, target: &
         reason: r.message.clone(),
     });
     tracing::info!(reason = r.reason, message = %r.message, "session refused");
-    let _ = n
-        .tls
-        .write_all(&error_bytes(Severity::Fatal, r.sqlstate, &r.message, r.hint.as_deref()))
-        .await;
-    let _ = n.tls.shutdown().await;
+    let fatal = error_bytes(Severity::Fatal, r.sqlstate, &r.message, r.hint.as_deref());
+    close(&mut n.tls, &fatal, Instant::now() + CLOSE_BOUND).await;
 }
 
-fn refusal(reason: &'static str, sqlstate: &'static str, message: String, hint: Option<String>) -> Refusal {
+/// A startup refusal, counted in `jitgate_sessions_denied_total`.
+async fn refuse(ctx: &PgContext, n: &mut Negotiated, peer: SocketAddr, target: &str, r: Refusal) {
+    ctx.metrics.sessions_denied_total.with_label_values(&[r.reason]).inc();
+    deny(ctx, n, peer, target, r).await;
+}
+
+/// A connection limit refusal, counted in `jitgate_connections_refused_total`.
+pub(super) async fn refuse_over_limit(ctx: &PgContext, n: &mut Negotiated, peer: SocketAddr, r: Refusal) {
+    ctx.metrics
+        .connections_refused_total
+        .with_label_values(&[PROTOCOL, r.reason])
+        .inc();
+    let target = asked_target(n);
+    deny(ctx, n, peer, &target, r).await;
+}
+
+pub(super) fn refusal(reason: &'static str, sqlstate: &'static str, message: String, hint: Option<String>) -> Refusal {
     Refusal {
         sqlstate,
         message,
@@ -103,7 +98,20 @@ fn refusal(reason: &'static str, sqlstate: &'static str, message: String, hint: 
     }
 }
 
-async fn run_session(ctx: Arc<PgContext>, mut n: Negotiated, peer: SocketAddr) {
+/// Runs a session on a connection that holds a slot of `limits.max_connections`.
+pub(super) async fn run_session(ctx: &Arc<PgContext>, mut n: Negotiated, peer: SocketAddr) {
+    // Held for the whole session, so one user cannot take every session slot.
+    let Some(_user_slot) = ctx.users.try_take(&n.identity.user) else {
+        let max = ctx.users.max();
+        let msg = format!(
+            "too many sessions for {}: jitgate allows {max} per user (limits.max_sessions_per_user)",
+            n.identity.user
+        );
+        let hint = "close a session you no longer need, or ask an operator to raise limits.max_sessions_per_user";
+        let r = refusal("max_sessions_per_user", "53300", msg, Some(hint.to_owned()));
+        refuse_over_limit(ctx, &mut n, peer, r).await;
+        return;
+    };
     let CheckedStartup {
         target,
         database,
@@ -111,13 +119,8 @@ async fn run_session(ctx: Arc<PgContext>, mut n: Negotiated, peer: SocketAddr) {
     } = match startup::check(&n.identity, &n.params) {
         Ok(c) => c,
         Err(r) => {
-            let target = n
-                .params
-                .iter()
-                .find(|(k, _)| k == "database")
-                .map_or("", |(_, v)| v.as_str())
-                .to_owned();
-            refuse(&ctx, &mut n, peer, &target, r).await;
+            let target = asked_target(&n);
+            refuse(ctx, &mut n, peer, &target, r).await;
             return;
         }
     };
@@ -127,7 +130,7 @@ async fn run_session(ctx: Arc<PgContext>, mut n: Negotiated, peer: SocketAddr) {
         let msg = format!("\"{target}\" is not a jitgate target");
         let hint = Some("set dbname to a configured target, e.g. dbname=prod-db".to_owned());
         refuse(
-            &ctx,
+            ctx,
             &mut n,
             peer,
             target.as_str(),
@@ -140,7 +143,7 @@ async fn run_session(ctx: Arc<PgContext>, mut n: Negotiated, peer: SocketAddr) {
         let msg = format!("no active grant for {user} on {target}");
         let hint = format!("request access: jitgate request {target} --access read --for 30m --reason \"...\"");
         refuse(
-            &ctx,
+            ctx,
             &mut n,
             peer,
             target.as_str(),
@@ -153,7 +156,7 @@ async fn run_session(ctx: Arc<PgContext>, mut n: Negotiated, peer: SocketAddr) {
         let msg = "client certificate has expired".to_owned();
         let hint = Some("get a new certificate: jitgate cert issue".to_owned());
         refuse(
-            &ctx,
+            ctx,
             &mut n,
             peer,
             target.as_str(),
@@ -188,7 +191,7 @@ async fn run_session(ctx: Arc<PgContext>, mut n: Negotiated, peer: SocketAddr) {
                 _ => format!("jitgate timed out connecting to {target}"),
             };
             refuse(
-                &ctx,
+                ctx,
                 &mut n,
                 peer,
                 target.as_str(),
@@ -207,7 +210,7 @@ async fn run_session(ctx: Arc<PgContext>, mut n: Negotiated, peer: SocketAddr) {
         // A role or database default the proxy cannot read statements under.
         let msg = format!("target {target} reports {k}={v}; jitgate requires standard_conforming_strings=on and UTF8");
         refuse(
-            &ctx,
+            ctx,
             &mut n,
             peer,
             target.as_str(),
@@ -248,7 +251,8 @@ async fn run_session(ctx: Arc<PgContext>, mut n: Negotiated, peer: SocketAddr) {
             .with_label_values(&["audit_unavailable"])
             .inc();
         let msg = "jitgate cannot write its audit log; sessions are refused until it can";
-        let _ = n.tls.write_all(&error_bytes(Severity::Fatal, "58030", msg, None)).await;
+        let fatal = error_bytes(Severity::Fatal, "58030", msg, None);
+        close(&mut n.tls, &fatal, Instant::now() + CLOSE_BOUND).await;
         return;
     }
 
@@ -287,10 +291,13 @@ async fn run_session(ctx: Arc<PgContext>, mut n: Negotiated, peer: SocketAddr) {
     };
     let mut tracker = Tracker::new(facts, guard, limits);
 
-    let end = if n.tls.write_all(&hello).await.is_err() || n.tls.flush().await.is_err() {
-        RelayEnd::Closed(SessionEndReason::ClientClosed)
+    let Relayed { end, close_by } = if n.tls.write_all(&hello).await.is_err() || n.tls.flush().await.is_err() {
+        Relayed {
+            end: RelayEnd::Closed(SessionEndReason::ClientClosed),
+            close_by: Instant::now() + CLOSE_BOUND,
+        }
     } else {
-        let cut = cut_signal(&ctx, &permit, session, Instant::now() + remaining(n.identity.not_after));
+        let cut = cut_signal(ctx, &permit, session, Instant::now() + remaining(n.identity.not_after));
         let target_name = target.to_string();
         let grant_id = grant.id.to_string();
         let session_id = session.id.to_string();
@@ -305,7 +312,7 @@ async fn run_session(ctx: Arc<PgContext>, mut n: Negotiated, peer: SocketAddr) {
             // Anything the client pipelined behind its startup message is a statement like
             // any other: it goes through the tracker, never straight upstream.
             initial: std::mem::take(&mut n.leftover),
-            notice: expiry_notice(&ctx, &permit),
+            notice: expiry_notice(ctx, &permit),
         };
         relay(&mut n.tls, &mut up.stream, relay_cx, cut, fatal).await
     };
@@ -360,31 +367,8 @@ async fn run_session(ctx: Arc<PgContext>, mut n: Negotiated, peer: SocketAddr) {
         bytes_to_client,
         "session ended"
     );
-}
-
-/// Forwards a client's CancelRequest to the backend of the session it names, if any. The
-/// client gets no answer either way, as with PostgreSQL.
-async fn forward_cancel(ctx: &PgContext, key: CancelKey) {
-    let Some((target, upstream_key)) = ctx.sessions.cancel_route(key) else {
-        ctx.metrics.cancel_requests_total.with_label_values(&["unknown"]).inc();
-        tracing::debug!("cancel request for an unknown key ignored");
-        return;
-    };
-    let wait = ctx.config.limits.upstream_connect_timeout;
-    let key = (upstream_key.process_id, upstream_key.secret_key);
-    match timeout(wait, upstream::cancel(&target, key)).await {
-        Ok(Ok(())) => {
-            ctx.metrics
-                .cancel_requests_total
-                .with_label_values(&["forwarded"])
-                .inc();
-            tracing::info!(target = %target.name, "query cancel forwarded");
-        }
-        _ => {
-            ctx.metrics.cancel_requests_total.with_label_values(&["failed"]).inc();
-            tracing::warn!(target = %target.name, "query cancel could not be delivered");
-        }
-    }
+    // By close_by the client has the rest, close_notify and FIN, or a reset.
+    close(&mut n.tls, &[], close_by).await;
 }
 
 /// The pre-expiry NOTICE for this session, unless turned off.

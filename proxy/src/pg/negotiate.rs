@@ -1,9 +1,14 @@
-//! Connection negotiation up to a verified TLS session and a decoded `StartupMessage`.
+//! Connection negotiation, in two steps with the connection budgets between them:
+//! [`handshake`] up to a verified TLS session with a jitgate certificate, then [`startup`] for
+//! the `StartupMessage` (or a `CancelRequest`) inside it.
 //!
 //! States: plaintext (accepts `SSLRequest`, `GSSENCRequest`, `CancelRequest`; refuses a
 //! plaintext `StartupMessage`) -> TLS (classic upgrade or direct TLS detected by the first
 //! byte being a TLS handshake record) -> startup. Bytes that arrive with an `SSLRequest` are
 //! an error: they would otherwise be read as if they had come through TLS.
+//!
+//! A refusal here is written and the connection closed ([`close`]) before the error is
+//! returned; the caller only counts it.
 
 use std::sync::Arc;
 
@@ -13,34 +18,45 @@ use jitgate_protocol::postgres::frontend::{decode_startup, peek_startup_len, Sta
 use jitgate_protocol::postgres::ProtocolError;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio::time::Instant;
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 
+use super::close::{close, ClientStream, CLOSE_BOUND};
 use crate::pki::{identity_from_der, Identity};
 use crate::tls::{failure_reason, ALPN_POSTGRESQL};
 
 /// First byte of a TLS handshake record.
 const TLS_HANDSHAKE: u8 = 0x16;
 
-/// A client that passed TLS with a jitgate certificate and sent a `StartupMessage`.
-pub struct Negotiated {
+/// A client that passed TLS with a jitgate certificate.
+pub struct Accepted {
     pub tls: TlsStream<TcpStream>,
     pub identity: Identity,
-    pub params: Vec<(String, String)>,
-    /// Bytes the client sent after its startup message (pipelined queries), to be relayed.
-    pub leftover: BytesMut,
+}
+
+/// What the client sent inside TLS.
+pub enum Startup {
+    /// A protocol 3.0 `StartupMessage`, and the bytes the client sent after it (pipelined
+    /// queries), to be relayed.
+    Session {
+        params: Vec<(String, String)>,
+        leftover: BytesMut,
+    },
+    /// A `CancelRequest` (libpq sends it inside TLS when the session used TLS).
+    Cancel { process_id: i32, secret_key: i32 },
 }
 
 /// Why negotiation stopped.
 #[derive(Debug, thiserror::Error)]
 pub enum NegotiateError {
-    /// The client went away or sent nothing usable; already answered where possible.
+    /// The client went away or sent nothing usable; already answered and closed.
     #[error("client: {0}")]
     Client(String),
-    /// TLS handshake failed, labelled for metrics.
+    /// TLS handshake failed, or its certificate is no identity; labelled for metrics.
     #[error("TLS handshake failed ({reason}): {message}")]
     Handshake { reason: &'static str, message: String },
-    /// A cancel request (handled by the caller).
+    /// A plaintext cancel request (handled by the caller).
     #[error("cancel request")]
     Cancel { process_id: i32, secret_key: i32 },
 }
@@ -71,7 +87,8 @@ async fn read_startup<S: AsyncRead + Unpin>(
     }
 }
 
-fn fatal(code: &str, message: &str, hint: Option<&str>) -> Vec<u8> {
+/// A FATAL `ErrorResponse`.
+pub fn fatal(code: &str, message: &str, hint: Option<&str>) -> Vec<u8> {
     backend::error_response(
         Severity::Fatal,
         &Report {
@@ -83,14 +100,19 @@ fn fatal(code: &str, message: &str, hint: Option<&str>) -> Vec<u8> {
     )
 }
 
+/// Answers `fatal` and closes, within [`CLOSE_BOUND`].
+async fn refuse<S: ClientStream>(stream: &mut S, fatal: &[u8]) {
+    close(stream, fatal, Instant::now() + CLOSE_BOUND).await;
+}
+
 const TLS_HINT: &str = "connect with sslmode=verify-full sslrootcert=ca.crt sslcert=USER.crt sslkey=USER.key";
 
-/// Runs negotiation on a fresh connection.
-pub async fn negotiate(
+/// Negotiates TLS on a fresh connection and checks the client certificate.
+pub async fn handshake(
     mut tcp: TcpStream,
     acceptor: TlsAcceptor,
     max_startup: usize,
-) -> Result<Negotiated, NegotiateError> {
+) -> Result<Accepted, NegotiateError> {
     let mut first = [0u8; 1];
     let n = tcp.peek(&mut first).await.map_err(client)?;
     if n == 0 {
@@ -104,9 +126,11 @@ pub async fn negotiate(
             match req {
                 Ok(StartupRequest::Ssl) => {
                     if !buf.is_empty() {
-                        let _ = tcp
-                            .write_all(&fatal("08P01", "received unencrypted data after SSL request", None))
-                            .await;
+                        refuse(
+                            &mut tcp,
+                            &fatal("08P01", "received unencrypted data after SSL request", None),
+                        )
+                        .await;
                         return Err(client("unencrypted data after SSLRequest"));
                     }
                     tcp.write_all(b"S").await.map_err(client)?;
@@ -122,13 +146,11 @@ pub async fn negotiate(
                         "jitgate accepts only TLS connections with a client certificate",
                         Some(TLS_HINT),
                     );
-                    let _ = tcp.write_all(&msg).await;
+                    refuse(&mut tcp, &msg).await;
                     return Err(client("plaintext startup refused"));
                 }
                 Err(e) => {
-                    let _ = tcp
-                        .write_all(&fatal("08P01", &format!("invalid startup packet: {e}"), None))
-                        .await;
+                    refuse(&mut tcp, &fatal("08P01", &format!("invalid startup packet: {e}"), None)).await;
                     return Err(client(e));
                 }
             }
@@ -143,9 +165,11 @@ pub async fn negotiate(
     let alpn = conn.alpn_protocol();
     if direct && alpn != Some(ALPN_POSTGRESQL) {
         // PostgreSQL 17 requires ALPN for direct TLS; so do we.
-        let _ = tls
-            .write_all(&fatal("08P01", "direct TLS requires ALPN \"postgresql\"", None))
-            .await;
+        refuse(
+            &mut tls,
+            &fatal("08P01", "direct TLS requires ALPN \"postgresql\"", None),
+        )
+        .await;
         return Err(NegotiateError::Handshake {
             reason: "alpn",
             message: "direct TLS without ALPN".into(),
@@ -156,55 +180,50 @@ pub async fn negotiate(
         .and_then(|c| c.first())
         .map(|c| c.as_ref().to_vec());
     let Some(der) = der else {
+        refuse(&mut tls, &[]).await;
         return Err(NegotiateError::Handshake {
             reason: "no_certificate",
             message: "no client certificate".into(),
         });
     };
-    let identity = match identity_from_der(&der) {
-        Ok(id) => id,
+    match identity_from_der(&der) {
+        Ok(identity) => Ok(Accepted { tls, identity }),
         Err(e) => {
-            let _ = tls
-                .write_all(&fatal("28000", &format!("client certificate refused: {e}"), None))
-                .await;
-            return Err(NegotiateError::Handshake {
+            refuse(
+                &mut tls,
+                &fatal("28000", &format!("client certificate refused: {e}"), None),
+            )
+            .await;
+            Err(NegotiateError::Handshake {
                 reason: "bad_certificate",
                 message: e.to_string(),
-            });
+            })
         }
-    };
+    }
+}
 
+/// Reads the `StartupMessage` (or `CancelRequest`) inside TLS. Only protocol 3.0 is accepted.
+pub async fn startup(tls: &mut TlsStream<TcpStream>, max_startup: usize) -> Result<Startup, NegotiateError> {
     let mut buf = BytesMut::with_capacity(512);
-    let req = read_startup(&mut tls, &mut buf, max_startup).await.map_err(client)?;
-    match req {
+    let req = read_startup(tls, &mut buf, max_startup).await.map_err(client)?;
+    let refusal = match req {
         Ok(StartupRequest::Startup {
             minor_version: 0,
             params,
-        }) => Ok(Negotiated {
-            tls,
-            identity,
-            params,
-            leftover: buf,
-        }),
-        Ok(StartupRequest::Startup { minor_version, .. }) => {
-            let msg = format!("unsupported frontend protocol 3.{minor_version}: jitgate speaks 3.0");
-            let _ = tls.write_all(&fatal("0A000", &msg, None)).await;
-            Err(client(msg))
+        }) => return Ok(Startup::Session { params, leftover: buf }),
+        Ok(StartupRequest::Cancel { process_id, secret_key }) => {
+            return Ok(Startup::Cancel { process_id, secret_key });
         }
-        Ok(StartupRequest::Cancel { process_id, secret_key }) => Err(NegotiateError::Cancel { process_id, secret_key }),
-        Ok(StartupRequest::Ssl | StartupRequest::GssEnc) => {
-            let _ = tls
-                .write_all(&fatal("08P01", "encryption request inside TLS", None))
-                .await;
-            Err(client("encryption request inside TLS"))
-        }
-        Err(e) => {
-            let _ = tls
-                .write_all(&fatal("08P01", &format!("invalid startup packet: {e}"), None))
-                .await;
-            Err(client(e))
-        }
-    }
+        Ok(StartupRequest::Startup { minor_version, .. }) => (
+            "0A000",
+            format!("unsupported frontend protocol 3.{minor_version}: jitgate speaks 3.0"),
+        ),
+        Ok(StartupRequest::Ssl | StartupRequest::GssEnc) => ("08P01", "encryption request inside TLS".to_owned()),
+        Err(e) => ("08P01", format!("invalid startup packet: {e}")),
+    };
+    let (code, message) = refusal;
+    refuse(tls, &fatal(code, &message, None)).await;
+    Err(client(message))
 }
 
 /// Shared acceptor type.

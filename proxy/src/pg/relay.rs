@@ -5,6 +5,9 @@
 //!
 //! One task drives both directions from a single poll function that also polls the cut signal,
 //! so a cut is noticed while either side is blocked reading or writing.
+//!
+//! Client messages are framed by `messages::peek_frontend`: a type byte no client may send
+//! after startup ends the session at once, before any length is trusted.
 
 use std::future::{poll_fn, Future};
 use std::pin::Pin;
@@ -13,12 +16,14 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::BytesMut;
-use jitgate_protocol::postgres::backend::peek_tagged;
+use jitgate_protocol::postgres::messages::peek_frontend;
 use jitgate_protocol::postgres::scanner::{Piece, Scanner};
+use jitgate_protocol::postgres::ProtocolError;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::sync::watch;
-use tokio::time::Sleep;
+use tokio::time::{Instant, Sleep};
 
+use super::close::CLOSE_BOUND;
 use super::statements::{Batch, Disposition, Tracker};
 use crate::audit::{AuditLog, AuditTicket, SessionEndReason, Written};
 use crate::grants::Deadline;
@@ -27,8 +32,6 @@ use crate::sessions::SessionHandle;
 
 /// Read size per direction.
 const BUF: usize = 8 * 1024;
-/// How long a cut waits to finish the server message in flight and deliver the FATAL.
-const CUT_FLUSH: Duration = Duration::from_secs(1);
 /// Iterations of the copy loop before yielding to other tasks.
 const BUDGET: usize = 32;
 /// Server messages whose bodies the tracker reads.
@@ -44,6 +47,14 @@ pub enum RelayEnd {
     Cut { reason: SessionEndReason, in_flight: bool },
     /// The client broke the protocol; it has been told.
     ProtocolViolation,
+}
+
+/// How the relay ended, and by when the client connection must be closed: [`CLOSE_BOUND`]
+/// after the relay decided to end it. A cut's last server message and FATAL count against
+/// the same bound as the close that follows.
+pub struct Relayed {
+    pub end: RelayEnd,
+    pub close_by: Instant,
 }
 
 /// What the relay needs besides the two streams.
@@ -103,14 +114,15 @@ impl Out {
 }
 
 /// Relays until a side closes or `cut` resolves; on a cut, completes the server message in
-/// flight, sends `fatal(reason)` to the client and returns.
+/// flight and sends `fatal(reason)` to the client, by the returned `close_by`. The caller
+/// closes the client connection by then.
 pub async fn relay<C, U, F>(
     client: &mut C,
     upstream: &mut U,
     cx: RelayContext<'_>,
     cut: F,
     fatal: impl Fn(SessionEndReason) -> Vec<u8>,
-) -> RelayEnd
+) -> Relayed
 where
     C: AsyncRead + AsyncWrite + Unpin,
     U: AsyncRead + AsyncWrite + Unpin,
@@ -180,7 +192,7 @@ where
             }
             if waiting.is_none() && up.is_empty() {
                 match complete_prefix(&inbuf, max_message_bytes) {
-                    Err(()) => return Poll::Ready(Ok(Step::TooLarge)),
+                    Err(e) => return Poll::Ready(Ok(Step::BadFrame(e))),
                     Ok(0) => {
                         let mut rb = ReadBuf::new(&mut readbuf[..]);
                         match Pin::new(&mut *client).poll_read(cx, &mut rb) {
@@ -315,14 +327,10 @@ where
     })
     .await;
 
+    let close_by = Instant::now() + CLOSE_BOUND;
     let (end, last) = match step {
         Ok(Step::Closed(reason)) => (RelayEnd::Closed(reason), None),
-        Ok(Step::TooLarge) => (
-            RelayEnd::ProtocolViolation,
-            Some(protocol_fatal(&format!(
-                "jitgate: message larger than {max_message_bytes} bytes"
-            ))),
-        ),
+        Ok(Step::BadFrame(e)) => (RelayEnd::ProtocolViolation, Some(protocol_fatal(&frame_error(&e)))),
         Ok(Step::Malformed) => (
             RelayEnd::ProtocolViolation,
             Some(protocol_fatal("jitgate: malformed message")),
@@ -353,7 +361,7 @@ where
             session,
             &last,
         );
-        let _ = tokio::time::timeout(CUT_FLUSH, flush).await;
+        let _ = tokio::time::timeout_at(close_by, flush).await;
     }
     let end = match end {
         RelayEnd::Cut { reason, .. } => RelayEnd::Cut {
@@ -364,7 +372,19 @@ where
     };
     tracker.abandon();
     flush_ends(tracker, audit, metrics);
-    end
+    Relayed { end, close_by }
+}
+
+/// What the client is told about a message the relay cannot frame.
+fn frame_error(e: &ProtocolError) -> String {
+    match e {
+        ProtocolError::TooLong { max, .. } => format!("jitgate: message larger than {max} bytes"),
+        ProtocolError::UnknownType(t) => format!("jitgate: invalid frontend message type {t}"),
+        ProtocolError::TooShort { len, min } => {
+            format!("jitgate: malformed message: length {len} is below {min}")
+        }
+        other => format!("jitgate: malformed message: {other}"),
+    }
 }
 
 /// A FATAL for a session the proxy ends on its own account (08P01).
@@ -384,7 +404,9 @@ fn protocol_fatal(message: &str) -> Vec<u8> {
 enum Step {
     Closed(SessionEndReason),
     UnsafeSetting,
-    TooLarge,
+    /// A client message that cannot be framed: unknown type, length below 4 or above the
+    /// maximum.
+    BadFrame(ProtocolError),
     Malformed,
 }
 
@@ -403,11 +425,11 @@ fn count_unaudited(metrics: &Metrics, batch: &Batch) {
         .inc_by(refused.max(1));
 }
 
-/// Length of the longest prefix of whole messages in `buf`; `Err` when a message announces
-/// more than `max` bytes.
-fn complete_prefix(buf: &[u8], max: usize) -> Result<usize, ()> {
+/// Length of the longest prefix of whole messages in `buf`; `Err` when a message has a type
+/// no client may send, or announces fewer than 4 or more than `max` bytes.
+fn complete_prefix(buf: &[u8], max: usize) -> Result<usize, ProtocolError> {
     let mut at = 0;
-    while let Some((_, len)) = peek_tagged(&buf[at..], max).map_err(|_| ())? {
+    while let Some((_, len)) = peek_frontend(&buf[at..], max)? {
         if buf.len() - at < len {
             break;
         }
@@ -489,20 +511,31 @@ where
     }
     client.write_all(last).await?;
     session.bytes_to_client.fetch_add(last.len() as u64, Ordering::Relaxed);
-    client.flush().await?;
-    client.shutdown().await
+    client.flush().await
 }
 
 #[cfg(test)]
 mod tests {
-    use super::complete_prefix;
+    use super::{complete_prefix, frame_error};
+    use jitgate_protocol::postgres::ProtocolError;
 
     #[test]
-    fn complete_prefix_stops_at_partial_messages_and_refuses_oversize() {
+    fn complete_prefix_stops_at_partial_messages_and_refuses_bad_frames() {
         let mut b = b"Q\0\0\0\x09abcd\0".to_vec();
         assert_eq!(complete_prefix(&b, 1024), Ok(10));
         b.extend_from_slice(b"S\0\0");
         assert_eq!(complete_prefix(&b, 1024), Ok(10));
-        assert_eq!(complete_prefix(b"Q\x7f\0\0\0", 1024), Err(()));
+        assert!(matches!(
+            complete_prefix(b"Q\x7f\0\0\0", 1024),
+            Err(ProtocolError::TooLong { .. })
+        ));
+        // Behind a whole message, a second StartupMessage is refused by its first byte.
+        let mut b = b"S\0\0\0\x04".to_vec();
+        b.push(0);
+        assert_eq!(complete_prefix(&b, 1024), Err(ProtocolError::UnknownType(0)));
+        assert_eq!(
+            frame_error(&ProtocolError::UnknownType(0)),
+            "jitgate: invalid frontend message type 0"
+        );
     }
 }

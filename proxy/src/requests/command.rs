@@ -41,8 +41,8 @@ struct NewRequestArgs {
     /// read, write or admin.
     #[arg(long, default_value = "read")]
     access: AccessLevel,
-    /// How long, e.g. 30m or 2h; the policy sets the maximum.
-    #[arg(long = "for", value_parser = humantime::parse_duration, required = true)]
+    /// How long, e.g. 30m or 2h (whole seconds, at least 1s); the policy sets the maximum.
+    #[arg(long = "for", value_parser = crate::timefmt::parse_grant_duration, required = true)]
     duration: Option<Duration>,
     /// Why (ticket, incident); shown to approvers and recorded in the audit log.
     #[arg(long, required = true)]
@@ -106,8 +106,8 @@ pub struct DenyArgs {
 pub struct ExtendArgs {
     /// Your live grant (g-...; psql's expiry notice names it).
     grant_id: String,
-    /// How much later the grant should end, e.g. 30m.
-    #[arg(long = "for", value_parser = humantime::parse_duration)]
+    /// How much later the grant should end, e.g. 30m (whole seconds, at least 1s).
+    #[arg(long = "for", value_parser = crate::timefmt::parse_grant_duration)]
     duration: Duration,
     /// Why; shown to approvers and recorded in the audit log.
     #[arg(long)]
@@ -178,7 +178,7 @@ pub async fn request(args: RequestArgs) -> Result<()> {
             let new = NewRequest {
                 target,
                 access: a.access,
-                duration_secs: duration.as_secs().max(1),
+                duration_secs: duration.as_secs(),
                 reason,
                 break_glass: a.break_glass,
             };
@@ -225,7 +225,7 @@ pub async fn deny(a: DenyArgs) -> Result<()> {
 pub async fn extend(a: ExtendArgs) -> Result<()> {
     let client = api_client(&a.api)?;
     let ext = NewExtension {
-        duration_secs: a.duration.as_secs().max(1),
+        duration_secs: a.duration.as_secs(),
         reason: a.reason,
     };
     let r = client.request_extension(&a.grant_id, &ext).await.map_err(refused)?;
