@@ -434,6 +434,13 @@ impl Config {
         Self::parse_with(text, path, Secrets::Resolve)
     }
 
+    /// Parses and validates config text without reading its secrets (passwords are `None`),
+    /// as [`Config::load_without_secrets`] does for a file: for fuzzing and inspection, never
+    /// to serve with. `path` is used in messages only.
+    pub fn parse_without_secrets(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        Self::parse_with(text, path, Secrets::Skip)
+    }
+
     fn parse_with(text: &str, path: &Path, secrets: Secrets) -> Result<Config, ConfigError> {
         let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
             path: path.to_owned(),
@@ -764,6 +771,18 @@ password_env = "JITGATE_TEST_CONFIG_PW"
         let t = &c.targets[&TargetName::new("prod-db").unwrap()];
         assert_eq!(t.credentials[&AccessLevel::Read].password.as_deref(), Some("pw"));
         assert_eq!(t.tls, UpstreamTls::Disable);
+    }
+
+    #[test]
+    fn parse_without_secrets_reads_no_secret() {
+        let text = MINIMAL.replace(
+            "password_env = \"JITGATE_TEST_CONFIG_PW\"",
+            "password_file = \"/nonexistent/jitgate-fuzz-secret\"",
+        );
+        assert!(parse(&text).unwrap_err().to_string().contains("password_file"));
+        let c = Config::parse_without_secrets(&text, Path::new("test.toml")).unwrap();
+        let t = &c.targets[&TargetName::new("prod-db").unwrap()];
+        assert_eq!(t.credentials[&AccessLevel::Read].password, None);
     }
 
     #[test]

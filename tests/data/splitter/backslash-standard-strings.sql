@@ -1,0 +1,1 @@
+SELECT 'a\'; SELECT 'b\' AS x; SELECT 'c''\' AS x

@@ -1,0 +1,1 @@
+SELECT B'1010' AS x; SELECT X'1F' AS x; SELECT N'n;' AS x; SELECT b'0' AS x; SELECT x'ff' AS x; SELECT n'm' AS x

@@ -1,0 +1,1 @@
+SELECT $$a;b$$ AS x; SELECT $tag$ $$ ; $ $tag$ AS x; SELECT $a$$b$ ; $a$ AS x; SELECT $_1$;$_1$ AS x; SELECT $q$ -- ; /* $q$ AS x; SELECT 'd' AS x

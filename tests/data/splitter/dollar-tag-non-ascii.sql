@@ -1,0 +1,1 @@
+SELECT $é$;$é$ AS x; SELECT $ü_1$ $ $ü_1$ AS x

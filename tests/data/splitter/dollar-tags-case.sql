@@ -1,0 +1,1 @@
+SELECT $A$ ; $a$ ; $A$ AS x; SELECT $a$ $A$ ; $a$ AS x; SELECT $ab$ $a$ ; $abc$ ; $ab$ AS x

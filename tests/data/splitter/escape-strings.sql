@@ -1,0 +1,1 @@
+SELECT E'\'' AS x; SELECT E'\\' AS x; SELECT E'a\';b' AS x; SELECT e'\x3b;' AS x; SELECT E'it''s;' AS x; SELECT '\' AS x; SELECT 'done' AS x

@@ -1,0 +1,1 @@
+SELECT $$ /* $$ AS x; SELECT 2 AS y /* $$ ; */; SELECT '--' AS z; SELECT '/*' AS z; SELECT '$$' AS z; SELECT "$$" FROM (SELECT 1 AS "$$") s

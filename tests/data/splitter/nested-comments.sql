@@ -1,0 +1,1 @@
+SELECT 1 AS n /* outer ; /* inner ; */ still a comment ; */ ; SELECT 2 AS n; /* ; */ SELECT /* ; /* ; */ ; */ 3 AS n;/**/SELECT 4 AS n

@@ -1,0 +1,1 @@
+SELECT 1 AS "a;b"; SELECT 2 AS "c""; d"; SELECT 3 AS """"; SELECT 4 AS "--"; SELECT 5 AS "/*"
