@@ -32,30 +32,6 @@ fn decision(c: &Classified) -> Decision<'_> {
     (c.class, c.kind, &c.tables, c.has_where, &c.session_change)
 }
 
-/// `decision`, with the digits of the session change's value zeroed. Known findings
-/// (docs/fuzzing.md, `findings/classify-search-path-digits`, `findings/classify-set-role-digits`):
-/// `SET search_path = 3` and `= 0`, or `SET role = 5` and `= 0`, share a shape but not a value,
-/// so a shape-cache hit reports the cached text's value. The comparison stays strict for
-/// everything else so the runs go on looking for other differences.
-fn decision_modulo_value_digits(c: &Classified) -> (Decision<'_>, Option<(u8, String)>) {
-    let zeroed = |v: &str| {
-        v.chars()
-            .map(|c| if c.is_ascii_digit() { '0' } else { c })
-            .collect::<String>()
-    };
-    let mut d = decision(c);
-    let value = match &c.session_change {
-        Some(SessionChange::SearchPath(Some(v))) => Some((0, zeroed(v))),
-        Some(SessionChange::Role(Some(v))) => Some((1, zeroed(v))),
-        Some(SessionChange::SessionAuthorization(Some(v))) => Some((2, zeroed(v))),
-        _ => None,
-    };
-    if value.is_some() {
-        d.4 = &None;
-    }
-    (d, value)
-}
-
 /// Where each statement's text sits in `input`, found in order, as the tracker finds it.
 fn spans(input: &str, list: &[Classified]) -> Option<Vec<Range<usize>>> {
     let mut out = Vec::with_capacity(list.len());
@@ -72,11 +48,7 @@ fn same_shape(a: &str, list_a: &[Classified], spans_a: &[Range<usize>], b: &str)
     let list_b = classify(b);
     assert_eq!(list_a.len(), list_b.len(), "{a:?} and {b:?} split differently");
     for ((x, y), span) in list_a.iter().zip(&list_b).zip(spans_a) {
-        assert_eq!(
-            decision_modulo_value_digits(x),
-            decision_modulo_value_digits(y),
-            "{a:?} and {b:?} classify differently"
-        );
+        assert_eq!(decision(x), decision(y), "{a:?} and {b:?} classify differently");
         assert_eq!(b.get(span.clone()), Some(y.text.as_str()), "{b:?}: statement moved");
     }
 }
@@ -107,14 +79,7 @@ fuzz_target!(|data: &[u8]| {
         assert_eq!(alone[0].text, c.text);
     }
 
-    // Known finding (docs/fuzzing.md, `findings/classify-hex-prefix-shape`): `7x591` shapes to
-    // `0x591`, which sqlparser lexes as one hex literal, so the two classify differently.
-    // Texts with a digit right before x, o or b are left out of the shape comparison.
-    let radix_prefix = sql
-        .as_bytes()
-        .windows(2)
-        .any(|w| w[0].is_ascii_digit() && matches!(w[1], b'x' | b'X' | b'o' | b'O' | b'b' | b'B'));
-    if let Some(shaped) = shape(sql).filter(|_| !radix_prefix) {
+    if let Some(shaped) = shape(sql) {
         assert_eq!(shaped.len(), sql.len());
         for (&s, &o) in shaped.as_bytes().iter().zip(sql.as_bytes()) {
             assert!(s == o || (s == b'0' && o.is_ascii_digit()), "shape changed {o} to {s}");

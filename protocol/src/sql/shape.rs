@@ -4,14 +4,20 @@
 //!
 //! Only texts that cannot hide a number from a plain scan get a shape: no quotes (strings,
 //! quoted identifiers), no `$` (parameters, dollar quotes), no backslash, no comments. In
-//! such a text every run of ASCII digits that does not continue an identifier (ASCII letters,
-//! digits, `_`, or any non-ASCII byte, which PostgreSQL accepts in identifiers) is part of a
-//! numeric literal. A literal's value never changes what a statement is, which tables it
-//! names or which session setting it changes: class, kind, tables, WHERE and session changes
-//! come from keywords, identifiers and strings, all left as they were. Digits are replaced one
-//! for one, so every statement sits at the same byte offsets in the text and its shape.
+//! such a text a run of ASCII digits that neither continues an identifier (ASCII letters,
+//! digits, `_`, or any non-ASCII byte, which PostgreSQL accepts in identifiers) nor runs into
+//! one (`7x591` would become the hex literal `0x591`; `5e10` keeps its digits) is a numeric
+//! literal, and its value never changes what a statement is, which tables it names or whether
+//! it has a WHERE: those come from keywords, identifiers and strings, all left as they were.
+//! A number can be the *value* of a session change (`SET role = 5`, `SET search_path = 3`),
+//! so texts that mention `role`, `authorization`, `search_path` or `set_config` get no shape.
+//! Digits are replaced one for one, so every statement sits at the same byte offsets in the
+//! text and its shape.
 
 use std::borrow::Cow;
+
+/// Words of texts that may change a session setting to a number: never shaped.
+const SESSION_WORDS: &[&str] = &["role", "authorization", "search_path", "set_config"];
 
 /// The text's shape, or `None` when the text holds quotes, `$`, backslashes or comments.
 /// `Cow::Borrowed` when it has no numeric literal.
@@ -20,20 +26,26 @@ pub fn shape(sql: &str) -> Option<Cow<'_, str>> {
     if b.iter().any(|c| matches!(c, b'\'' | b'"' | b'$' | b'\\')) || sql.contains("--") || sql.contains("/*") {
         return None;
     }
+    if SESSION_WORDS.iter().any(|w| super::contains_ignore_ascii_case(sql, w)) {
+        return None;
+    }
+    let word = |c: u8| c.is_ascii_alphabetic() || c == b'_' || c >= 0x80;
     let mut out: Option<Vec<u8>> = None;
-    let mut in_word = false;
-    for (i, &c) in b.iter().enumerate() {
-        let digit = c.is_ascii_digit();
-        if digit && !in_word && c != b'0' {
-            out.get_or_insert_with(|| b.to_vec())[i] = b'0';
+    let mut i = 0;
+    while i < b.len() {
+        if !b[i].is_ascii_digit() {
+            i += 1;
+            continue;
         }
-        // A digit run that starts a literal stays a literal ("12e5", "3.14"): only an
-        // identifier character before the run makes it part of a word.
-        in_word = if digit {
-            in_word
-        } else {
-            c.is_ascii_alphabetic() || c == b'_' || c >= 0x80
-        };
+        let start = i;
+        while b.get(i).is_some_and(u8::is_ascii_digit) {
+            i += 1;
+        }
+        // Part of a word before it ("t1"), or running into one after it ("7x591", "5e10").
+        let inside_word = start > 0 && word(b[start - 1]) || b.get(i).copied().is_some_and(word);
+        if !inside_word && b[start..i].iter().any(|&d| d != b'0') {
+            out.get_or_insert_with(|| b.to_vec())[start..i].fill(b'0');
+        }
     }
     match out {
         // Only ASCII digits were replaced by an ASCII digit: still UTF-8.
@@ -53,8 +65,10 @@ mod tests {
             s,
             "UPDATE pgbench_accounts SET abalance = abalance + -0000 WHERE aid = 00000;"
         );
-        // An exponent's digits follow a letter: kept, which only makes another shape.
-        assert_eq!(shape("SELECT 1.5e10, 42").unwrap(), "SELECT 0.0e10, 00");
+        // Digits next to a letter (an exponent, a radix prefix) are kept, which only makes
+        // another shape.
+        assert_eq!(shape("SELECT 1.5e10, 42").unwrap(), "SELECT 0.5e10, 00");
+        assert_eq!(shape("SELECT 7x591").unwrap(), "SELECT 7x591");
         assert!(matches!(shape("SELECT now()").unwrap(), std::borrow::Cow::Borrowed(_)));
     }
 
@@ -81,9 +95,23 @@ mod tests {
             "SELECT E'\\x31'",
             "SELECT 1 -- 2",
             "SELECT 1 /* 2 */",
+            "SET role = 5",
+            "SET SESSION AUTHORIZATION 5",
+            "SET search_path = 3",
+            "SELECT set_config(a, 5, false)",
         ] {
             assert!(shape(text).is_none(), "{text}");
         }
+    }
+
+    #[test]
+    fn the_fuzzers_findings_get_no_shared_shape() {
+        // fuzz/findings: a numeric role or search_path is a value, not a literal to zero...
+        assert_eq!(shape("SET ROLE =5; SET search_p =; SET sear =0"), None);
+        assert_eq!(shape("SET search_path = 3"), None);
+        // ...and zeroing `7x591` would make the hex literal `0x591`.
+        let text = "SELECT a?al WHERE  iid ?7x591;";
+        assert_eq!(shape(text).as_deref(), Some(text));
     }
 
     #[test]
