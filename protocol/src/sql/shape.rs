@@ -3,7 +3,9 @@
 //! and `WHERE aid = 12011` with one classification.
 //!
 //! Only texts that cannot hide a number from a plain scan get a shape: no quotes (strings,
-//! quoted identifiers), no `$` (parameters, dollar quotes), no backslash, no comments. In
+//! quoted identifiers), no `$` (parameters, dollar quotes), no backslash, no comments, and
+//! none of `@ # ? : \``, which sqlparser may read as part of a variable, placeholder or
+//! name (`@a=1` becomes a table name). In
 //! such a text a run of ASCII digits that neither continues an identifier (ASCII letters,
 //! digits, `_`, or any non-ASCII byte, which PostgreSQL accepts in identifiers) nor runs into
 //! one (`7x591` would become the hex literal `0x591`; `5e10` keeps its digits) is a numeric
@@ -19,11 +21,15 @@ use std::borrow::Cow;
 /// Words of texts that may change a session setting to a number: never shaped.
 const SESSION_WORDS: &[&str] = &["role", "authorization", "search_path", "set_config"];
 
-/// The text's shape, or `None` when the text holds quotes, `$`, backslashes or comments.
+/// The text's shape, or `None` when the text holds quotes, `$`, backslashes, comments or any of
+/// `@ # ? : \``.
 /// `Cow::Borrowed` when it has no numeric literal.
 pub fn shape(sql: &str) -> Option<Cow<'_, str>> {
     let b = sql.as_bytes();
-    if b.iter().any(|c| matches!(c, b'\'' | b'"' | b'$' | b'\\')) || sql.contains("--") || sql.contains("/*") {
+    if b.iter().any(|c| matches!(c, b'\'' | b'"' | b'$' | b'\\' | b'@' | b'#' | b'?' | b':' | b'`'))
+        || sql.contains("--")
+        || sql.contains("/*")
+    {
         return None;
     }
     if SESSION_WORDS.iter().any(|w| super::contains_ignore_ascii_case(sql, w)) {
@@ -110,8 +116,11 @@ mod tests {
         assert_eq!(shape("SET ROLE =5; SET search_p =; SET sear =0"), None);
         assert_eq!(shape("SET search_path = 3"), None);
         // ...and zeroing `7x591` would make the hex literal `0x591`.
-        let text = "SELECT a?al WHERE  iid ?7x591;";
-        assert_eq!(shape(text).as_deref(), Some(text));
+        assert_eq!(shape("SELECT 7x591").as_deref(), Some("SELECT 7x591"));
+        // ...and sqlparser reads `@a=1` as a name, digits and all.
+        for text in ["SELECT a?al WHERE  iid ?7x591;", "UPDATE @a=1 SET x=1", "SELECT ?1", "SELECT :1"] {
+            assert_eq!(shape(text), None, "{text}");
+        }
     }
 
     #[test]
