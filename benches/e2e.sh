@@ -261,7 +261,6 @@ user = \"bench\"" "$BASELINE_JITGATE"
     "$BASELINE_JITGATE" grant create --data-dir "$JGB" --user bench --target bench-db --access write \
         --for 8h --reason "e2e benchmark" >/dev/null
     CONN_JGB="host=127.0.0.1 port=${JGB_PORTS[0]} dbname=bench-db user=bench sslmode=verify-full sslrootcert=$JGB/bench/ca.crt sslcert=$JGB/bench/bench.crt sslkey=$JGB/bench/bench.key"
-    TARGETS+=(jitgate-base)
 fi
 
 CONN_TCP="host=127.0.0.1 port=$PG_PORT dbname=bench user=bench sslmode=disable"
@@ -269,6 +268,7 @@ CONN_TLS="host=127.0.0.1 port=$PG_PORT dbname=bench user=bench sslmode=verify-fu
 CONN_BOUNCER="host=127.0.0.1 port=$BOUNCER_PORT dbname=bench user=bench sslmode=disable"
 CONN_JG="host=127.0.0.1 port=${JG_PORTS[0]} dbname=bench-db user=bench sslmode=verify-full sslrootcert=$JGD/bench/ca.crt sslcert=$JGD/bench/bench.crt sslkey=$JGD/bench/bench.key"
 TARGETS=(direct-tcp direct-tls pgbouncer jitgate)
+[[ -n ${BASELINE_JITGATE:-} ]] && TARGETS+=(jitgate-base)
 conn_of() {
     case $1 in
     direct-tcp) echo "$CONN_TCP" ;; direct-tls) echo "$CONN_TLS" ;;
