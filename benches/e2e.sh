@@ -326,8 +326,11 @@ run_pgbench() { # workload target round
 
 say "pgbench: ${#WORKLOADS[@]} workloads x ${#TARGETS[@]} targets x $ROUNDS rounds x ${DURATION}s (-c $CLIENTS -j $THREADS)"
 for r in $(seq 1 "$ROUNDS"); do
+    # Each round starts one target later, so no target always follows the same one.
+    n=${#TARGETS[@]} order=()
+    for i in $(seq 0 $((n - 1))); do order+=("${TARGETS[$(((i + r - 1) % n))]}"); done
     for w in "${WORKLOADS[@]}"; do
-        for t in "${TARGETS[@]}"; do
+        for t in "${order[@]}"; do
             run_pgbench "$w" "$t" "$r"
         done
     done
