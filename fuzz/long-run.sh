@@ -12,7 +12,7 @@
 # last cov/ft/corpus line. Exits non-zero when the fuzzer finds a crash (the reproducer is
 # in fuzz/artifacts/TARGET/).
 #
-# Environment: LOG_DIR (default ~/.cache/jitgate-fuzz/logs), CORPUS_DIR (working corpora,
+# Environment: NICE (priority of the fuzzer, default 19), LOG_DIR (default ~/.cache/jitgate-fuzz/logs), CORPUS_DIR (working corpora,
 # default ~/.cache/jitgate-fuzz/corpus), FUZZ_TARGET_DIR (default ~/.cache/jitgate-fuzz/target).
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -54,7 +54,7 @@ while ((cpu < budget)); do
     echo "== segment $segment: -max_total_time=$wall (CPU so far ${cpu}s of ${budget}s)" >>"$log"
     seg_log=$(mktemp)
     status=0
-    nice -n 19 "$bin" -max_total_time="$wall" -print_final_stats=1 -artifact_prefix="artifacts/$target/" \
+    nice -n "${NICE:-19}" "$bin" -max_total_time="$wall" -print_final_stats=1 -artifact_prefix="artifacts/$target/" \
         "$corpus" "seeds/$target" >"$seg_log" 2>&1 || status=$?
     cat "$seg_log" >>"$log"
     n=$(sed -n 's/^stat::number_of_executed_units: *//p' "$seg_log" | tail -1)

@@ -12,7 +12,7 @@
 //! literal, and its value never changes what a statement is, which tables it names or whether
 //! it has a WHERE: those come from keywords, identifiers and strings, all left as they were.
 //! A number can be the *value* of a session change (`SET role = 5`, `SET search_path = 3`),
-//! so texts that mention `role`, `authorization`, `search_path` or `set_config` get no shape.
+//! so texts with the word `role`, `authorization`, `search_path` or `set_config` get no shape.
 //! Digits are replaced one for one, so every statement sits at the same byte offsets in the
 //! text and its shape.
 
@@ -20,6 +20,12 @@ use std::borrow::Cow;
 
 /// Words of texts that may change a session setting to a number: never shaped.
 const SESSION_WORDS: &[&str] = &["role", "authorization", "search_path", "set_config"];
+
+/// Whether one of [`SESSION_WORDS`] is a word of `b` (ASCII case ignored), in one pass.
+fn mentions_session_word(b: &[u8]) -> bool {
+    b.split(|&c| !(c.is_ascii_alphanumeric() || c == b'_'))
+        .any(|w| SESSION_WORDS.iter().any(|s| w.eq_ignore_ascii_case(s.as_bytes())))
+}
 
 /// The text's shape, or `None` when the text holds quotes, `$`, backslashes, comments or any of
 /// `@ # ? : \``.
@@ -32,7 +38,7 @@ pub fn shape(sql: &str) -> Option<Cow<'_, str>> {
     {
         return None;
     }
-    if SESSION_WORDS.iter().any(|w| super::contains_ignore_ascii_case(sql, w)) {
+    if mentions_session_word(b) {
         return None;
     }
     let word = |c: u8| c.is_ascii_alphabetic() || c == b'_' || c >= 0x80;
