@@ -32,7 +32,8 @@ fn mentions_session_word(b: &[u8]) -> bool {
 /// `Cow::Borrowed` when it has no numeric literal.
 pub fn shape(sql: &str) -> Option<Cow<'_, str>> {
     let b = sql.as_bytes();
-    if b.iter().any(|c| matches!(c, b'\'' | b'"' | b'$' | b'\\' | b'@' | b'#' | b'?' | b':' | b'`'))
+    if b.iter()
+        .any(|c| matches!(c, b'\'' | b'"' | b'$' | b'\\' | b'@' | b'#' | b'?' | b':' | b'`'))
         || sql.contains("--")
         || sql.contains("/*")
     {
@@ -124,7 +125,12 @@ mod tests {
         // ...and zeroing `7x591` would make the hex literal `0x591`.
         assert_eq!(shape("SELECT 7x591").as_deref(), Some("SELECT 7x591"));
         // ...and sqlparser reads `@a=1` as a name, digits and all.
-        for text in ["SELECT a?al WHERE  iid ?7x591;", "UPDATE @a=1 SET x=1", "SELECT ?1", "SELECT :1"] {
+        for text in [
+            "SELECT a?al WHERE  iid ?7x591;",
+            "UPDATE @a=1 SET x=1",
+            "SELECT ?1",
+            "SELECT :1",
+        ] {
             assert_eq!(shape(text), None, "{text}");
         }
     }
