@@ -14,7 +14,7 @@ use jitgate::audit::chain;
 use jitgate::audit::{AuditEvent, AuditLog, AuditRecord, Decision, Outcome, StatementPath, Written, SCHEMA_VERSION};
 use jitgate::config::AuditConfig;
 use jitgate::metrics::Metrics;
-use jitgate::types::{AccessLevel, GrantId, SessionId, TargetName, UserName};
+use jitgate::model::{AccessLevel, GrantId, SessionId, TargetName, UserName};
 use std::hint::black_box;
 
 fn statement(n: u64) -> AuditEvent {

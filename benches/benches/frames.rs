@@ -11,8 +11,8 @@ use std::time::SystemTime;
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use jitgate::audit::{AuditEvent, AuditRecord, SCHEMA_VERSION};
+use jitgate::model::{AccessLevel, GrantId, SessionId, TargetName, UserName};
 use jitgate::pg::bench_support::{Disposition, Guard, SessionFacts, TextLimits, Tracker};
-use jitgate::types::{AccessLevel, GrantId, SessionId, TargetName, UserName};
 use jitgate_benches::traffic::{self, Exchange, Mode, Read};
 use jitgate_protocol::postgres::backend::peek_tagged;
 use jitgate_protocol::postgres::messages::decode_frontend;

@@ -12,11 +12,11 @@ use std::time::{Duration, Instant, SystemTime};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use jitgate::audit::AuditLog;
 use jitgate::config::AuditConfig;
-use jitgate::grants::{Grant, GrantEnd, Grants};
+use jitgate::grants::Grants;
 use jitgate::metrics::Metrics;
+use jitgate::model::{AccessLevel, Grant, GrantEnd, GrantId, TargetName, UserName};
 use jitgate::notify::Notifier;
 use jitgate::store::{GrantStore, StoreError};
-use jitgate::types::{AccessLevel, GrantId, TargetName, UserName};
 use std::hint::black_box;
 use tokio_util::sync::CancellationToken;
 

@@ -71,7 +71,7 @@ fn main() -> Result<()> {
             timeout,
         } => {
             let text = std::fs::read_to_string(&grant_json)?;
-            let grant: jitgate::grants::Grant =
+            let grant: jitgate::model::Grant =
                 serde_json::from_str(&text).with_context(|| format!("reading {}", grant_json.display()))?;
             rt.block_on(sessions::sever(&target, grant.expires_at, timeout))
         }

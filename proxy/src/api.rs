@@ -31,12 +31,12 @@ use tower::ServiceExt as _;
 use crate::audit::{AuditLog, ReopenReason};
 use crate::budget::{Authenticated, Ticket};
 use crate::config::Config;
-use crate::grants::{Grant, GrantError, Grants, NewGrant};
+use crate::grants::{GrantError, Grants};
 use crate::metrics::Metrics;
+use crate::model::{Grant, GrantId, ListFilter, NewExtension, NewGrant, NewRequest, Request, RequestId, SessionId};
 use crate::pki::{identity_from_der, Identity};
-use crate::requests::{ListFilter, NewExtension, NewRequest, Request, RequestError, Requests};
+use crate::requests::{RequestError, Requests};
 use crate::sessions::{SessionInfo, Sessions};
-use crate::types::{GrantId, RequestId, SessionId};
 
 /// The OpenAPI document of this API, as kept in docs/.
 pub const OPENAPI: &str = include_str!("../../docs/openapi.json");

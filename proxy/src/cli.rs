@@ -12,9 +12,8 @@ use serde::Serialize;
 
 use crate::client::ApiClient;
 use crate::config::Config;
-use crate::grants::NewGrant;
+use crate::model::{AccessLevel, NewGrant, Role, TargetName, UserName};
 use crate::pki::{self, files, Authority};
-use crate::types::{AccessLevel, Role, TargetName, UserName};
 
 /// jitgate: just-in-time access to PostgreSQL. Nobody keeps standing access: engineers
 /// request access to one target for a reason and a bounded time, policies or approvers

@@ -14,8 +14,7 @@ use serde::Serialize;
 use tokio::net::TcpStream;
 
 use crate::api::Problem;
-use crate::grants::{Grant, NewGrant};
-use crate::requests::{ListFilter, NewExtension, NewRequest, Request};
+use crate::model::{Grant, ListFilter, NewExtension, NewGrant, NewRequest, Request};
 use crate::sessions::SessionInfo;
 
 /// API call failures.

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::types::{AccessLevel, TargetName};
+use crate::model::{AccessLevel, TargetName};
 
 /// A configuration problem, naming the offending key.
 #[derive(Debug, thiserror::Error)]

@@ -8,11 +8,10 @@ use anyhow::{Context as _, Result};
 
 use crate::client::ApiClient;
 use crate::config::Config;
+use crate::model::{AccessLevel, NewRequest, Role, UserName};
 use crate::pki::{self, files, Authority};
-use crate::requests::NewRequest;
 use crate::sandbox::{LocalPostgres, PgOptions};
 use crate::server::Listeners;
-use crate::types::{AccessLevel, Role, UserName};
 
 const TARGET: &str = "demo-db";
 const READER_PASSWORD: &str = "demo-reader-password";

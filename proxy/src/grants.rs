@@ -9,7 +9,6 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime};
 
 use dashmap::DashMap;
-use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -17,42 +16,9 @@ use tokio_util::task::TaskTracker;
 
 use crate::audit::{AuditError, AuditEvent, AuditLog};
 use crate::metrics::Metrics;
+use crate::model::{AccessLevel, Deadline, Grant, GrantEnd, GrantId, NewGrant, TargetName, UserName};
 use crate::notify::{Notification, Notifier};
 use crate::store::{GrantStore, StoreError};
-use crate::types::{AccessLevel, GrantId, TargetName, UserName};
-
-/// A grant as stored and shown.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Grant {
-    pub id: GrantId,
-    pub user: UserName,
-    pub target: TargetName,
-    pub access: AccessLevel,
-    pub reason: String,
-    pub created_by: UserName,
-    #[serde(with = "crate::timefmt::serde_rfc3339")]
-    pub created_at: SystemTime,
-    #[serde(with = "crate::timefmt::serde_rfc3339")]
-    pub expires_at: SystemTime,
-}
-
-/// How a grant ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum GrantEnd {
-    Expired,
-    Revoked,
-}
-
-impl GrantEnd {
-    /// Stored and displayed form.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            GrantEnd::Expired => "expired",
-            GrantEnd::Revoked => "revoked",
-        }
-    }
-}
 
 /// Errors from grant operations.
 #[derive(Debug, thiserror::Error)]
@@ -69,24 +35,6 @@ pub enum GrantError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Audit(#[from] AuditError),
-}
-
-/// When a grant ends, as a monotonic instant (for timers) and as wall-clock time (for people
-/// and the store). An extension replaces it; sessions and the reaper watch it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Deadline {
-    pub instant: Instant,
-    pub at: SystemTime,
-}
-
-impl Deadline {
-    fn at(at: SystemTime) -> Self {
-        let left = at.duration_since(SystemTime::now()).unwrap_or_default();
-        Deadline {
-            instant: Instant::now() + left,
-            at,
-        }
-    }
 }
 
 /// A grant in the table with its cut signal and its (movable) deadline.
@@ -173,17 +121,6 @@ fn key_str<'a>(buf: &'a mut [u8; KEY_BYTES], user: &str, target: &str) -> Option
     buf[user.len()] = 0;
     buf[user.len() + 1..n].copy_from_slice(target.as_bytes());
     std::str::from_utf8(&buf[..n]).ok()
-}
-
-/// What an admin asks for when creating a grant directly.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct NewGrant {
-    pub user: UserName,
-    pub target: TargetName,
-    pub access: AccessLevel,
-    /// Lifetime in seconds.
-    pub duration_secs: u64,
-    pub reason: String,
 }
 
 /// The grant service.

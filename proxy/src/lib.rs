@@ -15,6 +15,7 @@ pub mod config;
 pub mod demo;
 pub mod grants;
 pub mod metrics;
+pub mod model;
 pub mod notify;
 pub mod pg;
 pub mod pki;
@@ -26,6 +27,5 @@ pub mod sessions;
 pub mod store;
 pub mod timefmt;
 pub mod tls;
-pub mod types;
 
 pub use server::{run, BoundAddrs, Listeners};

@@ -15,7 +15,7 @@ use rcgen::{
 };
 use x509_parser::prelude::{FromDer, GeneralName, ParsedExtension, X509Certificate};
 
-use crate::types::{Role, UserName};
+use crate::model::{Role, UserName};
 
 const USER_URI: &str = "jitgate:user:";
 const ROLE_URI: &str = "jitgate:role:";

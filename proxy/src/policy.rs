@@ -12,7 +12,7 @@ use std::fmt::Write as _;
 use std::time::Duration;
 
 use crate::config::Target;
-use crate::types::{AccessLevel, Role, UserName};
+use crate::model::{AccessLevel, Role, UserName};
 
 pub mod command;
 mod raw;

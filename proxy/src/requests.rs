@@ -13,171 +13,21 @@
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
-use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
 use crate::audit::{AuditError, AuditEvent, AuditLog};
 use crate::config::Config;
-use crate::grants::{GrantError, Grants, NewGrant};
+use crate::grants::{GrantError, Grants};
+use crate::model::{
+    AccessLevel, GrantId, ListFilter, NewExtension, NewGrant, NewRequest, Request, RequestId, RequestState, TargetName,
+    UserName, Vote,
+};
 use crate::notify::{Notification, Notifier, RequestInfo};
 use crate::pki::Identity;
 use crate::policy::{Approval, Ask, Decision};
 use crate::store::{RequestQuery, RequestStore, StoreError};
-use crate::types::{AccessLevel, GrantId, RequestId, Role, TargetName, UserName};
 
 pub mod command;
-
-/// Where a request is in its life.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum RequestState {
-    /// Waiting for approvals.
-    Pending,
-    /// Granted: the grant in `grant_id` was created (or, for an extension, extended).
-    Approved,
-    /// An approver said no.
-    Denied,
-    /// The requester took it back.
-    Withdrawn,
-    /// Nobody decided it within `[requests] lapse_after`, or the grant to extend ended first.
-    Lapsed,
-}
-
-impl RequestState {
-    /// Stored and displayed form.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Pending => "pending",
-            Self::Approved => "approved",
-            Self::Denied => "denied",
-            Self::Withdrawn => "withdrawn",
-            Self::Lapsed => "lapsed",
-        }
-    }
-}
-
-impl std::fmt::Display for RequestState {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.pad(self.as_str())
-    }
-}
-
-/// One approval given to a pending request.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Vote {
-    pub by: UserName,
-    #[serde(skip_serializing_if = "Option::is_none", default)]
-    pub comment: Option<String>,
-    #[serde(with = "crate::timefmt::serde_rfc3339")]
-    pub at: SystemTime,
-}
-
-/// A request as stored, audited and shown.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Request {
-    pub id: RequestId,
-    pub state: RequestState,
-    /// The requester, from their certificate.
-    pub user: UserName,
-    /// The requester's roles when they asked.
-    pub roles: Vec<Role>,
-    pub target: TargetName,
-    pub access: AccessLevel,
-    /// Lifetime of the grant asked for, or (extensions) how much later the grant should end.
-    pub duration_secs: u64,
-    /// The requester's justification.
-    pub reason: String,
-    /// Extension requests: the live grant whose end moves `duration_secs` later.
-    #[serde(skip_serializing_if = "Option::is_none", default)]
-    pub extends: Option<GrantId>,
-    /// Break-glass access: granted at once, flagged for review.
-    #[serde(default)]
-    pub break_glass: bool,
-    /// The policy that decided it.
-    pub policy: String,
-    /// Distinct approvals needed (0 when granted at once).
-    pub approvals_needed: u32,
-    /// Roles whose holders may approve or deny it.
-    #[serde(skip_serializing_if = "Vec::is_empty", default)]
-    pub approver_roles: Vec<Role>,
-    /// Approvals given so far.
-    #[serde(skip_serializing_if = "Vec::is_empty", default)]
-    pub approvals: Vec<Vote>,
-    #[serde(with = "crate::timefmt::serde_rfc3339")]
-    pub created_at: SystemTime,
-    /// When it lapses if still pending.
-    #[serde(with = "crate::timefmt::serde_rfc3339")]
-    pub lapses_at: SystemTime,
-    #[serde(with = "crate::timefmt::serde_rfc3339_opt", default)]
-    pub decided_at: Option<SystemTime>,
-    /// Who decided: the last approver, the denier, or the requester for a withdrawal. `None`
-    /// for decisions made by policy (auto, break-glass) and for lapses.
-    #[serde(skip_serializing_if = "Option::is_none", default)]
-    pub decided_by: Option<UserName>,
-    /// Why it ended as it did, in words (the denial reason, "approved automatically by
-    /// policy X", ...).
-    #[serde(skip_serializing_if = "Option::is_none", default)]
-    pub note: Option<String>,
-    /// The grant created (or extended) on approval.
-    #[serde(skip_serializing_if = "Option::is_none", default)]
-    pub grant_id: Option<GrantId>,
-}
-
-impl Request {
-    /// How the request appears in notifications.
-    pub fn info(&self) -> RequestInfo {
-        RequestInfo {
-            id: self.id.to_string(),
-            user: self.user.clone(),
-            target: self.target.clone(),
-            access: self.access,
-            duration_secs: self.duration_secs,
-            reason: self.reason.clone(),
-            state: self.state.as_str().to_owned(),
-            decided_by: self.decided_by.clone(),
-            grant_id: self.grant_id.clone(),
-        }
-    }
-
-    fn close(&mut self, state: RequestState, by: Option<&UserName>, note: String) {
-        self.state = state;
-        self.decided_at = Some(SystemTime::now());
-        self.decided_by = by.cloned();
-        self.note = Some(note);
-    }
-}
-
-/// Body of `POST /v1/requests`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct NewRequest {
-    pub target: String,
-    pub access: AccessLevel,
-    pub duration_secs: u64,
-    pub reason: String,
-    #[serde(default)]
-    pub break_glass: bool,
-}
-
-/// Body of `POST /v1/grants/{id}/extensions`: ask for the grant to end `duration_secs` later.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct NewExtension {
-    pub duration_secs: u64,
-    pub reason: String,
-}
-
-/// Which requests to list. Without flags: every request the caller may see.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct ListFilter {
-    /// Only the caller's own requests.
-    pub mine: bool,
-    /// Only pending requests.
-    pub pending: bool,
-    /// Only break-glass requests.
-    pub break_glass: bool,
-}
 
 /// Why a request operation failed; each maps to one HTTP status.
 #[derive(Debug, thiserror::Error)]
@@ -308,7 +158,8 @@ impl Requests {
             Decision::BreakGlass { policy } => {
                 self.file_quietly(&request)?;
                 let request = self.grant_now(request, format!("break-glass under policy {policy}"))?;
-                self.notifier.notify(Notification::break_glass(request.info()));
+                self.notifier
+                    .notify(Notification::break_glass(RequestInfo::of(&request)));
                 tracing::warn!(request.id = %request.id, user = %request.user, target = %request.target, "break-glass access granted");
                 Ok(request)
             }
@@ -456,7 +307,8 @@ impl Requests {
     /// Stores and audits a new request, then tells the webhooks.
     fn file(&self, request: Request) -> Result<Request, RequestError> {
         self.file_quietly(&request)?;
-        self.notifier.notify(Notification::request_created(request.info()));
+        self.notifier
+            .notify(Notification::request_created(RequestInfo::of(&request)));
         Ok(request)
     }
 
@@ -532,7 +384,7 @@ impl Requests {
     fn record_close(&self, request: &Request) -> Result<(), RequestError> {
         self.store.update_request(request)?;
         let request = request.clone();
-        let info = request.info();
+        let info = RequestInfo::of(&request);
         let event = match request.state {
             RequestState::Approved => AuditEvent::RequestApproved { request },
             RequestState::Denied => AuditEvent::RequestDenied { request },

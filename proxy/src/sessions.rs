@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::audit::SessionEndReason;
 use crate::config::Target;
-use crate::types::{AccessLevel, GrantId, Role, SessionId, TargetName, UserName};
+use crate::model::{AccessLevel, GrantId, Role, SessionId, TargetName, UserName};
 
 /// A live session's shared state.
 #[derive(Debug)]

@@ -8,9 +8,7 @@ use std::time::SystemTime;
 
 pub use sqlite::SqliteStore;
 
-use crate::grants::{Grant, GrantEnd};
-use crate::requests::{Request, RequestState};
-use crate::types::{GrantId, RequestId, UserName};
+use crate::model::{Grant, GrantEnd, GrantId, Request, RequestId, RequestState, UserName};
 
 /// A store operation failed.
 #[derive(Debug, thiserror::Error)]

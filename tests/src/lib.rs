@@ -12,11 +12,10 @@ use std::time::{Duration, Instant};
 
 use jitgate::client::ApiClient;
 use jitgate::config::Config;
-use jitgate::grants::{Grant, NewGrant};
+use jitgate::model::{AccessLevel, Grant, NewGrant, Role, TargetName, UserName};
 use jitgate::pki::{self, files, Authority};
 use jitgate::sandbox::{self, LocalPostgres, PgOptions};
 use jitgate::server::{BoundAddrs, Listeners, ServerError};
-use jitgate::types::{AccessLevel, Role, TargetName, UserName};
 use tokio::process::{Child, Command};
 use tokio_util::sync::CancellationToken;
 

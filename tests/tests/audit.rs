@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use jitgate_tests::jitgate::types::AccessLevel;
+use jitgate_tests::jitgate::model::AccessLevel;
 use jitgate_tests::raw::{self, error_of, read_until_ready, send_startup};
 use jitgate_tests::{eventually, metric, Harness};
 
@@ -33,7 +33,7 @@ async fn audit_failure_refuses_sessions() {
         "{body}"
     );
     // Grant changes are refused too rather than going unrecorded.
-    let req = jitgate_tests::jitgate::grants::NewGrant {
+    let req = jitgate_tests::jitgate::model::NewGrant {
         user: "bob".parse().unwrap(),
         target: "prod-db".parse().unwrap(),
         access: AccessLevel::Read,

@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use jitgate_tests::jitgate::types::AccessLevel;
+use jitgate_tests::jitgate::model::AccessLevel;
 use jitgate_tests::{eventually, run_jitgate, CliRun, Harness};
 use serde_json::Value;
 

@@ -7,8 +7,8 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use jitgate_tests::jitgate::client::{ApiClient, ClientError};
+use jitgate_tests::jitgate::model::AccessLevel;
 use jitgate_tests::jitgate::pki::identity_from_der;
-use jitgate_tests::jitgate::types::AccessLevel;
 use jitgate_tests::{client_command, eventually, jitgate_bin, run_jitgate, CliRun, Harness};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::Command;
@@ -261,7 +261,7 @@ async fn api_requires_admin_role() {
     let listed = client.list_grants().await.unwrap();
     assert_eq!(listed.iter().map(|g| &g.id).collect::<Vec<_>>(), vec![&mine.id]);
     assert_eq!(h.admin().list_grants().await.unwrap().len(), 2);
-    let req = jitgate_tests::jitgate::grants::NewGrant {
+    let req = jitgate_tests::jitgate::model::NewGrant {
         user: "alice".parse().unwrap(),
         target: "prod-db".parse().unwrap(),
         access: AccessLevel::Admin,

@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use jitgate_tests::jitgate::types::AccessLevel;
+use jitgate_tests::jitgate::model::AccessLevel;
 use jitgate_tests::{eventually, raw, statements, Harness};
 use serde_json::json;
 

@@ -5,8 +5,8 @@
 use std::process::Stdio;
 use std::time::Duration;
 
+use jitgate_tests::jitgate::model::AccessLevel;
 use jitgate_tests::jitgate::sandbox::free_port;
-use jitgate_tests::jitgate::types::AccessLevel;
 use jitgate_tests::raw::{self, error_of, read_until_ready, send_query};
 use jitgate_tests::{client_command, eventually, jitgate_bin, Harness};
 use tokio::io::AsyncWriteExt;

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use jitgate_tests::jitgate::types::AccessLevel;
+use jitgate_tests::jitgate::model::AccessLevel;
 use jitgate_tests::raw::{self, error_of, read_until_ready, send_query, send_startup};
 use jitgate_tests::{eventually, Harness};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};

@@ -5,7 +5,7 @@
 use std::time::{Duration, SystemTime};
 
 use jitgate_protocol::postgres::backend::BackendMessage;
-use jitgate_tests::jitgate::types::AccessLevel;
+use jitgate_tests::jitgate::model::AccessLevel;
 use jitgate_tests::raw::{self, read_until_ready};
 use jitgate_tests::{eventually, run_jitgate, Harness};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};

@@ -5,7 +5,7 @@
 use std::process::Stdio;
 use std::time::Duration;
 
-use jitgate_tests::jitgate::types::AccessLevel;
+use jitgate_tests::jitgate::model::AccessLevel;
 use jitgate_tests::raw::{self, bind, error_of, execute, first_column, parse, read_until_ready, send, sync};
 use jitgate_tests::{client_command, eventually, metric, statements, Harness};
 use tokio::io::AsyncWriteExt;

@@ -5,8 +5,8 @@ use std::time::Duration;
 
 use jitgate_protocol::postgres::backend::BackendMessage;
 use jitgate_protocol::postgres::frontend::{encode_ssl_request, encode_startup};
+use jitgate_tests::jitgate::model::{AccessLevel, Role, UserName};
 use jitgate_tests::jitgate::pki::Authority;
-use jitgate_tests::jitgate::types::{AccessLevel, Role, UserName};
 use jitgate_tests::raw::{self, error_of, read_until_ready, send_query, send_startup};
 use jitgate_tests::{metric, Harness, READER_PASSWORD};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};

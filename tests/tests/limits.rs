@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use jitgate_tests::jitgate::types::AccessLevel;
+use jitgate_tests::jitgate::model::AccessLevel;
 use jitgate_tests::raw::{self, error_of, read_to_end, send_startup};
 use jitgate_tests::{eventually, metric, Harness, Options};
 use tokio::io::AsyncReadExt;

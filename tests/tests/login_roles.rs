@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use jitgate_tests::jitgate::types::AccessLevel;
+use jitgate_tests::jitgate::model::AccessLevel;
 use jitgate_tests::raw::{self, bind, error_of, execute, parse, read_until_ready, send, sync};
 use jitgate_tests::{Harness, WRITER_PASSWORD};
 

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use jitgate_tests::jitgate::types::AccessLevel;
+use jitgate_tests::jitgate::model::AccessLevel;
 use jitgate_tests::{eventually, metric, Harness};
 use tokio::io::AsyncWriteExt;
 

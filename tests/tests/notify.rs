@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use hmac::{Hmac, Mac};
-use jitgate_tests::jitgate::types::AccessLevel;
+use jitgate_tests::jitgate::model::AccessLevel;
 use jitgate_tests::{eventually, metric, Harness};
 use sha2::Sha256;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -281,7 +281,7 @@ secret_file = "{s}"
     let carol = h.user("carol", &["dba"]);
     let within = |what: &'static str| move |_| panic!("{what} took longer than 10 s");
 
-    let ask = |break_glass: bool| jitgate_tests::jitgate::requests::NewRequest {
+    let ask = |break_glass: bool| jitgate_tests::jitgate::model::NewRequest {
         target: "prod-db".into(),
         access: AccessLevel::Read,
         duration_secs: 600,

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use jitgate_tests::jitgate::types::AccessLevel;
+use jitgate_tests::jitgate::model::AccessLevel;
 use jitgate_tests::{client_command, Harness};
 
 async fn pgbench(args: &[&str], conninfo: &str) -> (bool, String) {

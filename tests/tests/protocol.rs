@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use jitgate_protocol::postgres::frontend::{encode_ssl_request, encode_startup, encode_tagged};
-use jitgate_tests::jitgate::types::AccessLevel;
+use jitgate_tests::jitgate::model::AccessLevel;
 use jitgate_tests::raw::{self, error_of, first_column, read_to_end, read_until_ready, send, P};
 use jitgate_tests::{Harness, Options};
 use rustls::pki_types::ServerName;

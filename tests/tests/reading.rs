@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use jitgate_protocol::postgres::backend::BackendMessage;
 use jitgate_protocol::postgres::messages::encode_query;
-use jitgate_tests::jitgate::types::AccessLevel;
+use jitgate_tests::jitgate::model::AccessLevel;
 use jitgate_tests::raw::{self, bind, error_of, execute, first_column, parse, read_until_ready, send, sync, Msg};
 use jitgate_tests::{eventually, statements, Harness, READER_PASSWORD, WRITER_PASSWORD};
 

@@ -6,8 +6,7 @@ use std::process::Stdio;
 use std::time::{Duration, SystemTime};
 
 use jitgate_tests::jitgate::client::ClientError;
-use jitgate_tests::jitgate::requests::{ListFilter, NewRequest, RequestState};
-use jitgate_tests::jitgate::types::AccessLevel;
+use jitgate_tests::jitgate::model::{AccessLevel, ListFilter, NewRequest, RequestState};
 use jitgate_tests::{eventually, jitgate_bin, CliRun, Harness, UserCert, EXAMPLE_POLICIES};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use jitgate_tests::jitgate::types::AccessLevel;
+use jitgate_tests::jitgate::model::AccessLevel;
 use jitgate_tests::raw::{self, bind, close_statement, execute, first_column, parse, read_until_ready, send, sync, P};
 use jitgate_tests::{client_command, eventually, statements, Harness};
 use serde_json::{json, Value};

@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use jitgate_protocol::postgres::backend::BackendMessage;
-use jitgate_tests::jitgate::types::AccessLevel;
+use jitgate_tests::jitgate::model::AccessLevel;
 use jitgate_tests::raw::{self, error_of, read_until_ready, send_query, send_startup};
 use jitgate_tests::{Harness, Options, MD5_PASSWORD, READER_PASSWORD};
 

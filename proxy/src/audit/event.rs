@@ -7,9 +7,7 @@ use std::time::SystemTime;
 
 use serde::{Deserialize, Serialize};
 
-use crate::grants::Grant;
-use crate::requests::Request;
-use crate::types::{AccessLevel, GrantId, Role, SessionId, TargetName, UserName};
+use crate::model::{AccessLevel, Grant, GrantId, Request, Role, SessionId, TargetName, UserName};
 
 /// Version of the record schema; bumped on incompatible changes.
 pub const SCHEMA_VERSION: u32 = 1;
@@ -180,7 +178,7 @@ pub enum AuditEvent {
     /// One approver approved a pending request (`approvals` of `approvals_needed` so far).
     #[serde(rename = "request.approval")]
     RequestApproval {
-        request_id: crate::types::RequestId,
+        request_id: crate::model::RequestId,
         /// The requester.
         user: UserName,
         by: UserName,

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use super::AuditEvent;
 use crate::config::AuditConfig;
-use crate::types::{AccessLevel, GrantId, TargetName, UserName};
+use crate::model::{AccessLevel, GrantId, TargetName, UserName};
 
 /// A small event whose grant id tells records apart.
 fn event(id: &str) -> AuditEvent {

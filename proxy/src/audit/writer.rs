@@ -40,7 +40,7 @@ use super::tip::{Tip, TipFile};
 use super::{siblings, AuditError};
 use crate::config::AuditConfig;
 use crate::metrics::Metrics;
-use crate::types::UserName;
+use crate::model::UserName;
 
 /// Most records the writer puts in one batch.
 const MAX_BATCH_RECORDS: usize = 4096;

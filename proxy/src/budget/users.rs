@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
 
-use crate::types::UserName;
+use crate::model::UserName;
 
 /// Session counts per user.
 pub struct UserSessions {

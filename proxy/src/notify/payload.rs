@@ -5,8 +5,7 @@ use std::time::{Duration, SystemTime};
 
 use serde::Serialize;
 
-use crate::grants::{Grant, GrantEnd};
-use crate::types::{AccessLevel, GrantId, TargetName, UserName};
+use crate::model::{AccessLevel, Grant, GrantEnd, GrantId, Request, TargetName, UserName};
 
 /// The kinds of events a webhook can subscribe to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
@@ -74,6 +73,23 @@ pub struct RequestInfo {
     /// The grant that resulted, once approved (or at once for break-glass).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub grant_id: Option<GrantId>,
+}
+
+impl RequestInfo {
+    /// How `request` appears in notifications.
+    pub fn of(request: &Request) -> Self {
+        RequestInfo {
+            id: request.id.to_string(),
+            user: request.user.clone(),
+            target: request.target.clone(),
+            access: request.access,
+            duration_secs: request.duration_secs,
+            reason: request.reason.clone(),
+            state: request.state.as_str().to_owned(),
+            decided_by: request.decided_by.clone(),
+            grant_id: request.grant_id.clone(),
+        }
+    }
 }
 
 /// The `data` of a grant notification: the grant, and how it ended for `grant.ended`.

@@ -8,8 +8,7 @@ use tokio_util::task::TaskTracker;
 
 use super::*;
 use crate::config::Config;
-use crate::grants::{Grant, GrantEnd};
-use crate::types::{AccessLevel, GrantId, TargetName, UserName};
+use crate::model::{AccessLevel, Grant, GrantEnd, GrantId, TargetName, UserName};
 
 /// HMAC-SHA256 from its definition (RFC 2104), independent of the `hmac` crate.
 fn reference_hmac(key: &[u8], msg: &[u8]) -> String {

@@ -22,7 +22,8 @@ use super::upstream;
 use super::PgContext;
 use super::Refusal;
 use crate::audit::{AuditEvent, SessionEndReason};
-use crate::grants::{Deadline, GrantEnd, GrantPermit};
+use crate::grants::GrantPermit;
+use crate::model::{Deadline, GrantEnd};
 use crate::pki::Identity;
 use crate::sessions::{CancelKey, NewSession};
 

@@ -8,7 +8,7 @@ use jitgate_protocol::sql::{self, roles, Classified, StatementClass};
 
 use super::Refusal;
 use crate::config::DenyRule;
-use crate::types::AccessLevel;
+use crate::model::AccessLevel;
 
 /// The rules for one session: its access level, the target's deny rules for that level, and
 /// the roles the proxy logs in with.

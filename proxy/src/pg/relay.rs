@@ -26,8 +26,8 @@ use tokio::time::{Instant, Sleep};
 use super::close::CLOSE_BOUND;
 use super::statements::{Batch, Disposition, Tracker};
 use crate::audit::{AuditLog, AuditTicket, SessionEndReason, Written};
-use crate::grants::Deadline;
 use crate::metrics::Metrics;
+use crate::model::Deadline;
 use crate::sessions::SessionHandle;
 
 /// Read size per direction.

@@ -3,8 +3,8 @@
 //! upstream. Everything else is refused with a PostgreSQL error the client can act on.
 
 use super::Refusal;
+use crate::model::TargetName;
 use crate::pki::Identity;
-use crate::types::TargetName;
 
 /// Startup parameters passed to the target, compared case-insensitively as PostgreSQL does
 /// for GUC names. They change presentation and timeouts, never identity or privileges.
@@ -165,7 +165,7 @@ pub fn check(identity: &Identity, params: &[(String, String)]) -> Result<Checked
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::types::UserName;
+    use crate::model::UserName;
 
     fn alice() -> Identity {
         Identity {

@@ -29,7 +29,7 @@ use jitgate_protocol::sql::{self, Classified, SessionChange, StatementClass};
 use super::guard::{audit_unavailable, setting_dependent, Guard};
 use super::Refusal;
 use crate::audit::{AuditEvent, Decision, StatementPath};
-use crate::types::{AccessLevel, GrantId, SessionId, TargetName, UserName};
+use crate::model::{AccessLevel, GrantId, SessionId, TargetName, UserName};
 
 /// Text the server cannot parse: it answers with a syntax error in the refused statement's
 /// place, which the proxy replaces with its own error.

@@ -28,7 +28,7 @@ pub enum UpstreamError {
     #[error("target refused login: {0}")]
     Refused(String),
     #[error("target has no credentials for {0} access")]
-    NoCredentials(crate::types::AccessLevel),
+    NoCredentials(crate::model::AccessLevel),
     #[error("target protocol error: {0}")]
     Protocol(String),
     #[error("target closed the connection during login")]

@@ -9,7 +9,7 @@ use clap::{Args, Subcommand};
 
 use super::Ask;
 use crate::config::Config;
-use crate::types::{AccessLevel, Role, TargetName, UserName};
+use crate::model::{AccessLevel, Role, TargetName, UserName};
 
 /// `jitgate policy` subcommands.
 #[derive(Debug, Subcommand)]

@@ -10,7 +10,7 @@ use serde::Deserialize;
 
 use super::{labels_text, selects, Approval, Policies, Policy};
 use crate::config::{ConfigError, Target};
-use crate::types::{AccessLevel, Role, TargetName};
+use crate::model::{AccessLevel, Role, TargetName};
 
 /// Shortest `max_duration` accepted.
 const MIN_DURATION: Duration = Duration::from_secs(60);

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use super::*;
 use crate::config::{Config, ConfigError, Credential, UpstreamTls};
-use crate::types::TargetName;
+use crate::model::TargetName;
 
 fn target(name: &str, labels: &[(&str, &str)], levels: &[AccessLevel]) -> Target {
     Target {

@@ -13,8 +13,8 @@ use clap::{Args, Subcommand};
 use super::{ListFilter, NewExtension, NewRequest, Request, RequestState};
 use crate::cli::{api_client, print_json, ApiArgs};
 use crate::client::{ApiClient, ClientError};
+use crate::model::AccessLevel;
 use crate::policy::duration_text;
-use crate::types::AccessLevel;
 
 /// The request did not result in access; `jitgate` exits 2 with this message.
 #[derive(Debug, thiserror::Error)]

@@ -8,10 +8,8 @@ use std::time::SystemTime;
 use rusqlite::{params, Connection};
 
 use super::{GrantStore, RequestQuery, RequestStore, StoreError};
-use crate::grants::{Grant, GrantEnd};
-use crate::requests::{Request, RequestState};
+use crate::model::{Grant, GrantEnd, GrantId, Request, RequestId, RequestState, TargetName, UserName};
 use crate::timefmt::{from_millis, to_millis};
-use crate::types::{GrantId, RequestId, TargetName, UserName};
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS grants (
@@ -265,7 +263,7 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::types::AccessLevel;
+    use crate::model::AccessLevel;
 
     #[test]
     fn grants_survive_reopen_and_end_once() {

@@ -11,7 +11,7 @@ use super::super::{siblings, AuditError, AuditLog, ReopenReason, Written};
 use super::{config, event};
 use crate::config::AuditConfig;
 use crate::metrics::Metrics;
-use crate::types::UserName;
+use crate::model::UserName;
 
 fn lines(path: &Path) -> Vec<serde_json::Value> {
     std::fs::read_to_string(path)

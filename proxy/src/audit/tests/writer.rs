@@ -10,7 +10,7 @@ use super::super::{AuditError, AuditEvent, AuditLog, Written};
 use super::{config, event};
 use crate::config::AuditConfig;
 use crate::metrics::Metrics;
-use crate::types::UserName;
+use crate::model::UserName;
 
 fn verify(config: &AuditConfig) -> super::super::chain::Summary {
     verify_files(&chain_files(&config.path).unwrap()).unwrap_or_else(|e| panic!("{e}"))

@@ -6,8 +6,8 @@ use jitgate_protocol::postgres::messages::{encode_parse, encode_query};
 
 use super::{SessionFacts, TextLimits, Tracker, CACHED_TEXTS};
 use crate::audit::AuditEvent;
+use crate::model::{AccessLevel, GrantId, SessionId, TargetName, UserName};
 use crate::pg::guard::Guard;
-use crate::types::{AccessLevel, GrantId, SessionId, TargetName, UserName};
 
 fn read_tracker() -> Tracker {
     let facts = SessionFacts {
