@@ -52,6 +52,11 @@ pub fn redact(sql: &str) -> String {
     for range in masked {
         out.push_str(sql.get(copied..range.start).unwrap_or_default());
         out.push_str(MASK);
+        // A quote right after the mask would join it into one longer literal (`'***''x`),
+        // which reads differently the next time: a space keeps them two tokens.
+        if sql.as_bytes().get(range.end) == Some(&b'\'') {
+            out.push(' ');
+        }
         copied = range.end;
     }
     out.push_str(sql.get(copied..).unwrap_or_default());

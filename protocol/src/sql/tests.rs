@@ -587,6 +587,23 @@ fn redacts_malformed_text_to_the_end() {
 }
 
 #[test]
+fn redacting_twice_changes_nothing_more() {
+    // Fuzz finding 5: a dollar-quoted password right before a quote. The mask must not join
+    // the quote into a longer literal, or a second pass reads another token structure.
+    let once = redact("ALTER ROLE r PASSWORD $é$x$é$'tail");
+    assert_eq!(once, "ALTER ROLE r PASSWORD '***' 'tail");
+    assert_eq!(redact(&once), once);
+    for sql in [
+        "ALTER ROLE r PASSWORD $$a$$'b' PASSWORD 'c'",
+        "ALTER ROLE r PASSWORD E'a''b''c'",
+        "ALTER ROLE r PASSWORD 'a''' ",
+    ] {
+        let once = redact(sql);
+        assert_eq!(redact(&once), once, "{sql:?}");
+    }
+}
+
+#[test]
 fn do_blocks_are_unknown() {
     // A DO block can run any statement through dynamic EXECUTE.
     assert_eq!(
