@@ -588,7 +588,7 @@ fn redacts_malformed_text_to_the_end() {
 
 #[test]
 fn redacting_twice_changes_nothing_more() {
-    // Fuzz finding 5: a dollar-quoted password right before a quote. The mask must not join
+    // Fuzz finding 4: a dollar-quoted password right before a quote. The mask must not join
     // the quote into a longer literal, or a second pass reads another token structure.
     let once = redact("ALTER ROLE r PASSWORD $é$x$é$'tail");
     assert_eq!(once, "ALTER ROLE r PASSWORD '***' 'tail");
