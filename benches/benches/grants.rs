@@ -1,50 +1,28 @@
-//! Grant-table lookups (`Grants::lookup`, run at every session start) with 1k and 1M active
+//! Grant-table lookups (`GrantTable::lookup`, run at every session start) with 1k and 1M live
 //! grants, from one thread and from several at once.
 //!
-//! The table is built the way the proxy builds it at start-up, `Grants::restore` from a store
-//! (here a trivial in-memory one). The reaper tasks it spawns sit in a runtime that is never
-//! driven, so they cost memory but no time.
+//! The table is filled the way the proxy fills it, by applying `GrantCreated` changes. Its
+//! expiry loop sits in a runtime that is never driven, so it costs memory but no time.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant, SystemTime};
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use jitgate::audit::AuditLog;
-use jitgate::config::AuditConfig;
-use jitgate::grants::Grants;
+use jitgate::access::table::GrantTable;
 use jitgate::metrics::Metrics;
-use jitgate::model::{AccessLevel, Grant, GrantEnd, GrantId, TargetName, UserName};
-use jitgate::notify::Notifier;
-use jitgate::store::{GrantStore, StoreError};
+use jitgate::model::{AccessLevel, Grant, GrantId, TargetName, UserName};
+use jitgate::store::Change;
 use std::hint::black_box;
 use tokio_util::sync::CancellationToken;
 
 /// Targets per user; users = grants / TARGETS.
 const TARGETS: usize = 10;
 
-struct MemoryStore(Vec<Grant>);
-
-impl GrantStore for MemoryStore {
-    fn insert(&self, _: &Grant) -> Result<(), StoreError> {
-        Ok(())
-    }
-    fn end(&self, _: &GrantId, _: GrantEnd, _: SystemTime) -> Result<bool, StoreError> {
-        Ok(true)
-    }
-    fn extend(&self, _: &GrantId, _: SystemTime) -> Result<bool, StoreError> {
-        Ok(true)
-    }
-    fn active(&self) -> Result<Vec<Grant>, StoreError> {
-        Ok(self.0.clone())
-    }
-}
-
 struct Table {
-    grants: Arc<Grants>,
+    grants: Arc<GrantTable>,
     keys: Vec<(UserName, TargetName)>,
     _rt: tokio::runtime::Runtime,
-    _audit_dir: tempfile::TempDir,
 }
 
 fn table(n: usize) -> Table {
@@ -72,42 +50,22 @@ fn table(n: usize) -> Table {
     // Visit keys in a scattered order, as sessions of many users would.
     let len = keys.len();
     let keys = (0..len).map(|i| keys[(i * 7919) % len].clone()).collect();
-    let dir = tempfile::tempdir().unwrap();
-    let metrics = Metrics::new();
-    let audit = AuditLog::open(
-        &AuditConfig {
-            path: dir.path().join("audit.jsonl"),
-            tip_path: dir.path().join("audit.tip"),
-            max_file_bytes: 1 << 30,
-            fsync_interval: Duration::from_secs(1),
-            queue_depth: 1024,
-            max_statement_bytes: 65_536,
-            max_param_bytes: 256,
-            redact_params_matching: Vec::new(),
-        },
-        Arc::clone(&metrics),
-    )
-    .unwrap();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap();
-    let grants = {
+    let table = {
         let _enter = rt.enter();
-        Grants::restore(
-            Arc::new(MemoryStore(grants)),
-            audit,
-            metrics,
-            Notifier::disabled(),
-            CancellationToken::new(),
-        )
-        .unwrap()
+        let (table, _expired) = GrantTable::start(jitgate::clock::system(), CancellationToken::new(), Metrics::new());
+        for g in grants {
+            table.apply(&Change::GrantCreated(g));
+        }
+        table
     };
     Table {
-        grants,
+        grants: table,
         keys,
         _rt: rt,
-        _audit_dir: dir,
     }
 }
 

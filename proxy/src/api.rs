@@ -37,6 +37,7 @@ use crate::model::{Grant, GrantId, ListFilter, NewExtension, NewGrant, NewReques
 use crate::pki::{identity_from_der, Identity};
 use crate::requests::{RequestError, Requests};
 use crate::sessions::{SessionInfo, Sessions};
+use crate::store::StoreError;
 
 /// The OpenAPI document of this API, as kept in docs/.
 pub const OPENAPI: &str = include_str!("../../docs/openapi.json");
@@ -120,7 +121,11 @@ impl From<GrantError> for ApiError {
             GrantError::UnknownTarget(_) | GrantError::NoCredentials { .. } | GrantError::BadDuration => {
                 (StatusCode::BAD_REQUEST, "invalid")
             }
-            GrantError::Store(_) | GrantError::Audit(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+            GrantError::Conflict(_) | GrantError::Store(StoreError::Conflict) => (StatusCode::CONFLICT, "conflict"),
+            GrantError::Store(StoreError::NotFound) => (StatusCode::NOT_FOUND, "not_found"),
+            GrantError::Store(StoreError::Unavailable(_)) | GrantError::Audit(_) => {
+                (StatusCode::SERVICE_UNAVAILABLE, "unavailable")
+            }
         };
         ApiError(status, code, e.to_string())
     }
@@ -133,10 +138,11 @@ impl From<RequestError> for ApiError {
             RequestError::Refused(_) => (StatusCode::FORBIDDEN, "refused"),
             RequestError::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
             RequestError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
-            RequestError::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
-            RequestError::Store(_)
+            RequestError::Conflict(_) | RequestError::Store(StoreError::Conflict) => (StatusCode::CONFLICT, "conflict"),
+            RequestError::Store(StoreError::NotFound) => (StatusCode::NOT_FOUND, "not_found"),
+            RequestError::Store(StoreError::Unavailable(_))
             | RequestError::Audit(_)
-            | RequestError::Grant(GrantError::Store(_) | GrantError::Audit(_)) => {
+            | RequestError::Grant(GrantError::Store(StoreError::Unavailable(_)) | GrantError::Audit(_)) => {
                 (StatusCode::SERVICE_UNAVAILABLE, "unavailable")
             }
             // The grant could not be made for the request as it stands (target gone, ...).
@@ -209,20 +215,6 @@ fn require_admin(id: &Identity) -> Result<(), ApiError> {
     }
 }
 
-/// Runs blocking request-service work (SQLite, audit fsync) off the async workers.
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, RequestError> + Send + 'static,
-) -> Result<T, ApiError> {
-    match tokio::task::spawn_blocking(f).await {
-        Ok(r) => r.map_err(ApiError::from),
-        Err(e) => Err(ApiError(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "unavailable",
-            e.to_string(),
-        )),
-    }
-}
-
 async fn openapi() -> impl IntoResponse {
     ([(header::CONTENT_TYPE, "application/json")], OPENAPI)
 }
@@ -250,7 +242,7 @@ async fn create_grant(
 ) -> Result<(StatusCode, Json<Grant>), ApiError> {
     require_admin(&id)?;
     let Json(req) = body?;
-    let grant = s.grants.create(req, id.user.clone(), &s.config)?;
+    let grant = s.grants.create(req, id.user.clone(), &s.config).await?;
     tracing::info!(grant.id = %grant.id, user = %grant.user, target = %grant.target, by = %id.user, "grant created");
     Ok((StatusCode::CREATED, Json(grant)))
 }
@@ -261,7 +253,7 @@ async fn revoke_grant(
     Path(grant): Path<String>,
 ) -> Result<Json<Grant>, ApiError> {
     require_admin(&id)?;
-    let grant = s.grants.revoke(&GrantId::from_string(grant), &id.user)?;
+    let grant = s.grants.revoke(&GrantId::from_string(grant), &id.user).await?;
     tracing::info!(grant.id = %grant.id, by = %id.user, "grant revoked");
     Ok(Json(grant))
 }
@@ -281,7 +273,7 @@ async fn extend_grant(
     require_admin(&id)?;
     let Json(ext) = body?;
     let by = std::time::Duration::from_secs(ext.duration_secs);
-    let grant = s.grants.extend(&GrantId::from_string(grant), by, &id.user)?;
+    let grant = s.grants.extend(&GrantId::from_string(grant), by, &id.user).await?;
     tracing::info!(grant.id = %grant.id, by = %id.user, "grant extended");
     Ok(Json(grant))
 }
@@ -294,7 +286,7 @@ async fn request_extension(
 ) -> Result<(StatusCode, Json<Request>), ApiError> {
     let Json(ext) = body?;
     let grant = GrantId::from_string(grant);
-    let r = blocking(move || s.requests.create_extension(&id, &grant, ext)).await?;
+    let r = s.requests.create_extension(&id, &grant, ext).await?;
     Ok((StatusCode::CREATED, Json(r)))
 }
 
@@ -304,7 +296,7 @@ async fn create_request(
     body: Result<Json<NewRequest>, JsonRejection>,
 ) -> Result<(StatusCode, Json<Request>), ApiError> {
     let Json(new) = body?;
-    let r = blocking(move || s.requests.create(&id, new)).await?;
+    let r = s.requests.create(&id, new).await?;
     Ok((StatusCode::CREATED, Json(r)))
 }
 
@@ -314,7 +306,7 @@ async fn list_requests(
     filter: Result<Query<ListFilter>, QueryRejection>,
 ) -> Result<Json<Vec<Request>>, ApiError> {
     let Query(filter) = filter?;
-    Ok(Json(blocking(move || s.requests.list(&id, &filter)).await?))
+    Ok(Json(s.requests.list(&id, &filter).await?))
 }
 
 async fn show_request(
@@ -323,7 +315,7 @@ async fn show_request(
     Path(r): Path<String>,
 ) -> Result<Json<Request>, ApiError> {
     let r = RequestId::from_string(r);
-    Ok(Json(blocking(move || s.requests.get(&id, &r)).await?))
+    Ok(Json(s.requests.get(&id, &r).await?))
 }
 
 /// Body of `POST /v1/requests/{id}/approve`.
@@ -349,7 +341,7 @@ async fn approve_request(
 ) -> Result<Json<Request>, ApiError> {
     let Json(body) = body?;
     let r = RequestId::from_string(r);
-    Ok(Json(blocking(move || s.requests.approve(&id, &r, body.comment)).await?))
+    Ok(Json(s.requests.approve(&id, &r, body.comment).await?))
 }
 
 async fn deny_request(
@@ -360,7 +352,7 @@ async fn deny_request(
 ) -> Result<Json<Request>, ApiError> {
     let Json(body) = body?;
     let r = RequestId::from_string(r);
-    Ok(Json(blocking(move || s.requests.deny(&id, &r, &body.reason)).await?))
+    Ok(Json(s.requests.deny(&id, &r, &body.reason).await?))
 }
 
 async fn withdraw_request(
@@ -369,7 +361,7 @@ async fn withdraw_request(
     Path(r): Path<String>,
 ) -> Result<Json<Request>, ApiError> {
     let r = RequestId::from_string(r);
-    Ok(Json(blocking(move || s.requests.withdraw(&id, &r)).await?))
+    Ok(Json(s.requests.withdraw(&id, &r).await?))
 }
 
 async fn list_sessions(State(s): Shared, Extension(id): Caller) -> Result<Json<Vec<SessionInfo>>, ApiError> {

@@ -1,26 +1,38 @@
-//! Grants: the in-memory table consulted at every session start, and the service that creates,
-//! revokes and expires grants while keeping the store, the audit log and live sessions in step.
+//! The grant service: creates, extends, revokes and expires grants, keeping the store, the
+//! audit log, the webhooks and the in-memory table ([`GrantTable`]) in step.
 //!
-//! Each live grant owns a [`CancellationToken`]. Sessions opened under it wait on that token
-//! and on the grant's deadline, so revocation and expiry cut them the moment they happen.
-//! A lookup hands out a [`GrantPermit`], the only value that lets a session reach a target.
+//! Order, so nothing fails open:
+//! - create: stored, audited, then applied to the table (no grant exists unaudited);
+//! - revoke: applied to the table first (sessions are cut now), then audited, then stored;
+//! - extend: stored (compare-and-set from the expiry the caller saw), audited, applied;
+//! - expire: the table's expiry loop has already cut the grant; the store's compare-and-set
+//!   decides who records it, so with several writers exactly one `grant.expired` record and one
+//!   webhook come out.
+//!
+//! Everything here is async and nothing blocks a tokio worker: the store runs on its own
+//! thread, audit records are waited for without blocking. A follower task applies the store's
+//! change feed to the table, so changes made elsewhere take effect here too; applying this
+//! process's own changes again changes nothing.
 
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use dashmap::DashMap;
-use tokio::sync::watch;
-use tokio::time::Instant;
+use tokio::sync::broadcast::error::RecvError;
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+pub use crate::access::table::GrantPermit;
+use crate::access::table::{Applied, GrantTable};
 use crate::audit::{AuditError, AuditEvent, AuditLog};
+use crate::clock::SharedClock;
+use crate::config::Config;
 use crate::metrics::Metrics;
-use crate::model::{AccessLevel, Deadline, Grant, GrantEnd, GrantId, NewGrant, TargetName, UserName};
+use crate::model::{AccessLevel, Grant, GrantEnd, GrantId, NewGrant, TargetName, UserName};
 use crate::notify::{Notification, Notifier};
-use crate::store::{GrantStore, StoreError};
+use crate::store::{Change, Store, StoreError};
 
-/// Errors from grant operations.
+/// Errors from grant operations, by what the caller does next.
 #[derive(Debug, thiserror::Error)]
 pub enum GrantError {
     #[error("no active grant {0}")]
@@ -31,168 +43,113 @@ pub enum GrantError {
     NoCredentials { target: TargetName, access: AccessLevel },
     #[error("duration must be between 1s and 30d")]
     BadDuration,
+    /// Someone else changed the grant first (an extension or an end): read it again.
+    #[error("grant {0} was changed at the same time; try again")]
+    Conflict(GrantId),
     #[error(transparent)]
-    Store(#[from] StoreError),
+    Store(StoreError),
     #[error(transparent)]
     Audit(#[from] AuditError),
 }
 
-/// A grant in the table with its cut signal and its (movable) deadline.
-#[derive(Debug)]
-struct LiveGrant {
-    /// The grant as created; `expires_at` here is the original expiry, see `deadline`.
-    grant: Grant,
-    deadline: watch::Sender<Deadline>,
-    cut: CancellationToken,
-    end: OnceLock<GrantEnd>,
-}
-
-impl LiveGrant {
-    fn deadline(&self) -> Deadline {
-        *self.deadline.borrow()
+impl From<StoreError> for GrantError {
+    fn from(e: StoreError) -> Self {
+        GrantError::Store(e)
     }
-    fn is_live(&self, now: Instant) -> bool {
-        self.end.get().is_none() && now < self.deadline().instant
-    }
-    /// The grant with its current expiry.
-    fn current(&self) -> Grant {
-        Grant {
-            expires_at: self.deadline().at,
-            ..self.grant.clone()
-        }
-    }
-}
-
-/// Proof that a grant was active for (user, target) at lookup time. Only [`Grants::lookup`]
-/// makes one.
-#[derive(Debug, Clone)]
-pub struct GrantPermit(Arc<LiveGrant>);
-
-impl GrantPermit {
-    /// The grant this permit stands for.
-    pub fn grant(&self) -> &Grant {
-        &self.0.grant
-    }
-    /// Instant at which the grant expires now (an extension moves it).
-    pub fn deadline(&self) -> Instant {
-        self.0.deadline().instant
-    }
-    /// Follows the grant's deadline as extensions move it.
-    pub fn deadline_watch(&self) -> watch::Receiver<Deadline> {
-        self.0.deadline.subscribe()
-    }
-    /// Fires when the grant is revoked or expires.
-    pub fn cut_token(&self) -> CancellationToken {
-        self.0.cut.clone()
-    }
-    /// How the grant ended, once it has.
-    pub fn ended(&self) -> Option<GrantEnd> {
-        self.0.end.get().copied()
-    }
-}
-
-/// The table key of (user, target): `user`, a NUL, `target`. Looked up as a `str` built on
-/// the stack, so a lookup allocates nothing.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-struct Key(Box<str>);
-
-impl Key {
-    fn new(user: &UserName, target: &TargetName) -> Self {
-        Key(format!("{user}\0{target}").into_boxed_str())
-    }
-}
-
-impl std::borrow::Borrow<str> for Key {
-    fn borrow(&self) -> &str {
-        &self.0
-    }
-}
-
-/// Names are at most 63 bytes each, so a key always fits.
-const KEY_BYTES: usize = 128;
-
-/// `user`, a NUL and `target` in `buf` (the form of [`Key`]), or `None` if too long.
-fn key_str<'a>(buf: &'a mut [u8; KEY_BYTES], user: &str, target: &str) -> Option<&'a str> {
-    let n = user.len() + 1 + target.len();
-    if n > KEY_BYTES {
-        return None;
-    }
-    buf[..user.len()].copy_from_slice(user.as_bytes());
-    buf[user.len()] = 0;
-    buf[user.len() + 1..n].copy_from_slice(target.as_bytes());
-    std::str::from_utf8(&buf[..n]).ok()
-}
-
-/// The grant service.
-pub struct Grants {
-    by_id: DashMap<GrantId, Arc<LiveGrant>>,
-    by_key: DashMap<Key, Vec<Arc<LiveGrant>>>,
-    store: Arc<dyn GrantStore>,
-    audit: Arc<AuditLog>,
-    metrics: Arc<Metrics>,
-    notifier: Arc<Notifier>,
-    reapers: TaskTracker,
-    shutdown: CancellationToken,
 }
 
 /// Longest grant an admin may create directly.
 const MAX_GRANT: Duration = Duration::from_secs(30 * 86_400);
 
+/// The grant service.
+pub struct Grants {
+    table: Arc<GrantTable>,
+    store: Arc<dyn Store>,
+    audit: Arc<AuditLog>,
+    notifier: Arc<Notifier>,
+    metrics: Arc<Metrics>,
+    clock: SharedClock,
+}
+
+/// What [`Grants::start`] needs.
+pub struct GrantsDeps {
+    pub store: Arc<dyn Store>,
+    pub audit: Arc<AuditLog>,
+    pub metrics: Arc<Metrics>,
+    pub notifier: Arc<Notifier>,
+    pub clock: SharedClock,
+    /// The proxy's shutdown: parent of every grant's cut token; stops the service's tasks.
+    pub shutdown: CancellationToken,
+    pub tracker: TaskTracker,
+}
+
 impl Grants {
-    /// Rebuilds the table from the store. Grants whose time passed while the proxy was down
-    /// are ended as expired (stored, audited) and never become active.
-    pub fn restore(
-        store: Arc<dyn GrantStore>,
-        audit: Arc<AuditLog>,
-        metrics: Arc<Metrics>,
-        notifier: Arc<Notifier>,
-        shutdown: CancellationToken,
-    ) -> Result<Arc<Self>, GrantError> {
-        let grants = Arc::new(Self {
-            by_id: DashMap::new(),
-            by_key: DashMap::new(),
+    /// Rebuilds the table from the store and starts the expiry recorder and the change
+    /// follower. Grants whose time passed while the proxy was down are ended as expired
+    /// (stored, audited) and never become live.
+    pub async fn start(deps: GrantsDeps) -> Result<Arc<Self>, GrantError> {
+        let GrantsDeps {
             store,
             audit,
             metrics,
             notifier,
-            reapers: TaskTracker::new(),
+            clock,
             shutdown,
+            tracker,
+        } = deps;
+        // Subscribed before reading, so no change committed meanwhile is missed.
+        let changes = store.changes();
+        let (table, expired) = GrantTable::start(Arc::clone(&clock), shutdown.clone(), Arc::clone(&metrics));
+        let grants = Arc::new(Self {
+            table,
+            store,
+            audit,
+            notifier,
+            metrics,
+            clock,
         });
-        let now = SystemTime::now();
-        for grant in grants.store.active()? {
+        let now = grants.clock.now();
+        for grant in grants.store.live_grants().await? {
             if grant.expires_at <= now {
-                grants.store.end(&grant.id, GrantEnd::Expired, now)?;
-                grants.audit.record(AuditEvent::GrantExpired {
-                    grant_id: grant.id.clone(),
-                    user: grant.user.clone(),
-                    target: grant.target.clone(),
-                    access: grant.access,
-                })?;
-                grants
-                    .notifier
-                    .notify(Notification::grant_ended(&grant, GrantEnd::Expired, None));
+                grants.record_expiry(&grant, true).await?;
             } else {
-                grants.activate(grant);
+                grants.table.apply(&Change::GrantCreated(grant));
             }
         }
+        tracker.spawn(Arc::clone(&grants).record_expiries(expired, shutdown.clone()));
+        tracker.spawn(Arc::clone(&grants).follow(changes, shutdown));
         Ok(grants)
     }
 
-    /// Creates a grant: stored, audited, then active. If the audit record cannot be written the
-    /// stored grant is ended again and the creation fails: no grant exists unaudited.
-    pub fn create(
-        self: &Arc<Self>,
-        req: NewGrant,
-        created_by: UserName,
-        targets: &crate::config::Config,
-    ) -> Result<Grant, GrantError> {
-        let target = targets
+    /// The table sessions are admitted against.
+    pub fn table(&self) -> &Arc<GrantTable> {
+        &self.table
+    }
+
+    /// The best live grant for (user, target). `None` denies.
+    pub fn lookup(&self, user: &UserName, target: &TargetName) -> Option<GrantPermit> {
+        self.table.lookup(user, target)
+    }
+
+    /// The live grant `id`, with its current expiry.
+    pub fn get(&self, id: &GrantId) -> Option<Grant> {
+        self.table.get(id)
+    }
+
+    /// Every live grant, soonest expiry first.
+    pub fn list(&self) -> Vec<Grant> {
+        self.table.list()
+    }
+
+    /// Checks a grant's target, level and duration against the configuration.
+    pub fn validate(req: &NewGrant, config: &Config) -> Result<Duration, GrantError> {
+        let target = config
             .targets
             .get(&req.target)
             .ok_or_else(|| GrantError::UnknownTarget(req.target.to_string()))?;
         if !target.credentials.contains_key(&req.access) {
             return Err(GrantError::NoCredentials {
-                target: req.target,
+                target: req.target.clone(),
                 access: req.access,
             });
         }
@@ -200,8 +157,13 @@ impl Grants {
         if duration.is_zero() || duration > MAX_GRANT {
             return Err(GrantError::BadDuration);
         }
-        let now = SystemTime::now();
-        let grant = Grant {
+        Ok(duration)
+    }
+
+    /// The grant a request for `req` starting now makes (not yet stored).
+    pub fn draft(&self, req: NewGrant, created_by: UserName, duration: Duration) -> Grant {
+        let now = whole_millis(self.clock.now());
+        Grant {
             id: GrantId::generate(),
             user: req.user,
             target: req.target,
@@ -210,172 +172,199 @@ impl Grants {
             created_by,
             created_at: now,
             expires_at: now + duration,
-        };
-        self.store.insert(&grant)?;
-        if let Err(e) = self.audit.record(AuditEvent::GrantCreated { grant: grant.clone() }) {
-            if let Err(error) = self.store.end(&grant.id, GrantEnd::Revoked, SystemTime::now()) {
+        }
+    }
+
+    /// Creates a grant: stored, audited, then live. If the audit record cannot be written the
+    /// stored grant is ended again and the creation fails: no grant exists unaudited.
+    pub async fn create(&self, req: NewGrant, created_by: UserName, config: &Config) -> Result<Grant, GrantError> {
+        let duration = Self::validate(&req, config)?;
+        let grant = self.draft(req, created_by, duration);
+        self.store.insert_grant(&grant).await?;
+        self.activate(grant).await
+    }
+
+    /// Audits a grant already stored (by [`Grants::create`], or with a request's approval) and
+    /// makes it live. On an audit failure the stored grant is ended again.
+    pub async fn activate(&self, grant: Grant) -> Result<Grant, GrantError> {
+        if let Err(e) = self
+            .audit
+            .record(AuditEvent::GrantCreated { grant: grant.clone() })
+            .await
+        {
+            if let Err(error) = self
+                .store
+                .end_grant(&grant.id, GrantEnd::Revoked, self.clock.now())
+                .await
+            {
                 tracing::error!(grant.id = %grant.id, %error, "could not withdraw unaudited grant");
             }
             return Err(e.into());
         }
-        self.activate(grant.clone());
+        self.table.apply(&Change::GrantCreated(grant.clone()));
         self.notifier.notify(Notification::grant_started(&grant));
         Ok(grant)
     }
 
-    /// Revokes a grant and cuts its sessions. Sessions are cut first, so a store failure
-    /// never leaves them running; the revocation is audited before it is stored.
-    pub fn revoke(&self, id: &GrantId, by: &UserName) -> Result<Grant, GrantError> {
-        let live = self
-            .by_id
-            .get(id)
-            .map(|g| Arc::clone(&g))
-            .ok_or_else(|| GrantError::NotFound(id.clone()))?;
-        if live.end.set(GrantEnd::Revoked).is_err() {
+    /// Revokes a grant and cuts its sessions. Sessions are cut first, so a store failure never
+    /// leaves them running; the revocation is audited before it is stored.
+    pub async fn revoke(&self, id: &GrantId, by: &UserName) -> Result<Grant, GrantError> {
+        let change = Change::GrantEnded {
+            id: id.clone(),
+            end: GrantEnd::Revoked,
+        };
+        let Applied::Ended(grant) = self.table.apply(&change) else {
             return Err(GrantError::NotFound(id.clone()));
-        }
-        self.deactivate(&live);
+        };
         self.notifier
-            .notify(Notification::grant_ended(&live.current(), GrantEnd::Revoked, Some(by)));
-        let g = &live.grant;
-        let audited = self.audit.record(AuditEvent::GrantRevoked {
-            grant_id: g.id.clone(),
-            user: g.user.clone(),
-            target: g.target.clone(),
-            access: g.access,
-            by: by.clone(),
-        });
-        self.store.end(id, GrantEnd::Revoked, SystemTime::now())?;
+            .notify(Notification::grant_ended(&grant, GrantEnd::Revoked, Some(by)));
+        let audited = self
+            .audit
+            .record(AuditEvent::GrantRevoked {
+                grant_id: grant.id.clone(),
+                user: grant.user.clone(),
+                target: grant.target.clone(),
+                access: grant.access,
+                by: by.clone(),
+            })
+            .await;
+        match self.store.end_grant(id, GrantEnd::Revoked, self.clock.now()).await {
+            // Ended elsewhere at the same moment: it is ended either way.
+            Ok(()) | Err(StoreError::Conflict) => {}
+            Err(e) => return Err(e.into()),
+        }
         audited?;
-        Ok(g.clone())
+        Ok(grant)
     }
 
     /// Moves a live grant's deadline `by` later: stored, audited, then every session under it
-    /// follows the new deadline without reconnecting. The total lifetime stays within 30 days.
-    pub fn extend(&self, id: &GrantId, by: Duration, who: &UserName) -> Result<Grant, GrantError> {
-        let live = self
-            .by_id
-            .get(id)
-            .map(|g| Arc::clone(&g))
-            .ok_or_else(|| GrantError::NotFound(id.clone()))?;
-        if !live.is_live(Instant::now()) {
-            return Err(GrantError::NotFound(id.clone()));
+    /// follows the new deadline without reconnecting. The grant's end stays within 30 days
+    /// from now.
+    pub async fn extend(&self, id: &GrantId, by: Duration, who: &UserName) -> Result<Grant, GrantError> {
+        let current = self.get(id).ok_or_else(|| GrantError::NotFound(id.clone()))?;
+        let new_at = self.extended_end(&current, by)?;
+        match self.store.extend_grant(id, current.expires_at, new_at).await {
+            Ok(()) => {}
+            Err(StoreError::Conflict) => return Err(GrantError::Conflict(id.clone())),
+            Err(StoreError::NotFound) => return Err(GrantError::NotFound(id.clone())),
+            Err(e) => return Err(e.into()),
         }
-        let new_at = live.deadline().at + by;
-        if by.is_zero() || new_at.duration_since(SystemTime::now()).unwrap_or_default() > MAX_GRANT {
+        self.extended(&current, new_at, who).await
+    }
+
+    /// Where `grant` would end if extended `by`: an error when `by` is zero or the end would lie
+    /// more than 30 days ahead.
+    pub fn extended_end(&self, grant: &Grant, by: Duration) -> Result<SystemTime, GrantError> {
+        let new_at = grant.expires_at + by;
+        let ahead = new_at.duration_since(self.clock.now()).unwrap_or_default();
+        if by.is_zero() || ahead > MAX_GRANT {
             return Err(GrantError::BadDuration);
         }
-        if !self.store.extend(id, new_at)? {
-            return Err(GrantError::NotFound(id.clone()));
-        }
-        let g = &live.grant;
-        self.audit.record(AuditEvent::GrantExtended {
-            grant_id: g.id.clone(),
-            user: g.user.clone(),
-            target: g.target.clone(),
-            access: g.access,
+        Ok(new_at)
+    }
+
+    /// Audits and applies an extension already stored (by [`Grants::extend`], or with a
+    /// request's approval).
+    pub async fn extended(&self, grant: &Grant, new_at: SystemTime, who: &UserName) -> Result<Grant, GrantError> {
+        self.audit
+            .record(AuditEvent::GrantExtended {
+                grant_id: grant.id.clone(),
+                user: grant.user.clone(),
+                target: grant.target.clone(),
+                access: grant.access,
+                expires_at: new_at,
+                by: who.clone(),
+            })
+            .await?;
+        self.table.apply(&Change::GrantExtended {
+            id: grant.id.clone(),
             expires_at: new_at,
-            by: who.clone(),
-        })?;
-        live.deadline.send_replace(Deadline::at(new_at));
-        Ok(live.current())
-    }
-
-    /// The live grant `id`, with its current expiry.
-    pub fn get(&self, id: &GrantId) -> Option<Grant> {
-        let live = self.by_id.get(id)?;
-        live.is_live(Instant::now()).then(|| live.current())
-    }
-
-    /// The best live grant for (user, target): the highest access level, then the latest
-    /// expiry. `None` denies.
-    pub fn lookup(&self, user: &UserName, target: &TargetName) -> Option<GrantPermit> {
-        let now = Instant::now();
-        let mut buf = [0u8; KEY_BYTES];
-        let key = key_str(&mut buf, user.as_str(), target.as_str())?;
-        let entry = self.by_key.get(key)?;
-        entry
-            .iter()
-            .filter(|g| g.is_live(now))
-            .max_by_key(|g| (g.grant.access, g.deadline().instant))
-            .map(|g| GrantPermit(Arc::clone(g)))
-    }
-
-    /// Every active grant, soonest expiry first.
-    pub fn list(&self) -> Vec<Grant> {
-        let now = Instant::now();
-        let mut v: Vec<Grant> = self
-            .by_id
-            .iter()
-            .filter(|g| g.is_live(now))
-            .map(|g| g.current())
-            .collect();
-        v.sort_by_key(|g| g.expires_at);
-        v
-    }
-
-    fn activate(self: &Arc<Self>, grant: Grant) {
-        let live = Arc::new(LiveGrant {
-            deadline: watch::Sender::new(Deadline::at(grant.expires_at)),
-            cut: CancellationToken::new(),
-            end: OnceLock::new(),
-            grant,
         });
-        let key = Key::new(&live.grant.user, &live.grant.target);
-        self.by_key.entry(key).or_default().push(Arc::clone(&live));
-        self.by_id.insert(live.grant.id.clone(), Arc::clone(&live));
-        self.metrics.grants_active.inc();
-        let this = Arc::clone(self);
-        self.reapers.spawn(async move {
-            let mut deadline = live.deadline.subscribe();
-            loop {
-                let due = deadline.borrow_and_update().instant;
-                tokio::select! {
-                    _ = tokio::time::sleep_until(due) => {
-                        // An extension may have landed just now.
-                        if live.deadline().instant <= Instant::now() {
-                            this.expire(&live);
-                            return;
+        Ok(self.get(&grant.id).unwrap_or_else(|| Grant {
+            expires_at: new_at,
+            ..grant.clone()
+        }))
+    }
+
+    /// Stores, audits and notifies one expiry. Only the writer whose compare-and-set ends the
+    /// grant records it. At start-up (`strict`) a failure stops the start; afterwards it is
+    /// logged and counted: the grant is cut already, and the next start-up ends it in the store.
+    async fn record_expiry(&self, grant: &Grant, strict: bool) -> Result<(), GrantError> {
+        match self
+            .store
+            .end_grant(&grant.id, GrantEnd::Expired, self.clock.now())
+            .await
+        {
+            Ok(()) => {}
+            Err(StoreError::Conflict | StoreError::NotFound) => return Ok(()),
+            Err(e) if strict => return Err(e.into()),
+            Err(error) => {
+                tracing::error!(grant.id = %grant.id, %error, "could not store grant expiry");
+                return Ok(());
+            }
+        }
+        let event = AuditEvent::GrantExpired {
+            grant_id: grant.id.clone(),
+            user: grant.user.clone(),
+            target: grant.target.clone(),
+            access: grant.access,
+        };
+        if strict {
+            self.audit.record(event).await?;
+        } else {
+            // Nobody waits for it: it records what already happened.
+            self.audit.submit(event);
+        }
+        self.notifier
+            .notify(Notification::grant_ended(grant, GrantEnd::Expired, None));
+        Ok(())
+    }
+
+    /// Records each grant the table's expiry loop ends, in the order they end.
+    async fn record_expiries(self: Arc<Self>, mut expired: mpsc::UnboundedReceiver<Grant>, stop: CancellationToken) {
+        loop {
+            let grant = tokio::select! {
+                g = expired.recv() => match g {
+                    Some(g) => g,
+                    None => return,
+                },
+                () = stop.cancelled() => return,
+            };
+            let _ = self.record_expiry(&grant, false).await;
+        }
+    }
+
+    /// Applies the store's changes to the table: changes made elsewhere take effect here.
+    async fn follow(self: Arc<Self>, mut changes: tokio::sync::broadcast::Receiver<Change>, stop: CancellationToken) {
+        loop {
+            let change = tokio::select! {
+                c = changes.recv() => c,
+                () = stop.cancelled() => return,
+            };
+            match change {
+                Ok(change) => {
+                    self.table.apply(&change);
+                }
+                Err(RecvError::Lagged(missed)) => {
+                    tracing::warn!(missed, "grant change feed fell behind; re-reading live grants");
+                    self.metrics.grant_resyncs_total.inc();
+                    if let Ok(live) = self.store.live_grants().await {
+                        for grant in live {
+                            let expires_at = grant.expires_at;
+                            let id = grant.id.clone();
+                            self.table.apply(&Change::GrantCreated(grant));
+                            self.table.apply(&Change::GrantExtended { id, expires_at });
                         }
                     }
-                    _ = deadline.changed() => {}
-                    _ = live.cut.cancelled() => return,
-                    _ = this.shutdown.cancelled() => return,
                 }
+                Err(RecvError::Closed) => return,
             }
-        });
+        }
     }
+}
 
-    fn expire(&self, live: &Arc<LiveGrant>) {
-        if live.end.set(GrantEnd::Expired).is_err() {
-            return;
-        }
-        self.deactivate(live);
-        self.notifier
-            .notify(Notification::grant_ended(&live.current(), GrantEnd::Expired, None));
-        let g = &live.grant;
-        if let Err(error) = self.store.end(&g.id, GrantEnd::Expired, SystemTime::now()) {
-            tracing::error!(grant.id = %g.id, %error, "could not store grant expiry");
-        }
-        // An audit failure is already logged and counted by the audit log.
-        let _ = self.audit.record(AuditEvent::GrantExpired {
-            grant_id: g.id.clone(),
-            user: g.user.clone(),
-            target: g.target.clone(),
-            access: g.access,
-        });
-    }
-
-    /// Removes a grant whose `end` is set from both indexes and cuts its sessions.
-    fn deactivate(&self, live: &Arc<LiveGrant>) {
-        live.cut.cancel();
-        if self.by_id.remove(&live.grant.id).is_some() {
-            self.metrics.grants_active.dec();
-        }
-        let key = Key::new(&live.grant.user, &live.grant.target);
-        self.by_key.remove_if_mut(&key, |_, v| {
-            v.retain(|g| !Arc::ptr_eq(g, live));
-            v.is_empty()
-        });
-    }
+/// `t` cut to whole milliseconds, the store's precision, so a compare-and-set on an expiry
+/// read back from the store matches the one kept in memory.
+pub fn whole_millis(t: SystemTime) -> SystemTime {
+    crate::timefmt::from_millis(crate::timefmt::to_millis(t))
 }

@@ -6,11 +6,13 @@
 //! Data flow: client (psql) --mTLS--> [`pg`] listener --grant lookup ([`grants`])--> upstream
 //! login with the access level's credentials --> relay until the grant ends.
 
+pub mod access;
 pub mod api;
 pub mod audit;
 pub mod budget;
 pub mod cli;
 pub mod client;
+pub mod clock;
 pub mod config;
 pub mod demo;
 pub mod grants;

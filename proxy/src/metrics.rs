@@ -28,6 +28,8 @@ pub struct Metrics {
     pub sessions_denied_total: IntCounterVec,
     /// Grants currently active.
     pub grants_active: IntGauge,
+    /// Times the grant table re-read the store because its change feed fell behind.
+    pub grant_resyncs_total: IntCounter,
     /// Sessions cut by the proxy, by reason (grant_expired, grant_revoked, killed, cert_expired,
     /// shutdown).
     pub session_cuts_total: IntCounterVec,
@@ -109,6 +111,11 @@ impl Metrics {
             grants_active: reg!(
                 IntGauge::new("jitgate_grants_active", "Grants currently active").expect("valid metric")
             ),
+            grant_resyncs_total: reg!(IntCounter::new(
+                "jitgate_grant_resyncs_total",
+                "Re-reads of the live grants after the store's change feed fell behind"
+            )
+            .expect("valid metric")),
             session_cuts_total: reg!(IntCounterVec::new(
                 Opts::new("jitgate_session_cuts_total", "Sessions cut by the proxy"),
                 &["reason"]

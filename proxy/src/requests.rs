@@ -6,16 +6,21 @@
 //!
 //! States: `pending` → `approved` (a grant was created or extended), `denied`, `withdrawn` or
 //! `lapsed`. Refused requests are never stored: the caller gets the reason at once and the
-//! audit log gets a `request.refused` record. Every change is stored (SQLite), audited and
-//! notified; changes are serialised by one lock, so two approvals cannot both be the last.
-//! Grants come from [`Grants`]; this module only decides when to create or extend one.
+//! audit log gets a `request.refused` record. Every change is stored, audited and notified.
+//! Changes are compare-and-set on the request's stored version: a decision is always made on
+//! the request as stored, and of two approvals landing at once only one counts as the last
+//! (the other re-reads and finds it decided). The grant an approval makes is stored in the
+//! same transaction as the approval, so a request can never be approved twice, nor its grant
+//! exist without the approval. Grants come from [`Grants`]; this module only decides when to
+//! create or extend one.
 
-use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, SystemTime};
+use std::sync::Arc;
+use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
 use crate::audit::{AuditError, AuditEvent, AuditLog};
+use crate::clock::SharedClock;
 use crate::config::Config;
 use crate::grants::{GrantError, Grants};
 use crate::model::{
@@ -25,7 +30,7 @@ use crate::model::{
 use crate::notify::{Notification, Notifier, RequestInfo};
 use crate::pki::Identity;
 use crate::policy::{Approval, Ask, Decision};
-use crate::store::{RequestQuery, RequestStore, StoreError};
+use crate::store::{GrantWrite, RequestQuery, Store, StoreError, Versioned};
 
 pub mod command;
 
@@ -65,13 +70,15 @@ const LIST_LIMIT: usize = 500;
 /// The request service.
 pub struct Requests {
     config: Config,
-    store: Arc<dyn RequestStore>,
+    store: Arc<dyn Store>,
     grants: Arc<Grants>,
     audit: Arc<AuditLog>,
     notifier: Arc<Notifier>,
-    /// Serialises every change, so a decision is made on the request as stored.
-    lock: Mutex<()>,
+    clock: SharedClock,
 }
+
+/// How often a change re-reads a request that another writer changed first.
+const ATTEMPTS: usize = 5;
 
 fn text(what: &str, value: &str) -> Result<String, RequestError> {
     let value = value.trim();
@@ -98,10 +105,11 @@ fn duration(secs: u64) -> Result<Duration, RequestError> {
 impl Requests {
     pub fn new(
         config: Config,
-        store: Arc<dyn RequestStore>,
+        store: Arc<dyn Store>,
         grants: Arc<Grants>,
         audit: Arc<AuditLog>,
         notifier: Arc<Notifier>,
+        clock: SharedClock,
     ) -> Arc<Self> {
         Arc::new(Self {
             config,
@@ -109,33 +117,34 @@ impl Requests {
             grants,
             audit,
             notifier,
-            lock: Mutex::new(()),
+            clock,
         })
-    }
-
-    fn lock(&self) -> MutexGuard<'_, ()> {
-        self.lock.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Files a request for access: refused, granted at once (auto or break-glass), or left
     /// pending for approvers.
-    pub fn create(&self, who: &Identity, new: NewRequest) -> Result<Request, RequestError> {
+    pub async fn create(&self, who: &Identity, new: NewRequest) -> Result<Request, RequestError> {
         let reason = text("reason", &new.reason)?;
         let length = duration(new.duration_secs)?;
-        let _guard = self.lock();
-        let refuse =
-            |refusal: String| self.refuse(who, &new.target, new.access, length, new.break_glass, &reason, refusal);
+        let refusal = |text: String| Refused {
+            target: new.target.clone(),
+            access: new.access,
+            length,
+            break_glass: new.break_glass,
+            reason: reason.clone(),
+            refusal: text,
+        };
         let Some(target) = TargetName::new(&new.target)
             .ok()
             .and_then(|name| self.config.targets.get(&name).cloned())
         else {
-            return Err(refuse(format!("no target named {:?}", new.target)));
+            return Err(self
+                .refuse(who, refusal(format!("no target named {:?}", new.target)))
+                .await);
         };
         if !target.credentials.contains_key(&new.access) {
-            return Err(refuse(format!(
-                "target {} has no credentials for {} access",
-                target.name, new.access
-            )));
+            let text = format!("target {} has no credentials for {} access", target.name, new.access);
+            return Err(self.refuse(who, refusal(text)).await);
         }
         let ask = Ask {
             user: &who.user,
@@ -149,15 +158,18 @@ impl Requests {
         let mut request = self.draft(who, target.name.clone(), new.access, length, reason.clone(), &decision);
         request.break_glass = new.break_glass;
         match decision {
-            Decision::Refused { reason: refusal } => Err(refuse(refusal)),
-            Decision::NeedsApproval { .. } => self.file(request),
+            Decision::Refused { reason: text } => Err(self.refuse(who, refusal(text)).await),
+            Decision::NeedsApproval { .. } => self.file(request).await,
             Decision::Auto { policy } => {
-                self.file(request.clone())?;
+                let request = self.file(request).await?;
                 self.grant_now(request, format!("approved automatically by policy {policy}"))
+                    .await
             }
             Decision::BreakGlass { policy } => {
-                self.file_quietly(&request)?;
-                let request = self.grant_now(request, format!("break-glass under policy {policy}"))?;
+                self.file_quietly(&request).await?;
+                let request = self
+                    .grant_now(request, format!("break-glass under policy {policy}"))
+                    .await?;
                 self.notifier
                     .notify(Notification::break_glass(RequestInfo::of(&request)));
                 tracing::warn!(request.id = %request.id, user = %request.user, target = %request.target, "break-glass access granted");
@@ -168,7 +180,7 @@ impl Requests {
 
     /// Files a request to extend the caller's live grant `grant_id` by `ext.duration_secs`.
     /// The policy sees the time the grant would have left after the extension.
-    pub fn create_extension(
+    pub async fn create_extension(
         &self,
         who: &Identity,
         grant_id: &GrantId,
@@ -176,7 +188,6 @@ impl Requests {
     ) -> Result<Request, RequestError> {
         let reason = text("reason", &ext.reason)?;
         let by = duration(ext.duration_secs)?;
-        let _guard = self.lock();
         let grant = self
             .grants
             .get(grant_id)
@@ -189,7 +200,7 @@ impl Requests {
             .cloned()
             .ok_or_else(|| RequestError::Conflict(format!("target {} is no longer configured", grant.target)))?;
         let left = (grant.expires_at + by)
-            .duration_since(SystemTime::now())
+            .duration_since(self.clock.now())
             .unwrap_or_default();
         let ask = Ask {
             user: &who.user,
@@ -203,23 +214,27 @@ impl Requests {
         let mut request = self.draft(who, grant.target.clone(), grant.access, by, reason, &decision);
         request.extends = Some(grant.id.clone());
         match decision {
-            Decision::Refused { reason: refusal } => Err(self.refuse(
-                who,
-                grant.target.as_str(),
-                grant.access,
-                by,
-                false,
-                &request.reason,
-                format!(
+            Decision::Refused { reason: refusal } => {
+                let text = format!(
                     "extending grant {} to {} from now: {refusal}",
                     grant.id,
                     crate::policy::duration_text(left)
-                ),
-            )),
-            Decision::NeedsApproval { .. } => self.file(request),
+                );
+                let refused = Refused {
+                    target: grant.target.to_string(),
+                    access: grant.access,
+                    length: by,
+                    break_glass: false,
+                    reason: request.reason.clone(),
+                    refusal: text,
+                };
+                Err(self.refuse(who, refused).await)
+            }
+            Decision::NeedsApproval { .. } => self.file(request).await,
             Decision::Auto { policy } | Decision::BreakGlass { policy } => {
-                self.file(request.clone())?;
+                let request = self.file(request).await?;
                 self.grant_now(request, format!("approved automatically by policy {policy}"))
+                    .await
             }
         }
     }
@@ -251,7 +266,7 @@ impl Requests {
             } => (policy.clone(), approvers.clone(), *approvals),
             Decision::Refused { .. } => (String::new(), Vec::new(), 0),
         };
-        let now = SystemTime::now();
+        let now = crate::grants::whole_millis(self.clock.now());
         Request {
             id: RequestId::generate(),
             state: RequestState::Pending,
@@ -277,153 +292,234 @@ impl Requests {
     }
 
     /// Audits a refusal and returns it as the error.
-    #[allow(clippy::too_many_arguments)]
-    fn refuse(
-        &self,
-        who: &Identity,
-        target: &str,
-        access: AccessLevel,
-        length: Duration,
-        break_glass: bool,
-        reason: &str,
-        refusal: String,
-    ) -> RequestError {
-        let audited = self.audit.record(AuditEvent::RequestRefused {
-            user: who.user.clone(),
-            roles: who.roles.clone(),
-            target: target.to_owned(),
-            access,
-            duration_secs: length.as_secs(),
-            break_glass,
-            reason: reason.to_owned(),
-            refusal: refusal.clone(),
-        });
+    async fn refuse(&self, who: &Identity, r: Refused) -> RequestError {
+        let audited = self
+            .audit
+            .record(AuditEvent::RequestRefused {
+                user: who.user.clone(),
+                roles: who.roles.clone(),
+                target: r.target,
+                access: r.access,
+                duration_secs: r.length.as_secs(),
+                break_glass: r.break_glass,
+                reason: r.reason,
+                refusal: r.refusal.clone(),
+            })
+            .await;
         match audited {
-            Ok(()) => RequestError::Refused(refusal),
+            Ok(()) => RequestError::Refused(r.refusal),
             Err(e) => e.into(),
         }
     }
 
     /// Stores and audits a new request, then tells the webhooks.
-    fn file(&self, request: Request) -> Result<Request, RequestError> {
-        self.file_quietly(&request)?;
+    async fn file(&self, request: Request) -> Result<Request, RequestError> {
+        self.file_quietly(&request).await?;
         self.notifier
             .notify(Notification::request_created(RequestInfo::of(&request)));
         Ok(request)
     }
 
-    fn file_quietly(&self, request: &Request) -> Result<(), RequestError> {
-        self.store.insert_request(request)?;
-        self.audit.record(AuditEvent::RequestCreated {
-            request: request.clone(),
-        })?;
+    async fn file_quietly(&self, request: &Request) -> Result<(), RequestError> {
+        self.store.insert_request(request).await?;
+        self.audit
+            .record(AuditEvent::RequestCreated {
+                request: request.clone(),
+            })
+            .await?;
         Ok(())
     }
 
-    /// Creates (or extends) the grant of a filed request and marks it approved. `request` is
-    /// stored as pending; if the grant cannot be made it ends denied with the error as note.
-    fn grant_now(&self, mut request: Request, note: String) -> Result<Request, RequestError> {
+    /// Approves a request just filed (version 1) by policy: creates or extends its grant.
+    async fn grant_now(&self, request: Request, note: String) -> Result<Request, RequestError> {
         let by = request.user.clone();
-        self.approve_filed(&mut request, &by, note)?;
-        Ok(request)
+        self.approve_stored(
+            Versioned {
+                value: request,
+                version: 1,
+            },
+            &by,
+            note,
+        )
+        .await
     }
 
-    /// The last approval came: create the grant (or extend it), then store, audit and notify
-    /// the decision.
-    fn approve_filed(&self, request: &mut Request, by: &UserName, note: String) -> Result<(), RequestError> {
-        let granted = match &request.extends {
-            Some(grant_id) => self
-                .grants
-                .extend(grant_id, Duration::from_secs(request.duration_secs), by)
-                .map(|g| g.id),
-            None => self
-                .grants
-                .create(
-                    NewGrant {
-                        user: request.user.clone(),
-                        target: request.target.clone(),
-                        access: request.access,
-                        duration_secs: request.duration_secs,
-                        reason: format!("{} (request {})", request.reason, request.id),
-                    },
-                    by.clone(),
-                    &self.config,
-                )
-                .map(|g| g.id),
-        };
-        match granted {
-            Ok(grant_id) => {
-                let decider = (!request.approvals.is_empty()).then_some(by);
-                request.close(RequestState::Approved, decider, note);
-                request.grant_id = Some(grant_id);
-                self.record_close(request)
+    /// The last approval came: store the approval together with the grant it makes (or the
+    /// extension), then audit, activate and notify. A `Conflict` means the request changed
+    /// since it was read.
+    async fn approve_stored(
+        &self,
+        stored: Versioned<Request>,
+        by: &UserName,
+        note: String,
+    ) -> Result<Request, RequestError> {
+        let Versioned {
+            value: mut request,
+            version,
+        } = stored;
+        let decider = (!request.approvals.is_empty()).then_some(by);
+        match request.extends.clone() {
+            None => {
+                let new = NewGrant {
+                    user: request.user.clone(),
+                    target: request.target.clone(),
+                    access: request.access,
+                    duration_secs: request.duration_secs,
+                    reason: format!("{} (request {})", request.reason, request.id),
+                };
+                let length = match Grants::validate(&new, &self.config) {
+                    Ok(d) => d,
+                    Err(e) => return self.deny_unmakeable(request, version, e).await,
+                };
+                let grant = self.grants.draft(new, by.clone(), length);
+                request.close(RequestState::Approved, decider, note, self.clock.now());
+                request.grant_id = Some(grant.id.clone());
+                self.store
+                    .update_request(&request, version, Some(GrantWrite::Insert(&grant)))
+                    .await?;
+                self.grants.activate(grant).await?;
+                self.record_close(&request).await?;
+                Ok(request)
             }
-            Err(GrantError::NotFound(grant_id)) => {
-                request.close(
-                    RequestState::Lapsed,
-                    None,
-                    format!("grant {grant_id} ended before the extension was approved"),
-                );
-                self.record_close(request)?;
-                Err(RequestError::Conflict(format!(
-                    "request {} lapsed: grant {grant_id} ended before the extension was approved",
-                    request.id
-                )))
-            }
-            Err(e) => {
-                request.close(RequestState::Denied, None, format!("the grant could not be made: {e}"));
-                if let Err(error) = self.record_close(request) {
-                    tracing::error!(request.id = %request.id, %error, "could not record a failed approval");
-                }
-                Err(e.into())
+            Some(grant_id) => {
+                let Some(grant) = self.grants.get(&grant_id) else {
+                    return self.lapse_extension(request, version, &grant_id).await;
+                };
+                let new_at = match self
+                    .grants
+                    .extended_end(&grant, Duration::from_secs(request.duration_secs))
+                {
+                    Ok(at) => at,
+                    Err(e) => return self.deny_unmakeable(request, version, e).await,
+                };
+                request.close(RequestState::Approved, decider, note, self.clock.now());
+                request.grant_id = Some(grant_id.clone());
+                let extend = GrantWrite::Extend {
+                    id: &grant_id,
+                    from: grant.expires_at,
+                    to: new_at,
+                };
+                self.store.update_request(&request, version, Some(extend)).await?;
+                self.grants.extended(&grant, new_at, by).await?;
+                self.record_close(&request).await?;
+                Ok(request)
             }
         }
     }
 
-    /// Stores, audits and notifies a request that just left `pending`.
-    fn record_close(&self, request: &Request) -> Result<(), RequestError> {
-        self.store.update_request(request)?;
+    /// The grant to extend ended before the approval: the request lapses.
+    async fn lapse_extension(
+        &self,
+        mut request: Request,
+        version: u64,
+        grant_id: &GrantId,
+    ) -> Result<Request, RequestError> {
+        request.close(
+            RequestState::Lapsed,
+            None,
+            format!("grant {grant_id} ended before the extension was approved"),
+            self.clock.now(),
+        );
+        self.store_close(&request, version).await?;
+        Err(RequestError::Conflict(format!(
+            "request {} lapsed: grant {grant_id} ended before the extension was approved",
+            request.id
+        )))
+    }
+
+    /// The grant cannot be made (its target lost the level's credentials, say): denied.
+    async fn deny_unmakeable(
+        &self,
+        mut request: Request,
+        version: u64,
+        e: GrantError,
+    ) -> Result<Request, RequestError> {
+        request.close(
+            RequestState::Denied,
+            None,
+            format!("the grant could not be made: {e}"),
+            self.clock.now(),
+        );
+        if let Err(error) = self.store_close(&request, version).await {
+            tracing::error!(request.id = %request.id, %error, "could not record a failed approval");
+        }
+        Err(e.into())
+    }
+
+    /// Stores (compare-and-set), audits and notifies a request that just left `pending`.
+    async fn store_close(&self, request: &Request, version: u64) -> Result<(), RequestError> {
+        self.store.update_request(request, version, None).await?;
+        self.record_close(request).await
+    }
+
+    /// Audits and notifies a request that just left `pending` (already stored).
+    async fn record_close(&self, request: &Request) -> Result<(), RequestError> {
+        let info = RequestInfo::of(request);
         let request = request.clone();
-        let info = RequestInfo::of(&request);
         let event = match request.state {
             RequestState::Approved => AuditEvent::RequestApproved { request },
             RequestState::Denied => AuditEvent::RequestDenied { request },
             RequestState::Withdrawn => AuditEvent::RequestWithdrawn { request },
             RequestState::Lapsed | RequestState::Pending => AuditEvent::RequestLapsed { request },
         };
-        self.audit.record(event)?;
+        self.audit.record(event).await?;
         self.notifier.notify(Notification::request_decided(info));
         Ok(())
     }
 
-    /// Loads a request the caller may see; a pending request past its lapse time lapses first.
-    fn load(&self, who: &Identity, id: &RequestId) -> Result<Request, RequestError> {
-        let request = self.load_any(id)?;
-        if self.may_see(who, &request) {
-            Ok(request)
+    /// Loads a request whoever asks (approvals and denials then say which role is missing;
+    /// ids are random, so this tells a caller nothing they did not send). A pending request
+    /// past its lapse time lapses first.
+    async fn load_any(&self, id: &RequestId) -> Result<Versioned<Request>, RequestError> {
+        for _ in 0..ATTEMPTS {
+            let stored = self
+                .store
+                .request(id)
+                .await?
+                .ok_or_else(|| RequestError::NotFound(id.clone()))?;
+            let request = &stored.value;
+            if request.state != RequestState::Pending || request.lapses_at > self.clock.now() {
+                return Ok(stored);
+            }
+            match self.lapse(stored).await {
+                Ok(lapsed) => return Ok(lapsed),
+                // Decided by someone else meanwhile: read it again.
+                Err(RequestError::Store(StoreError::Conflict)) => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        Err(busy(id))
+    }
+
+    /// Loads a request the caller may see.
+    async fn load(&self, who: &Identity, id: &RequestId) -> Result<Versioned<Request>, RequestError> {
+        let stored = self.load_any(id).await?;
+        if self.may_see(who, &stored.value) {
+            Ok(stored)
         } else {
             Err(RequestError::NotFound(id.clone()))
         }
     }
 
-    /// Loads a request whoever asks (approvals and denials then say which role is missing;
-    /// ids are random, so this tells a caller nothing they did not send).
-    fn load_any(&self, id: &RequestId) -> Result<Request, RequestError> {
-        let mut request = self
-            .store
-            .request(id)?
-            .ok_or_else(|| RequestError::NotFound(id.clone()))?;
-        if request.state == RequestState::Pending && request.lapses_at <= SystemTime::now() {
-            self.lapse(&mut request)?;
-        }
-        Ok(request)
-    }
-
-    fn lapse(&self, request: &mut Request) -> Result<(), RequestError> {
+    async fn lapse(&self, stored: Versioned<Request>) -> Result<Versioned<Request>, RequestError> {
+        let Versioned {
+            value: mut request,
+            version,
+        } = stored;
         let after =
             crate::policy::duration_text(request.lapses_at.duration_since(request.created_at).unwrap_or_default());
-        request.close(RequestState::Lapsed, None, format!("not decided within {after}"));
-        self.record_close(request)
+        request.close(
+            RequestState::Lapsed,
+            None,
+            format!("not decided within {after}"),
+            self.clock.now(),
+        );
+        let version = self.store.update_request(&request, version, None).await?;
+        self.record_close(&request).await?;
+        Ok(Versioned {
+            value: request,
+            version,
+        })
     }
 
     fn pending(request: &Request) -> Result<(), RequestError> {
@@ -447,15 +543,13 @@ impl Requests {
     }
 
     /// The request `id`, if the caller may see it.
-    pub fn get(&self, who: &Identity, id: &RequestId) -> Result<Request, RequestError> {
-        let _guard = self.lock();
-        self.load(who, id)
+    pub async fn get(&self, who: &Identity, id: &RequestId) -> Result<Request, RequestError> {
+        Ok(self.load(who, id).await?.value)
     }
 
     /// Requests the caller may see, newest first, at most 500.
-    pub fn list(&self, who: &Identity, filter: &ListFilter) -> Result<Vec<Request>, RequestError> {
-        let _guard = self.lock();
-        self.lapse_due_locked()?;
+    pub async fn list(&self, who: &Identity, filter: &ListFilter) -> Result<Vec<Request>, RequestError> {
+        self.lapse_due().await?;
         let query = RequestQuery {
             user: filter.mine.then(|| who.user.clone()),
             state: filter.pending.then_some(RequestState::Pending),
@@ -466,101 +560,143 @@ impl Requests {
                 0
             },
         };
-        let mut found = self.store.requests(&query)?;
+        let mut found = self.store.requests(&query).await?;
         found.retain(|r| self.may_see(who, r));
         found.truncate(LIST_LIMIT);
         Ok(found)
     }
 
     /// Adds the caller's approval; the last one needed creates (or extends) the grant.
-    pub fn approve(&self, who: &Identity, id: &RequestId, comment: Option<String>) -> Result<Request, RequestError> {
+    pub async fn approve(
+        &self,
+        who: &Identity,
+        id: &RequestId,
+        comment: Option<String>,
+    ) -> Result<Request, RequestError> {
         let comment = comment.as_deref().map(|c| text("comment", c)).transpose()?;
-        let _guard = self.lock();
-        let mut request = self.load_any(id)?;
-        self.config
-            .policies
-            .may_approve(&request.policy, &who.user, &who.roles, &request.user)
-            .map_err(RequestError::Forbidden)?;
-        Self::pending(&request)?;
-        if request.approvals.iter().any(|v| v.by == who.user) {
-            return Err(RequestError::Conflict(format!(
-                "{} already approved request {}; it needs another approver",
-                who.user, request.id
-            )));
-        }
-        request.approvals.push(Vote {
-            by: who.user.clone(),
-            comment: comment.clone(),
-            at: SystemTime::now(),
-        });
-        let given = u32::try_from(request.approvals.len()).unwrap_or(u32::MAX);
-        self.audit.record(AuditEvent::RequestApproval {
-            request_id: request.id.clone(),
-            user: request.user.clone(),
-            by: who.user.clone(),
-            comment,
-            approvals: given,
-            approvals_needed: request.approvals_needed,
-        })?;
-        if given < request.approvals_needed {
-            self.store.update_request(&request)?;
-            return Ok(request);
-        }
-        let approvers: Vec<&str> = request.approvals.iter().map(|v| v.by.as_str()).collect();
-        let note = format!("approved by {}", approvers.join(", "));
-        self.approve_filed(&mut request, &who.user, note)?;
-        Ok(request)
-    }
-
-    /// Denies a pending request. Approvers of its policy may deny; so may admins.
-    pub fn deny(&self, who: &Identity, id: &RequestId, reason: &str) -> Result<Request, RequestError> {
-        let reason = text("reason", reason)?;
-        let _guard = self.lock();
-        let mut request = self.load_any(id)?;
-        if !who.has_role("admin") {
+        for _ in 0..ATTEMPTS {
+            let Versioned {
+                value: mut request,
+                version,
+            } = self.load_any(id).await?;
             self.config
                 .policies
                 .may_approve(&request.policy, &who.user, &who.roles, &request.user)
-                .map_err(|e| RequestError::Forbidden(e.replace("approve", "decide")))?;
+                .map_err(RequestError::Forbidden)?;
+            Self::pending(&request)?;
+            if request.approvals.iter().any(|v| v.by == who.user) {
+                return Err(RequestError::Conflict(format!(
+                    "{} already approved request {}; it needs another approver",
+                    who.user, request.id
+                )));
+            }
+            request.approvals.push(Vote {
+                by: who.user.clone(),
+                comment: comment.clone(),
+                at: self.clock.now(),
+            });
+            let given = u32::try_from(request.approvals.len()).unwrap_or(u32::MAX);
+            let vote = AuditEvent::RequestApproval {
+                request_id: request.id.clone(),
+                user: request.user.clone(),
+                by: who.user.clone(),
+                comment: comment.clone(),
+                approvals: given,
+                approvals_needed: request.approvals_needed,
+            };
+            if given < request.approvals_needed {
+                match self.store.update_request(&request, version, None).await {
+                    Ok(_) => {}
+                    Err(StoreError::Conflict) => continue,
+                    Err(e) => return Err(e.into()),
+                }
+                self.audit.record(vote).await?;
+                return Ok(request);
+            }
+            let approvers: Vec<&str> = request.approvals.iter().map(|v| v.by.as_str()).collect();
+            let note = format!("approved by {}", approvers.join(", "));
+            let stored = Versioned {
+                value: request,
+                version,
+            };
+            match self.approve_stored(stored, &who.user, note).await {
+                Err(RequestError::Store(StoreError::Conflict)) => continue,
+                Err(e) => return Err(e),
+                Ok(request) => {
+                    self.audit.record(vote).await?;
+                    return Ok(request);
+                }
+            }
         }
-        Self::pending(&request)?;
-        request.close(RequestState::Denied, Some(&who.user), reason);
-        self.record_close(&request)?;
-        Ok(request)
+        Err(busy(id))
+    }
+
+    /// Denies a pending request. Approvers of its policy may deny; so may admins.
+    pub async fn deny(&self, who: &Identity, id: &RequestId, reason: &str) -> Result<Request, RequestError> {
+        let reason = text("reason", reason)?;
+        for _ in 0..ATTEMPTS {
+            let Versioned {
+                value: mut request,
+                version,
+            } = self.load_any(id).await?;
+            if !who.has_role("admin") {
+                self.config
+                    .policies
+                    .may_approve(&request.policy, &who.user, &who.roles, &request.user)
+                    .map_err(|e| RequestError::Forbidden(e.replace("approve", "decide")))?;
+            }
+            Self::pending(&request)?;
+            request.close(RequestState::Denied, Some(&who.user), reason.clone(), self.clock.now());
+            match self.store_close(&request, version).await {
+                Err(RequestError::Store(StoreError::Conflict)) => continue,
+                other => return other.map(|()| request),
+            }
+        }
+        Err(busy(id))
     }
 
     /// The requester takes back their pending request.
-    pub fn withdraw(&self, who: &Identity, id: &RequestId) -> Result<Request, RequestError> {
-        let _guard = self.lock();
-        let mut request = self.load(who, id)?;
-        if request.user != who.user {
-            return Err(RequestError::Forbidden(format!(
-                "only {} may withdraw request {}",
-                request.user, request.id
-            )));
+    pub async fn withdraw(&self, who: &Identity, id: &RequestId) -> Result<Request, RequestError> {
+        for _ in 0..ATTEMPTS {
+            let Versioned {
+                value: mut request,
+                version,
+            } = self.load(who, id).await?;
+            if request.user != who.user {
+                return Err(RequestError::Forbidden(format!(
+                    "only {} may withdraw request {}",
+                    request.user, request.id
+                )));
+            }
+            Self::pending(&request)?;
+            request.close(
+                RequestState::Withdrawn,
+                Some(&who.user),
+                "withdrawn by the requester".into(),
+                self.clock.now(),
+            );
+            match self.store_close(&request, version).await {
+                Err(RequestError::Store(StoreError::Conflict)) => continue,
+                other => return other.map(|()| request),
+            }
         }
-        Self::pending(&request)?;
-        request.close(
-            RequestState::Withdrawn,
-            Some(&who.user),
-            "withdrawn by the requester".into(),
-        );
-        self.record_close(&request)?;
-        Ok(request)
+        Err(busy(id))
     }
 
-    /// Lapses every pending request past its lapse time; returns how many.
-    pub fn lapse_due(&self) -> Result<usize, RequestError> {
-        let _guard = self.lock();
-        self.lapse_due_locked()
-    }
-
-    fn lapse_due_locked(&self) -> Result<usize, RequestError> {
-        let due = self.store.pending_due(SystemTime::now())?;
-        let n = due.len();
-        for mut request in due {
-            self.lapse(&mut request)?;
-            tracing::info!(request.id = %request.id, user = %request.user, "request lapsed");
+    /// Lapses every pending request past its lapse time; returns how many lapsed here.
+    pub async fn lapse_due(&self) -> Result<usize, RequestError> {
+        let due = self.store.pending_due(self.clock.now()).await?;
+        let mut n = 0;
+        for stored in due {
+            match self.lapse(stored).await {
+                Ok(lapsed) => {
+                    n += 1;
+                    tracing::info!(request.id = %lapsed.value.id, user = %lapsed.value.user, "request lapsed");
+                }
+                // Decided by someone else just now.
+                Err(RequestError::Store(StoreError::Conflict)) => {}
+                Err(e) => return Err(e),
+            }
         }
         Ok(n)
     }
@@ -574,12 +710,26 @@ impl Requests {
                 _ = tick.tick() => {}
                 _ = shutdown.cancelled() => return,
             }
-            let this = Arc::clone(&self);
-            match tokio::task::spawn_blocking(move || this.lapse_due()).await {
-                Ok(Ok(_)) => {}
-                Ok(Err(error)) => tracing::error!(%error, "could not lapse overdue requests"),
-                Err(error) => tracing::error!(%error, "request lapser failed"),
+            if let Err(error) = self.lapse_due().await {
+                tracing::error!(%error, "could not lapse overdue requests");
             }
         }
     }
+}
+
+/// A refusal to audit: what was asked, and why not.
+struct Refused {
+    target: String,
+    access: AccessLevel,
+    length: Duration,
+    break_glass: bool,
+    reason: String,
+    refusal: String,
+}
+
+/// The request kept changing under the caller.
+fn busy(id: &RequestId) -> RequestError {
+    RequestError::Conflict(format!(
+        "request {id} is being changed by someone else at the same time; try again"
+    ))
 }

@@ -16,17 +16,19 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument as _;
 
+use crate::access::{Admission, Dialer, TcpDialer};
 use crate::api::{self, ApiState};
 use crate::audit::{AuditLog, ReopenReason};
 use crate::budget::{Authenticated, Ticket, Unauthenticated, UserSessions};
+use crate::clock;
 use crate::config::{Config, Listen};
-use crate::grants::Grants;
+use crate::grants::{Grants, GrantsDeps};
 use crate::metrics::{self, Metrics};
 use crate::notify::Notifier;
 use crate::pg::{self, PgContext};
 use crate::requests::Requests;
 use crate::sessions::Sessions;
-use crate::store::{GrantStore, RequestStore, SqliteStore};
+use crate::store::{SqliteStore, Store};
 use crate::tls::ServerTls;
 
 /// Start-up failures.
@@ -46,6 +48,8 @@ pub enum ServerError {
     Store(#[from] crate::store::StoreError),
     #[error(transparent)]
     Grants(#[from] crate::grants::GrantError),
+    #[error("upstream TLS settings: {0}")]
+    Upstream(#[from] crate::pg::upstream::UpstreamError),
 }
 
 /// The bound listening sockets.
@@ -95,41 +99,60 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: impl Future<Out
     let metrics = Metrics::new();
     let tls = ServerTls::load(&config.tls)?;
     let audit = AuditLog::open(&config.audit, Arc::clone(&metrics))?;
-    let sqlite = Arc::new(SqliteStore::open(&config.store_path)?);
-    let store: Arc<dyn GrantStore> = sqlite.clone();
-    let request_store: Arc<dyn RequestStore> = sqlite;
+    let path = config.store_path.clone();
+    let sqlite = tokio::task::spawn_blocking(move || SqliteStore::open(&path))
+        .await
+        .map_err(|e| crate::store::StoreError::Unavailable(e.to_string()))??;
+    let store: Arc<dyn Store> = Arc::new(sqlite);
+    let clock = clock::system();
     let cancel = CancellationToken::new();
     let tracker = TaskTracker::new();
     let notifier = Notifier::start(&config.webhooks, &metrics, &tracker, cancel.clone());
-    let grants = Grants::restore(
-        store,
-        Arc::clone(&audit),
-        Arc::clone(&metrics),
-        Arc::clone(&notifier),
-        cancel.clone(),
-    )
+    let grants = Grants::start(GrantsDeps {
+        store: Arc::clone(&store),
+        audit: Arc::clone(&audit),
+        metrics: Arc::clone(&metrics),
+        notifier: Arc::clone(&notifier),
+        clock: Arc::clone(&clock),
+        shutdown: cancel.clone(),
+        tracker: tracker.clone(),
+    })
+    .await
     // Stops the webhook workers already started.
     .inspect_err(|_| cancel.cancel())?;
     let requests = Requests::new(
         config.clone(),
-        request_store,
+        store,
         Arc::clone(&grants),
         Arc::clone(&audit),
         notifier,
+        clock,
     );
     tracker.spawn(Arc::clone(&requests).run_lapser(cancel.clone()));
     let sessions = Arc::new(Sessions::default());
 
+    let dialer: Arc<dyn Dialer> = Arc::new(TcpDialer);
+    let connector =
+        crate::pg::upstream::Connector::new(&config.targets, Arc::clone(&dialer)).inspect_err(|_| cancel.cancel())?;
+    let admission = Arc::new(Admission {
+        targets: Arc::clone(&config.targets),
+        grants: Arc::clone(grants.table()),
+        sessions: Arc::clone(&sessions),
+        users: UserSessions::new(config.limits.max_sessions_per_user),
+        shutdown: cancel.clone(),
+        clock: Arc::clone(grants.table().clock()),
+        dialer,
+    });
     let pg = Arc::new(PgContext {
         config: config.clone(),
         tls: Arc::clone(&tls.postgres),
-        grants: Arc::clone(&grants),
+        admission,
+        connector,
         sessions: Arc::clone(&sessions),
         audit: Arc::clone(&audit),
         metrics: Arc::clone(&metrics),
         shutdown: cancel.clone(),
         connections: Authenticated::new(config.limits.max_connections),
-        users: UserSessions::new(config.limits.max_sessions_per_user),
     });
     let api_state = Arc::new(ApiState {
         config: config.clone(),

@@ -32,8 +32,9 @@ pub struct SessionHandle {
     pub bytes_to_client: AtomicU64,
     /// The key this session's client was given in `BackendKeyData`.
     pub cancel_key: CancelKey,
-    /// Where a matching CancelRequest goes: the target and its backend's own key.
-    upstream_cancel: Option<(Arc<Target>, CancelKey)>,
+    /// Where a matching CancelRequest goes: the target and its backend's own key, once the
+    /// upstream login gave one.
+    upstream_cancel: OnceLock<(Arc<Target>, CancelKey)>,
     kill: CancellationToken,
     kill_reason: OnceLock<SessionEndReason>,
 }
@@ -52,7 +53,14 @@ impl SessionHandle {
         self.kill.cancel();
     }
 
-    /// Fires when the session is killed.
+    /// Records where a CancelRequest with this session's key goes (set once, after the
+    /// upstream login).
+    pub fn set_upstream_cancel(&self, target: Arc<Target>, key: CancelKey) {
+        let _ = self.upstream_cancel.set((target, key));
+    }
+
+    /// Fires when the session is killed, its grant ends or the proxy shuts down (its token is
+    /// a child of the grant's).
     pub fn killed(&self) -> tokio_util::sync::WaitForCancellationFuture<'_> {
         self.kill.cancelled()
     }
@@ -104,8 +112,8 @@ pub struct NewSession {
     pub access: AccessLevel,
     pub grant_id: GrantId,
     pub client_addr: SocketAddr,
-    /// The target and the backend key it issued, for forwarding query cancels.
-    pub upstream_cancel: Option<(Arc<Target>, CancelKey)>,
+    /// The grant's cut token: the session's own token is its child.
+    pub cut_parent: CancellationToken,
 }
 
 /// Live sessions by id and by proxy-issued cancel key. A session deregisters itself when its
@@ -163,8 +171,8 @@ impl Sessions {
             bytes_from_client: AtomicU64::new(0),
             bytes_to_client: AtomicU64::new(0),
             cancel_key,
-            upstream_cancel: s.upstream_cancel,
-            kill: CancellationToken::new(),
+            upstream_cancel: OnceLock::new(),
+            kill: s.cut_parent.child_token(),
             kill_reason: OnceLock::new(),
         });
         self.live.insert(handle.id.clone(), Arc::clone(&handle));
@@ -195,7 +203,7 @@ impl Sessions {
         if diff != 0 {
             return None;
         }
-        handle.upstream_cancel.clone()
+        handle.upstream_cancel.get().cloned()
     }
 
     /// Every live session, oldest first.

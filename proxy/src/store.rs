@@ -1,33 +1,70 @@
-//! Durable grant and request storage behind traits, so the embedded SQLite store can be joined
-//! by a shared PostgreSQL store for scale-out. The in-memory grant table is rebuilt from
-//! [`GrantStore::active`] at start-up; requests are read from the store when asked for.
+//! Durable grants and requests behind one async trait, so the embedded SQLite store can be
+//! joined by a shared PostgreSQL store for several replicas.
+//!
+//! Every state change is a compare-and-set: a grant is ended only while it is live, extended
+//! only from the expiry the caller saw, and a request is replaced only at the version the
+//! caller read. With several writers exactly one wins; the others get [`StoreError::Conflict`]
+//! and re-read (or give up). Each committed change is also published on [`Store::changes`],
+//! which the grant table applies, so changes from any writer (another replica later) reach
+//! the in-memory table the same way. Errors say what the caller does next: retry or degrade
+//! (`Unavailable`), re-read (`Conflict`), or report (`NotFound`).
 
 mod sqlite;
 
 use std::time::SystemTime;
 
+use async_trait::async_trait;
+use tokio::sync::broadcast;
+
 pub use sqlite::SqliteStore;
 
 use crate::model::{Grant, GrantEnd, GrantId, Request, RequestId, RequestState, UserName};
 
-/// A store operation failed.
-#[derive(Debug, thiserror::Error)]
-#[error("grant store: {0}")]
-pub struct StoreError(pub String);
-
-/// Where grants persist.
-pub trait GrantStore: Send + Sync + 'static {
-    /// Records a new active grant.
-    fn insert(&self, grant: &Grant) -> Result<(), StoreError>;
-    /// Marks a grant ended; returns false when it was not active.
-    fn end(&self, id: &GrantId, end: GrantEnd, at: SystemTime) -> Result<bool, StoreError>;
-    /// Moves an active grant's expiry; returns false when it was not active.
-    fn extend(&self, id: &GrantId, expires_at: SystemTime) -> Result<bool, StoreError>;
-    /// Every grant not yet ended (some may be past their expiry time).
-    fn active(&self) -> Result<Vec<Grant>, StoreError>;
+/// Why a store operation did not happen.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StoreError {
+    /// The store cannot be reached or failed; nothing changed. Retry later, or degrade.
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    /// Someone else changed it first: the grant is no longer live or moved, or the request is
+    /// not at the version read. Read it again.
+    #[error("changed by someone else first")]
+    Conflict,
+    /// No such grant or request.
+    #[error("not found")]
+    NotFound,
 }
 
-/// Which requests [`RequestStore::requests`] returns, newest first.
+/// A committed change, as [`Store::changes`] publishes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    GrantCreated(Grant),
+    GrantExtended { id: GrantId, expires_at: SystemTime },
+    GrantEnded { id: GrantId, end: GrantEnd },
+    RequestChanged { id: RequestId, version: u64 },
+}
+
+/// A stored value and the version a compare-and-set must name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Versioned<T> {
+    pub value: T,
+    pub version: u64,
+}
+
+/// A grant change made in the same transaction as a request change.
+#[derive(Debug, Clone, Copy)]
+pub enum GrantWrite<'a> {
+    /// The request's approval creates this grant.
+    Insert(&'a Grant),
+    /// The request's approval moves a live grant's expiry from `from` to `to`.
+    Extend {
+        id: &'a GrantId,
+        from: SystemTime,
+        to: SystemTime,
+    },
+}
+
+/// Which requests [`Store::requests`] returns, newest first.
 #[derive(Debug, Clone, Default)]
 pub struct RequestQuery {
     /// Only this requester's.
@@ -40,16 +77,37 @@ pub struct RequestQuery {
     pub limit: usize,
 }
 
-/// Where access requests persist. Every change of a request rewrites its whole record.
-pub trait RequestStore: Send + Sync + 'static {
-    /// Records a new request.
-    fn insert_request(&self, request: &Request) -> Result<(), StoreError>;
-    /// Replaces a stored request with `request` (same id).
-    fn update_request(&self, request: &Request) -> Result<(), StoreError>;
-    /// The request with id `id`.
-    fn request(&self, id: &RequestId) -> Result<Option<Request>, StoreError>;
+/// Where grants and requests persist. Implementations never block the caller's thread.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Records a new live grant.
+    async fn insert_grant(&self, grant: &Grant) -> Result<(), StoreError>;
+    /// Ends a live grant: `Conflict` when it had already ended, `NotFound` when unknown.
+    async fn end_grant(&self, id: &GrantId, end: GrantEnd, at: SystemTime) -> Result<(), StoreError>;
+    /// Moves a live grant's expiry from `from` to `to`: `Conflict` when it is no longer live or
+    /// its expiry is no longer `from`.
+    async fn extend_grant(&self, id: &GrantId, from: SystemTime, to: SystemTime) -> Result<(), StoreError>;
+    /// Every grant not yet ended (some may be past their expiry).
+    async fn live_grants(&self) -> Result<Vec<Grant>, StoreError>;
+
+    /// Records a new request at version 1.
+    async fn insert_request(&self, request: &Request) -> Result<(), StoreError>;
+    /// Replaces a request stored at `version` (and makes `grant`, in the same transaction);
+    /// returns the new version. `Conflict` when the request or the grant changed meanwhile.
+    async fn update_request(
+        &self,
+        request: &Request,
+        version: u64,
+        grant: Option<GrantWrite<'_>>,
+    ) -> Result<u64, StoreError>;
+    /// The request `id` and its version.
+    async fn request(&self, id: &RequestId) -> Result<Option<Versioned<Request>>, StoreError>;
     /// Requests matching `query`, newest first.
-    fn requests(&self, query: &RequestQuery) -> Result<Vec<Request>, StoreError>;
+    async fn requests(&self, query: &RequestQuery) -> Result<Vec<Request>, StoreError>;
     /// Pending requests whose lapse time is at or before `now`.
-    fn pending_due(&self, now: SystemTime) -> Result<Vec<Request>, StoreError>;
+    async fn pending_due(&self, now: SystemTime) -> Result<Vec<Versioned<Request>>, StoreError>;
+
+    /// Every change committed from now on, in commit order. A receiver that falls behind gets
+    /// `Lagged` and must re-read what it follows.
+    fn changes(&self) -> broadcast::Receiver<Change>;
 }

@@ -285,3 +285,93 @@ async fn a_statement_waits_for_its_audit_record() {
     let seen = String::from_utf8_lossy(&seen.lock().unwrap()).into_owned();
     assert!(seen.contains("INSERT INTO items VALUES (7000, 'xxx"));
 }
+
+/// A stalled audit log (a pipe nobody reads) freezes nothing else: grants still expire on
+/// time and cut their sessions, and `/healthz` still answers. Two grants expire at once, so a
+/// runtime whose two workers each blocked on an expiry's audit record would freeze.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_audit_log_freezes_neither_expiry_nor_health() {
+    use std::io::Read as _;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+
+    let mut h = Harness::start().await;
+    let alice = h.user("alice", &["dev"]);
+    let (bob, carol) = (h.user("bob", &["dev"]), h.user("carol", &["dev"]));
+    h.stop_proxy().await.unwrap();
+    let fifo = h.data_dir().join("audit.fifo");
+    assert!(std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap()
+        .success());
+    let reading = Arc::new(AtomicBool::new(true));
+    {
+        let (fifo, reading) = (fifo.clone(), Arc::clone(&reading));
+        std::thread::spawn(move || {
+            let mut f = std::fs::File::open(&fifo).unwrap();
+            let mut buf = [0u8; 8192];
+            loop {
+                if !reading.load(Ordering::Acquire) {
+                    std::thread::sleep(Duration::from_millis(10));
+                    continue;
+                }
+                match f.read(&mut buf) {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {}
+                }
+            }
+        });
+    }
+    h.edit_config(|c| {
+        format!(
+            "{c}\n[audit]\npath = \"{}\"\nmax_statement_bytes = 1048576\nqueue_depth = 64\n",
+            fifo.display()
+        )
+    });
+    h.start_proxy().await;
+    h.grant("alice", "prod-db", AccessLevel::Write, Duration::from_secs(3600))
+        .await;
+    let lasts = Duration::from_secs(8);
+    h.grant("bob", "prod-db", AccessLevel::Read, lasts).await;
+    h.grant("carol", "prod-db", AccessLevel::Read, lasts).await;
+    let granted = tokio::time::Instant::now();
+    let mut b = raw::session(&h, &bob, "prod-db").await;
+    let mut c = raw::session(&h, &carol, "prod-db").await;
+    let mut a = raw::session(&h, &alice, "prod-db").await;
+
+    // Stall the log: nobody reads, and a record larger than the pipe's buffer is on its way.
+    reading.store(false, Ordering::Release);
+    let big = "x".repeat(256 * 1024);
+    send_query(&mut a, &format!("INSERT INTO items VALUES (7001, '{big}')")).await;
+
+    // Both grants end while the writer is stuck; their sessions are cut all the same. The
+    // bound only stops a frozen proxy from hanging the test.
+    let bound = lasts + Duration::from_secs(20);
+    for (who, s) in [("bob", &mut b), ("carol", &mut c)] {
+        let left = bound.saturating_sub(granted.elapsed());
+        let ending = tokio::time::timeout(left, raw::read_to_end(s))
+            .await
+            .unwrap_or_else(|_| panic!("{who}'s session was not cut while the audit log is stalled"));
+        let (code, message) = error_of(&ending.msgs).expect("a FATAL before the close");
+        assert_eq!(code, "57P01", "{message}");
+        assert!(message.contains("expired"), "{message}");
+    }
+    let (status, body) = tokio::time::timeout(
+        Duration::from_secs(10),
+        jitgate_tests::http_get(h.addrs().metrics, "/healthz"),
+    )
+    .await
+    .expect("/healthz does not answer while the audit log is stalled");
+    assert!(status.contains("200"), "{status} {body}");
+    assert_eq!(
+        h.pg.sql("app", "SELECT count(*) FROM items WHERE id = 7001").unwrap(),
+        "0",
+        "the statement ran without its record"
+    );
+
+    // Reading again, everything the stall held back is written.
+    reading.store(true, Ordering::Release);
+    let msgs = read_until_ready(&mut a).await;
+    assert!(error_of(&msgs).is_none(), "{msgs:?}");
+}

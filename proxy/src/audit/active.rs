@@ -1,5 +1,6 @@
 //! The file the writer appends to: opened with its tail repaired, appended to a whole batch at
-//! a time (or not at all), rotated and synced. Touched only under the writer's lock.
+//! a time (or not at all), rotated and synced. Touched only under the writer's lock; the periodic
+//! sync syncs a second handle of it ([`ActiveFile::sync_handle`]) with the lock released.
 //!
 //! After every append the path is checked to still name the open file (same device and inode,
 //! so still linked, and not shorter than what was written): a log renamed, removed or
@@ -283,6 +284,19 @@ impl ActiveFile {
             self.file.sync_data()?;
         }
         Ok(true)
+    }
+
+    /// A second handle on the file to sync it with, outside the writer's lock; `None` when
+    /// nothing was written since the last sync, or for a pipe or device. Marks the file
+    /// synced: the caller syncs the handle (and counts a failure).
+    pub fn sync_handle(&mut self) -> std::io::Result<Option<File>> {
+        if !self.unsynced || !self.is_regular() {
+            self.unsynced = false;
+            return Ok(None);
+        }
+        let handle = self.file.try_clone()?;
+        self.unsynced = false;
+        Ok(Some(handle))
     }
 
     /// Syncs the file, renames it to `PATH.<first seq>` and continues in a fresh `PATH`.

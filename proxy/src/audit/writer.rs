@@ -10,8 +10,10 @@
 //!   batch with one `write`, then acknowledges every submitter.
 //!
 //! `fsync` runs on the writer thread on a timer (`audit.fsync_interval`), at rotation and at
-//! shutdown, never per batch. With `fsync_interval = 0s` (sync after every batch) everything
-//! goes through the writer thread.
+//! shutdown, never per batch and never on a session task: records that would rotate the file
+//! go through the queue. The periodic `fsync` runs with the lock released (on a second handle
+//! of the file), so statements keep appending meanwhile. With `fsync_interval = 0s` (sync
+//! after every batch) everything goes through the writer thread.
 //!
 //! Whoever appends checks, before acknowledging, that the path still names the file written
 //! to ([`ActiveFile::append`]). When it does not (renamed, removed or truncated from
@@ -156,6 +158,7 @@ impl AuditLog {
             tip_file,
         }));
         let writer = Writer {
+            path: path.clone(),
             rx,
             core: Arc::clone(&core),
             max_file_bytes: config.max_file_bytes,
@@ -190,7 +193,7 @@ impl AuditLog {
         if events.is_empty() {
             drop(tx.send(Ok(())));
         } else {
-            self.submit(events, Ack::Ticket(tx))?;
+            self.submit_with(events, Ack::Ticket(tx))?;
         }
         Ok(AuditTicket { rx })
     }
@@ -206,7 +209,9 @@ impl AuditLog {
             if let Ok(mut core) = self.core.try_lock() {
                 // Only a regular file, open and healthy: a pipe or device may block for as
                 // long as its reader likes, and a blocked tokio worker stalls the runtime.
-                if core.file.as_ref().is_some_and(ActiveFile::is_regular) {
+                // Nor when the records would rotate the file: rotation syncs, and an `fsync`
+                // never runs on a session task.
+                if core.file.as_ref().is_some_and(ActiveFile::is_regular) && !core.would_rotate(&records) {
                     return match core.append(&records) {
                         Ok(()) => Ok(Written::Now),
                         Err(e) => Err(core.failed(records.iter(), e)),
@@ -228,12 +233,27 @@ impl AuditLog {
         self.core.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Writes one event, stamped now, and waits until it is in the file. Safe to call from a
-    /// tokio worker thread (it blocks that thread for the length of one batch).
-    pub fn record(&self, event: AuditEvent) -> Result<(), AuditError> {
+    /// Writes one event, stamped now, and waits until it is in the file, without blocking the
+    /// calling task's thread (the writer thread writes it; the task awaits its ticket).
+    pub async fn record(&self, event: AuditEvent) -> Result<(), AuditError> {
+        let (tx, rx) = oneshot::channel();
+        self.submit_with(vec![event], Ack::Ticket(tx))?;
+        AuditTicket { rx }.await
+    }
+
+    /// Like [`AuditLog::record`], blocking the calling thread: for code off the runtime (the
+    /// CLI, start-up).
+    pub fn record_blocking(&self, event: AuditEvent) -> Result<(), AuditError> {
         let (tx, rx) = mpsc::sync_channel(1);
-        self.submit(vec![event], Ack::Blocking(tx))?;
+        self.submit_with(vec![event], Ack::Blocking(tx))?;
         rx.recv().unwrap_or(Err(AuditError::Closed))
+    }
+
+    /// Hands `event` to the writer thread and returns at once: for records nobody waits for
+    /// (what already happened). A full queue or a failed write is counted by the log.
+    pub fn submit(&self, event: AuditEvent) {
+        let (tx, _) = oneshot::channel();
+        let _ = self.submit_with(vec![event], Ack::Ticket(tx));
     }
 
     /// Reopens the log at its path (SIGHUP, `jitgate audit reopen`, logrotate's postrotate):
@@ -275,7 +295,7 @@ impl AuditLog {
         }
     }
 
-    fn submit(&self, events: Vec<AuditEvent>, ack: Ack) -> Result<(), AuditError> {
+    fn submit_with(&self, events: Vec<AuditEvent>, ack: Ack) -> Result<(), AuditError> {
         let records = self.encode(events)?;
         self.send(Submission { records, ack })
     }
@@ -450,6 +470,14 @@ impl Core {
         }
     }
 
+    /// Whether appending `records` would rotate the file first (by the records' size bound).
+    fn would_rotate(&self, records: &[Encoded]) -> bool {
+        let bytes: usize = records.iter().map(|r| r.body.len() + CHAIN_BYTES).sum();
+        self.file
+            .as_ref()
+            .is_some_and(|f| f.needs_rotation(bytes as u64, self.max_file_bytes))
+    }
+
     /// Appends chained lines, rotating first when they would take the file past
     /// `max_file_bytes`.
     fn write_out(&mut self, file: &mut ActiveFile, buf: &[u8]) -> Result<(), Failure> {
@@ -543,6 +571,29 @@ impl Core {
         error
     }
 
+    /// The periodic sync's first half, under the lock: a handle to sync the file with after
+    /// the lock is released, and the tip that sync makes durable. Falls back to syncing here
+    /// when the handle cannot be had.
+    fn begin_sync(&mut self) -> (Option<std::fs::File>, Tip) {
+        let handle = match self.file.as_mut().map(ActiveFile::sync_handle) {
+            Some(Ok(handle)) => handle,
+            Some(Err(error)) => {
+                tracing::warn!(%error, "cannot open a handle to sync the audit log with; syncing under the lock");
+                self.sync_file_now();
+                None
+            }
+            None => None,
+        };
+        (handle, self.tip)
+    }
+
+    fn sync_file_now(&mut self) {
+        if let Some(mut file) = self.file.take() {
+            self.sync_file(&mut file);
+            self.file = Some(file);
+        }
+    }
+
     /// Syncs the file, then records the tip in the tip file.
     fn sync(&mut self) {
         if let Some(mut file) = self.file.take() {
@@ -554,8 +605,13 @@ impl Core {
 
     /// Records the chain's tip in the tip file (a `pwrite`; nothing when unchanged).
     fn write_tip(&mut self) {
+        self.write_tip_at(self.tip);
+    }
+
+    /// Records `tip` (a tip this writer reached) in the tip file.
+    fn write_tip_at(&mut self, tip: Tip) {
         if let Some(tip_file) = self.tip_file.as_mut() {
-            if let Err(error) = tip_file.write(self.tip) {
+            if let Err(error) = tip_file.write(tip) {
                 tracing::warn!(%error, "cannot record the audit chain's tip");
             }
         }
@@ -586,6 +642,7 @@ impl Core {
 }
 
 struct Writer {
+    path: PathBuf,
     rx: Receiver<Submission>,
     core: Arc<Mutex<Core>>,
     max_file_bytes: u64,
@@ -663,8 +720,25 @@ impl Writer {
         }
     }
 
+    /// The periodic sync. The `fsync` itself runs with the lock released, on a second handle,
+    /// so statements keep appending (inline, on their own tasks) while the disk catches up;
+    /// then the tip it made durable goes to the tip file.
     fn sync(&mut self) {
-        self.core().sync();
+        let (handle, tip) = self.core().begin_sync();
+        if let Some(handle) = handle {
+            let start = Instant::now();
+            match handle.sync_data() {
+                Ok(()) => self.metrics.audit_fsync_seconds.observe(start.elapsed().as_secs_f64()),
+                Err(error) => {
+                    self.metrics
+                        .audit_write_errors_total
+                        .with_label_values(&["fsync"])
+                        .inc();
+                    tracing::error!(path = %self.path.display(), %error, "audit log fsync failed");
+                }
+            }
+        }
+        self.core().write_tip_at(tip);
         self.last_sync = Instant::now();
     }
 }

@@ -49,17 +49,6 @@ pub struct Deadline {
     pub at: SystemTime,
 }
 
-impl Deadline {
-    /// The deadline at wall-clock time `at`, on the monotonic clock from now.
-    pub fn at(at: SystemTime) -> Self {
-        let left = at.duration_since(SystemTime::now()).unwrap_or_default();
-        Deadline {
-            instant: Instant::now() + left,
-            at,
-        }
-    }
-}
-
 /// What an admin asks for when creating a grant directly.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct NewGrant {

@@ -105,10 +105,11 @@ pub struct Request {
 }
 
 impl Request {
-    /// Ends the request in `state`, decided by `by` (none for policy and lapse), with `note`.
-    pub fn close(&mut self, state: RequestState, by: Option<&UserName>, note: String) {
+    /// Ends the request in `state` at `at`, decided by `by` (none for policy and lapse), with
+    /// `note`.
+    pub fn close(&mut self, state: RequestState, by: Option<&UserName>, note: String, at: SystemTime) {
         self.state = state;
-        self.decided_at = Some(SystemTime::now());
+        self.decided_at = Some(at);
         self.decided_by = by.cloned();
         self.note = Some(note);
     }

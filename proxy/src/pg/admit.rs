@@ -14,10 +14,11 @@ use tokio::time::{timeout, timeout_at, Instant};
 use tracing::Instrument as _;
 
 use super::close::{close, CLOSE_BOUND};
-use super::connection::{refusal, refuse_over_limit, run_session, Negotiated, PROTOCOL};
+use super::connection::{asked_target, refuse, run_session, Negotiated, PROTOCOL};
 use super::negotiate::{self, acceptor, Accepted, NegotiateError, Startup};
 use super::upstream;
 use super::PgContext;
+use crate::access::{Reason, Refusal};
 use crate::budget::Ticket;
 use crate::sessions::CancelKey;
 
@@ -99,8 +100,9 @@ pub async fn serve_connection(ctx: Arc<PgContext>, tcp: TcpStream, peer: SocketA
             let msg = format!(
                 "sorry, too many clients already: jitgate holds its limit of {max} connections (limits.max_connections)"
             );
-            let r = refusal("max_connections", "53300", msg, Some("try again later".to_owned()));
-            refuse_over_limit(&ctx, &mut n, peer, r).await;
+            let r = Refusal::new(Reason::MaxConnections, msg).hint("try again later");
+            let target = asked_target(&n);
+            refuse(&ctx, &mut n, peer, &target, r).await;
             drop(ticket);
             return;
         };
@@ -137,7 +139,7 @@ async fn forward_cancel(ctx: &PgContext, key: CancelKey) {
     };
     let wait = ctx.config.limits.upstream_connect_timeout;
     let key = (upstream_key.process_id, upstream_key.secret_key);
-    match timeout(wait, upstream::cancel(&target, key)).await {
+    match timeout(wait, upstream::cancel(&ctx.connector, &target, key)).await {
         Ok(Ok(())) => {
             ctx.metrics
                 .cancel_requests_total

@@ -16,16 +16,16 @@ use tokio_rustls::server::TlsStream;
 use super::close::{close, CLOSE_BOUND};
 use super::guard::Guard;
 use super::relay::{relay, ExpiryNotice, RelayContext, RelayEnd, Relayed};
+use super::sqlstate::Sqlstate;
 use super::startup::{self, CheckedStartup};
 use super::statements::{SessionFacts, TextLimits, Tracker};
-use super::upstream;
+use super::upstream::{self, Upstream};
 use super::PgContext;
-use super::Refusal;
+use crate::access::{Ask, Lease, Protocol, Reason, Refusal};
 use crate::audit::{AuditEvent, SessionEndReason};
-use crate::grants::GrantPermit;
-use crate::model::{Deadline, GrantEnd};
+use crate::model::Deadline;
 use crate::pki::Identity;
-use crate::sessions::{CancelKey, NewSession};
+use crate::sessions::CancelKey;
 
 /// The `protocol` label of this listener's metrics.
 pub(super) const PROTOCOL: &str = "postgres";
@@ -52,7 +52,7 @@ fn error_bytes(severity: Severity, code: &str, message: &str, hint: Option<&str>
 }
 
 /// The target the client asked for, as sent (for refusals before it is checked).
-fn asked_target(n: &Negotiated) -> String {
+pub(super) fn asked_target(n: &Negotiated) -> String {
     n.params
         .iter()
         .find(|(k, _)| k == "database")
@@ -60,121 +60,78 @@ fn asked_target(n: &Negotiated) -> String {
         .to_owned()
 }
 
-/// Audits a refusal, tells the client and closes the connection.
-async fn deny(ctx: &PgContext, n: &mut Negotiated, peer: SocketAddr, target: &str, r: Refusal) {
-    let _ = ctx.audit.record(AuditEvent::SessionDenied {
-        user: n.identity.user.clone(),
-        target: target.to_owned(),
-        client_addr: peer,
-        code: r.reason.to_owned(),
-        reason: r.message.clone(),
-    });
-    tracing::info!(reason = r.reason, message = %r.message, "session refused");
-    let fatal = error_bytes(Severity::Fatal, r.sqlstate, &r.message, r.hint.as_deref());
+/// Audits a refusal, counts it, tells the client and closes the connection: the one way a
+/// PostgreSQL session is refused, whatever refused it.
+pub(super) async fn refuse(ctx: &PgContext, n: &mut Negotiated, peer: SocketAddr, target: &str, r: Refusal) {
+    let reason = r.reason.as_str();
+    if r.reason.is_limit() {
+        ctx.metrics
+            .connections_refused_total
+            .with_label_values(&[PROTOCOL, reason])
+            .inc();
+    } else {
+        ctx.metrics.sessions_denied_total.with_label_values(&[reason]).inc();
+    }
+    // Waited for (off the runtime's workers), so the record is there when the client hears.
+    let _ = ctx
+        .audit
+        .record(AuditEvent::SessionDenied {
+            user: n.identity.user.clone(),
+            target: target.to_owned(),
+            client_addr: peer,
+            code: reason.to_owned(),
+            reason: r.message.clone(),
+        })
+        .await;
+    tracing::info!(reason, message = %r.message, "session refused");
+    let fatal = error_bytes(
+        Severity::Fatal,
+        Sqlstate::of(r.reason).as_str(),
+        &r.message,
+        r.hint.as_deref(),
+    );
     close(&mut n.tls, &fatal, Instant::now() + CLOSE_BOUND).await;
 }
 
-/// A startup refusal, counted in `jitgate_sessions_denied_total`.
-async fn refuse(ctx: &PgContext, n: &mut Negotiated, peer: SocketAddr, target: &str, r: Refusal) {
-    ctx.metrics.sessions_denied_total.with_label_values(&[r.reason]).inc();
-    deny(ctx, n, peer, target, r).await;
+/// A session admitted and logged in upstream, its start audited.
+struct Opened {
+    lease: Lease,
+    up: Upstream,
+    database: String,
+    started: StdInstant,
 }
 
-/// A connection limit refusal, counted in `jitgate_connections_refused_total`.
-pub(super) async fn refuse_over_limit(ctx: &PgContext, n: &mut Negotiated, peer: SocketAddr, r: Refusal) {
-    ctx.metrics
-        .connections_refused_total
-        .with_label_values(&[PROTOCOL, r.reason])
-        .inc();
-    let target = asked_target(n);
-    deny(ctx, n, peer, &target, r).await;
-}
-
-pub(super) fn refusal(reason: &'static str, sqlstate: &'static str, message: String, hint: Option<String>) -> Refusal {
-    Refusal {
-        sqlstate,
-        message,
-        hint,
-        reason,
-    }
-}
-
-/// Runs a session on a connection that holds a slot of `limits.max_connections`.
-pub(super) async fn run_session(ctx: &Arc<PgContext>, mut n: Negotiated, peer: SocketAddr) {
-    // Held for the whole session, so one user cannot take every session slot.
-    let Some(_user_slot) = ctx.users.try_take(&n.identity.user) else {
-        let max = ctx.users.max();
-        let msg = format!(
-            "too many sessions for {}: jitgate allows {max} per user (limits.max_sessions_per_user)",
-            n.identity.user
-        );
-        let hint = "close a session you no longer need, or ask an operator to raise limits.max_sessions_per_user";
-        let r = refusal("max_sessions_per_user", "53300", msg, Some(hint.to_owned()));
-        refuse_over_limit(ctx, &mut n, peer, r).await;
-        return;
-    };
+/// Everything between the startup message and the relay that can refuse: the startup checks,
+/// admission, the upstream login and the `session.start` record. On refusal, also the target
+/// name to record it under.
+async fn open(ctx: &PgContext, n: &Negotiated, peer: SocketAddr) -> Result<Opened, (Refusal, String)> {
     let CheckedStartup {
         target,
         database,
         forward,
-    } = match startup::check(&n.identity, &n.params) {
-        Ok(c) => c,
-        Err(r) => {
-            let target = asked_target(&n);
-            refuse(ctx, &mut n, peer, &target, r).await;
-            return;
-        }
-    };
+    } = startup::check(&n.identity, &n.params).map_err(|r| (r, asked_target(n)))?;
     tracing::Span::current().record("target", target.as_str());
-    let user = n.identity.user.clone();
-    let Some(target_cfg) = ctx.config.targets.get(&target).cloned() else {
-        let msg = format!("\"{target}\" is not a jitgate target");
-        let hint = Some("set dbname to a configured target, e.g. dbname=prod-db".to_owned());
-        refuse(
-            ctx,
-            &mut n,
-            peer,
-            target.as_str(),
-            refusal("unknown_target", "3D000", msg, hint),
-        )
-        .await;
-        return;
-    };
-    let Some(permit) = ctx.grants.lookup(&user, &target) else {
-        let msg = format!("no active grant for {user} on {target}");
-        let hint = format!("request access: jitgate request {target} --access read --for 30m --reason \"...\"");
-        refuse(
-            ctx,
-            &mut n,
-            peer,
-            target.as_str(),
-            refusal("no_grant", "28000", msg, Some(hint)),
-        )
-        .await;
-        return;
-    };
-    if n.identity.not_after <= SystemTime::now() {
-        let msg = "client certificate has expired".to_owned();
-        let hint = Some("get a new certificate: jitgate cert issue".to_owned());
-        refuse(
-            ctx,
-            &mut n,
-            peer,
-            target.as_str(),
-            refusal("cert_expired", "28000", msg, hint),
-        )
-        .await;
-        return;
-    }
-    let database = database.unwrap_or_else(|| target_cfg.database.clone());
+    let at = |r: Refusal| (r, target.to_string());
+    let lease = ctx
+        .admission
+        .admit(Ask {
+            identity: &n.identity,
+            target: &target,
+            protocol: Protocol::Postgres,
+            client_addr: peer,
+            database,
+        })
+        .map_err(at)?;
+    let session = lease.session();
+    tracing::Span::current().record("session.id", session.id.as_str());
 
     let started = StdInstant::now();
     let login = timeout(
         ctx.config.limits.upstream_connect_timeout,
-        upstream::connect(&target_cfg, &permit, &database, &forward),
+        upstream::connect(&ctx.connector, &lease, &session.database, &forward),
     )
     .await;
-    let mut up = match login {
+    let up = match login {
         Ok(Ok(up)) => {
             ctx.metrics
                 .upstream_connect_seconds
@@ -191,18 +148,9 @@ pub(super) async fn run_session(ctx: &Arc<PgContext>, mut n: Negotiated, peer: S
                 Ok(Err(e)) => format!("jitgate could not log in to {target}: {e}"),
                 _ => format!("jitgate timed out connecting to {target}"),
             };
-            refuse(
-                ctx,
-                &mut n,
-                peer,
-                target.as_str(),
-                refusal("upstream", "08001", msg, None),
-            )
-            .await;
-            return;
+            return Err(at(Refusal::new(Reason::Upstream, msg)));
         }
     };
-
     if let Some((k, v)) = up
         .parameters
         .iter()
@@ -210,52 +158,51 @@ pub(super) async fn run_session(ctx: &Arc<PgContext>, mut n: Negotiated, peer: S
     {
         // A role or database default the proxy cannot read statements under.
         let msg = format!("target {target} reports {k}={v}; jitgate requires standard_conforming_strings=on and UTF8");
-        refuse(
-            ctx,
-            &mut n,
-            peer,
-            target.as_str(),
-            refusal("unsafe_setting", "42501", msg, None),
-        )
-        .await;
-        return;
+        return Err(at(Refusal::new(Reason::UnsafeSetting, msg)));
     }
-    let grant = permit.grant();
-    let upstream_cancel = up
-        .backend_key
-        .map(|(process_id, secret_key)| (Arc::clone(&target_cfg), CancelKey { process_id, secret_key }));
-    let registration = ctx.sessions.register(NewSession {
-        upstream_cancel,
-        user: user.clone(),
-        roles: n.identity.roles.clone(),
-        target: target.clone(),
-        database: database.clone(),
-        access: grant.access,
-        grant_id: grant.id.clone(),
-        client_addr: peer,
-    });
-    let session = registration.handle();
-    tracing::Span::current().record("session.id", session.id.as_str());
+    if let Some((process_id, secret_key)) = up.backend_key {
+        session.set_upstream_cancel(Arc::clone(lease.target()), CancelKey { process_id, secret_key });
+    }
+    let grant = lease.grant();
     let start_event = AuditEvent::SessionStart {
         session_id: session.id.clone(),
         grant_id: grant.id.clone(),
-        user: user.clone(),
+        user: n.identity.user.clone(),
         roles: n.identity.roles.clone(),
         target: target.clone(),
-        database: database.clone(),
+        database: session.database.clone(),
         access: grant.access,
         client_addr: peer,
     };
-    if ctx.audit.record(start_event).is_err() {
-        ctx.metrics
-            .sessions_denied_total
-            .with_label_values(&["audit_unavailable"])
-            .inc();
+    if ctx.audit.record(start_event).await.is_err() {
         let msg = "jitgate cannot write its audit log; sessions are refused until it can";
-        let fatal = error_bytes(Severity::Fatal, "58030", msg, None);
-        close(&mut n.tls, &fatal, Instant::now() + CLOSE_BOUND).await;
-        return;
+        return Err(at(Refusal::new(Reason::AuditUnavailable, msg)));
     }
+    let database = session.database.clone();
+    Ok(Opened {
+        lease,
+        up,
+        database,
+        started,
+    })
+}
+
+/// Runs a session on a connection that holds a slot of `limits.max_connections`.
+pub(super) async fn run_session(ctx: &Arc<PgContext>, mut n: Negotiated, peer: SocketAddr) {
+    let Opened {
+        lease,
+        mut up,
+        database,
+        started,
+    } = match open(ctx, &n, peer).await {
+        Ok(opened) => opened,
+        Err((r, target)) => return refuse(ctx, &mut n, peer, &target, r).await,
+    };
+    let session = lease.session();
+    let grant = lease.grant();
+    let target_cfg = lease.target();
+    let target = &target_cfg.name;
+    let user = &n.identity.user;
 
     // Login complete: the client sees the target's parameters and a proxy-issued cancel key,
     // never the target's own.
@@ -270,7 +217,8 @@ pub(super) async fn run_session(ctx: &Arc<PgContext>, mut n: Negotiated, peer: S
     hello.extend_from_slice(&backend::ready_for_query(b'I'));
     let labels = [target.as_str(), PROTOCOL];
     ctx.metrics.sessions_total.with_label_values(&labels).inc();
-    ctx.metrics.sessions_active.with_label_values(&labels).inc();
+    let active = ctx.metrics.sessions_active.with_label_values(&labels);
+    active.inc();
     tracing::info!(access = %grant.access, grant.id = %grant.id, "session started");
 
     let facts = SessionFacts {
@@ -298,7 +246,6 @@ pub(super) async fn run_session(ctx: &Arc<PgContext>, mut n: Negotiated, peer: S
             close_by: Instant::now() + CLOSE_BOUND,
         }
     } else {
-        let cut = cut_signal(ctx, &permit, session, Instant::now() + remaining(n.identity.not_after));
         let target_name = target.to_string();
         let grant_id = grant.id.to_string();
         let session_id = session.id.to_string();
@@ -313,9 +260,9 @@ pub(super) async fn run_session(ctx: &Arc<PgContext>, mut n: Negotiated, peer: S
             // Anything the client pipelined behind its startup message is a statement like
             // any other: it goes through the tracker, never straight upstream.
             initial: std::mem::take(&mut n.leftover),
-            notice: expiry_notice(ctx, &permit),
+            notice: expiry_notice(ctx, &lease),
         };
-        relay(&mut n.tls, &mut up.stream, relay_cx, cut, fatal).await
+        relay(&mut n.tls, &mut up.stream, relay_cx, lease.cut(), fatal).await
     };
 
     let reason = match end {
@@ -326,10 +273,11 @@ pub(super) async fn run_session(ctx: &Arc<PgContext>, mut n: Negotiated, peer: S
             // An idle backend needs no cancel: closing the connection ends it.
             if let Some(key) = up.backend_key.filter(|_| in_flight) {
                 // Stop a statement in progress on the server too; best effort, bounded.
-                let target_cfg = Arc::clone(&target_cfg);
+                let target_cfg = Arc::clone(target_cfg);
+                let connector = ctx.connector.clone();
                 let wait = ctx.config.limits.upstream_connect_timeout;
                 tokio::spawn(async move {
-                    let _ = timeout(wait, upstream::cancel(&target_cfg, key)).await;
+                    let _ = timeout(wait, upstream::cancel(&connector, &target_cfg, key)).await;
                 });
             }
             r
@@ -338,7 +286,7 @@ pub(super) async fn run_session(ctx: &Arc<PgContext>, mut n: Negotiated, peer: S
     drop(up);
     let bytes_from_client = session.bytes_from_client.load(std::sync::atomic::Ordering::Relaxed);
     let bytes_to_client = session.bytes_to_client.load(std::sync::atomic::Ordering::Relaxed);
-    ctx.metrics.sessions_active.with_label_values(&labels).dec();
+    active.dec();
     ctx.metrics
         .bytes_total
         .with_label_values(&["client_to_target"])
@@ -352,9 +300,9 @@ pub(super) async fn run_session(ctx: &Arc<PgContext>, mut n: Negotiated, peer: S
     let _ = ctx.audit.write_or_enqueue(vec![AuditEvent::SessionEnd {
         session_id: session.id.clone(),
         grant_id: grant.id.clone(),
-        user,
+        user: user.clone(),
         roles: session.roles.clone(),
-        target,
+        target: target.clone(),
         access: grant.access,
         client_addr: peer,
         reason,
@@ -366,6 +314,7 @@ pub(super) async fn run_session(ctx: &Arc<PgContext>, mut n: Negotiated, peer: S
         reason = reason.as_str(),
         bytes_from_client,
         bytes_to_client,
+        %database,
         "session ended"
     );
     // By close_by the client has the rest, close_notify and FIN, or a reset.
@@ -373,12 +322,9 @@ pub(super) async fn run_session(ctx: &Arc<PgContext>, mut n: Negotiated, peer: S
 }
 
 /// The pre-expiry NOTICE for this session, unless turned off.
-fn expiry_notice(ctx: &PgContext, permit: &GrantPermit) -> Option<ExpiryNotice> {
-    let lead = ctx.config.sessions.expiry_notice;
-    if lead.is_zero() {
-        return None;
-    }
-    let grant = permit.grant();
+fn expiry_notice(ctx: &PgContext, lease: &Lease) -> Option<ExpiryNotice> {
+    let notice = lease.notice(ctx.config.sessions.expiry_notice)?;
+    let grant = lease.grant();
     let (target, grant_id) = (grant.target.to_string(), grant.id.to_string());
     let render = move |d: Deadline| {
         let left = d.at.duration_since(SystemTime::now()).unwrap_or_default();
@@ -396,45 +342,9 @@ fn expiry_notice(ctx: &PgContext, permit: &GrantPermit) -> Option<ExpiryNotice> 
         })
     };
     Some(ExpiryNotice {
-        deadline: permit.deadline_watch(),
-        lead,
+        notice,
         render: Box::new(render),
     })
-}
-
-fn remaining(t: SystemTime) -> std::time::Duration {
-    t.duration_since(SystemTime::now()).unwrap_or_default()
-}
-
-/// Resolves with the reason the session must end: grant revoked or expired, session killed,
-/// certificate expired, or proxy shutdown.
-async fn cut_signal(
-    ctx: &PgContext,
-    permit: &GrantPermit,
-    session: &crate::sessions::SessionHandle,
-    cert_deadline: Instant,
-) -> SessionEndReason {
-    let grant_cut = permit.cut_token();
-    let mut deadline = permit.deadline_watch();
-    loop {
-        // An extension moves the deadline: wait on the current one, start over when it moves.
-        let due = deadline.borrow_and_update().instant;
-        tokio::select! {
-            _ = grant_cut.cancelled() => return match permit.ended() {
-                Some(GrantEnd::Revoked) => SessionEndReason::GrantRevoked,
-                _ => SessionEndReason::GrantExpired,
-            },
-            _ = tokio::time::sleep_until(due) => {
-                if permit.deadline() <= Instant::now() {
-                    return SessionEndReason::GrantExpired;
-                }
-            }
-            _ = deadline.changed() => {}
-            _ = session.killed() => return session.kill_reason().unwrap_or(SessionEndReason::Killed),
-            _ = tokio::time::sleep_until(cert_deadline) => return SessionEndReason::CertExpired,
-            _ = ctx.shutdown.cancelled() => return SessionEndReason::Shutdown,
-        }
-    }
 }
 
 /// The FATAL the client sees when the proxy cuts its session.

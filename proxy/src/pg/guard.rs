@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use jitgate_protocol::sql::{self, roles, Classified, StatementClass};
 
-use super::Refusal;
+use crate::access::{Reason, Refusal};
 use crate::config::DenyRule;
 use crate::model::AccessLevel;
 
@@ -61,86 +61,76 @@ impl Guard {
         // multibyte client_encoding, an unreadable SET ROLE) would let the server read later
         // statements differently from the proxy: refused at every access level.
         if (c.class == StatementClass::Unknown && c.kind == "set") || changes_lexing_by_function(&c.text) {
-            return Err(Refusal {
-                reason: "unsafe_setting",
-                message: "jitgate: this setting would change how statements are read, so it is not allowed".into(),
-                hint: Some("keep standard_conforming_strings on and client_encoding UTF8".into()),
-                sqlstate: "42501",
-            });
+            return Err(Refusal::new(
+                Reason::UnsafeSetting,
+                "jitgate: this setting would change how statements are read, so it is not allowed",
+            )
+            .hint("keep standard_conforming_strings on and client_encoding UTF8"));
         }
         // A role switch whose role cannot be read would leave every later record with the
         // wrong effective role.
         if c.class == StatementClass::Unknown && matches!(c.kind, "set_role" | "set_session_authorization") {
-            return Err(Refusal {
-                reason: "unsafe_setting",
-                message: "jitgate: this statement switches to a role jitgate cannot read, so it is not allowed".into(),
-                hint: Some("name the role as a plain identifier or string: SET ROLE name".into()),
-                sqlstate: "42501",
-            });
+            return Err(Refusal::new(
+                Reason::UnsafeSetting,
+                "jitgate: this statement switches to a role jitgate cannot read, so it is not allowed",
+            )
+            .hint("name the role as a plain identifier or string: SET ROLE name"));
         }
         // The engineer must never hold a password, or a membership, that outlives the grant.
         if !self.role_management && self.changes_login_role(c) {
-            return Err(Refusal {
-                reason: "login_role",
-                message: "jitgate: this statement would change a role jitgate logs in with \
-                          (its password, validity, login, settings, name or memberships), so it is not allowed"
-                    .into(),
-                hint: Some(
-                    "ask a database administrator, or use an admin grant on a target with allow_role_management = true"
-                        .into(),
-                ),
-                sqlstate: "42501",
-            });
+            return Err(Refusal::new(
+                Reason::LoginRole,
+                "jitgate: this statement would change a role jitgate logs in with \
+                          (its password, validity, login, settings, name or memberships), so it is not allowed",
+            )
+            .hint(
+                "ask a database administrator, or use an admin grant on a target with allow_role_management = true",
+            ));
         }
         if self.access == AccessLevel::Read && !read_allows(c) {
-            return Err(Refusal {
-                reason: "read_only",
-                message: format!(
+            return Err(Refusal::new(
+                Reason::ReadOnly,
+                format!(
                     "jitgate: read access to {} does not allow this statement ({} {})",
                     self.target,
                     c.class.as_str(),
                     c.kind
                 ),
-                hint: Some(format!(
-                    "request write access: jitgate request {} --access write --for 30m --reason \"...\"",
-                    self.target
-                )),
-                sqlstate: "42501",
-            });
+            )
+            .hint(format!(
+                "request write access: jitgate request {} --access write --for 30m --reason \"...\"",
+                self.target
+            )));
         }
         // Deny rules cannot be checked against a statement nobody can read: on a target with
         // rules for this level, unknown statements are refused (fail closed).
         if !self.rules.is_empty() && c.class == StatementClass::Unknown {
-            return Err(Refusal {
-                reason: "unclassifiable",
-                message: format!(
+            return Err(Refusal::new(
+                Reason::Unclassifiable,
+                format!(
                     "jitgate: {} has deny rules and this statement cannot be classified",
                     self.target
                 ),
-                hint: Some("rewrite it in plain SQL (no SQL-level PREPARE/EXECUTE, FROM ONLY or DO)".into()),
-                sqlstate: "42501",
-            });
+            )
+            .hint("rewrite it in plain SQL (no SQL-level PREPARE/EXECUTE, FROM ONLY or DO)"));
         }
         for rule in &self.rules {
             if rule.kinds.iter().any(|k| k == c.kind) {
-                return Err(Refusal {
-                    reason: "deny_kind",
-                    message: format!("jitgate: {} statements are not allowed on {}", c.kind, self.target),
-                    hint: None,
-                    sqlstate: "42501",
-                });
+                return Err(Refusal::new(
+                    Reason::DenyKind,
+                    format!("jitgate: {} statements are not allowed on {}", c.kind, self.target),
+                ));
             }
             if rule.unfiltered_writes && c.has_where == Some(false) {
-                return Err(Refusal {
-                    reason: "unfiltered_write",
-                    message: format!(
+                return Err(Refusal::new(
+                    Reason::UnfilteredWrite,
+                    format!(
                         "jitgate: {} without WHERE is not allowed on {}",
                         c.kind.to_uppercase(),
                         self.target
                     ),
-                    hint: Some("add a WHERE clause (WHERE true if you really mean every row)".into()),
-                    sqlstate: "42501",
-                });
+                )
+                .hint("add a WHERE clause (WHERE true if you really mean every row)"));
             }
         }
         Ok(())
@@ -169,24 +159,20 @@ fn read_allows(c: &Classified) -> bool {
 
 /// The denial sent when a statement cannot be audited.
 pub fn audit_unavailable() -> Refusal {
-    Refusal {
-        reason: "audit_unavailable",
-        message: "jitgate cannot write its audit log; statements are refused until it can".into(),
-        hint: None,
-        sqlstate: "58030",
-    }
+    Refusal::new(
+        Reason::AuditUnavailable,
+        "jitgate cannot write its audit log; statements are refused until it can",
+    )
 }
 
 /// The denial sent for a statement whose reading depends on `client_encoding` or
 /// `standard_conforming_strings`, sent before the server answered everything before it (see
 /// `sql::reading`): an earlier statement may have changed them.
 pub fn setting_dependent() -> Refusal {
-    Refusal {
-        reason: "setting_dependent",
-        message: "jitgate: this statement could read differently under another client_encoding or \
-                  standard_conforming_strings, and it came before the server answered the statements before it"
-            .into(),
-        hint: Some("send it again on its own, once the earlier results have arrived".into()),
-        sqlstate: "42501",
-    }
+    Refusal::new(
+        Reason::SettingDependent,
+        "jitgate: this statement could read differently under another client_encoding or \
+                  standard_conforming_strings, and it came before the server answered the statements before it",
+    )
+    .hint("send it again on its own, once the earlier results have arrived")
 }

@@ -13,18 +13,17 @@ use std::future::{poll_fn, Future};
 use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::task::{Context, Poll};
-use std::time::Duration;
 
 use bytes::BytesMut;
 use jitgate_protocol::postgres::messages::peek_frontend;
 use jitgate_protocol::postgres::scanner::{Piece, Scanner};
 use jitgate_protocol::postgres::ProtocolError;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
-use tokio::sync::watch;
-use tokio::time::{Instant, Sleep};
+use tokio::time::Instant;
 
 use super::close::CLOSE_BOUND;
 use super::statements::{Batch, Disposition, Tracker};
+use crate::access::Notice;
 use crate::audit::{AuditLog, AuditTicket, SessionEndReason, Written};
 use crate::metrics::Metrics;
 use crate::model::Deadline;
@@ -71,20 +70,11 @@ pub struct RelayContext<'a> {
     pub notice: Option<ExpiryNotice>,
 }
 
-/// The NOTICE a session gets `lead` before its grant's deadline; re-armed when an extension
-/// moves the deadline.
+/// The NOTICE a session gets when the lease's pre-expiry notice comes due.
 pub struct ExpiryNotice {
-    pub deadline: watch::Receiver<Deadline>,
-    pub lead: Duration,
+    pub notice: Notice,
     /// The NoticeResponse bytes for a deadline.
     pub render: Box<dyn Fn(Deadline) -> Vec<u8> + Send + Sync>,
-}
-
-impl ExpiryNotice {
-    fn arm(&mut self) -> Pin<Box<Sleep>> {
-        let due = self.deadline.borrow_and_update().instant;
-        Box::pin(tokio::time::sleep_until(due.checked_sub(self.lead).unwrap_or(due)))
-    }
 }
 
 struct Out {
@@ -138,8 +128,7 @@ where
         initial,
         mut notice,
     } = cx;
-    let mut notice_timer = notice.as_mut().map(ExpiryNotice::arm);
-    let mut notice_due = false;
+    let mut notice_due: Option<Deadline> = None;
     let mut inbuf = initial;
     let mut readbuf = vec![0u8; BUF].into_boxed_slice();
     let mut up = Out::new();
@@ -154,16 +143,9 @@ where
             return Poll::Ready(Err(reason));
         }
         if let Some(n) = notice.as_mut() {
-            // The cut signal watches the deadline too, so a move wakes this task.
-            if n.deadline.has_changed().unwrap_or(false) {
-                notice_timer = Some(n.arm());
-                notice_due = false;
-            }
-            if let Some(t) = notice_timer.as_mut() {
-                if t.as_mut().poll(cx).is_ready() {
-                    notice_timer = None;
-                    notice_due = true;
-                }
+            // The cut future watches the deadline too, so a move wakes this task.
+            if let Poll::Ready(d) = n.notice.poll_due(cx) {
+                notice_due = Some(d);
             }
         }
         for _ in 0..BUDGET {
@@ -263,12 +245,11 @@ where
             }
 
             // The expiry notice goes out between two server messages.
-            if notice_due && down.is_empty() && scanner.at_boundary() {
-                if let Some(n) = notice.as_ref() {
-                    down.set((n.render)(*n.deadline.borrow()));
+            if down.is_empty() && scanner.at_boundary() {
+                if let (Some(d), Some(n)) = (notice_due.take(), notice.as_ref()) {
+                    down.set((n.render)(d));
+                    progress = true;
                 }
-                notice_due = false;
-                progress = true;
             }
             // Upstream -> client: observed, passed through, a sentinel's error swapped.
             if down.is_empty() {

@@ -2,7 +2,7 @@
 //! names a target (`prod-db` or `prod-db/otherdb`), and only allowlisted parameters pass
 //! upstream. Everything else is refused with a PostgreSQL error the client can act on.
 
-use super::Refusal;
+use crate::access::{Reason, Refusal};
 use crate::model::TargetName;
 use crate::pki::Identity;
 
@@ -57,13 +57,8 @@ pub struct CheckedStartup {
     pub forward: Vec<(String, String)>,
 }
 
-fn refuse(sqlstate: &'static str, reason: &'static str, message: String, hint: Option<String>) -> Refusal {
-    Refusal {
-        sqlstate,
-        message,
-        hint,
-        reason,
-    }
+fn refuse(reason: Reason, message: String, hint: Option<String>) -> Refusal {
+    Refusal { reason, message, hint }
 }
 
 /// Checks startup parameters against the client's identity.
@@ -84,32 +79,28 @@ pub fn check(identity: &Identity, params: &[(String, String)]) -> Result<Checked
             }
             lower @ ("client_encoding" | "standard_conforming_strings") => {
                 return Err(refuse(
-                    "42501",
-                    "startup_param",
+                    Reason::StartupParam,
                     format!("{lower}={value:?} is not allowed through jitgate"),
                     Some("use client_encoding=UTF8 and standard_conforming_strings=on".into()),
                 ))
             }
             "options" => {
                 return Err(refuse(
-                    "42501",
-                    "startup_param",
+                    Reason::StartupParam,
                     "startup parameter \"options\" is not allowed through jitgate".into(),
                     Some("remove PGOPTIONS/options and use SET after connecting".into()),
                 ))
             }
             "replication" => {
                 return Err(refuse(
-                    "42501",
-                    "startup_param",
+                    Reason::StartupParam,
                     "replication connections are not allowed through jitgate".into(),
                     None,
                 ))
             }
             _ => {
                 return Err(refuse(
-                    "42501",
-                    "startup_param",
+                    Reason::StartupParam,
                     format!("startup parameter {name:?} is not allowed through jitgate"),
                     Some("use SET after connecting".into()),
                 ))
@@ -119,16 +110,14 @@ pub fn check(identity: &Identity, params: &[(String, String)]) -> Result<Checked
     let me = identity.user.as_str();
     let Some(user) = user else {
         return Err(refuse(
-            "28000",
-            "user_mismatch",
+            Reason::UserMismatch,
             "no user in startup message".into(),
             Some(format!("connect with user={me}")),
         ));
     };
     if user != me {
         return Err(refuse(
-            "28000",
-            "user_mismatch",
+            Reason::UserMismatch,
             format!("user \"{user}\" does not match the certificate's user \"{me}\""),
             Some(format!("connect with user={me}")),
         ));
@@ -139,8 +128,7 @@ pub fn check(identity: &Identity, params: &[(String, String)]) -> Result<Checked
         Some((t, d)) if !d.is_empty() => (t, Some(d.to_owned())),
         Some(_) => {
             return Err(refuse(
-                "3D000",
-                "unknown_target",
+                Reason::UnknownTarget,
                 format!("database \"{db}\" names no database after '/'"),
                 None,
             ))
@@ -149,8 +137,7 @@ pub fn check(identity: &Identity, params: &[(String, String)]) -> Result<Checked
     };
     let target = TargetName::new(target).map_err(|_| {
         refuse(
-            "3D000",
-            "unknown_target",
+            Reason::UnknownTarget,
             format!("\"{target}\" is not a jitgate target"),
             Some("set dbname to a target name, e.g. dbname=prod-db or dbname=prod-db/otherdb".into()),
         )
@@ -196,30 +183,30 @@ mod tests {
         assert_eq!(
             check(&alice(), &p(&[("user", "alice"), ("options", "-c role=x")]))
                 .unwrap_err()
-                .sqlstate,
-            "42501"
+                .reason,
+            Reason::StartupParam
         );
         assert_eq!(
             check(&alice(), &p(&[("user", "alice"), ("replication", "true")]))
                 .unwrap_err()
-                .sqlstate,
-            "42501"
+                .reason,
+            Reason::StartupParam
         );
         assert_eq!(
             check(&alice(), &p(&[("user", "alice"), ("session_authorization", "x")]))
                 .unwrap_err()
-                .sqlstate,
-            "42501"
+                .reason,
+            Reason::StartupParam
         );
         assert_eq!(
             check(&alice(), &p(&[("user", "bob"), ("database", "prod-db")]))
                 .unwrap_err()
-                .sqlstate,
-            "28000"
+                .reason,
+            Reason::UserMismatch
         );
         assert_eq!(
-            check(&alice(), &p(&[("database", "prod-db")])).unwrap_err().sqlstate,
-            "28000"
+            check(&alice(), &p(&[("database", "prod-db")])).unwrap_err().reason,
+            Reason::UserMismatch
         );
     }
 
@@ -241,8 +228,8 @@ mod tests {
             ("standard_conforming_strings", "off"),
         ] {
             assert_eq!(
-                check(&alice(), &p(&[("user", "alice"), (k, v)])).unwrap_err().sqlstate,
-                "42501",
+                check(&alice(), &p(&[("user", "alice"), (k, v)])).unwrap_err().reason,
+                Reason::StartupParam,
                 "{k}={v}"
             );
         }

@@ -27,7 +27,7 @@ use jitgate_protocol::postgres::ProtocolError;
 use jitgate_protocol::sql::{self, Classified, SessionChange, StatementClass};
 
 use super::guard::{audit_unavailable, setting_dependent, Guard};
-use super::Refusal;
+use crate::access::{Reason, Refusal};
 use crate::audit::{AuditEvent, Decision, StatementPath};
 use crate::model::{AccessLevel, GrantId, SessionId, TargetName, UserName};
 
@@ -370,7 +370,7 @@ impl Tracker {
             } else {
                 Decision::Allowed
             },
-            denied_by: denial.map(|d| d.reason.to_owned()),
+            denied_by: denial.map(|d| d.reason.as_str().to_owned()),
         };
         (self.next_statement, event)
     }
@@ -435,7 +435,7 @@ impl Tracker {
                     );
                     batch.records.push(event);
                     if let Some(d) = &own {
-                        batch.denials.push(d.reason);
+                        batch.denials.push(d.reason.as_str());
                     } else {
                         batch.classes.push(c.class.as_str());
                     }
@@ -496,7 +496,7 @@ impl Tracker {
                         Some(&d),
                     );
                     batch.records.push(event);
-                    batch.denials.push(d.reason);
+                    batch.denials.push(d.reason.as_str());
                     self.push_slot(SlotKind::Parse, Some(d));
                     let sentinel = encode_parse(&name, SENTINEL);
                     batch.forward.extend_from_slice(&sentinel);
@@ -562,7 +562,7 @@ impl Tracker {
                 batch.records.push(event);
                 match denial {
                     Some(d) => {
-                        batch.denials.push(d.reason);
+                        batch.denials.push(d.reason.as_str());
                         self.push_slot(SlotKind::Parse, Some(d));
                         let sentinel = encode_parse("", SENTINEL);
                         batch.forward.extend_from_slice(&sentinel);
@@ -602,7 +602,7 @@ impl Tracker {
                 let sentinel = encode_query(SENTINEL);
                 match denial {
                     Some(d) => {
-                        batch.denials.push(d.reason);
+                        batch.denials.push(d.reason.as_str());
                         self.push_slot(SlotKind::Query(VecDeque::new()), Some(d));
                         batch.forward.extend_from_slice(&sentinel);
                     }
@@ -698,12 +698,10 @@ impl Tracker {
 }
 
 fn same_message() -> Refusal {
-    Refusal {
-        reason: "same_message",
-        message: "refused with another statement of the same message".into(),
-        hint: None,
-        sqlstate: "42501",
-    }
+    Refusal::new(
+        Reason::SameMessage,
+        "refused with another statement of the same message",
+    )
 }
 
 fn unknown_classified(kind: &'static str) -> Classified {

@@ -1,6 +1,8 @@
 //! Connecting and logging in to a target with the credentials of the grant's access level.
-//! Requires a [`GrantPermit`]: there is no way to reach a target without one.
+//! Requires a [`Lease`]: there is no way to reach a target without one (a CancelRequest
+//! reaches only a target one of the proxy's own sessions is on).
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use bytes::BytesMut;
@@ -12,11 +14,11 @@ use jitgate_protocol::postgres::frontend::{encode_ssl_request, encode_startup};
 use jitgate_protocol::postgres::scram::{self, ScramClient, ScramFinal};
 use rustls::pki_types::ServerName;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 
 use super::stream::UpstreamStream;
+use crate::access::{BoxedIo, Dialer, Lease};
 use crate::config::{Target, UpstreamTls};
-use crate::grants::GrantPermit;
+use crate::model::TargetName;
 
 /// Why the proxy could not log in to a target.
 #[derive(Debug, thiserror::Error)]
@@ -44,17 +46,93 @@ pub struct Upstream {
     pub backend_key: Option<(i32, i32)>,
 }
 
-async fn open(target: &Target) -> Result<UpstreamStream, UpstreamError> {
-    let tcp = TcpStream::connect(&target.address)
-        .await
-        .map_err(|source| UpstreamError::Connect {
+/// How each target's connections are encrypted, built once when the proxy loads its config.
+#[derive(Clone)]
+enum TargetTls {
+    Disable,
+    Tls {
+        config: Arc<rustls::ClientConfig>,
+        name: ServerName<'static>,
+    },
+}
+
+/// Opens upstream PostgreSQL connections: the dialer's stream, then `SSLRequest` and TLS as
+/// the target's `tls` says, with client configs built once per target.
+#[derive(Clone)]
+pub struct Connector {
+    dialer: Arc<dyn Dialer>,
+    tls: Arc<HashMap<TargetName, TargetTls>>,
+}
+
+impl Connector {
+    /// Builds every target's TLS client config.
+    pub fn new(targets: &HashMap<TargetName, Arc<Target>>, dialer: Arc<dyn Dialer>) -> Result<Self, UpstreamError> {
+        let mut tls = HashMap::with_capacity(targets.len());
+        for (name, target) in targets {
+            tls.insert(name.clone(), target_tls(target)?);
+        }
+        Ok(Self {
+            dialer,
+            tls: Arc::new(tls),
+        })
+    }
+
+    /// The lease's target, over the lease's own stream.
+    async fn open_leased(&self, lease: &Lease) -> Result<UpstreamStream, UpstreamError> {
+        let target = lease.target();
+        let io = lease.dial().await.map_err(|source| UpstreamError::Connect {
             address: target.address.clone(),
             source,
         })?;
-    // Disabling Nagle is an optimisation only; a failure changes nothing else.
-    let _ = tcp.set_nodelay(true);
+        self.secure(target, io).await
+    }
+
+    /// A connection to `target` for a CancelRequest (which carries no access, only a key the
+    /// target issued to one of the proxy's own sessions).
+    async fn open_for_cancel(&self, target: &Target) -> Result<UpstreamStream, UpstreamError> {
+        let io = self
+            .dialer
+            .dial(&target.address)
+            .await
+            .map_err(|source| UpstreamError::Connect {
+                address: target.address.clone(),
+                source,
+            })?;
+        self.secure(target, io).await
+    }
+
+    async fn secure(&self, target: &Target, mut io: BoxedIo) -> Result<UpstreamStream, UpstreamError> {
+        let (config, name) = match self.tls.get(&target.name) {
+            None => {
+                return Err(UpstreamError::Tls(format!(
+                    "no TLS settings for target {}",
+                    target.name
+                )))
+            }
+            Some(TargetTls::Disable) => return Ok(UpstreamStream::Plain(io)),
+            Some(TargetTls::Tls { config, name }) => (Arc::clone(config), name.clone()),
+        };
+        io.write_all(&encode_ssl_request())
+            .await
+            .map_err(|e| UpstreamError::Tls(e.to_string()))?;
+        let mut answer = [0u8; 1];
+        io.read_exact(&mut answer)
+            .await
+            .map_err(|e| UpstreamError::Tls(e.to_string()))?;
+        if answer[0] != b'S' {
+            return Err(UpstreamError::Tls("target does not accept TLS".into()));
+        }
+        let tls = tokio_rustls::TlsConnector::from(config)
+            .connect(name, io)
+            .await
+            .map_err(|e| UpstreamError::Tls(e.to_string()))?;
+        Ok(UpstreamStream::Tls(Box::new(tls)))
+    }
+}
+
+fn target_tls(target: &Target) -> Result<TargetTls, UpstreamError> {
     let (config, name) = match &target.tls {
-        UpstreamTls::Disable => return Ok(UpstreamStream::Plain(tcp)),
+        UpstreamTls::Disable => return Ok(TargetTls::Disable),
         UpstreamTls::Require => (
             no_verify_config()?,
             target.address.rsplit_once(':').map_or("", |(h, _)| h).to_owned(),
@@ -69,40 +147,26 @@ async fn open(target: &Target) -> Result<UpstreamStream, UpstreamError> {
             (Arc::new(cfg), server_name.clone())
         }
     };
-    let mut tcp = tcp;
-    tcp.write_all(&encode_ssl_request())
-        .await
-        .map_err(|e| UpstreamError::Tls(e.to_string()))?;
-    let mut answer = [0u8; 1];
-    tcp.read_exact(&mut answer)
-        .await
-        .map_err(|e| UpstreamError::Tls(e.to_string()))?;
-    if answer[0] != b'S' {
-        return Err(UpstreamError::Tls("target does not accept TLS".into()));
-    }
-    let server_name = ServerName::try_from(name.trim_matches(['[', ']']).to_owned())
-        .map_err(|e| UpstreamError::Tls(format!("invalid server name: {e}")))?;
-    let tls = tokio_rustls::TlsConnector::from(config)
-        .connect(server_name, tcp)
-        .await
-        .map_err(|e| UpstreamError::Tls(e.to_string()))?;
-    Ok(UpstreamStream::Tls(Box::new(tls)))
+    let name = ServerName::try_from(name.trim_matches(['[', ']']).to_owned())
+        .map_err(|e| UpstreamError::Tls(format!("target {}: invalid server name: {e}", target.name)))?;
+    Ok(TargetTls::Tls { config, name })
 }
 
-/// Connects to the permit's target, logs in with the access level's credentials and reads up
+/// Connects to the lease's target, logs in with the access level's credentials and reads up
 /// to the first `ReadyForQuery`.
 pub async fn connect(
-    target: &Target,
-    permit: &GrantPermit,
+    connector: &Connector,
+    lease: &Lease,
     database: &str,
     forward: &[(String, String)],
 ) -> Result<Upstream, UpstreamError> {
-    let access = permit.grant().access;
-    let cred = target
+    let access = lease.access();
+    let cred = lease
+        .target()
         .credentials
         .get(&access)
         .ok_or(UpstreamError::NoCredentials(access))?;
-    let mut stream = open(target).await?;
+    let mut stream = connector.open_leased(lease).await?;
 
     // The two settings that decide how the server reads statement text are pinned to the ones
     // the proxy reads with, so no role, database or server default can differ. (The client may
@@ -281,8 +345,8 @@ impl rustls::client::danger::ServerCertVerifier for NoVerify {
 
 /// Asks the target to cancel whatever the backend with `key` is running. Used when a session
 /// is cut, so a statement in progress does not outlive the grant on the server.
-pub async fn cancel(target: &Target, key: (i32, i32)) -> Result<(), UpstreamError> {
-    let mut stream = open(target).await?;
+pub async fn cancel(connector: &Connector, target: &Target, key: (i32, i32)) -> Result<(), UpstreamError> {
+    let mut stream = connector.open_for_cancel(target).await?;
     let msg = jitgate_protocol::postgres::frontend::encode_cancel(key.0, key.1);
     write(&mut stream, &msg).await?;
     // The server closes the connection after reading a CancelRequest.

@@ -1,13 +1,20 @@
 //! The embedded store: one SQLite file in the data directory, WAL mode, `synchronous=FULL` so
-//! a committed grant change survives a crash.
+//! a committed change survives a crash.
+//!
+//! SQLite runs on a thread of its own: every call is a job sent to it over a channel and
+//! answered through a oneshot, so no tokio worker ever waits on the file. Compare-and-set is a
+//! conditional `UPDATE` (the grant still live, the request still at its version) inside the
+//! thread's single connection; a job that touches two tables runs in one transaction.
 
 use std::path::Path;
-use std::sync::Mutex;
+use std::sync::mpsc;
 use std::time::SystemTime;
 
-use rusqlite::{params, Connection};
+use async_trait::async_trait;
+use rusqlite::{params, Connection, OptionalExtension as _};
+use tokio::sync::{broadcast, oneshot};
 
-use super::{GrantStore, RequestQuery, RequestStore, StoreError};
+use super::{Change, GrantWrite, RequestQuery, Store, StoreError, Versioned};
 use crate::model::{Grant, GrantEnd, GrantId, Request, RequestId, RequestState, TargetName, UserName};
 use crate::timefmt::{from_millis, to_millis};
 
@@ -38,256 +45,410 @@ CREATE INDEX IF NOT EXISTS requests_state ON requests (state, lapses_at);
 CREATE INDEX IF NOT EXISTS requests_created ON requests (created_at);
 ";
 
-/// SQLite-backed [`GrantStore`].
+/// `PRAGMA user_version` of the current schema: 1 added `requests.version`.
+const SCHEMA_VERSION: i64 = 1;
+
+/// How many changes a slow follower of [`Store::changes`] may fall behind.
+const CHANGES: usize = 4096;
+
+type Job = Box<dyn FnOnce(&mut Connection) + Send>;
+
+/// SQLite-backed [`Store`].
 pub struct SqliteStore {
-    conn: Mutex<Connection>,
+    jobs: mpsc::Sender<Job>,
+    changes: broadcast::Sender<Change>,
 }
 
 fn err(e: impl std::fmt::Display) -> StoreError {
-    StoreError(e.to_string())
+    StoreError::Unavailable(e.to_string())
 }
 
 impl SqliteStore {
-    /// Opens or creates the store file.
+    /// Opens or creates the store file (creating or upgrading the schema) and starts its thread.
+    /// Blocking: call it before serving, or from `spawn_blocking`.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
-        let conn = Connection::open(path).map_err(|e| StoreError(format!("{}: {e}", path.display())))?;
-        {
-            use std::os::unix::fs::PermissionsExt as _;
-            // Grant history is not for other local users.
-            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-                .map_err(|e| StoreError(format!("{}: {e}", path.display())))?;
-        }
-        conn.pragma_update(None, "journal_mode", "WAL").map_err(err)?;
-        conn.pragma_update(None, "synchronous", "FULL").map_err(err)?;
-        conn.busy_timeout(std::time::Duration::from_secs(5)).map_err(err)?;
-        conn.execute_batch(SCHEMA).map_err(err)?;
-        Ok(Self { conn: Mutex::new(conn) })
+        let conn = open_connection(path)?;
+        let (jobs, rx) = mpsc::channel::<Job>();
+        std::thread::Builder::new()
+            .name("jitgate-store".into())
+            .spawn(move || {
+                let mut conn = conn;
+                // Ends when the last sender (the store) is dropped.
+                while let Ok(job) = rx.recv() {
+                    job(&mut conn);
+                }
+            })
+            .map_err(err)?;
+        let (changes, _) = broadcast::channel(CHANGES);
+        Ok(Self { jobs, changes })
     }
 
-    fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
-        match self.conn.lock() {
-            Ok(c) => c,
-            Err(poisoned) => poisoned.into_inner(),
-        }
+    /// Runs `f` on the store's thread.
+    async fn call<T, F>(&self, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Connection) -> Result<T, StoreError> + Send + 'static,
+    {
+        let (tx, rx) = oneshot::channel();
+        self.jobs
+            .send(Box::new(move |conn| {
+                let _ = tx.send(f(conn));
+            }))
+            .map_err(|_| StoreError::Unavailable("the store thread has stopped".into()))?;
+        rx.await
+            .map_err(|_| StoreError::Unavailable("the store thread has stopped".into()))?
+    }
+
+    fn publish(&self, change: Change) {
+        // No follower is not an error.
+        let _ = self.changes.send(change);
     }
 }
 
-impl GrantStore for SqliteStore {
-    fn insert(&self, g: &Grant) -> Result<(), StoreError> {
-        self.conn()
-            .execute(
-                "INSERT INTO grants (id, user, target, access, reason, created_by, created_at, expires_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-                params![
-                    g.id.as_str(),
-                    g.user.as_str(),
-                    g.target.as_str(),
-                    g.access.as_str(),
-                    g.reason,
-                    g.created_by.as_str(),
-                    to_millis(g.created_at),
-                    to_millis(g.expires_at),
-                ],
-            )
+fn open_connection(path: &Path) -> Result<Connection, StoreError> {
+    let conn = Connection::open(path).map_err(|e| err(format!("{}: {e}", path.display())))?;
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        // Grant history is not for other local users.
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+            .map_err(|e| err(format!("{}: {e}", path.display())))?;
+    }
+    conn.pragma_update(None, "journal_mode", "WAL").map_err(err)?;
+    conn.pragma_update(None, "synchronous", "FULL").map_err(err)?;
+    conn.busy_timeout(std::time::Duration::from_secs(5)).map_err(err)?;
+    conn.execute_batch(SCHEMA).map_err(err)?;
+    let version: i64 = conn
+        .pragma_query_value(None, "user_version", |r| r.get(0))
+        .map_err(err)?;
+    if version < 1 {
+        let has_version = conn
+            .prepare("SELECT 1 FROM pragma_table_info('requests') WHERE name = 'version'")
+            .and_then(|mut s| s.exists([]))
             .map_err(err)?;
+        if !has_version {
+            conn.execute_batch("ALTER TABLE requests ADD COLUMN version INTEGER NOT NULL DEFAULT 1")
+                .map_err(err)?;
+        }
+    }
+    conn.pragma_update(None, "user_version", SCHEMA_VERSION).map_err(err)?;
+    Ok(conn)
+}
+
+fn insert_grant(conn: &Connection, g: &Grant) -> Result<(), StoreError> {
+    conn.execute(
+        "INSERT INTO grants (id, user, target, access, reason, created_by, created_at, expires_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+        params![
+            g.id.as_str(),
+            g.user.as_str(),
+            g.target.as_str(),
+            g.access.as_str(),
+            g.reason,
+            g.created_by.as_str(),
+            to_millis(g.created_at),
+            to_millis(g.expires_at),
+        ],
+    )
+    .map_err(err)?;
+    Ok(())
+}
+
+/// `Conflict` when the grant exists but is no longer live (or moved), `NotFound` when it does
+/// not exist: what a conditional update that changed nothing means.
+fn why_unchanged(conn: &Connection, id: &GrantId) -> StoreError {
+    let exists = conn
+        .query_row("SELECT 1 FROM grants WHERE id = ?1", [id.as_str()], |_| Ok(()))
+        .optional();
+    match exists {
+        Ok(Some(())) => StoreError::Conflict,
+        Ok(None) => StoreError::NotFound,
+        Err(e) => err(e),
+    }
+}
+
+fn extend_grant(conn: &Connection, id: &GrantId, from: SystemTime, to: SystemTime) -> Result<(), StoreError> {
+    let n = conn
+        .execute(
+            "UPDATE grants SET expires_at = ?3 WHERE id = ?1 AND ended_at IS NULL AND expires_at = ?2",
+            params![id.as_str(), to_millis(from), to_millis(to)],
+        )
+        .map_err(err)?;
+    if n == 1 {
+        Ok(())
+    } else {
+        Err(why_unchanged(conn, id))
+    }
+}
+
+fn request_body(r: &Request) -> Result<String, StoreError> {
+    serde_json::to_string(r).map_err(err)
+}
+
+fn decode_request(body: &str) -> Result<Request, StoreError> {
+    serde_json::from_str(body).map_err(|e| err(format!("stored request: {e}")))
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn insert_grant(&self, grant: &Grant) -> Result<(), StoreError> {
+        let g = grant.clone();
+        self.call(move |conn| insert_grant(conn, &g)).await?;
+        self.publish(Change::GrantCreated(grant.clone()));
         Ok(())
     }
 
-    fn end(&self, id: &GrantId, end: GrantEnd, at: SystemTime) -> Result<bool, StoreError> {
-        let n = self
-            .conn()
-            .execute(
-                "UPDATE grants SET ended_at = ?2, end_reason = ?3 WHERE id = ?1 AND ended_at IS NULL",
-                params![id.as_str(), to_millis(at), end.as_str()],
-            )
-            .map_err(err)?;
-        Ok(n == 1)
+    async fn end_grant(&self, id: &GrantId, end: GrantEnd, at: SystemTime) -> Result<(), StoreError> {
+        let gid = id.clone();
+        self.call(move |conn| {
+            let n = conn
+                .execute(
+                    "UPDATE grants SET ended_at = ?2, end_reason = ?3 WHERE id = ?1 AND ended_at IS NULL",
+                    params![gid.as_str(), to_millis(at), end.as_str()],
+                )
+                .map_err(err)?;
+            if n == 1 {
+                Ok(())
+            } else {
+                Err(why_unchanged(conn, &gid))
+            }
+        })
+        .await?;
+        self.publish(Change::GrantEnded { id: id.clone(), end });
+        Ok(())
     }
 
-    fn extend(&self, id: &GrantId, expires_at: SystemTime) -> Result<bool, StoreError> {
-        let n = self
-            .conn()
-            .execute(
-                "UPDATE grants SET expires_at = ?2 WHERE id = ?1 AND ended_at IS NULL",
-                params![id.as_str(), to_millis(expires_at)],
-            )
-            .map_err(err)?;
-        Ok(n == 1)
+    async fn extend_grant(&self, id: &GrantId, from: SystemTime, to: SystemTime) -> Result<(), StoreError> {
+        let gid = id.clone();
+        self.call(move |conn| extend_grant(conn, &gid, from, to)).await?;
+        self.publish(Change::GrantExtended {
+            id: id.clone(),
+            expires_at: to,
+        });
+        Ok(())
     }
 
-    fn active(&self) -> Result<Vec<Grant>, StoreError> {
-        let conn = self.conn();
-        let mut stmt = conn
-            .prepare(
-                "SELECT id, user, target, access, reason, created_by, created_at, expires_at
-                 FROM grants WHERE ended_at IS NULL ORDER BY created_at",
-            )
-            .map_err(err)?;
-        let rows = stmt
-            .query_map([], |r| {
-                Ok((
-                    r.get::<_, String>(0)?,
-                    r.get::<_, String>(1)?,
-                    r.get::<_, String>(2)?,
-                    r.get::<_, String>(3)?,
-                    r.get::<_, String>(4)?,
-                    r.get::<_, String>(5)?,
-                    r.get::<_, i64>(6)?,
-                    r.get::<_, i64>(7)?,
-                ))
-            })
-            .map_err(err)?;
-        let mut grants = Vec::new();
-        for row in rows {
-            let (id, user, target, access, reason, by, created, expires) = row.map_err(err)?;
-            grants.push(Grant {
-                id: GrantId::from_string(id),
-                user: UserName::new(user).map_err(err)?,
-                target: TargetName::new(target).map_err(err)?,
-                access: access.parse().map_err(StoreError)?,
-                reason,
-                created_by: UserName::new(by).map_err(err)?,
-                created_at: from_millis(created),
-                expires_at: from_millis(expires),
-            });
-        }
-        Ok(grants)
+    async fn live_grants(&self) -> Result<Vec<Grant>, StoreError> {
+        self.call(|conn| {
+            let mut stmt = conn
+                .prepare(
+                    "SELECT id, user, target, access, reason, created_by, created_at, expires_at
+                     FROM grants WHERE ended_at IS NULL ORDER BY created_at",
+                )
+                .map_err(err)?;
+            let rows = stmt
+                .query_map([], |r| {
+                    Ok((
+                        r.get::<_, String>(0)?,
+                        r.get::<_, String>(1)?,
+                        r.get::<_, String>(2)?,
+                        r.get::<_, String>(3)?,
+                        r.get::<_, String>(4)?,
+                        r.get::<_, String>(5)?,
+                        r.get::<_, i64>(6)?,
+                        r.get::<_, i64>(7)?,
+                    ))
+                })
+                .map_err(err)?;
+            let mut grants = Vec::new();
+            for row in rows {
+                let (id, user, target, access, reason, by, created, expires) = row.map_err(err)?;
+                grants.push(Grant {
+                    id: GrantId::from_string(id),
+                    user: UserName::new(user).map_err(err)?,
+                    target: TargetName::new(target).map_err(err)?,
+                    access: access.parse().map_err(err)?,
+                    reason,
+                    created_by: UserName::new(by).map_err(err)?,
+                    created_at: from_millis(created),
+                    expires_at: from_millis(expires),
+                });
+            }
+            Ok(grants)
+        })
+        .await
     }
-}
 
-/// The indexed columns of a request row, then its JSON body.
-fn request_row(r: &Request) -> Result<(i64, i64, String), StoreError> {
-    let body = serde_json::to_string(r).map_err(err)?;
-    Ok((to_millis(r.created_at), to_millis(r.lapses_at), body))
-}
-
-fn decode_requests(rows: Vec<String>) -> Result<Vec<Request>, StoreError> {
-    rows.iter()
-        .map(|body| serde_json::from_str(body).map_err(|e| StoreError(format!("stored request: {e}"))))
-        .collect()
-}
-
-impl RequestStore for SqliteStore {
-    fn insert_request(&self, r: &Request) -> Result<(), StoreError> {
-        let (created, lapses, body) = request_row(r)?;
-        self.conn()
-            .execute(
-                "INSERT INTO requests (id, user, state, break_glass, created_at, lapses_at, body)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+    async fn insert_request(&self, request: &Request) -> Result<(), StoreError> {
+        let r = request.clone();
+        let body = request_body(request)?;
+        self.call(move |conn| {
+            conn.execute(
+                "INSERT INTO requests (id, user, state, break_glass, created_at, lapses_at, body, version)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 1)",
                 params![
                     r.id.as_str(),
                     r.user.as_str(),
                     r.state.as_str(),
                     r.break_glass,
-                    created,
-                    lapses,
+                    to_millis(r.created_at),
+                    to_millis(r.lapses_at),
                     body
                 ],
             )
             .map_err(err)?;
+            Ok(())
+        })
+        .await?;
+        self.publish(Change::RequestChanged {
+            id: request.id.clone(),
+            version: 1,
+        });
         Ok(())
     }
 
-    fn update_request(&self, r: &Request) -> Result<(), StoreError> {
-        let (_, lapses, body) = request_row(r)?;
-        let n = self
-            .conn()
-            .execute(
-                "UPDATE requests SET state = ?2, lapses_at = ?3, body = ?4 WHERE id = ?1",
-                params![r.id.as_str(), r.state.as_str(), lapses, body],
-            )
-            .map_err(err)?;
-        if n == 1 {
+    async fn update_request(
+        &self,
+        request: &Request,
+        version: u64,
+        grant: Option<GrantWrite<'_>>,
+    ) -> Result<u64, StoreError> {
+        let r = request.clone();
+        let body = request_body(request)?;
+        let owned_grant = grant.map(|g| match g {
+            GrantWrite::Insert(g) => OwnedWrite::Insert(g.clone()),
+            GrantWrite::Extend { id, from, to } => OwnedWrite::Extend {
+                id: id.clone(),
+                from,
+                to,
+            },
+        });
+        let write = owned_grant.clone();
+        let next = version + 1;
+        self.call(move |conn| {
+            let tx = conn.transaction().map_err(err)?;
+            let v = i64::try_from(version).map_err(err)?;
+            let n = tx
+                .execute(
+                    "UPDATE requests SET state = ?2, lapses_at = ?3, body = ?4, version = version + 1
+                     WHERE id = ?1 AND version = ?5",
+                    params![r.id.as_str(), r.state.as_str(), to_millis(r.lapses_at), body, v],
+                )
+                .map_err(err)?;
+            if n != 1 {
+                let exists = tx
+                    .query_row("SELECT 1 FROM requests WHERE id = ?1", [r.id.as_str()], |_| Ok(()))
+                    .optional()
+                    .map_err(err)?;
+                return Err(if exists.is_some() {
+                    StoreError::Conflict
+                } else {
+                    StoreError::NotFound
+                });
+            }
+            match &write {
+                Some(OwnedWrite::Insert(g)) => insert_grant(&tx, g)?,
+                Some(OwnedWrite::Extend { id, from, to }) => extend_grant(&tx, id, *from, *to)?,
+                None => {}
+            }
+            tx.commit().map_err(err)?;
             Ok(())
-        } else {
-            Err(StoreError(format!("request {} is not stored", r.id)))
+        })
+        .await?;
+        self.publish(Change::RequestChanged {
+            id: request.id.clone(),
+            version: next,
+        });
+        match owned_grant {
+            Some(OwnedWrite::Insert(g)) => self.publish(Change::GrantCreated(g)),
+            Some(OwnedWrite::Extend { id, to, .. }) => self.publish(Change::GrantExtended { id, expires_at: to }),
+            None => {}
         }
+        Ok(next)
     }
 
-    fn request(&self, id: &RequestId) -> Result<Option<Request>, StoreError> {
-        let conn = self.conn();
-        let mut stmt = conn.prepare("SELECT body FROM requests WHERE id = ?1").map_err(err)?;
-        let mut rows = stmt.query_map([id.as_str()], |r| r.get::<_, String>(0)).map_err(err)?;
-        match rows.next() {
-            Some(body) => Ok(decode_requests(vec![body.map_err(err)?])?.pop()),
-            None => Ok(None),
-        }
+    async fn request(&self, id: &RequestId) -> Result<Option<Versioned<Request>>, StoreError> {
+        let id = id.clone();
+        self.call(move |conn| {
+            let row = conn
+                .query_row("SELECT body, version FROM requests WHERE id = ?1", [id.as_str()], |r| {
+                    Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?))
+                })
+                .optional()
+                .map_err(err)?;
+            row.map(|(body, version)| {
+                Ok(Versioned {
+                    value: decode_request(&body)?,
+                    version: u64::try_from(version).map_err(err)?,
+                })
+            })
+            .transpose()
+        })
+        .await
     }
 
-    fn requests(&self, q: &RequestQuery) -> Result<Vec<Request>, StoreError> {
-        let conn = self.conn();
-        let mut stmt = conn
-            .prepare(
-                "SELECT body FROM requests
-                 WHERE (?1 IS NULL OR user = ?1) AND (?2 IS NULL OR state = ?2) AND (?3 = 0 OR break_glass = 1)
-                 ORDER BY created_at DESC, id LIMIT ?4",
-            )
-            .map_err(err)?;
-        let limit = if q.limit == 0 {
-            -1
-        } else {
-            i64::try_from(q.limit).unwrap_or(-1)
-        };
-        let rows = stmt
-            .query_map(
-                params![
-                    q.user.as_ref().map(UserName::as_str),
-                    q.state.map(RequestState::as_str),
-                    q.break_glass,
-                    limit
-                ],
-                |r| r.get::<_, String>(0),
-            )
-            .map_err(err)?
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(err)?;
-        decode_requests(rows)
+    async fn requests(&self, query: &RequestQuery) -> Result<Vec<Request>, StoreError> {
+        let q = query.clone();
+        self.call(move |conn| {
+            let mut stmt = conn
+                .prepare(
+                    "SELECT body FROM requests
+                     WHERE (?1 IS NULL OR user = ?1) AND (?2 IS NULL OR state = ?2) AND (?3 = 0 OR break_glass = 1)
+                     ORDER BY created_at DESC, id LIMIT ?4",
+                )
+                .map_err(err)?;
+            let limit = if q.limit == 0 {
+                -1
+            } else {
+                i64::try_from(q.limit).unwrap_or(-1)
+            };
+            let rows = stmt
+                .query_map(
+                    params![
+                        q.user.as_ref().map(UserName::as_str),
+                        q.state.map(RequestState::as_str),
+                        q.break_glass,
+                        limit
+                    ],
+                    |r| r.get::<_, String>(0),
+                )
+                .map_err(err)?
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(err)?;
+            rows.iter().map(|b| decode_request(b)).collect()
+        })
+        .await
     }
 
-    fn pending_due(&self, now: SystemTime) -> Result<Vec<Request>, StoreError> {
-        let conn = self.conn();
-        let mut stmt = conn
-            .prepare("SELECT body FROM requests WHERE state = 'pending' AND lapses_at <= ?1 ORDER BY lapses_at")
-            .map_err(err)?;
-        let rows = stmt
-            .query_map([to_millis(now)], |r| r.get::<_, String>(0))
-            .map_err(err)?
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(err)?;
-        decode_requests(rows)
+    async fn pending_due(&self, now: SystemTime) -> Result<Vec<Versioned<Request>>, StoreError> {
+        self.call(move |conn| {
+            let mut stmt = conn
+                .prepare(
+                    "SELECT body, version FROM requests WHERE state = 'pending' AND lapses_at <= ?1
+                     ORDER BY lapses_at",
+                )
+                .map_err(err)?;
+            let rows = stmt
+                .query_map([to_millis(now)], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))
+                .map_err(err)?
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(err)?;
+            rows.iter()
+                .map(|(body, version)| {
+                    Ok(Versioned {
+                        value: decode_request(body)?,
+                        version: u64::try_from(*version).map_err(err)?,
+                    })
+                })
+                .collect()
+        })
+        .await
     }
+
+    fn changes(&self) -> broadcast::Receiver<Change> {
+        self.changes.subscribe()
+    }
+}
+
+/// A [`GrantWrite`] that can cross to the store's thread.
+#[derive(Debug, Clone)]
+enum OwnedWrite {
+    Insert(Grant),
+    Extend {
+        id: GrantId,
+        from: SystemTime,
+        to: SystemTime,
+    },
 }
 
 #[cfg(test)]
-mod tests {
-    use std::time::Duration;
-
-    use super::*;
-    use crate::model::AccessLevel;
-
-    #[test]
-    fn grants_survive_reopen_and_end_once() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("jitgate.db");
-        let now = SystemTime::now();
-        let g = Grant {
-            id: GrantId::generate(),
-            user: UserName::new("alice").unwrap(),
-            target: TargetName::new("prod-db").unwrap(),
-            access: AccessLevel::Read,
-            reason: "INC-1".into(),
-            created_by: UserName::new("admin").unwrap(),
-            created_at: now,
-            expires_at: now + Duration::from_secs(60),
-        };
-        SqliteStore::open(&path).unwrap().insert(&g).unwrap();
-        let store = SqliteStore::open(&path).unwrap();
-        let active = store.active().unwrap();
-        assert_eq!(active.len(), 1);
-        assert_eq!(active[0].id, g.id);
-        assert_eq!(active[0].user, g.user);
-        assert!(store.end(&g.id, GrantEnd::Revoked, now).unwrap());
-        assert!(!store.end(&g.id, GrantEnd::Expired, now).unwrap());
-        assert!(SqliteStore::open(&path).unwrap().active().unwrap().is_empty());
-    }
-}
+mod tests;

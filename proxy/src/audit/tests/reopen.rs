@@ -65,7 +65,7 @@ fn a_renamed_file_fails_the_batch_on_both_write_paths_and_the_chain_continues_in
     let metrics = Metrics::new();
     let log = AuditLog::open(&config, Arc::clone(&metrics)).unwrap();
     for i in 0..3 {
-        log.record(event(&i.to_string())).unwrap();
+        log.record_blocking(event(&i.to_string())).unwrap();
     }
     let first = renamed(&config, ".1");
     std::fs::rename(&config.path, &first).unwrap();
@@ -90,9 +90,9 @@ fn a_renamed_file_fails_the_batch_on_both_write_paths_and_the_chain_continues_in
     // The writer thread's path does the same check.
     let second = renamed(&config, ".2");
     std::fs::rename(&config.path, &second).unwrap();
-    let err = log.record(event("refused-queued")).unwrap_err();
+    let err = log.record_blocking(event("refused-queued")).unwrap_err();
     assert_eq!(moved(&err), Some(ReopenReason::Renamed), "{err}");
-    log.record(event("5")).unwrap();
+    log.record_blocking(event("5")).unwrap();
     drop(log);
 
     let s = verify(vec![config.path.clone(), second.clone(), first.clone()]);
@@ -116,7 +116,7 @@ fn a_removed_file_fails_the_batch_and_nothing_acknowledged_is_left_unlinked() {
     let dir = tempfile::tempdir().unwrap();
     let config = quiet(dir.path());
     let log = AuditLog::open(&config, Metrics::new()).unwrap();
-    log.record(event("0")).unwrap();
+    log.record_blocking(event("0")).unwrap();
     std::fs::remove_file(&config.path).unwrap();
     let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
     let ticket = log.enqueue(vec![event("gone")]).unwrap();
@@ -125,7 +125,7 @@ fn a_removed_file_fails_the_batch_and_nothing_acknowledged_is_left_unlinked() {
     std::fs::remove_file(&config.path).unwrap();
     let err = write(&log, "gone-too").unwrap_err();
     assert_eq!(moved(&err), Some(ReopenReason::Deleted), "{err}");
-    log.record(event("kept")).unwrap();
+    log.record_blocking(event("kept")).unwrap();
     drop(log);
     let records = lines(&config.path);
     let kinds: Vec<(&str, u64)> = records
@@ -144,7 +144,7 @@ fn a_truncated_file_is_never_extended_and_its_chain_goes_on() {
     let config = quiet(dir.path());
     let log = AuditLog::open(&config, Metrics::new()).unwrap();
     for i in 0..3 {
-        log.record(event(&i.to_string())).unwrap();
+        log.record_blocking(event(&i.to_string())).unwrap();
     }
     // copytruncate: copy, then truncate the file the writer holds open.
     let copy = renamed(&config, ".1");
@@ -157,7 +157,7 @@ fn a_truncated_file_is_never_extended_and_its_chain_goes_on() {
         .unwrap();
     let err = write(&log, "refused").unwrap_err();
     assert_eq!(moved(&err), Some(ReopenReason::Truncated), "{err}");
-    log.record(event("3")).unwrap();
+    log.record_blocking(event("3")).unwrap();
     drop(log);
     let text = std::fs::read(&config.path).unwrap();
     assert!(!text.contains(&0), "the file was extended with a hole");
@@ -177,7 +177,7 @@ fn reopen_on_request_records_it_and_switches_files_only_when_the_path_moved() {
     let config = quiet(dir.path());
     let metrics = Metrics::new();
     let log = AuditLog::open(&config, Arc::clone(&metrics)).unwrap();
-    log.record(event("0")).unwrap();
+    log.record_blocking(event("0")).unwrap();
     // Nothing moved: same file, still recorded.
     let r = log.reopen(ReopenReason::Signal, None).unwrap();
     assert_eq!((r.seq, r.new_file), (Some(2), false));
@@ -222,7 +222,7 @@ fn a_restart_continues_the_chain_whatever_happened_to_the_files() {
     let write = |n: usize, tag: &str| {
         let log = AuditLog::open(&config, Metrics::new()).unwrap();
         for i in 0..n {
-            log.record(event(&format!("{tag}-{i}"))).unwrap();
+            log.record_blocking(event(&format!("{tag}-{i}"))).unwrap();
         }
     };
     write(10, "a");

@@ -51,7 +51,7 @@ fn concurrent_submitters_each_find_their_record_written() {
                     let ids: Vec<String> = match t % 3 {
                         0 => {
                             let id = format!("{t}-{i}");
-                            log.record(event(&id)).unwrap();
+                            log.record_blocking(event(&id)).unwrap();
                             vec![id]
                         }
                         1 => {
@@ -130,7 +130,7 @@ fn rotation_keeps_one_chain_across_files() {
     config.max_file_bytes = 4096;
     let log = AuditLog::open(&config, Metrics::new()).unwrap();
     for i in 0..120 {
-        log.record(event(&i.to_string())).unwrap();
+        log.record_blocking(event(&i.to_string())).unwrap();
     }
     drop(log);
     let rotated = rotated_files(&config.path).unwrap();
@@ -153,7 +153,7 @@ fn a_restart_continues_the_chain() {
     for round in 0..3 {
         let log = AuditLog::open(&config, Metrics::new()).unwrap();
         for i in 0..25 {
-            log.record(event(&format!("{round}-{i}"))).unwrap();
+            log.record_blocking(event(&format!("{round}-{i}"))).unwrap();
         }
         drop(log);
     }
@@ -167,7 +167,7 @@ fn a_restart_continues_the_chain() {
     std::fs::remove_file(&config.path).unwrap();
     std::fs::remove_file(&config.tip_path).unwrap();
     let log = AuditLog::open(&config, Metrics::new()).unwrap();
-    log.record(event("after")).unwrap();
+    log.record_blocking(event("after")).unwrap();
     drop(log);
     let s = verify(&config);
     assert_eq!(s.seqs, Some((1, last_rotated_seq + 1)));
@@ -179,7 +179,7 @@ fn an_incomplete_last_line_is_cut_at_open() {
     let config = config(dir.path());
     let log = AuditLog::open(&config, Metrics::new()).unwrap();
     for i in 0..3 {
-        log.record(event(&i.to_string())).unwrap();
+        log.record_blocking(event(&i.to_string())).unwrap();
     }
     drop(log);
     // A crash mid-write: half a record, never acknowledged.
@@ -190,7 +190,7 @@ fn an_incomplete_last_line_is_cut_at_open() {
     std::fs::write(&config.path, &torn).unwrap();
     let log = AuditLog::open(&config, Metrics::new()).unwrap();
     assert_eq!(std::fs::read(&config.path).unwrap(), text);
-    log.record(event("3")).unwrap();
+    log.record_blocking(event("3")).unwrap();
     drop(log);
     let s = verify(&config);
     assert_eq!(s.seqs, Some((1, 4)));
@@ -203,7 +203,7 @@ fn a_log_without_a_chain_is_set_aside() {
     let legacy = "{\"v\":1,\"ts\":\"2026-11-22T04:52:01.482Z\",\"event\":\"grant.expired\"}\n".repeat(3);
     std::fs::write(&config.path, &legacy).unwrap();
     let log = AuditLog::open(&config, Metrics::new()).unwrap();
-    log.record(event("new")).unwrap();
+    log.record_blocking(event("new")).unwrap();
     drop(log);
     let s = verify(&config);
     assert_eq!(s.seqs, Some((1, 1)));
@@ -223,7 +223,7 @@ fn a_device_that_refuses_writes_fails_each_record_and_the_writer_stays() {
     let metrics = Metrics::new();
     let log = AuditLog::open(&config, Arc::clone(&metrics)).unwrap();
     for _ in 0..3 {
-        let err = log.record(event("x")).unwrap_err();
+        let err = log.record_blocking(event("x")).unwrap_err();
         assert!(matches!(err, AuditError::Io { .. }), "{err}");
         assert!(err.to_string().contains("/dev/full"), "{err}");
     }
@@ -248,7 +248,7 @@ fn a_failed_batch_is_refused_and_the_next_one_continues_the_chain() {
     config.max_file_bytes = 4096;
     let metrics = Metrics::new();
     let log = AuditLog::open(&config, Arc::clone(&metrics)).unwrap();
-    log.record(event("0")).unwrap();
+    log.record_blocking(event("0")).unwrap();
     // Something already holds the name the file would be rotated to: rotation (and so the
     // batch) fails until it is gone.
     let blocker = dir.path().join("audit.jsonl.00000000000000000001");
@@ -256,7 +256,7 @@ fn a_failed_batch_is_refused_and_the_next_one_continues_the_chain() {
     let mut written = 1;
     let mut failed = 0;
     for i in 1..40 {
-        match log.record(event(&i.to_string())) {
+        match log.record_blocking(event(&i.to_string())) {
             Ok(()) => written += 1,
             Err(e) => {
                 assert!(e.to_string().contains("already exists"), "{e}");
@@ -268,7 +268,7 @@ fn a_failed_batch_is_refused_and_the_next_one_continues_the_chain() {
     let before = std::fs::read(&config.path).unwrap();
     assert!(before.ends_with(b"\n"));
     std::fs::remove_dir(&blocker).unwrap();
-    log.record(event("last")).unwrap();
+    log.record_blocking(event("last")).unwrap();
     drop(log);
     let s = verify(&config);
     assert_eq!(s.seqs, Some((1, written + 1)));
@@ -352,7 +352,7 @@ fn a_closed_log_refuses() {
     let log = AuditLog::open(&config(dir.path()), Metrics::new()).unwrap();
     log.close();
     log.close();
-    assert!(matches!(log.record(event("a")), Err(AuditError::Closed)));
+    assert!(matches!(log.record_blocking(event("a")), Err(AuditError::Closed)));
     assert!(matches!(log.enqueue(vec![event("b")]), Err(AuditError::Closed)));
 }
 
@@ -361,7 +361,7 @@ async fn record_and_tickets_work_inside_the_runtime() {
     let dir = tempfile::tempdir().unwrap();
     let config = config(dir.path());
     let log = AuditLog::open(&config, Metrics::new()).unwrap();
-    log.record(event("sync")).unwrap();
+    log.record_blocking(event("sync")).unwrap();
     let ticket = log.enqueue(vec![event("async")]).unwrap();
     tokio::time::timeout(Duration::from_secs(10), ticket)
         .await
@@ -370,7 +370,7 @@ async fn record_and_tickets_work_inside_the_runtime() {
     // Fire and forget: dropping the ticket still writes the record.
     drop(log.enqueue(vec![event("dropped")]).unwrap());
     let log2 = Arc::clone(&log);
-    tokio::spawn(async move { log2.record(event("task")) })
+    tokio::spawn(async move { log2.record(event("task")).await })
         .await
         .unwrap()
         .unwrap();

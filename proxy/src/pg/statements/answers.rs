@@ -53,7 +53,7 @@ impl Tracker {
                     replacement = Some(backend::error_response(
                         Severity::Error,
                         &Report {
-                            sqlstate: d.sqlstate,
+                            sqlstate: crate::pg::sqlstate::Sqlstate::of(d.reason).as_str(),
                             message: &d.message,
                             detail: None,
                             hint: d.hint.as_deref(),
