@@ -2,7 +2,7 @@
 //! `jitgate session kill` and CancelRequest routing find.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::SystemTime;
 
@@ -37,6 +37,8 @@ pub struct SessionHandle {
     upstream_cancel: OnceLock<(Arc<Target>, CancelKey)>,
     kill: CancellationToken,
     kill_reason: OnceLock<SessionEndReason>,
+    /// Set once the session is through its login and audited: only then is it listed.
+    established: AtomicBool,
 }
 
 /// A (process id, secret key) pair as carried by `BackendKeyData` and `CancelRequest`.
@@ -57,6 +59,12 @@ impl SessionHandle {
     /// upstream login).
     pub fn set_upstream_cancel(&self, target: Arc<Target>, key: CancelKey) {
         let _ = self.upstream_cancel.set((target, key));
+    }
+
+    /// Marks the session established (logged in upstream, `session.start` written): from now
+    /// on it is listed. Admission registers it earlier, so it can be cut while logging in.
+    pub fn set_established(&self) {
+        self.established.store(true, Ordering::Release);
     }
 
     /// Fires when the session is killed, its grant ends or the proxy shuts down (its token is
@@ -174,6 +182,7 @@ impl Sessions {
             upstream_cancel: OnceLock::new(),
             kill: s.cut_parent.child_token(),
             kill_reason: OnceLock::new(),
+            established: AtomicBool::new(false),
         });
         self.live.insert(handle.id.clone(), Arc::clone(&handle));
         self.by_cancel_pid.insert(process_id, Arc::clone(&handle));
@@ -206,9 +215,14 @@ impl Sessions {
         handle.upstream_cancel.get().cloned()
     }
 
-    /// Every live session, oldest first.
+    /// Every established session, oldest first (not those still logging in).
     pub fn list(&self) -> Vec<SessionInfo> {
-        let mut v: Vec<SessionInfo> = self.live.iter().map(|h| h.info()).collect();
+        let mut v: Vec<SessionInfo> = self
+            .live
+            .iter()
+            .filter(|h| h.established.load(Ordering::Acquire))
+            .map(|h| h.info())
+            .collect();
         v.sort_by_key(|s| s.started_at);
         v
     }

@@ -178,6 +178,7 @@ async fn open(ctx: &PgContext, n: &Negotiated, peer: SocketAddr) -> Result<Opene
         let msg = "jitgate cannot write its audit log; sessions are refused until it can";
         return Err(at(Refusal::new(Reason::AuditUnavailable, msg)));
     }
+    session.set_established();
     let database = session.database.clone();
     Ok(Opened {
         lease,

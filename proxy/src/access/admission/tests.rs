@@ -158,6 +158,9 @@ async fn a_lease_registers_its_session_until_dropped() {
     let c = core(4);
     c.grant("alice", "prod-db", 600);
     let lease = c.admit(&c.identity("alice", 3600), "prod-db").unwrap();
+    assert!(c.admission.sessions.list().is_empty(), "not listed while logging in");
+    assert!(c.admission.sessions.kill(&lease.session().id), "but it can be cut");
+    lease.session().set_established();
     let listed = c.admission.sessions.list();
     assert_eq!(listed.len(), 1);
     assert_eq!(listed[0].id, lease.session().id);
