@@ -219,19 +219,20 @@ async fn full_disk_refuses_statements_until_space_returns() {
     h.stop_proxy().await.unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_statement_waits_for_its_audit_record() {
+/// Makes the audit log of `h` (proxy stopped) a pipe read by a thread the test controls: while
+/// `reading` is false nobody reads, so a record larger than the pipe's buffer cannot be
+/// written. What was read collects in the returned buffer.
+fn pipe_audit_log(
+    h: &Harness,
+) -> (
+    std::path::PathBuf,
+    std::sync::Arc<std::sync::atomic::AtomicBool>,
+    std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+) {
     use std::io::Read as _;
     use std::sync::atomic::{AtomicBool, Ordering};
-    use std::sync::Arc;
+    use std::sync::{Arc, Mutex};
 
-    let mut h = Harness::start().await;
-    let alice = h.user("alice", &["dev"]);
-    h.grant("alice", "prod-db", AccessLevel::Write, Duration::from_secs(3600))
-        .await;
-    h.stop_proxy().await.unwrap();
-    // The audit log is a pipe whose reader the test controls: while it does not read, a
-    // record larger than the pipe's buffer cannot be written.
     let fifo = h.data_dir().join("audit.fifo");
     assert!(std::process::Command::new("mkfifo")
         .arg(&fifo)
@@ -239,7 +240,7 @@ async fn a_statement_waits_for_its_audit_record() {
         .unwrap()
         .success());
     let reading = Arc::new(AtomicBool::new(true));
-    let seen = Arc::new(std::sync::Mutex::new(Vec::<u8>::new()));
+    let seen = Arc::new(Mutex::new(Vec::<u8>::new()));
     {
         let (fifo, reading, seen) = (fifo.clone(), Arc::clone(&reading), Arc::clone(&seen));
         std::thread::spawn(move || {
@@ -257,6 +258,20 @@ async fn a_statement_waits_for_its_audit_record() {
             }
         });
     }
+    (fifo, reading, seen)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_statement_waits_for_its_audit_record() {
+    use std::sync::atomic::Ordering;
+
+    let mut h = Harness::start().await;
+    let alice = h.user("alice", &["dev"]);
+    h.grant("alice", "prod-db", AccessLevel::Write, Duration::from_secs(3600))
+        .await;
+    h.stop_proxy().await.unwrap();
+    // The audit log is a pipe whose reader the test controls.
+    let (fifo, reading, seen) = pipe_audit_log(&h);
     h.edit_config(|c| {
         format!(
             "{c}\n[audit]\npath = \"{}\"\nmax_statement_bytes = 1048576\n",
@@ -291,38 +306,13 @@ async fn a_statement_waits_for_its_audit_record() {
 /// runtime whose two workers each blocked on an expiry's audit record would freeze.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_audit_log_freezes_neither_expiry_nor_health() {
-    use std::io::Read as _;
-    use std::sync::atomic::{AtomicBool, Ordering};
-    use std::sync::Arc;
+    use std::sync::atomic::Ordering;
 
     let mut h = Harness::start().await;
     let alice = h.user("alice", &["dev"]);
     let (bob, carol) = (h.user("bob", &["dev"]), h.user("carol", &["dev"]));
     h.stop_proxy().await.unwrap();
-    let fifo = h.data_dir().join("audit.fifo");
-    assert!(std::process::Command::new("mkfifo")
-        .arg(&fifo)
-        .status()
-        .unwrap()
-        .success());
-    let reading = Arc::new(AtomicBool::new(true));
-    {
-        let (fifo, reading) = (fifo.clone(), Arc::clone(&reading));
-        std::thread::spawn(move || {
-            let mut f = std::fs::File::open(&fifo).unwrap();
-            let mut buf = [0u8; 8192];
-            loop {
-                if !reading.load(Ordering::Acquire) {
-                    std::thread::sleep(Duration::from_millis(10));
-                    continue;
-                }
-                match f.read(&mut buf) {
-                    Ok(0) | Err(_) => return,
-                    Ok(_) => {}
-                }
-            }
-        });
-    }
+    let (fifo, reading, _seen) = pipe_audit_log(&h);
     h.edit_config(|c| {
         format!(
             "{c}\n[audit]\npath = \"{}\"\nmax_statement_bytes = 1048576\nqueue_depth = 64\n",

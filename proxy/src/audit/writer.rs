@@ -627,16 +627,19 @@ impl Core {
 
     fn sync_file(&self, file: &mut ActiveFile) {
         let start = Instant::now();
-        match file.sync() {
-            Ok(true) => self.metrics.audit_fsync_seconds.observe(start.elapsed().as_secs_f64()),
-            Ok(false) => {}
-            Err(error) => {
-                self.metrics
-                    .audit_write_errors_total
-                    .with_label_values(&["fsync"])
-                    .inc();
-                tracing::error!(path = %self.path.display(), %error, "audit log fsync failed");
-            }
+        observe_sync(&self.metrics, &self.path, start, file.sync());
+    }
+}
+
+/// Counts one `fsync` that started at `start`: its duration when it ran, an error when it
+/// failed (`Ok(false)`: nothing to sync).
+fn observe_sync(metrics: &Metrics, path: &std::path::Path, start: Instant, result: std::io::Result<bool>) {
+    match result {
+        Ok(true) => metrics.audit_fsync_seconds.observe(start.elapsed().as_secs_f64()),
+        Ok(false) => {}
+        Err(error) => {
+            metrics.audit_write_errors_total.with_label_values(&["fsync"]).inc();
+            tracing::error!(path = %path.display(), %error, "audit log fsync failed");
         }
     }
 }
@@ -727,16 +730,7 @@ impl Writer {
         let (handle, tip) = self.core().begin_sync();
         if let Some(handle) = handle {
             let start = Instant::now();
-            match handle.sync_data() {
-                Ok(()) => self.metrics.audit_fsync_seconds.observe(start.elapsed().as_secs_f64()),
-                Err(error) => {
-                    self.metrics
-                        .audit_write_errors_total
-                        .with_label_values(&["fsync"])
-                        .inc();
-                    tracing::error!(path = %self.path.display(), %error, "audit log fsync failed");
-                }
-            }
+            observe_sync(&self.metrics, &self.path, start, handle.sync_data().map(|()| true));
         }
         self.core().write_tip_at(tip);
         self.last_sync = Instant::now();
