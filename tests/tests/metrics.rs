@@ -54,6 +54,11 @@ async fn metrics_reflect_sessions_opened_and_cut() {
         3.0
     );
     assert!(metric(&body, "jitgate_bytes_total{direction=\"target_to_client\"}") > 0.0);
+    // Counted through each session's resolved counters, one per class.
+    assert!(
+        metric(&body, "jitgate_statements_total{class=\"read\",target=\"prod-db\"}") >= 2.0,
+        "{body}"
+    );
 
     h.admin().revoke_grant(grant.id.as_str()).await.unwrap();
     let mut stdin = idle.stdin.take().unwrap();

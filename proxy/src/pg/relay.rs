@@ -28,6 +28,7 @@ use crate::audit::{AuditLog, AuditTicket, SessionEndReason, Written};
 use crate::metrics::Metrics;
 use crate::model::Deadline;
 use crate::sessions::SessionHandle;
+use prometheus::IntCounter;
 
 /// Read size per direction.
 const BUF: usize = 8 * 1024;
@@ -137,6 +138,7 @@ where
     let mut scanner = Scanner::new(OBSERVED);
     let mut dropping = false;
     let mut cut = std::pin::pin!(cut);
+    let mut counters = Counters::new(metrics, target);
 
     let step = poll_fn(|cx: &mut Context<'_>| {
         if let Poll::Ready(reason) = cut.as_mut().poll(cx) {
@@ -158,12 +160,12 @@ where
                         let bytes = match result {
                             Ok(()) => {
                                 tracker.mark_forwarded(&batch);
-                                count_forwarded(metrics, target, &batch);
+                                counters.forwarded(&batch);
                                 batch.forward
                             }
                             Err(_) => {
                                 tracker.use_fallback(&batch);
-                                count_unaudited(metrics, &batch);
+                                counters.unaudited(&batch);
                                 batch.fallback
                             }
                         };
@@ -200,7 +202,7 @@ where
                             Err(_) => return Poll::Ready(Ok(Step::Malformed)),
                         };
                         for reason in &batch.denials {
-                            metrics.statement_denials_total.with_label_values(&[reason]).inc();
+                            counters.denial(reason, 1);
                         }
                         if batch.records.is_empty() {
                             up.set(batch.forward);
@@ -208,13 +210,13 @@ where
                             match audit.write_or_enqueue(std::mem::take(&mut batch.records)) {
                                 Ok(Written::Now) => {
                                     tracker.mark_forwarded(&batch);
-                                    count_forwarded(metrics, target, &batch);
+                                    counters.forwarded(&batch);
                                     up.set(batch.forward);
                                 }
                                 Ok(Written::Later(ticket)) => waiting = Some((ticket, batch)),
                                 Err(_) => {
                                     tracker.use_fallback(&batch);
-                                    count_unaudited(metrics, &batch);
+                                    counters.unaudited(&batch);
                                     up.set(batch.fallback);
                                 }
                             }
@@ -391,19 +393,64 @@ enum Step {
     Malformed,
 }
 
-fn count_forwarded(metrics: &Metrics, target: &str, batch: &Batch) {
-    for class in &batch.classes {
-        metrics.statements_total.with_label_values(&[target, class]).inc();
+/// A session's statement counters, each label set resolved once per session rather than on
+/// every batch (a session sees a handful of classes and reasons, so a short list is enough).
+struct Counters<'a> {
+    metrics: &'a Metrics,
+    target: &'a str,
+    statements: Vec<(&'static str, IntCounter)>,
+    denials: Vec<(&'static str, IntCounter)>,
+}
+
+impl<'a> Counters<'a> {
+    fn new(metrics: &'a Metrics, target: &'a str) -> Self {
+        Self {
+            metrics,
+            target,
+            statements: Vec::new(),
+            denials: Vec::new(),
+        }
+    }
+
+    fn forwarded(&mut self, batch: &Batch) {
+        for &class in &batch.classes {
+            let (metrics, target) = (self.metrics, self.target);
+            resolved(&mut self.statements, class, || {
+                metrics.statements_total.with_label_values(&[target, class])
+            })
+            .inc();
+        }
+    }
+
+    fn denial(&mut self, reason: &'static str, n: u64) {
+        let metrics = self.metrics;
+        resolved(&mut self.denials, reason, || {
+            metrics.statement_denials_total.with_label_values(&[reason])
+        })
+        .inc_by(n);
+    }
+
+    /// Every statement of a batch whose records could not be written is refused.
+    fn unaudited(&mut self, batch: &Batch) {
+        let refused = batch.classes.len() as u64;
+        self.denial("audit_unavailable", refused.max(1));
     }
 }
 
-/// Every statement of a batch whose records could not be written is refused.
-fn count_unaudited(metrics: &Metrics, batch: &Batch) {
-    let refused = batch.classes.len() as u64;
-    metrics
-        .statement_denials_total
-        .with_label_values(&["audit_unavailable"])
-        .inc_by(refused.max(1));
+/// The counter for `key` in `cache`, resolved with `make` the first time.
+fn resolved<'c>(
+    cache: &'c mut Vec<(&'static str, IntCounter)>,
+    key: &'static str,
+    make: impl FnOnce() -> IntCounter,
+) -> &'c IntCounter {
+    let at = match cache.iter().position(|(k, _)| *k == key) {
+        Some(at) => at,
+        None => {
+            cache.push((key, make()));
+            cache.len() - 1
+        }
+    };
+    &cache[at].1
 }
 
 /// Length of the longest prefix of whole messages in `buf`; `Err` when a message has a type
