@@ -242,6 +242,13 @@ pub enum SessionChange {
 
 pub use shape::shape;
 
+/// `text` without the whitespace PostgreSQL skips around tokens (`[ \t\n\r\f\v]`, scan.l's
+/// `space`). Not `str::trim`: that also drops Unicode spaces such as U+00A0, which PostgreSQL
+/// reads as part of an identifier, so the recorded text would differ from what runs.
+pub fn trim_blank(text: &str) -> &str {
+    text.trim_matches([' ', '\t', '\n', '\r', '\x0b', '\x0c'])
+}
+
 /// Whether `haystack` contains `needle`, ASCII letters compared without case (no allocation:
 /// runs on every recorded statement).
 pub fn contains_ignore_ascii_case(haystack: &str, needle: &str) -> bool {
@@ -257,7 +264,7 @@ pub fn contains_ignore_ascii_case(haystack: &str, needle: &str) -> bool {
 /// (only whitespace/comments/semicolons) yields one Classified with kind "empty" and class Read.
 pub fn classify(sql: &str) -> Vec<Classified> {
     let Some(pieces) = piece::split(sql) else {
-        return vec![Classified::unknown(sql.trim().trim_end_matches(';').trim_end())];
+        return vec![Classified::unknown(trim_blank(trim_blank(sql).trim_end_matches(';')))];
     };
     if pieces.is_empty() {
         return vec![Classified::empty()];

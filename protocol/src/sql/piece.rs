@@ -16,7 +16,7 @@ use super::{MAX_OPERATOR_TOKENS, RECURSION_LIMIT};
 
 /// One statement's text and tokens (whitespace and comments included, the `;` excluded).
 pub(super) struct Piece<'a> {
-    /// The statement's text, trimmed of surrounding whitespace.
+    /// The statement's text, trimmed of the whitespace PostgreSQL skips around it.
     pub(super) text: &'a str,
     /// The statement's tokens, ready for the parser.
     pub(super) tokens: Vec<TokenWithSpan>,
@@ -116,7 +116,7 @@ pub(super) fn split(sql: &str) -> Option<Vec<Piece<'_>>> {
 fn push_piece<'a>(pieces: &mut Vec<Piece<'a>>, text: &'a str, tokens: Vec<TokenWithSpan>) {
     if tokens.iter().any(|t| !matches!(t.token, Token::Whitespace(_))) {
         pieces.push(Piece {
-            text: text.trim(),
+            text: super::trim_blank(text),
             tokens,
         });
     }

@@ -604,6 +604,30 @@ fn redacting_twice_changes_nothing_more() {
 }
 
 #[test]
+fn a_unicode_space_ending_an_identifier_stays_in_the_text() {
+    // Fuzz finding 5: PostgreSQL reads U+00A0 (bytes C2 A0) as part of an identifier, but
+    // `str::trim` dropped it from the statement's text, so the recorded text named table `t`
+    // while the statement that ran names `t\u{a0}`.
+    for sql in [
+        "SELECT FROM t\u{a0};",
+        "SELECT 1; SELECT FROM t\u{a0}",
+        "SELECT FROM t\u{a0}\u{2003}",
+    ] {
+        let list = classify(sql);
+        let last = list.last().unwrap();
+        assert!(
+            last.text.ends_with('\u{a0}') || last.text.ends_with('\u{2003}'),
+            "{sql:?}: {:?}",
+            last.text
+        );
+        let alone = classify(&last.text);
+        assert_eq!(alone[0].tables, last.tables, "{sql:?}");
+        assert_eq!(alone[0].text, last.text);
+    }
+    assert_eq!(classify(" \t\n\r\x0b\x0cSELECT 1 \x0c;")[0].text, "SELECT 1");
+}
+
+#[test]
 fn do_blocks_are_unknown() {
     // A DO block can run any statement through dynamic EXECUTE.
     assert_eq!(
