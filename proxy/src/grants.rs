@@ -22,7 +22,6 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-pub use crate::access::table::GrantPermit;
 use crate::access::table::{Applied, GrantTable};
 use crate::audit::{AuditError, AuditEvent, AuditLog};
 use crate::clock::SharedClock;
@@ -124,11 +123,6 @@ impl Grants {
     /// The table sessions are admitted against.
     pub fn table(&self) -> &Arc<GrantTable> {
         &self.table
-    }
-
-    /// The best live grant for (user, target). `None` denies.
-    pub fn lookup(&self, user: &UserName, target: &TargetName) -> Option<GrantPermit> {
-        self.table.lookup(user, target)
     }
 
     /// The live grant `id`, with its current expiry.

@@ -97,7 +97,6 @@ pub(super) async fn refuse(ctx: &PgContext, n: &mut Negotiated, peer: SocketAddr
 struct Opened {
     lease: Lease,
     up: Upstream,
-    database: String,
     started: StdInstant,
 }
 
@@ -179,23 +178,12 @@ async fn open(ctx: &PgContext, n: &Negotiated, peer: SocketAddr) -> Result<Opene
         return Err(at(Refusal::new(Reason::AuditUnavailable, msg)));
     }
     session.set_established();
-    let database = session.database.clone();
-    Ok(Opened {
-        lease,
-        up,
-        database,
-        started,
-    })
+    Ok(Opened { lease, up, started })
 }
 
 /// Runs a session on a connection that holds a slot of `limits.max_connections`.
 pub(super) async fn run_session(ctx: &Arc<PgContext>, mut n: Negotiated, peer: SocketAddr) {
-    let Opened {
-        lease,
-        mut up,
-        database,
-        started,
-    } = match open(ctx, &n, peer).await {
+    let Opened { lease, mut up, started } = match open(ctx, &n, peer).await {
         Ok(opened) => opened,
         Err((r, target)) => return refuse(ctx, &mut n, peer, &target, r).await,
     };
@@ -315,7 +303,7 @@ pub(super) async fn run_session(ctx: &Arc<PgContext>, mut n: Negotiated, peer: S
         reason = reason.as_str(),
         bytes_from_client,
         bytes_to_client,
-        %database,
+        database = %session.database,
         "session ended"
     );
     // By close_by the client has the rest, close_notify and FIN, or a reset.
