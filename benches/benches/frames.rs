@@ -11,8 +11,8 @@ use std::time::SystemTime;
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use jitgate::audit::{AuditEvent, AuditRecord, SCHEMA_VERSION};
-use jitgate::model::{AccessLevel, GrantId, SessionId, TargetName, UserName};
-use jitgate::pg::bench_support::{Disposition, Guard, SessionFacts, TextLimits, Tracker};
+use jitgate::model::{AccessLevel, GrantId, SessionId, SessionMeta, TargetName, UserName};
+use jitgate::pg::bench_support::{Disposition, Guard, TextLimits, Tracker};
 use jitgate_benches::traffic::{self, Exchange, Mode, Read};
 use jitgate_protocol::postgres::backend::peek_tagged;
 use jitgate_protocol::postgres::messages::decode_frontend;
@@ -66,12 +66,15 @@ fn split_and_decode(buf: &[u8]) -> usize {
 fn tracker() -> Tracker {
     let user = UserName::new("bench").unwrap();
     let target = TargetName::new("bench-db").unwrap();
-    let facts = SessionFacts {
-        session_id: SessionId::generate(),
+    let session = SessionMeta {
+        id: SessionId::generate(),
         grant_id: GrantId::generate(),
         user: user.clone(),
+        roles: Vec::new(),
         target: target.clone(),
+        database: "bench".into(),
         access: AccessLevel::Write,
+        client_addr: "127.0.0.1:5555".parse().unwrap(),
     };
     let guard = Guard::new(AccessLevel::Write, target.as_str(), &[]);
     let limits = TextLimits {
@@ -79,7 +82,7 @@ fn tracker() -> Tracker {
         max_param_bytes: 256,
         redact_params_matching: vec!["password".into(), "secret".into(), "token".into()],
     };
-    Tracker::new(facts, guard, limits)
+    Tracker::new(session, guard, limits)
 }
 
 /// One exchange through the tracker as the relay drives it; returns the records made.

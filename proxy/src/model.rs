@@ -6,7 +6,9 @@
 mod grant;
 mod ids;
 mod request;
+mod session;
 
 pub use grant::{Deadline, Grant, GrantEnd, NewGrant};
 pub use ids::{AccessLevel, GrantId, InvalidName, RequestId, Role, SessionId, TargetName, UserName};
 pub use request::{ListFilter, NewExtension, NewRequest, Request, RequestState, Vote};
+pub use session::SessionMeta;

@@ -22,7 +22,7 @@ pub use admit::serve_connection;
 #[doc(hidden)]
 pub mod bench_support {
     pub use super::guard::Guard;
-    pub use super::statements::{Batch, Disposition, SessionFacts, TextLimits, Tracker};
+    pub use super::statements::{Batch, Disposition, TextLimits, Tracker};
 }
 
 use crate::access::Admission;

@@ -12,19 +12,12 @@ use tokio_util::sync::CancellationToken;
 
 use crate::audit::SessionEndReason;
 use crate::config::Target;
-use crate::model::{AccessLevel, GrantId, Role, SessionId, TargetName, UserName};
+use crate::model::{AccessLevel, GrantId, SessionId, SessionMeta, TargetName, UserName};
 
 /// A live session's shared state.
 #[derive(Debug)]
 pub struct SessionHandle {
-    pub id: SessionId,
-    pub user: UserName,
-    pub roles: Vec<Role>,
-    pub target: TargetName,
-    pub database: String,
-    pub access: AccessLevel,
-    pub grant_id: GrantId,
-    pub client_addr: SocketAddr,
+    pub meta: SessionMeta,
     pub started_at: SystemTime,
     /// Bytes read from the client.
     pub bytes_from_client: AtomicU64,
@@ -80,14 +73,15 @@ impl SessionHandle {
 
     /// A snapshot for listings.
     pub fn info(&self) -> SessionInfo {
+        let m = &self.meta;
         SessionInfo {
-            id: self.id.clone(),
-            user: self.user.clone(),
-            target: self.target.clone(),
-            database: self.database.clone(),
-            access: self.access,
-            grant_id: self.grant_id.clone(),
-            client_addr: self.client_addr,
+            id: m.id.clone(),
+            user: m.user.clone(),
+            target: m.target.clone(),
+            database: m.database.clone(),
+            access: m.access,
+            grant_id: m.grant_id.clone(),
+            client_addr: m.client_addr,
             started_at: self.started_at,
             bytes_from_client: self.bytes_from_client.load(Ordering::Relaxed),
             bytes_to_client: self.bytes_to_client.load(Ordering::Relaxed),
@@ -95,7 +89,7 @@ impl SessionHandle {
     }
 }
 
-/// A session as listed by the API.
+/// A session as listed by the API (its wire format: `id`, and no roles).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct SessionInfo {
     pub id: SessionId,
@@ -111,15 +105,9 @@ pub struct SessionInfo {
     pub bytes_to_client: u64,
 }
 
-/// Fields that describe a new session.
+/// A new session: who it is, and the token that cuts it.
 pub struct NewSession {
-    pub user: UserName,
-    pub roles: Vec<Role>,
-    pub target: TargetName,
-    pub database: String,
-    pub access: AccessLevel,
-    pub grant_id: GrantId,
-    pub client_addr: SocketAddr,
+    pub meta: SessionMeta,
     /// The grant's cut token: the session's own token is its child.
     pub cut_parent: CancellationToken,
 }
@@ -147,7 +135,7 @@ impl Registration {
 
 impl Drop for Registration {
     fn drop(&mut self) {
-        self.sessions.live.remove(&self.handle.id);
+        self.sessions.live.remove(&self.handle.meta.id);
         self.sessions.by_cancel_pid.remove(&self.handle.cancel_key.process_id);
     }
 }
@@ -167,14 +155,7 @@ impl Sessions {
             secret_key: rand::random(),
         };
         let handle = Arc::new(SessionHandle {
-            id: SessionId::generate(),
-            user: s.user,
-            roles: s.roles,
-            target: s.target,
-            database: s.database,
-            access: s.access,
-            grant_id: s.grant_id,
-            client_addr: s.client_addr,
+            meta: s.meta,
             started_at: SystemTime::now(),
             bytes_from_client: AtomicU64::new(0),
             bytes_to_client: AtomicU64::new(0),
@@ -184,7 +165,7 @@ impl Sessions {
             kill_reason: OnceLock::new(),
             established: AtomicBool::new(false),
         });
-        self.live.insert(handle.id.clone(), Arc::clone(&handle));
+        self.live.insert(handle.meta.id.clone(), Arc::clone(&handle));
         self.by_cancel_pid.insert(process_id, Arc::clone(&handle));
         Registration {
             sessions: Arc::clone(self),

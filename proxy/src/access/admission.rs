@@ -14,7 +14,7 @@ use super::table::GrantTable;
 use crate::budget::UserSessions;
 use crate::clock::SharedClock;
 use crate::config::Target;
-use crate::model::TargetName;
+use crate::model::{SessionId, SessionMeta, TargetName};
 use crate::pki::Identity;
 use crate::sessions::{NewSession, Sessions};
 
@@ -91,13 +91,16 @@ impl Admission {
         }
         let grant = permit.grant();
         let registration = self.sessions.register(NewSession {
-            user: user.clone(),
-            roles: ask.identity.roles.clone(),
-            target: target_name.clone(),
-            database: ask.database.unwrap_or_else(|| target.database.clone()),
-            access: grant.access,
-            grant_id: grant.id.clone(),
-            client_addr: ask.client_addr,
+            meta: SessionMeta {
+                id: SessionId::generate(),
+                grant_id: grant.id.clone(),
+                user: user.clone(),
+                roles: ask.identity.roles.clone(),
+                target: target_name.clone(),
+                database: ask.database.unwrap_or_else(|| target.database.clone()),
+                access: grant.access,
+                client_addr: ask.client_addr,
+            },
             cut_parent: permit.cut_token().clone(),
         });
         Ok(Lease {

@@ -43,7 +43,7 @@ impl std::fmt::Debug for Lease {
         f.debug_struct("Lease")
             .field("grant", &self.permit.grant().id)
             .field("target", &self.target.name)
-            .field("session", &self.session().id)
+            .field("session", &self.session().meta.id)
             .finish_non_exhaustive()
     }
 }

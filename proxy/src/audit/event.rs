@@ -7,7 +7,7 @@ use std::time::SystemTime;
 
 use serde::{Deserialize, Serialize};
 
-use crate::model::{AccessLevel, Grant, GrantId, Request, Role, SessionId, TargetName, UserName};
+use crate::model::{AccessLevel, Grant, GrantId, Request, Role, SessionId, SessionMeta, TargetName, UserName};
 
 /// Version of the record schema; bumped on incompatible changes.
 pub const SCHEMA_VERSION: u32 = 1;
@@ -208,14 +208,8 @@ pub enum AuditEvent {
     },
     #[serde(rename = "session.start")]
     SessionStart {
-        session_id: SessionId,
-        grant_id: GrantId,
-        user: UserName,
-        roles: Vec<Role>,
-        target: TargetName,
-        database: String,
-        access: AccessLevel,
-        client_addr: SocketAddr,
+        #[serde(flatten)]
+        session: SessionMeta,
     },
     /// Written, and handed to the operating system, before the statement is forwarded.
     #[serde(rename = "statement")]
@@ -259,13 +253,8 @@ pub enum AuditEvent {
     },
     #[serde(rename = "session.end")]
     SessionEnd {
-        session_id: SessionId,
-        grant_id: GrantId,
-        user: UserName,
-        roles: Vec<Role>,
-        target: TargetName,
-        access: AccessLevel,
-        client_addr: SocketAddr,
+        #[serde(flatten)]
+        session: SessionMeta,
         reason: SessionEndReason,
         bytes_from_client: u64,
         bytes_to_client: u64,

@@ -16,6 +16,7 @@ use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio::time::error::Elapsed;
 use tokio::time::{timeout_at, Instant};
 use tokio_rustls::server::TlsStream;
 
@@ -51,7 +52,21 @@ pub async fn close<S: ClientStream>(stream: &mut S, last: &[u8], by: Instant) {
         stream.shutdown().await?;
         until_eof(stream.tcp()).await
     };
-    match timeout_at(by, graceful).await {
+    let done = timeout_at(by, graceful).await;
+    reset_unless_closed(stream, done);
+}
+
+/// Waits for the client's EOF on a stream already shut down (a cut sends its FATAL,
+/// close_notify and FIN first, before the session's teardown), by `by`; resets the socket if
+/// the client has not closed by then.
+pub async fn close_shut<S: ClientStream>(stream: &S, by: Instant) {
+    let done = timeout_at(by, until_eof(stream.tcp())).await;
+    reset_unless_closed(stream, done);
+}
+
+/// Resets the connection unless the graceful close `done` finished in time.
+fn reset_unless_closed<S: ClientStream>(stream: &S, done: Result<io::Result<()>, Elapsed>) {
+    match done {
         Ok(Ok(())) => return,
         Ok(Err(error)) => tracing::debug!(%error, "client gone before the close finished; connection reset"),
         Err(_) => tracing::debug!("client had not read to the end by the close deadline; connection reset"),

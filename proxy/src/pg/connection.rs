@@ -13,12 +13,12 @@ use tokio::net::TcpStream;
 use tokio::time::{timeout, Instant};
 use tokio_rustls::server::TlsStream;
 
-use super::close::{close, CLOSE_BOUND};
+use super::close::{close, close_shut, CLOSE_BOUND};
 use super::guard::Guard;
 use super::relay::{relay, ExpiryNotice, RelayContext, RelayEnd, Relayed};
 use super::sqlstate::Sqlstate;
 use super::startup::{self, CheckedStartup};
-use super::statements::{SessionFacts, TextLimits, Tracker};
+use super::statements::{TextLimits, Tracker};
 use super::upstream::{self, Upstream};
 use super::PgContext;
 use crate::access::{Ask, Lease, Protocol, Reason, Refusal};
@@ -122,12 +122,12 @@ async fn open(ctx: &PgContext, n: &Negotiated, peer: SocketAddr) -> Result<Opene
         })
         .map_err(at)?;
     let session = lease.session();
-    tracing::Span::current().record("session.id", session.id.as_str());
+    tracing::Span::current().record("session.id", session.meta.id.as_str());
 
     let started = StdInstant::now();
     let login = timeout(
         ctx.config.limits.upstream_connect_timeout,
-        upstream::connect(&ctx.connector, &lease, &session.database, &forward),
+        upstream::connect(&ctx.connector, &lease, &session.meta.database, &forward),
     )
     .await;
     let up = match login {
@@ -162,16 +162,8 @@ async fn open(ctx: &PgContext, n: &Negotiated, peer: SocketAddr) -> Result<Opene
     if let Some((process_id, secret_key)) = up.backend_key {
         session.set_upstream_cancel(Arc::clone(lease.target()), CancelKey { process_id, secret_key });
     }
-    let grant = lease.grant();
     let start_event = AuditEvent::SessionStart {
-        session_id: session.id.clone(),
-        grant_id: grant.id.clone(),
-        user: n.identity.user.clone(),
-        roles: n.identity.roles.clone(),
-        target: target.clone(),
-        database: session.database.clone(),
-        access: grant.access,
-        client_addr: peer,
+        session: session.meta.clone(),
     };
     if ctx.audit.record(start_event).await.is_err() {
         let msg = "jitgate cannot write its audit log; sessions are refused until it can";
@@ -191,7 +183,6 @@ pub(super) async fn run_session(ctx: &Arc<PgContext>, mut n: Negotiated, peer: S
     let grant = lease.grant();
     let target_cfg = lease.target();
     let target = &target_cfg.name;
-    let user = &n.identity.user;
 
     // Login complete: the client sees the target's parameters and a proxy-issued cancel key,
     // never the target's own.
@@ -210,13 +201,6 @@ pub(super) async fn run_session(ctx: &Arc<PgContext>, mut n: Negotiated, peer: S
     active.inc();
     tracing::info!(access = %grant.access, grant.id = %grant.id, "session started");
 
-    let facts = SessionFacts {
-        session_id: session.id.clone(),
-        grant_id: grant.id.clone(),
-        user: user.clone(),
-        target: target.clone(),
-        access: grant.access,
-    };
     let guard = Guard::new(grant.access, target.as_str(), &target_cfg.guardrails).protecting(
         std::sync::Arc::clone(&ctx.config.login_roles),
         target_cfg.allow_role_management,
@@ -227,17 +211,22 @@ pub(super) async fn run_session(ctx: &Arc<PgContext>, mut n: Negotiated, peer: S
         max_param_bytes: audit_cfg.max_param_bytes,
         redact_params_matching: audit_cfg.redact_params_matching.clone(),
     };
-    let mut tracker = Tracker::new(facts, guard, limits);
+    let mut tracker = Tracker::new(session.meta.clone(), guard, limits);
 
-    let Relayed { end, close_by } = if n.tls.write_all(&hello).await.is_err() || n.tls.flush().await.is_err() {
+    let Relayed {
+        end,
+        close_by,
+        shut_down,
+    } = if n.tls.write_all(&hello).await.is_err() || n.tls.flush().await.is_err() {
         Relayed {
             end: RelayEnd::Closed(SessionEndReason::ClientClosed),
             close_by: Instant::now() + CLOSE_BOUND,
+            shut_down: false,
         }
     } else {
         let target_name = target.to_string();
         let grant_id = grant.id.to_string();
-        let session_id = session.id.to_string();
+        let session_id = session.meta.id.to_string();
         let fatal = move |reason| fatal_for(reason, &target_name, &grant_id, &session_id);
         let relay_cx = RelayContext {
             session,
@@ -254,6 +243,13 @@ pub(super) async fn run_session(ctx: &Arc<PgContext>, mut n: Negotiated, peer: S
         relay(&mut n.tls, &mut up.stream, relay_cx, lease.cut(), fatal).await
     };
 
+    if matches!(end, RelayEnd::Cut { .. }) {
+        // A cut is two phases across sessions: the relay has sent this session's FATAL and
+        // shut its stream down; the teardown below waits until every other session the same
+        // cut woke has done so too (they are ahead in the run queue), so 10,000 sessions
+        // under one grant all hear of the end before any of them spends time tearing down.
+        tokio::task::yield_now().await;
+    }
     let reason = match end {
         RelayEnd::Closed(r) => r,
         RelayEnd::ProtocolViolation => SessionEndReason::Error,
@@ -284,30 +280,29 @@ pub(super) async fn run_session(ctx: &Arc<PgContext>, mut n: Negotiated, peer: S
         .bytes_total
         .with_label_values(&["target_to_client"])
         .inc_by(bytes_to_client);
-    // Not waited for: thousands of sessions cut at once must not queue up on the writer one
-    // after another. A record that cannot be written is counted by the audit log.
-    let _ = ctx.audit.write_or_enqueue(vec![AuditEvent::SessionEnd {
-        session_id: session.id.clone(),
-        grant_id: grant.id.clone(),
-        user: user.clone(),
-        roles: session.roles.clone(),
-        target: target.clone(),
-        access: grant.access,
-        client_addr: peer,
+    // Handed to the writer thread, not waited for: the sessions a cut ends at once are
+    // written in a few batches, not one write each. A record that cannot be written is counted
+    // by the audit log.
+    ctx.audit.submit(AuditEvent::SessionEnd {
+        session: session.meta.clone(),
         reason,
         bytes_from_client,
         bytes_to_client,
         duration_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
-    }]);
+    });
     tracing::info!(
         reason = reason.as_str(),
         bytes_from_client,
         bytes_to_client,
-        database = %session.database,
+        database = %session.meta.database,
         "session ended"
     );
     // By close_by the client has the rest, close_notify and FIN, or a reset.
-    close(&mut n.tls, &[], close_by).await;
+    if shut_down {
+        close_shut(&n.tls, close_by).await;
+    } else {
+        close(&mut n.tls, &[], close_by).await;
+    }
 }
 
 /// The pre-expiry NOTICE for this session, unless turned off.

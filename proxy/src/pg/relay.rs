@@ -3,15 +3,18 @@
 //! message boundaries followed so the proxy can swap a sentinel's error, learn how each
 //! statement ended, and cut a session between two server messages.
 //!
-//! One task drives both directions from a single poll function that also polls the cut signal,
-//! so a cut is noticed while either side is blocked reading or writing.
+//! Each direction is a small state machine with its own buffers: [`Upward`] (client to
+//! server) and [`Downward`] (server to client). One task drives both from a single poll
+//! function that also polls the cut signal, so a cut is noticed while either side is blocked
+//! reading or writing.
 //!
 //! Client messages are framed by `messages::peek_frontend`: a type byte no client may send
 //! after startup ends the session at once, before any length is trusted.
 
 use std::future::{poll_fn, Future};
+use std::io;
 use std::pin::Pin;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 
 use bytes::BytesMut;
@@ -55,6 +58,9 @@ pub enum RelayEnd {
 pub struct Relayed {
     pub end: RelayEnd,
     pub close_by: Instant,
+    /// The relay already wrote its last bytes and shut the client stream down (a cut or a
+    /// protocol error); the caller only waits for the client's EOF.
+    pub shut_down: bool,
 }
 
 /// What the relay needs besides the two streams.
@@ -78,6 +84,7 @@ pub struct ExpiryNotice {
     pub render: Box<dyn Fn(Deadline) -> Vec<u8> + Send + Sync>,
 }
 
+/// Bytes on their way to one side, written in as many calls as that side takes.
 struct Out {
     bytes: Vec<u8>,
     pos: usize,
@@ -102,11 +109,307 @@ impl Out {
         self.bytes = bytes;
         self.pos = 0;
     }
+
+    /// Writes what is pending to `to`, then flushes it once everything is written. `Ok(true)`
+    /// when a byte moved or the flush completed; `closed` is the step a failed write is.
+    fn poll_drain<W: AsyncWrite + Unpin>(
+        &mut self,
+        cx: &mut Context<'_>,
+        to: &mut W,
+        closed: SessionEndReason,
+        written: Option<&AtomicU64>,
+    ) -> Result<bool, Step> {
+        let mut progress = false;
+        if !self.is_empty() {
+            match Pin::new(&mut *to).poll_write(cx, self.pending()) {
+                Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return Err(Step::Closed(closed)),
+                Poll::Ready(Ok(n)) => {
+                    self.pos += n;
+                    self.need_flush = true;
+                    if let Some(written) = written {
+                        written.fetch_add(n as u64, Ordering::Relaxed);
+                    }
+                    progress = true;
+                }
+                Poll::Pending => {}
+            }
+        }
+        if self.is_empty() && self.need_flush {
+            match Pin::new(&mut *to).poll_flush(cx) {
+                Poll::Ready(Ok(())) => self.need_flush = false,
+                Poll::Ready(Err(_)) => return Err(Step::Closed(closed)),
+                Poll::Pending => {}
+            }
+        }
+        Ok(progress)
+    }
+}
+
+/// What both halves of the relay use: the session, its statement tracker (fed client batches
+/// by one half and server answers by the other), the audit log and the session's counters,
+/// and one scratch buffer for reads (each read is consumed before the next).
+struct Shared<'a> {
+    session: &'a SessionHandle,
+    tracker: &'a mut Tracker,
+    audit: &'a AuditLog,
+    metrics: &'a Metrics,
+    counters: Counters<'a>,
+    scratch: Box<[u8]>,
+}
+
+/// Client to server. Whole client messages are cut into a batch; the batch's records are
+/// written (at once, or by the writer thread while the half waits for its ticket); then the
+/// batch, or its fallback when the records could not be written, goes upstream. One batch is in
+/// flight at a time, in order.
+struct Upward {
+    /// Client bytes not yet part of a batch.
+    inbuf: BytesMut,
+    /// A batch whose records the writer thread has not written yet.
+    waiting: Option<(AuditTicket, Batch)>,
+    /// The batch being written upstream.
+    out: Out,
+    max_message_bytes: usize,
+}
+
+impl Upward {
+    fn new(initial: BytesMut, max_message_bytes: usize) -> Self {
+        Self {
+            inbuf: initial,
+            waiting: None,
+            out: Out::new(),
+            max_message_bytes,
+        }
+    }
+
+    /// One turn: resolves a written batch, reads or cuts the next one, writes upstream.
+    /// `Ok(false)` when it can do nothing more until woken.
+    fn poll_step<C, U>(
+        &mut self,
+        cx: &mut Context<'_>,
+        client: &mut C,
+        upstream: &mut U,
+        sh: &mut Shared<'_>,
+    ) -> Result<bool, Step>
+    where
+        C: AsyncRead + Unpin,
+        U: AsyncWrite + Unpin,
+    {
+        let mut progress = false;
+        if let Some((ticket, _)) = self.waiting.as_mut() {
+            if let Poll::Ready(result) = Pin::new(ticket).poll(cx) {
+                if let Some((_, batch)) = self.waiting.take() {
+                    let forward = result.is_ok();
+                    self.out.set(sh.release(batch, forward));
+                    progress = true;
+                }
+            }
+        }
+        if self.waiting.is_none() && self.out.is_empty() {
+            progress |= self.next_batch(cx, client, sh)?;
+        }
+        progress |= self
+            .out
+            .poll_drain(cx, upstream, SessionEndReason::UpstreamClosed, None)?;
+        Ok(progress)
+    }
+
+    /// Cuts the next batch from whole buffered messages, or reads more client bytes.
+    fn next_batch<C: AsyncRead + Unpin>(
+        &mut self,
+        cx: &mut Context<'_>,
+        client: &mut C,
+        sh: &mut Shared<'_>,
+    ) -> Result<bool, Step> {
+        let n = complete_prefix(&self.inbuf, self.max_message_bytes).map_err(Step::BadFrame)?;
+        if n == 0 {
+            let mut rb = ReadBuf::new(&mut sh.scratch[..]);
+            return match Pin::new(&mut *client).poll_read(cx, &mut rb) {
+                Poll::Ready(Ok(())) if rb.filled().is_empty() => Err(Step::Closed(SessionEndReason::ClientClosed)),
+                Poll::Ready(Ok(())) => {
+                    let n = rb.filled().len();
+                    sh.session.bytes_from_client.fetch_add(n as u64, Ordering::Relaxed);
+                    self.inbuf.extend_from_slice(rb.filled());
+                    Ok(true)
+                }
+                Poll::Ready(Err(_)) => Err(Step::Closed(SessionEndReason::ClientClosed)),
+                Poll::Pending => Ok(false),
+            };
+        }
+        let msgs = self.inbuf.split_to(n);
+        let mut batch = sh.tracker.client_batch(&msgs).map_err(|_| Step::Malformed)?;
+        for reason in &batch.denials {
+            sh.counters.denial(reason, 1);
+        }
+        if batch.records.is_empty() {
+            self.out.set(batch.forward);
+        } else {
+            match sh.audit.write_or_enqueue(std::mem::take(&mut batch.records)) {
+                Ok(Written::Now) => self.out.set(sh.release(batch, true)),
+                Ok(Written::Later(ticket)) => self.waiting = Some((ticket, batch)),
+                Err(_) => self.out.set(sh.release(batch, false)),
+            }
+        }
+        Ok(true)
+    }
+}
+
+/// Server to client. Server bytes are followed message by message through the scanner: the
+/// tracker learns how each statement ended and may swap a sentinel's error; finished
+/// statements' records are written; the pre-expiry notice goes out between two messages.
+struct Downward {
+    scanner: Scanner,
+    /// Inside a server message the tracker replaces: its bytes are not passed on.
+    dropping: bool,
+    /// The bytes being written to the client.
+    out: Out,
+    notice: Option<ExpiryNotice>,
+    notice_due: Option<Deadline>,
+}
+
+impl Downward {
+    fn new(notice: Option<ExpiryNotice>) -> Self {
+        Self {
+            scanner: Scanner::new(OBSERVED),
+            dropping: false,
+            out: Out::new(),
+            notice,
+            notice_due: None,
+        }
+    }
+
+    /// Notes the pre-expiry notice when it comes due; sent at the next message boundary.
+    fn poll_notice(&mut self, cx: &mut Context<'_>) {
+        if let Some(n) = self.notice.as_mut() {
+            // The cut future watches the deadline too, so a move wakes this task.
+            if let Poll::Ready(d) = n.notice.poll_due(cx) {
+                self.notice_due = Some(d);
+            }
+        }
+    }
+
+    /// One turn: the notice when due, a read from the server when nothing is pending, a write
+    /// to the client. `Ok(false)` when it can do nothing more until woken.
+    fn poll_step<C, U>(
+        &mut self,
+        cx: &mut Context<'_>,
+        client: &mut C,
+        upstream: &mut U,
+        sh: &mut Shared<'_>,
+    ) -> Result<bool, Step>
+    where
+        C: AsyncWrite + Unpin,
+        U: AsyncRead + Unpin,
+    {
+        let mut progress = false;
+        if self.out.is_empty() && self.scanner.at_boundary() {
+            if let (Some(d), Some(n)) = (self.notice_due.take(), self.notice.as_ref()) {
+                self.out.set((n.render)(d));
+                progress = true;
+            }
+        }
+        if self.out.is_empty() {
+            let mut rb = ReadBuf::new(&mut sh.scratch[..]);
+            match Pin::new(&mut *upstream).poll_read(cx, &mut rb) {
+                Poll::Ready(Ok(())) if rb.filled().is_empty() => {
+                    return Err(Step::Closed(SessionEndReason::UpstreamClosed))
+                }
+                Poll::Ready(Ok(())) => {
+                    // The previous chunk is fully written: reuse its buffer.
+                    self.out.bytes.clear();
+                    self.out.pos = 0;
+                    let chunk = rb.filled();
+                    observe(
+                        &mut self.scanner,
+                        sh.tracker,
+                        &mut self.dropping,
+                        chunk,
+                        &mut self.out.bytes,
+                    )
+                    .map_err(|_| Step::Closed(SessionEndReason::Error))?;
+                    flush_ends(sh.tracker, sh.audit, sh.metrics);
+                    if sh.tracker.unsafe_parameter().is_some() {
+                        // Deliver what came, then end the session: later statements could not
+                        // be read the way the server reads them.
+                        return Err(Step::UnsafeSetting);
+                    }
+                    progress = true;
+                }
+                Poll::Ready(Err(_)) => return Err(Step::Closed(SessionEndReason::UpstreamClosed)),
+                Poll::Pending => {}
+            }
+        }
+        let written = Some(&sh.session.bytes_to_client);
+        progress |= self
+            .out
+            .poll_drain(cx, client, SessionEndReason::ClientClosed, written)?;
+        Ok(progress)
+    }
+
+    /// The end of a relay the proxy ends: delivers what was already read from the server,
+    /// reads and delivers the rest of the server message in flight (never past its end), then
+    /// `last`, then shuts the client stream down (TLS close_notify, FIN).
+    async fn finish<C, U>(
+        &mut self,
+        client: &mut C,
+        upstream: &mut U,
+        sh: &mut Shared<'_>,
+        last: &[u8],
+    ) -> io::Result<()>
+    where
+        C: AsyncWrite + Unpin,
+        U: AsyncRead + Unpin,
+    {
+        let written = &sh.session.bytes_to_client;
+        client.write_all(self.out.pending()).await?;
+        written.fetch_add(self.out.pending().len() as u64, Ordering::Relaxed);
+        self.out.pos = self.out.bytes.len();
+        while !self.scanner.at_boundary() {
+            let want = self.scanner.bytes_to_boundary().min(sh.scratch.len());
+            let n = upstream.read(&mut sh.scratch[..want]).await?;
+            if n == 0 {
+                return Err(io::ErrorKind::UnexpectedEof.into());
+            }
+            self.out.bytes.clear();
+            self.out.pos = 0;
+            observe(
+                &mut self.scanner,
+                sh.tracker,
+                &mut self.dropping,
+                &sh.scratch[..n],
+                &mut self.out.bytes,
+            )
+            .map_err(io::Error::other)?;
+            client.write_all(&self.out.bytes).await?;
+            written.fetch_add(self.out.bytes.len() as u64, Ordering::Relaxed);
+            self.out.pos = self.out.bytes.len();
+        }
+        client.write_all(last).await?;
+        written.fetch_add(last.len() as u64, Ordering::Relaxed);
+        // Flushes, then close_notify and FIN: the client learns of the end now, before the
+        // session's teardown runs.
+        client.shutdown().await
+    }
+}
+
+impl Shared<'_> {
+    /// The bytes to send upstream for a batch whose records were written (`forward`) or could
+    /// not be (its fallback, which refuses every statement in it), counted either way.
+    fn release(&mut self, batch: Batch, written: bool) -> Vec<u8> {
+        if written {
+            self.tracker.mark_forwarded(&batch);
+            self.counters.forwarded(&batch);
+            batch.forward
+        } else {
+            self.tracker.use_fallback(&batch);
+            self.counters.unaudited(&batch);
+            batch.fallback
+        }
+    }
 }
 
 /// Relays until a side closes or `cut` resolves; on a cut, completes the server message in
-/// flight and sends `fatal(reason)` to the client, by the returned `close_by`. The caller
-/// closes the client connection by then.
+/// flight, sends `fatal(reason)` and shuts the client stream down, by the returned `close_by`.
+/// The caller then waits for the client's EOF until `close_by`.
 pub async fn relay<C, U, F>(
     client: &mut C,
     upstream: &mut U,
@@ -127,180 +430,35 @@ where
         target,
         max_message_bytes,
         initial,
-        mut notice,
+        notice,
     } = cx;
-    let mut notice_due: Option<Deadline> = None;
-    let mut inbuf = initial;
-    let mut readbuf = vec![0u8; BUF].into_boxed_slice();
-    let mut up = Out::new();
-    let mut waiting: Option<(AuditTicket, Batch)> = None;
-    let mut down = Out::new();
-    let mut scanner = Scanner::new(OBSERVED);
-    let mut dropping = false;
+    let mut sh = Shared {
+        session,
+        tracker,
+        audit,
+        metrics,
+        counters: Counters::new(metrics, target),
+        scratch: vec![0u8; BUF].into_boxed_slice(),
+    };
+    let mut upward = Upward::new(initial, max_message_bytes);
+    let mut downward = Downward::new(notice);
     let mut cut = std::pin::pin!(cut);
-    let mut counters = Counters::new(metrics, target);
 
     let step = poll_fn(|cx: &mut Context<'_>| {
         if let Poll::Ready(reason) = cut.as_mut().poll(cx) {
-            return Poll::Ready(Err(reason));
+            return Poll::Ready(Step::Cut(reason));
         }
-        if let Some(n) = notice.as_mut() {
-            // The cut future watches the deadline too, so a move wakes this task.
-            if let Poll::Ready(d) = n.notice.poll_due(cx) {
-                notice_due = Some(d);
-            }
-        }
+        downward.poll_notice(cx);
         for _ in 0..BUDGET {
-            let mut progress = false;
-
-            // Client -> upstream: one batch in flight at a time, in order.
-            if let Some((ticket, _)) = waiting.as_mut() {
-                if let Poll::Ready(result) = Pin::new(ticket).poll(cx) {
-                    if let Some((_, batch)) = waiting.take() {
-                        let bytes = match result {
-                            Ok(()) => {
-                                tracker.mark_forwarded(&batch);
-                                counters.forwarded(&batch);
-                                batch.forward
-                            }
-                            Err(_) => {
-                                tracker.use_fallback(&batch);
-                                counters.unaudited(&batch);
-                                batch.fallback
-                            }
-                        };
-                        up.set(bytes);
-                        progress = true;
-                    }
-                }
-            }
-            if waiting.is_none() && up.is_empty() {
-                match complete_prefix(&inbuf, max_message_bytes) {
-                    Err(e) => return Poll::Ready(Ok(Step::BadFrame(e))),
-                    Ok(0) => {
-                        let mut rb = ReadBuf::new(&mut readbuf[..]);
-                        match Pin::new(&mut *client).poll_read(cx, &mut rb) {
-                            Poll::Ready(Ok(())) if rb.filled().is_empty() => {
-                                return Poll::Ready(Ok(Step::Closed(SessionEndReason::ClientClosed)))
-                            }
-                            Poll::Ready(Ok(())) => {
-                                let n = rb.filled().len();
-                                session.bytes_from_client.fetch_add(n as u64, Ordering::Relaxed);
-                                inbuf.extend_from_slice(rb.filled());
-                                progress = true;
-                            }
-                            Poll::Ready(Err(_)) => {
-                                return Poll::Ready(Ok(Step::Closed(SessionEndReason::ClientClosed)))
-                            }
-                            Poll::Pending => {}
-                        }
-                    }
-                    Ok(n) => {
-                        let msgs = inbuf.split_to(n);
-                        let mut batch = match tracker.client_batch(&msgs) {
-                            Ok(b) => b,
-                            Err(_) => return Poll::Ready(Ok(Step::Malformed)),
-                        };
-                        for reason in &batch.denials {
-                            counters.denial(reason, 1);
-                        }
-                        if batch.records.is_empty() {
-                            up.set(batch.forward);
-                        } else {
-                            match audit.write_or_enqueue(std::mem::take(&mut batch.records)) {
-                                Ok(Written::Now) => {
-                                    tracker.mark_forwarded(&batch);
-                                    counters.forwarded(&batch);
-                                    up.set(batch.forward);
-                                }
-                                Ok(Written::Later(ticket)) => waiting = Some((ticket, batch)),
-                                Err(_) => {
-                                    tracker.use_fallback(&batch);
-                                    counters.unaudited(&batch);
-                                    up.set(batch.fallback);
-                                }
-                            }
-                        }
-                        progress = true;
-                    }
-                }
-            }
-            if !up.is_empty() {
-                match Pin::new(&mut *upstream).poll_write(cx, up.pending()) {
-                    Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => {
-                        return Poll::Ready(Ok(Step::Closed(SessionEndReason::UpstreamClosed)))
-                    }
-                    Poll::Ready(Ok(n)) => {
-                        up.pos += n;
-                        up.need_flush = true;
-                        progress = true;
-                    }
-                    Poll::Pending => {}
-                }
-            }
-            if up.is_empty() && up.need_flush {
-                match Pin::new(&mut *upstream).poll_flush(cx) {
-                    Poll::Ready(Ok(())) => up.need_flush = false,
-                    Poll::Ready(Err(_)) => return Poll::Ready(Ok(Step::Closed(SessionEndReason::UpstreamClosed))),
-                    Poll::Pending => {}
-                }
-            }
-
-            // The expiry notice goes out between two server messages.
-            if down.is_empty() && scanner.at_boundary() {
-                if let (Some(d), Some(n)) = (notice_due.take(), notice.as_ref()) {
-                    down.set((n.render)(d));
-                    progress = true;
-                }
-            }
-            // Upstream -> client: observed, passed through, a sentinel's error swapped.
-            if down.is_empty() {
-                let mut rb = ReadBuf::new(&mut readbuf[..]);
-                match Pin::new(&mut *upstream).poll_read(cx, &mut rb) {
-                    Poll::Ready(Ok(())) if rb.filled().is_empty() => {
-                        return Poll::Ready(Ok(Step::Closed(SessionEndReason::UpstreamClosed)))
-                    }
-                    Poll::Ready(Ok(())) => {
-                        // The previous chunk is fully written: reuse its buffer.
-                        down.bytes.clear();
-                        down.pos = 0;
-                        if observe(&mut scanner, tracker, &mut dropping, rb.filled(), &mut down.bytes).is_err() {
-                            return Poll::Ready(Ok(Step::Closed(SessionEndReason::Error)));
-                        }
-                        flush_ends(tracker, audit, metrics);
-                        if tracker.unsafe_parameter().is_some() {
-                            // Deliver what came, then end the session: later statements could
-                            // not be read the way the server reads them.
-                            return Poll::Ready(Ok(Step::UnsafeSetting));
-                        }
-                        progress = true;
-                    }
-                    Poll::Ready(Err(_)) => return Poll::Ready(Ok(Step::Closed(SessionEndReason::UpstreamClosed))),
-                    Poll::Pending => {}
-                }
-            }
-            if !down.is_empty() {
-                match Pin::new(&mut *client).poll_write(cx, down.pending()) {
-                    Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => {
-                        return Poll::Ready(Ok(Step::Closed(SessionEndReason::ClientClosed)))
-                    }
-                    Poll::Ready(Ok(n)) => {
-                        down.pos += n;
-                        down.need_flush = true;
-                        session.bytes_to_client.fetch_add(n as u64, Ordering::Relaxed);
-                        progress = true;
-                    }
-                    Poll::Pending => {}
-                }
-            }
-            if down.is_empty() && down.need_flush {
-                match Pin::new(&mut *client).poll_flush(cx) {
-                    Poll::Ready(Ok(())) => down.need_flush = false,
-                    Poll::Ready(Err(_)) => return Poll::Ready(Ok(Step::Closed(SessionEndReason::ClientClosed))),
-                    Poll::Pending => {}
-                }
-            }
-            if !progress {
+            let up = match upward.poll_step(cx, client, upstream, &mut sh) {
+                Ok(progress) => progress,
+                Err(step) => return Poll::Ready(step),
+            };
+            let down = match downward.poll_step(cx, client, upstream, &mut sh) {
+                Ok(progress) => progress,
+                Err(step) => return Poll::Ready(step),
+            };
+            if !(up || down) {
                 return Poll::Pending;
             }
         }
@@ -312,20 +470,20 @@ where
 
     let close_by = Instant::now() + CLOSE_BOUND;
     let (end, last) = match step {
-        Ok(Step::Closed(reason)) => (RelayEnd::Closed(reason), None),
-        Ok(Step::BadFrame(e)) => (RelayEnd::ProtocolViolation, Some(protocol_fatal(&frame_error(&e)))),
-        Ok(Step::Malformed) => (
+        Step::Closed(reason) => (RelayEnd::Closed(reason), None),
+        Step::BadFrame(e) => (RelayEnd::ProtocolViolation, Some(protocol_fatal(&frame_error(&e)))),
+        Step::Malformed => (
             RelayEnd::ProtocolViolation,
             Some(protocol_fatal("jitgate: malformed message")),
         ),
-        Ok(Step::UnsafeSetting) => {
+        Step::UnsafeSetting => {
             let message = format!(
                 "jitgate: the server now reports {}; the session ends because its statements could no longer be audited reliably",
-                tracker.unsafe_parameter().unwrap_or("an unsafe setting")
+                sh.tracker.unsafe_parameter().unwrap_or("an unsafe setting")
             );
             (RelayEnd::ProtocolViolation, Some(protocol_fatal(&message)))
         }
-        Err(reason) => (
+        Step::Cut(reason) => (
             RelayEnd::Cut {
                 reason,
                 in_flight: true,
@@ -333,29 +491,27 @@ where
             Some(fatal(reason)),
         ),
     };
-    if let Some(last) = last {
-        let flush = finish(
-            client,
-            upstream,
-            &mut down,
-            &mut scanner,
-            tracker,
-            &mut dropping,
-            session,
-            &last,
-        );
-        let _ = tokio::time::timeout_at(close_by, flush).await;
-    }
+    let shut_down = match last {
+        Some(last) => {
+            let finish = downward.finish(client, upstream, &mut sh, &last);
+            matches!(tokio::time::timeout_at(close_by, finish).await, Ok(Ok(())))
+        }
+        None => false,
+    };
     let end = match end {
         RelayEnd::Cut { reason, .. } => RelayEnd::Cut {
             reason,
-            in_flight: tracker.awaiting_answers(),
+            in_flight: sh.tracker.awaiting_answers(),
         },
         other => other,
     };
-    tracker.abandon();
-    flush_ends(tracker, audit, metrics);
-    Relayed { end, close_by }
+    sh.tracker.abandon();
+    flush_ends(sh.tracker, audit, metrics);
+    Relayed {
+        end,
+        close_by,
+        shut_down,
+    }
 }
 
 /// What the client is told about a message the relay cannot frame.
@@ -384,7 +540,10 @@ fn protocol_fatal(message: &str) -> Vec<u8> {
     )
 }
 
+/// Why the relay loop stopped.
 enum Step {
+    /// The proxy cut the session.
+    Cut(SessionEndReason),
     Closed(SessionEndReason),
     UnsafeSetting,
     /// A client message that cannot be framed: unknown type, length below 4 or above the
@@ -503,67 +662,5 @@ fn flush_ends(tracker: &mut Tracker, audit: &AuditLog, metrics: &Metrics) {
     }
 }
 
-/// Delivers what was already read from the target, reads and delivers the rest of the server
-/// message in flight (never past its end), then `last`.
-#[allow(clippy::too_many_arguments)]
-async fn finish<C, U>(
-    client: &mut C,
-    upstream: &mut U,
-    down: &mut Out,
-    scanner: &mut Scanner,
-    tracker: &mut Tracker,
-    dropping: &mut bool,
-    session: &SessionHandle,
-    last: &[u8],
-) -> std::io::Result<()>
-where
-    C: AsyncWrite + Unpin,
-    U: AsyncRead + Unpin,
-{
-    client.write_all(down.pending()).await?;
-    session
-        .bytes_to_client
-        .fetch_add(down.pending().len() as u64, Ordering::Relaxed);
-    down.pos = down.bytes.len();
-    let mut buf = vec![0u8; BUF];
-    while !scanner.at_boundary() {
-        let want = scanner.bytes_to_boundary().min(buf.len());
-        let n = upstream.read(&mut buf[..want]).await?;
-        if n == 0 {
-            return Err(std::io::ErrorKind::UnexpectedEof.into());
-        }
-        let mut out = Vec::with_capacity(n);
-        observe(scanner, tracker, dropping, &buf[..n], &mut out).map_err(std::io::Error::other)?;
-        client.write_all(&out).await?;
-        session.bytes_to_client.fetch_add(out.len() as u64, Ordering::Relaxed);
-    }
-    client.write_all(last).await?;
-    session.bytes_to_client.fetch_add(last.len() as u64, Ordering::Relaxed);
-    client.flush().await
-}
-
 #[cfg(test)]
-mod tests {
-    use super::{complete_prefix, frame_error};
-    use jitgate_protocol::postgres::ProtocolError;
-
-    #[test]
-    fn complete_prefix_stops_at_partial_messages_and_refuses_bad_frames() {
-        let mut b = b"Q\0\0\0\x09abcd\0".to_vec();
-        assert_eq!(complete_prefix(&b, 1024), Ok(10));
-        b.extend_from_slice(b"S\0\0");
-        assert_eq!(complete_prefix(&b, 1024), Ok(10));
-        assert!(matches!(
-            complete_prefix(b"Q\x7f\0\0\0", 1024),
-            Err(ProtocolError::TooLong { .. })
-        ));
-        // Behind a whole message, a second StartupMessage is refused by its first byte.
-        let mut b = b"S\0\0\0\x04".to_vec();
-        b.push(0);
-        assert_eq!(complete_prefix(&b, 1024), Err(ProtocolError::UnknownType(0)));
-        assert_eq!(
-            frame_error(&ProtocolError::UnknownType(0)),
-            "jitgate: invalid frontend message type 0"
-        );
-    }
-}
+mod tests;

@@ -29,7 +29,7 @@ use jitgate_protocol::sql::{self, Classified, SessionChange, StatementClass};
 use super::guard::{audit_unavailable, setting_dependent, Guard};
 use crate::access::{Reason, Refusal};
 use crate::audit::{AuditEvent, Decision, StatementPath};
-use crate::model::{AccessLevel, GrantId, SessionId, TargetName, UserName};
+use crate::model::SessionMeta;
 
 /// Text the server cannot parse: it answers with a syntax error in the refused statement's
 /// place, which the proxy replaces with its own error.
@@ -39,16 +39,6 @@ const SENTINEL: &str = "/* jitgate: statement refused by the proxy */ JITGATE_RE
 const CACHED_TEXT_BYTES: usize = 8192;
 /// Most statement texts a session remembers classifications of.
 const CACHED_TEXTS: usize = 256;
-
-/// Who the records are about.
-#[derive(Debug, Clone)]
-pub struct SessionFacts {
-    pub session_id: SessionId,
-    pub grant_id: GrantId,
-    pub user: UserName,
-    pub target: TargetName,
-    pub access: AccessLevel,
-}
 
 /// Limits on what a record holds.
 #[derive(Debug, Clone)]
@@ -181,7 +171,8 @@ pub enum Disposition {
 
 /// Per-session statement state.
 pub struct Tracker {
-    facts: SessionFacts,
+    /// Who the records are about.
+    session: SessionMeta,
     guard: Guard,
     limits: TextLimits,
     prepared: HashMap<String, Arc<Prepared>>,
@@ -211,9 +202,9 @@ pub struct Tracker {
 
 impl Tracker {
     /// A tracker for a fresh session.
-    pub fn new(facts: SessionFacts, guard: Guard, limits: TextLimits) -> Self {
+    pub fn new(session: SessionMeta, guard: Guard, limits: TextLimits) -> Self {
         Self {
-            facts,
+            session,
             guard,
             limits,
             prepared: HashMap::new(),
@@ -350,9 +341,9 @@ impl Tracker {
         } else {
             path
         };
-        let f = &self.facts;
+        let f = &self.session;
         let event = AuditEvent::Statement {
-            session_id: f.session_id.clone(),
+            session_id: f.id.clone(),
             statement: self.next_statement,
             grant_id: f.grant_id.clone(),
             user: f.user.clone(),

@@ -159,11 +159,11 @@ async fn a_lease_registers_its_session_until_dropped() {
     c.grant("alice", "prod-db", 600);
     let lease = c.admit(&c.identity("alice", 3600), "prod-db").unwrap();
     assert!(c.admission.sessions.list().is_empty(), "not listed while logging in");
-    assert!(c.admission.sessions.kill(&lease.session().id), "but it can be cut");
+    assert!(c.admission.sessions.kill(&lease.session().meta.id), "but it can be cut");
     lease.session().set_established();
     let listed = c.admission.sessions.list();
     assert_eq!(listed.len(), 1);
-    assert_eq!(listed[0].id, lease.session().id);
+    assert_eq!(listed[0].id, lease.session().meta.id);
     assert_eq!(listed[0].database, "app", "the target's default database");
     drop(lease);
     assert!(c.admission.sessions.list().is_empty());
@@ -235,7 +235,7 @@ async fn a_kill_cuts_that_session_only() {
     c.grant("alice", "prod-db", 600);
     let alice = c.identity("alice", 3600);
     let (one, two) = (c.admit(&alice, "prod-db").unwrap(), c.admit(&alice, "prod-db").unwrap());
-    assert!(c.admission.sessions.kill(&one.session().id));
+    assert!(c.admission.sessions.kill(&one.session().meta.id));
     assert_eq!(cut_now(&one), Some(SessionEndReason::Killed));
     assert_eq!(cut_now(&two), None);
 }

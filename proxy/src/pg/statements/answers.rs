@@ -127,7 +127,7 @@ impl Tracker {
         let elapsed = run.started.elapsed();
         self.durations.push(elapsed.as_secs_f64());
         self.ends.push(AuditEvent::StatementEnd {
-            session_id: self.facts.session_id.clone(),
+            session_id: self.session.id.clone(),
             statement: run.id,
             outcome,
             duration_us: u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX),

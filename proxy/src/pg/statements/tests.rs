@@ -4,25 +4,28 @@
 
 use jitgate_protocol::postgres::messages::{encode_parse, encode_query};
 
-use super::{SessionFacts, TextLimits, Tracker, CACHED_TEXTS};
+use super::{TextLimits, Tracker, CACHED_TEXTS};
 use crate::audit::AuditEvent;
-use crate::model::{AccessLevel, GrantId, SessionId, TargetName, UserName};
+use crate::model::{AccessLevel, GrantId, SessionId, SessionMeta, TargetName, UserName};
 use crate::pg::guard::Guard;
 
 fn read_tracker() -> Tracker {
-    let facts = SessionFacts {
-        session_id: SessionId::generate(),
+    let session = SessionMeta {
+        id: SessionId::generate(),
         grant_id: GrantId::generate(),
         user: UserName::new("alice").unwrap(),
+        roles: Vec::new(),
         target: TargetName::new("prod-db").unwrap(),
+        database: "app".into(),
         access: AccessLevel::Read,
+        client_addr: "127.0.0.1:5555".parse().unwrap(),
     };
     let limits = TextLimits {
         max_statement_bytes: 1024,
         max_param_bytes: 64,
         redact_params_matching: vec!["password".into()],
     };
-    Tracker::new(facts, Guard::new(AccessLevel::Read, "prod-db", &[]), limits)
+    Tracker::new(session, Guard::new(AccessLevel::Read, "prod-db", &[]), limits)
 }
 
 /// (class, kind, decision) of the `statement` records of one client message.
