@@ -9,7 +9,8 @@
 #
 # Knobs (environment): ROUNDS, DURATION (seconds per pgbench run), CLIENTS (-c, 8),
 # THREADS (-j, 2), SCALE (pgbench -i -s, 10), IDLE_SESSIONS ("1000 10000"),
-# SEVER_SESSIONS ("100 1000 10000"; empty skips; both are capped to what the open-files limit allows:
+# SEVER_SESSIONS ("100 1000 10000"; each count is cut once by the grant's expiry and once by a
+# revoke; empty skips; both are capped to what the open-files limit allows:
 # each session holds two descriptors in the proxy), WORKLOADS (pgbench workloads to run, all
 # five by default; empty skips pgbench; `select-pipeline` runs benches/data/pipeline.sql, ten
 # selects in one libpq pipeline), BASELINE_JITGATE (path to another jitgate binary, run as the
@@ -399,6 +400,16 @@ for n in $SEVER_SESSIONS; do
         --reason "e2e sever" --json >"$WORK/sever-grant.json"
     # shellcheck disable=SC2046
     "$E2E" sever $(client_args fake-sever "$n") --grant-json "$WORK/sever-grant.json" | tee -a "$RAW" >&2
+    # The same number of sessions cut by one revoke, timed from the start of the CLI call.
+    restart_fake_jitgate
+    say "sever: $n sessions under one grant, revoked"
+    "$JG" grant create --data-dir "$JGF" --user bench --target fake-sever --access read --for 1h \
+        --reason "e2e sever by revoke" --json >"$WORK/sever-grant.json"
+    grant_id=$(python3 -c 'import json, sys; print(json.load(open(sys.argv[1]))["id"])' "$WORK/sever-grant.json")
+    # shellcheck disable=SC2046
+    "$E2E" sever $(client_args fake-sever "$n") --grant-json "$WORK/sever-grant.json" \
+        --probe "$JG grant list --data-dir $JGF" --revoke "$JG grant revoke --data-dir $JGF $grant_id" |
+        tee -a "$RAW" >&2
 done
 
 # ---------------------------------------------------------------- report

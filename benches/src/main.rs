@@ -34,13 +34,22 @@ enum Command {
         #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
         settle: Duration,
     },
-    /// Open N sessions under a grant about to end; print sever latency percentiles.
+    /// Open N sessions under one grant, end them by its expiry or a revoke; print sever
+    /// latency percentiles.
     Sever {
         #[command(flatten)]
         target: sessions::Target,
-        /// Output of `jitgate grant create --json` for the grant the sessions run under.
+        /// Output of `jitgate grant create --json` for the grant the sessions run under: the
+        /// cut is its expiry, unless --revoke is given.
         #[arg(long)]
         grant_json: PathBuf,
+        /// Cut by running this command (whitespace-separated argv, e.g. `jitgate grant revoke
+        /// ...`) once every session is open, instead of waiting for the expiry.
+        #[arg(long)]
+        revoke: Option<String>,
+        /// A command timed just before --revoke, to show what the CLI itself costs.
+        #[arg(long)]
+        probe: Option<String>,
         /// Give up this long after the grant's end.
         #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
         timeout: Duration,
@@ -68,12 +77,22 @@ fn main() -> Result<()> {
         Command::Sever {
             target,
             grant_json,
+            revoke,
+            probe,
             timeout,
         } => {
             let text = std::fs::read_to_string(&grant_json)?;
             let grant: jitgate::model::Grant =
                 serde_json::from_str(&text).with_context(|| format!("reading {}", grant_json.display()))?;
-            rt.block_on(sessions::sever(&target, grant.expires_at, timeout))
+            let argv = |s: String| s.split_whitespace().map(str::to_owned).collect::<Vec<_>>();
+            let cut = match revoke {
+                Some(revoke) => sessions::Cut::Command {
+                    revoke: argv(revoke),
+                    probe: probe.map(argv),
+                },
+                None => sessions::Cut::Expiry(grant.expires_at),
+            };
+            rt.block_on(sessions::sever(&target, cut, timeout))
         }
         Command::Report { file } => {
             print!("{}", report::render(&std::fs::read_to_string(file)?));

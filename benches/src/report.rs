@@ -136,20 +136,22 @@ pub fn render(input: &str) -> String {
         let _ = writeln!(out);
         let _ = writeln!(
             out,
-            "| sessions under one expiring grant (fake upstream) | sever p50 ms | p99 ms | max ms | ended early | still open |"
+            "| sessions under one grant (fake upstream) | cut by | sever p50 ms | p99 ms | max ms | ended early | still open | CLI alone ms |"
         );
-        let _ = writeln!(out, "|---:|---:|---:|---:|---:|---:|");
+        let _ = writeln!(out, "|---:|---|---:|---:|---:|---:|---:|---:|");
         for s in &sever {
             let g = |k: &str| s.get(k).copied().unwrap_or("-");
             let _ = writeln!(
                 out,
-                "| {} | {} | {} | {} | {} | {} |",
+                "| {} | {} | {} | {} | {} | {} | {} | {} |",
                 g("N"),
+                g("by"),
                 g("p50_ms"),
                 g("p99_ms"),
                 g("max_ms"),
                 g("early"),
-                g("still_open")
+                g("still_open"),
+                g("cli_ms")
             );
         }
     }
@@ -168,6 +170,7 @@ pgbench select-prepared direct-tls 2 10 300 0.3 3000 - -
 pgbench select-prepared pgbouncer 1 10 100 1.0 1000 2.0 -
 pgbench select-prepared jitgate 1 10 50 2.0 500 1.0 1000
 memory N=10 rss_before_kib=1 rss_after_kib=11 per_session_kib=1.0 open_s=0.1 opens_per_s=100
+sever N=100 by=revoke p50_ms=3.0 p99_ms=9.0 max_ms=9.5 early=0 still_open=0 open_s=0.50 cli_ms=20.0
 noise
 ";
         let out = render(input);
@@ -180,5 +183,9 @@ noise
             "{out}"
         );
         assert!(out.contains("| 10 | 1 | 11 | 1.0 | 0.1 | 100 |"), "{out}");
+        assert!(
+            out.contains("| 100 | revoke | 3.0 | 9.0 | 9.5 | 0 | 0 | 20.0 |"),
+            "{out}"
+        );
     }
 }

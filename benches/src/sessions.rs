@@ -141,17 +141,48 @@ pub async fn memory(t: &Target, pid: u32, settle: Duration) -> Result<()> {
     Ok(())
 }
 
-/// Opens the sessions (all under one grant that ends at `deadline`), then times, for each,
-/// how long after the deadline its socket saw EOF or an error. Prints one line:
-/// `sever N=<n> p50_ms=.. p99_ms=.. max_ms=.. early=.. open_s=..`.
-pub async fn sever(t: &Target, deadline: SystemTime, timeout: Duration) -> Result<()> {
+/// What ends the sessions of a sever run.
+#[derive(Debug, Clone)]
+pub enum Cut {
+    /// Their grant's end (`expires_at` of `jitgate grant create --json`).
+    Expiry(SystemTime),
+    /// A command run once every session is open (`jitgate grant revoke ...`). Latency counts
+    /// from just before it starts, so it includes the command's own start, TLS handshake and
+    /// API round trip; `probe`, run first, is timed to show what that costs.
+    Command {
+        revoke: Vec<String>,
+        probe: Option<Vec<String>>,
+    },
+}
+
+/// Runs `argv` to completion; fails when it does not exit 0.
+fn run(argv: &[String]) -> Result<()> {
+    let (program, args) = argv.split_first().context("an empty command")?;
+    let status = std::process::Command::new(program)
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .status()
+        .with_context(|| format!("running {program}"))?;
+    if !status.success() {
+        bail!("{program} exited with {status}");
+    }
+    Ok(())
+}
+
+/// Opens the sessions (all under one grant), ends them by `cut`, then times, for each, how
+/// long after the cut its socket saw EOF or an error. Prints one line:
+/// `sever N=<n> by=expiry|revoke p50_ms=.. p99_ms=.. max_ms=.. early=.. still_open=.. open_s=..`
+/// (and `cli_ms=..` for a command).
+pub async fn sever(t: &Target, cut: Cut, timeout: Duration) -> Result<()> {
     let (sessions, took) = open_all(t).await?;
-    if SystemTime::now() >= deadline {
-        bail!(
-            "opening {} sessions took {:.1}s and ran past the grant's end: give the grant more time",
-            sessions.len(),
-            took.as_secs_f64()
-        );
+    if let Cut::Expiry(deadline) = cut {
+        if SystemTime::now() >= deadline {
+            bail!(
+                "opening {} sessions took {:.1}s and ran past the grant's end: give the grant more time",
+                sessions.len(),
+                took.as_secs_f64()
+            );
+        }
     }
     let mut tasks = tokio::task::JoinSet::new();
     for mut s in sessions {
@@ -165,6 +196,22 @@ pub async fn sever(t: &Target, deadline: SystemTime, timeout: Duration) -> Resul
             }
         });
     }
+    let (deadline, by, cli_ms) = match cut {
+        Cut::Expiry(at) => (at, "expiry", None),
+        Cut::Command { revoke, probe } => {
+            let cli_ms = match probe {
+                Some(probe) => {
+                    let start = Instant::now();
+                    tokio::task::spawn_blocking(move || run(&probe)).await??;
+                    Some(start.elapsed().as_secs_f64() * 1e3)
+                }
+                None => None,
+            };
+            let at = SystemTime::now();
+            tokio::task::spawn_blocking(move || run(&revoke)).await??;
+            (at, "revoke", cli_ms)
+        }
+    };
     let mut lat_ms = Vec::with_capacity(t.n);
     let mut early = 0usize;
     let limit = tokio::time::sleep(deadline.duration_since(SystemTime::now()).unwrap_or_default() + timeout);
@@ -183,8 +230,9 @@ pub async fn sever(t: &Target, deadline: SystemTime, timeout: Duration) -> Resul
     }
     let still_open = tasks.len();
     let s = stats::Summary::of(&mut lat_ms);
+    let cli = cli_ms.map(|ms| format!(" cli_ms={ms:.1}")).unwrap_or_default();
     println!(
-        "sever N={} p50_ms={:.1} p99_ms={:.1} max_ms={:.1} early={early} still_open={still_open} open_s={:.2}",
+        "sever N={} by={by} p50_ms={:.1} p99_ms={:.1} max_ms={:.1} early={early} still_open={still_open} open_s={:.2}{cli}",
         t.n,
         s.p50,
         s.p99,

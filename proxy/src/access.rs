@@ -7,6 +7,7 @@
 //! - `lease`: a session's proof of access: its grant, target and level, its registration,
 //!   and the one cut future (shutdown, grant, session, certificate).
 //! - `dialer`: opens the upstream connection from the lease's own target.
+//! - `wave`: the two phases of a cut across sessions: every client told, then the teardowns.
 //!
 //! Nothing here knows a wire protocol.
 
@@ -15,9 +16,11 @@ pub mod dialer;
 pub mod lease;
 pub mod refusal;
 pub mod table;
+pub mod wave;
 
 pub use admission::{Admission, Ask, Protocol};
 pub use dialer::{BoxedIo, Dialer, Io, TcpDialer};
 pub use lease::{Lease, Notice};
 pub use refusal::{Reason, Refusal};
 pub use table::GrantPermit;
+pub use wave::CutWave;

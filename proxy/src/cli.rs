@@ -9,6 +9,7 @@ use std::time::Duration;
 use anyhow::{bail, Context as _, Result};
 use clap::{Args, Parser, Subcommand};
 use serde::Serialize;
+use tracing_subscriber::fmt::writer::BoxMakeWriter;
 
 use crate::client::ApiClient;
 use crate::config::Config;
@@ -381,9 +382,22 @@ pub fn main() -> std::process::ExitCode {
     let default = if serving { "info" } else { "warn" };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    // A server's log lines go through a thread of their own: a stderr that stalls (a pipe
+    // whose reader stopped) never blocks a tokio worker; lines past the queue's bound are
+    // dropped, never waited for (the audit log, not stderr, is the record). Commands log
+    // straight to stderr, in order with their own messages.
+    let (writer, _log_thread) = if serving {
+        let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+            .lossy(true)
+            .thread_name("jitgate-log")
+            .finish(std::io::stderr());
+        (BoxMakeWriter::new(writer), Some(guard))
+    } else {
+        (BoxMakeWriter::new(std::io::stderr), None)
+    };
     tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(writer)
         .init();
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,

@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument as _;
 
-use crate::access::{Admission, Dialer, TcpDialer};
+use crate::access::{Admission, CutWave, Dialer, TcpDialer};
 use crate::api::{self, ApiState};
 use crate::audit::{AuditLog, ReopenReason};
 use crate::budget::{Authenticated, Ticket, Unauthenticated, UserSessions};
@@ -142,6 +142,7 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: impl Future<Out
         shutdown: cancel.clone(),
         clock: Arc::clone(grants.table().clock()),
         dialer,
+        wave: CutWave::new(),
     });
     let pg = Arc::new(PgContext {
         config: config.clone(),

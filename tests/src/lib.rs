@@ -606,8 +606,12 @@ pub async fn run_jitgate(args: &[&str], env: &[(&str, &str)]) -> CliRun {
     }
 }
 
-/// Path of the `jitgate` binary built next to the test executable.
+/// Path of the `jitgate` binary built next to the test executable, or `JITGATE_BIN` when set
+/// (to run a test against another build, e.g. to show that it fails on the code before a fix).
 pub fn jitgate_bin() -> PathBuf {
+    if let Some(bin) = std::env::var_os("JITGATE_BIN") {
+        return PathBuf::from(bin);
+    }
     let exe = std::env::current_exe().unwrap();
     let dir = exe.parent().unwrap();
     let dir = if dir.ends_with("deps") {

@@ -21,14 +21,16 @@ fn audited_texts(path: &std::path::Path) -> Vec<String> {
         .collect()
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn kill_9_loses_no_statement_that_reached_the_database() {
-    let mut h = Harness::start().await;
-    let alice = h.user("alice", &["dev"]);
-    h.grant("alice", "prod-db", AccessLevel::Write, Duration::from_secs(3600))
-        .await;
+/// Listener ports of a proxy started by [`serve_in_own_process`].
+struct Ports {
+    postgres: u16,
+    metrics: u16,
+}
+
+/// Stops the harness's in-process proxy and starts `jitgate serve` on its config as a
+/// process of its own, on free ports, with `env` and its stderr going to `stderr`.
+async fn serve_in_own_process(h: &mut Harness, env: &[(&str, &str)], stderr: Stdio) -> (tokio::process::Child, Ports) {
     h.stop_proxy().await.unwrap();
-    // The proxy runs as its own process here, so it can be killed for real.
     let (pg_port, api_port, metrics_port) = (free_port().unwrap(), free_port().unwrap(), free_port().unwrap());
     h.edit_config(|c| {
         c.replacen(
@@ -43,27 +45,84 @@ async fn kill_9_loses_no_statement_that_reached_the_database() {
             1,
         )
     });
-    let mut proxy = tokio::process::Command::new(jitgate_bin())
+    let proxy = tokio::process::Command::new(jitgate_bin())
         .args(["serve", "--config"])
         .arg(h.config_path())
+        .envs(env.iter().copied())
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(stderr)
         .kill_on_drop(true)
         .spawn()
         .unwrap();
-    let conninfo = h.conninfo_at(&alice, "prod-db", pg_port);
-    eventually("proxy up", Duration::from_secs(20), || {
-        let conninfo = conninfo.clone();
-        async move {
-            client_command("psql")
-                .arg(conninfo)
-                .args(["-X", "-c", "SELECT 1"])
-                .output()
-                .await
-                .is_ok_and(|o| o.status.success())
-        }
+    let ports = Ports {
+        postgres: pg_port,
+        metrics: metrics_port,
+    };
+    (proxy, ports)
+}
+
+/// Waits until `SELECT 1` through `conninfo` succeeds.
+async fn wait_until_serving(conninfo: &str) {
+    eventually("proxy up", Duration::from_secs(20), || async move {
+        client_command("psql")
+            .arg(conninfo)
+            .args(["-X", "-c", "SELECT 1"])
+            .output()
+            .await
+            .is_ok_and(|o| o.status.success())
     })
     .await;
+}
+
+/// The server's log lines never block its workers: with stderr a pipe nobody reads (a
+/// stalled journald or log shipper) and every line logged, sessions still open, run and end,
+/// and `/healthz` answers. Written straight from the workers, the first full pipe buffer
+/// (64 KiB: a few sessions at trace level) would freeze the proxy.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stalled_stderr_freezes_no_session() {
+    let mut h = Harness::start().await;
+    let alice = h.user("alice", &["dev"]);
+    h.grant("alice", "prod-db", AccessLevel::Read, Duration::from_secs(3600))
+        .await;
+    let (mut proxy, ports) = serve_in_own_process(&mut h, &[("RUST_LOG", "trace")], Stdio::piped()).await;
+    // Held open and never read.
+    let _stderr = proxy.stderr.take().unwrap();
+    let conninfo = h.conninfo_at(&alice, "prod-db", ports.postgres);
+    wait_until_serving(&conninfo).await;
+    for i in 0..40 {
+        let out = tokio::time::timeout(
+            Duration::from_secs(20),
+            client_command("psql")
+                .arg(&conninfo)
+                .args(["-X", "-A", "-t", "-c", &format!("SELECT {i} + 1")])
+                .output(),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("session {i} hangs while stderr is not read"))
+        .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), (i + 1).to_string());
+    }
+    let (status, body) = tokio::time::timeout(
+        Duration::from_secs(10),
+        jitgate_tests::http_get(([127, 0, 0, 1], ports.metrics).into(), "/healthz"),
+    )
+    .await
+    .expect("/healthz does not answer while stderr is not read");
+    assert!(status.contains("200"), "{status} {body}");
+    assert!(proxy.try_wait().unwrap().is_none(), "the proxy exited");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn kill_9_loses_no_statement_that_reached_the_database() {
+    let mut h = Harness::start().await;
+    let alice = h.user("alice", &["dev"]);
+    h.grant("alice", "prod-db", AccessLevel::Write, Duration::from_secs(3600))
+        .await;
+    // The proxy runs as its own process here, so it can be killed for real.
+    let (mut proxy, ports) = serve_in_own_process(&mut h, &[], Stdio::null()).await;
+    let conninfo = h.conninfo_at(&alice, "prod-db", ports.postgres);
+    wait_until_serving(&conninfo).await;
 
     // Two writers, one statement per row, as fast as they go.
     let mut writers = Vec::new();

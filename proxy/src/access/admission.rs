@@ -11,6 +11,7 @@ use super::dialer::Dialer;
 use super::lease::Lease;
 use super::refusal::{Reason, Refusal};
 use super::table::GrantTable;
+use super::wave::CutWave;
 use crate::budget::UserSessions;
 use crate::clock::SharedClock;
 use crate::config::Target;
@@ -54,6 +55,8 @@ pub struct Admission {
     pub shutdown: CancellationToken,
     pub clock: SharedClock,
     pub dialer: Arc<dyn Dialer>,
+    /// Orders the two phases of cuts that end many sessions at once.
+    pub wave: Arc<CutWave>,
 }
 
 impl Admission {
@@ -111,6 +114,7 @@ impl Admission {
             _slot: slot,
             shutdown: self.shutdown.clone(),
             dialer: Arc::clone(&self.dialer),
+            wave: Arc::clone(&self.wave),
         })
     }
 }

@@ -20,6 +20,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::dialer::{BoxedIo, Dialer};
 use super::table::GrantPermit;
+use super::wave::CutWave;
 use crate::audit::SessionEndReason;
 use crate::budget::UserSlot;
 use crate::config::Target;
@@ -36,6 +37,7 @@ pub struct Lease {
     pub(super) cert_deadline: Instant,
     pub(super) shutdown: CancellationToken,
     pub(super) dialer: Arc<dyn Dialer>,
+    pub(super) wave: Arc<CutWave>,
 }
 
 impl std::fmt::Debug for Lease {
@@ -104,6 +106,15 @@ impl Lease {
                 _ = tokio::time::sleep_until(self.cert_deadline) => return SessionEndReason::CertExpired,
             }
         }
+    }
+
+    /// The second phase of a cut: call once the client has been told (the protocol's last
+    /// message sent, the stream shut down), before the teardown. Waits, at most until `by`,
+    /// until every session cut at the same time has told its client too, so that no teardown
+    /// delays another session's telling (see [`CutWave`]).
+    pub async fn told(&self, by: Instant) {
+        self.wave.told();
+        self.wave.settled(by).await;
     }
 
     /// Why the session's token was cancelled: the session's own kill reason, else the grant's

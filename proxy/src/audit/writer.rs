@@ -212,7 +212,7 @@ impl AuditLog {
                 // Nor when the records would rotate the file: rotation syncs, and an `fsync`
                 // never runs on a session task.
                 if core.file.as_ref().is_some_and(ActiveFile::is_regular) && !core.would_rotate(&records) {
-                    return match core.append(&records) {
+                    return match core.append_inline(&records) {
                         Ok(()) => Ok(Written::Now),
                         Err(e) => Err(core.failed(records.iter(), e)),
                     };
@@ -417,14 +417,32 @@ struct Core {
     scratch: Vec<u8>,
 }
 
+/// What an append does when the path no longer names the file it wrote to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum WhenMoved {
+    /// Open the file the path names now (the writer thread).
+    ReopenNow,
+    /// Leave the file closed, so the writer thread opens it (a session task: opening repairs
+    /// the file's tail, which reads it, and writes the tip file).
+    LeaveToWriter,
+}
+
 impl Core {
-    /// Chains `records` after the tip and appends them with one write, rotating first when
-    /// they would take the file past `max_file_bytes`. Counts them when written.
-    fn append(&mut self, records: &[Encoded]) -> Result<(), Failure> {
-        self.append_all(records.iter(), records.len())
+    /// Chains `records` after the tip and appends them with one write, on a session task: a
+    /// file moved behind the log is left for the writer thread to reopen. Counts them when
+    /// written.
+    fn append_inline(&mut self, records: &[Encoded]) -> Result<(), Failure> {
+        self.append_all(records.iter(), records.len(), WhenMoved::LeaveToWriter)
     }
 
-    fn append_all<'a>(&mut self, records: impl Iterator<Item = &'a Encoded>, count: usize) -> Result<(), Failure> {
+    /// Chains `records` after the tip and appends them with one write, rotating first when
+    /// they would take the file past `max_file_bytes`. Counts them when written.
+    fn append_all<'a>(
+        &mut self,
+        records: impl Iterator<Item = &'a Encoded>,
+        count: usize,
+        when_moved: WhenMoved,
+    ) -> Result<(), Failure> {
         let mut file = match self.file.take() {
             Some(file) => file,
             None => self.reopen()?.0,
@@ -456,9 +474,14 @@ impl Core {
                 Err(AppendError::Io(e))
             }
             Err(AppendError::Moved(reason)) => {
-                // Switch now, so the new file exists and the next batch goes there.
                 self.pending = Some(reason);
                 drop(file);
+                if when_moved == WhenMoved::LeaveToWriter {
+                    // With no file open, every later batch queues, and the writer thread's
+                    // next one opens the new file.
+                    return Err(AppendError::Moved(reason));
+                }
+                // Switch now, so the new file exists and the next batch goes there.
                 match self.reopen() {
                     Ok((file, _)) => self.file = Some(file),
                     Err(e) => {
@@ -705,7 +728,7 @@ impl Writer {
     /// Writes and acknowledges (or fails) every submission in `batch`, leaving it empty.
     fn write(&mut self, batch: &mut Vec<Submission>, records: usize) {
         let mut core = self.core();
-        match core.append_all(batch.iter().flat_map(|s| &s.records), records) {
+        match core.append_all(batch.iter().flat_map(|s| &s.records), records, WhenMoved::ReopenNow) {
             Ok(()) => {
                 drop(core);
                 for s in batch.drain(..) {

@@ -41,6 +41,36 @@ impl ClientStream for TlsStream<TcpStream> {
     }
 }
 
+/// A stream whose last writes can leave as one segment.
+pub trait LastWrites {
+    /// From now on, holds written bytes back until the shutdown, so a FATAL, the TLS
+    /// close_notify and the FIN leave as one TCP segment: a cut of 10,000 sessions sends
+    /// 10,000 segments, not 30,000 (each of which also costs the receiving side on loopback).
+    /// Call it only when nothing follows but the last message and the shutdown.
+    fn hold_until_shutdown(&self);
+}
+
+impl LastWrites for TcpStream {
+    fn hold_until_shutdown(&self) {
+        // TCP_CORK: the kernel sends what is queued when it has a full segment, at the FIN
+        // (which joins the queued data) or after 200 ms. Best effort: without it, the same
+        // bytes go out in more segments.
+        let _ = socket2::SockRef::from(self).set_tcp_cork(true);
+    }
+}
+
+impl LastWrites for TlsStream<TcpStream> {
+    fn hold_until_shutdown(&self) {
+        self.get_ref().0.hold_until_shutdown();
+    }
+}
+
+/// In-memory streams (tests) have no segments.
+#[cfg(test)]
+impl LastWrites for tokio::io::DuplexStream {
+    fn hold_until_shutdown(&self) {}
+}
+
 /// Writes `last`, shuts `stream` down and waits for the client's EOF, by `by`; resets the
 /// socket if that does not finish in time. Drop the stream afterwards.
 pub async fn close<S: ClientStream>(stream: &mut S, last: &[u8], by: Instant) {

@@ -245,10 +245,11 @@ pub(super) async fn run_session(ctx: &Arc<PgContext>, mut n: Negotiated, peer: S
 
     if matches!(end, RelayEnd::Cut { .. }) {
         // A cut is two phases across sessions: the relay has sent this session's FATAL and
-        // shut its stream down; the teardown below waits until every other session the same
-        // cut woke has done so too (they are ahead in the run queue), so 10,000 sessions
-        // under one grant all hear of the end before any of them spends time tearing down.
-        tokio::task::yield_now().await;
+        // shut its stream down; the teardown below waits until every other session cut at
+        // the same time has done so too, so 10,000 sessions under one grant all hear of the
+        // end before any of them spends time tearing down. Half the close bound stays for the
+        // client's EOF.
+        lease.told(close_by - CLOSE_BOUND / 2).await;
     }
     let reason = match end {
         RelayEnd::Closed(r) => r,

@@ -24,7 +24,7 @@ use jitgate_protocol::postgres::ProtocolError;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::time::Instant;
 
-use super::close::CLOSE_BOUND;
+use super::close::{LastWrites, CLOSE_BOUND};
 use super::statements::{Batch, Disposition, Tracker};
 use crate::access::Notice;
 use crate::audit::{AuditLog, AuditTicket, SessionEndReason, Written};
@@ -356,9 +356,10 @@ impl Downward {
         last: &[u8],
     ) -> io::Result<()>
     where
-        C: AsyncWrite + Unpin,
+        C: AsyncWrite + LastWrites + Unpin,
         U: AsyncRead + Unpin,
     {
+        client.hold_until_shutdown();
         let written = &sh.session.bytes_to_client;
         client.write_all(self.out.pending()).await?;
         written.fetch_add(self.out.pending().len() as u64, Ordering::Relaxed);
@@ -418,7 +419,7 @@ pub async fn relay<C, U, F>(
     fatal: impl Fn(SessionEndReason) -> Vec<u8>,
 ) -> Relayed
 where
-    C: AsyncRead + AsyncWrite + Unpin,
+    C: AsyncRead + AsyncWrite + LastWrites + Unpin,
     U: AsyncRead + AsyncWrite + Unpin,
     F: Future<Output = SessionEndReason>,
 {

@@ -71,6 +71,7 @@ fn core(max_per_user: usize) -> Core {
             shutdown: shutdown.clone(),
             clock: clock.clone(),
             dialer: dialer.clone(),
+            wave: crate::access::CutWave::new(),
         },
         clock,
         dialer,

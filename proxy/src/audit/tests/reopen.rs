@@ -76,16 +76,20 @@ fn a_renamed_file_fails_the_batch_on_both_write_paths_and_the_chain_continues_in
     assert_eq!(moved(&err), Some(ReopenReason::Renamed), "{err}");
     assert!(err.to_string().contains("was renamed"), "{err}");
     assert_eq!(std::fs::read(&first).unwrap(), before);
+    // Opening the new file (which reads the old tail and writes the tip file) is left to the
+    // writer thread: the session task that found the move opened nothing.
+    assert!(!config.path.exists(), "a session task reopened the log");
+    write(&log, "4").unwrap();
     // The new file starts the continued chain.
     let new = lines(&config.path);
-    assert_eq!(new.len(), 1);
+    assert_eq!(new.len(), 2);
     assert_eq!(new[0]["event"], "audit.reopened");
     assert_eq!(
         (new[0]["reason"].as_str(), new[0]["new_file"].as_bool()),
         (Some("renamed"), Some(true))
     );
     assert_eq!(new[0]["seq"], 4);
-    write(&log, "4").unwrap();
+    assert_eq!(new[1]["grant_id"], "g-4");
 
     // The writer thread's path does the same check.
     let second = renamed(&config, ".2");
