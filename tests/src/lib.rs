@@ -606,6 +606,20 @@ pub async fn run_jitgate(args: &[&str], env: &[(&str, &str)]) -> CliRun {
     }
 }
 
+/// Waits until `SELECT 1` through `conninfo` succeeds: a proxy started as its own process is
+/// serving.
+pub async fn wait_until_serving(conninfo: &str) {
+    eventually("proxy up", Duration::from_secs(20), || async move {
+        client_command("psql")
+            .arg(conninfo)
+            .args(["-X", "-c", "SELECT 1"])
+            .output()
+            .await
+            .is_ok_and(|o| o.status.success())
+    })
+    .await;
+}
+
 /// Path of the `jitgate` binary built next to the test executable, or `JITGATE_BIN` when set
 /// (to run a test against another build, e.g. to show that it fails on the code before a fix).
 pub fn jitgate_bin() -> PathBuf {

@@ -15,7 +15,7 @@ use jitgate_tests::jitgate::audit::siblings;
 use jitgate_tests::jitgate::model::AccessLevel;
 use jitgate_tests::jitgate::sandbox::free_port;
 use jitgate_tests::raw::{self, error_of, read_until_ready, send_query};
-use jitgate_tests::{client_command, eventually, jitgate_bin, run_jitgate, Harness};
+use jitgate_tests::{client_command, eventually, jitgate_bin, run_jitgate, wait_until_serving, Harness};
 use serde_json::Value;
 use tokio::io::AsyncWriteExt as _;
 
@@ -389,19 +389,7 @@ impl Proxy {
             .kill_on_drop(true)
             .spawn()
             .unwrap();
-        let conninfo = h.conninfo_at(user, "prod-db", port);
-        eventually("proxy up", Duration::from_secs(20), || {
-            let conninfo = conninfo.clone();
-            async move {
-                client_command("psql")
-                    .arg(conninfo)
-                    .args(["-X", "-c", "SELECT 1"])
-                    .output()
-                    .await
-                    .is_ok_and(|o| o.status.success())
-            }
-        })
-        .await;
+        wait_until_serving(&h.conninfo_at(user, "prod-db", port)).await;
         Proxy { child, port }
     }
 

@@ -8,7 +8,7 @@ use std::time::Duration;
 use jitgate_tests::jitgate::model::AccessLevel;
 use jitgate_tests::jitgate::sandbox::free_port;
 use jitgate_tests::raw::{self, error_of, read_until_ready, send_query};
-use jitgate_tests::{client_command, eventually, jitgate_bin, Harness};
+use jitgate_tests::{client_command, eventually, jitgate_bin, wait_until_serving, Harness};
 use tokio::io::AsyncWriteExt;
 
 /// Statement texts in an audit file, tolerating a torn last line.
@@ -59,19 +59,6 @@ async fn serve_in_own_process(h: &mut Harness, env: &[(&str, &str)], stderr: Std
         metrics: metrics_port,
     };
     (proxy, ports)
-}
-
-/// Waits until `SELECT 1` through `conninfo` succeeds.
-async fn wait_until_serving(conninfo: &str) {
-    eventually("proxy up", Duration::from_secs(20), || async move {
-        client_command("psql")
-            .arg(conninfo)
-            .args(["-X", "-c", "SELECT 1"])
-            .output()
-            .await
-            .is_ok_and(|o| o.status.success())
-    })
-    .await;
 }
 
 /// The server's log lines never block its workers: with stderr a pipe nobody reads (a
