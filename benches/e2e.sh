@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # End-to-end benchmark in one command: pgbench against direct PostgreSQL (plain TCP and TLS),
-# pgbouncer (session mode) and jitgate (mTLS, full statement audit), round by round, plus
-# session start rate, idle memory per session and sever latency at grant expiry.
+# pgbouncer (session mode, plain; and with client mTLS, verify-full, jitgate's CA and server
+# certificate: `pgbouncer-mtls`, the fair comparison) and jitgate (mTLS, full statement
+# audit), round by round, plus session start rate, idle memory per session and sever latency
+# at grant expiry and revoke.
 #
 #   benches/e2e.sh                 # ROUNDS=3 DURATION=10
 #   QUICK=1 benches/e2e.sh         # smoke test: 1 round of 2 s, small sessions counts
@@ -103,7 +105,7 @@ cleanup() {
     local pid
     set +e
     for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null; done
-    [[ -f $WORK/bouncer/pgbouncer.pid ]] && kill "$(cat "$WORK/bouncer/pgbouncer.pid")" 2>/dev/null
+    for pid in "$WORK"/bouncer*/pgbouncer.pid; do [[ -f $pid ]] && kill "$(cat "$pid")" 2>/dev/null; done
     for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null; done
     ((PG_STARTED)) && as_pg "$PGBIN/pg_ctl" -D "$WORK/pg/data" -m immediate stop >/dev/null 2>&1
     rm -rf "$WORK"
@@ -124,8 +126,8 @@ fit_sessions() { # n -> n, or fewer when the proxy could not hold them
     fi
 }
 
-mapfile -t PORTS < <("$E2E" free-ports 9)
-PG_PORT=${PORTS[0]} BOUNCER_PORT=${PORTS[1]} FAKE_PORT=${PORTS[2]}
+mapfile -t PORTS < <("$E2E" free-ports 10)
+PG_PORT=${PORTS[0]} BOUNCER_PORT=${PORTS[1]} FAKE_PORT=${PORTS[2]} BOUNCER_MTLS_PORT=${PORTS[9]}
 JG_PORTS=("${PORTS[3]}" "${PORTS[4]}") JGF_PORTS=("${PORTS[5]}" "${PORTS[6]}") JGB_PORTS=("${PORTS[7]}" "${PORTS[8]}")
 
 wait_port() { # port what
@@ -166,32 +168,36 @@ say "pgbench -i -s $SCALE"
 "$PGBENCH" -i -q -s "$SCALE" "host=127.0.0.1 port=$PG_PORT dbname=bench user=bench sslmode=disable" \
     >"$RESULTS_DIR/pgbench-init.log" 2>&1 || die "pgbench -i failed: $(tail -5 "$RESULTS_DIR/pgbench-init.log")"
 
-# pgbouncer, session mode, plain TCP on both sides.
-say "starting pgbouncer $("$PGBOUNCER" --version | head -1 | awk '{print $2}') on port $BOUNCER_PORT"
-mkdir -p "$WORK/bouncer"
-echo '"bench" ""' >"$WORK/bouncer/userlist.txt"
-cat >"$WORK/bouncer/pgbouncer.ini" <<EOF
+# pgbouncer, session mode, plain TCP to PostgreSQL; the client side as the caller says.
+start_pgbouncer() { # dir port auth_type client-tls-lines -> sets BOUNCER_PID_OUT
+    mkdir -p "$1"
+    echo '"bench" ""' >"$1/userlist.txt"
+    cat >"$1/pgbouncer.ini" <<EOF
 [databases]
 bench = host=127.0.0.1 port=$PG_PORT dbname=bench user=bench
 [pgbouncer]
 listen_addr = 127.0.0.1
-listen_port = $BOUNCER_PORT
+listen_port = $2
 unix_socket_dir =
-auth_type = trust
-auth_file = $WORK/bouncer/userlist.txt
+auth_type = $3
+auth_file = $1/userlist.txt
 pool_mode = session
 max_client_conn = 1000
 default_pool_size = 50
 server_tls_sslmode = disable
-client_tls_sslmode = disable
+$4
 ignore_startup_parameters = extra_float_digits
-logfile = $WORK/bouncer/pgbouncer.log
-pidfile = $WORK/bouncer/pgbouncer.pid
+logfile = $1/pgbouncer.log
+pidfile = $1/pgbouncer.pid
 EOF
-[[ $(id -u) == 0 ]] && chown -R postgres: "$WORK/bouncer"
-as_pg "$PGBOUNCER" -d -q "$WORK/bouncer/pgbouncer.ini"
-wait_port "$BOUNCER_PORT" pgbouncer
-BOUNCER_PID=$(cat "$WORK/bouncer/pgbouncer.pid")
+    [[ $(id -u) == 0 ]] && chown -R postgres: "$1"
+    as_pg "$PGBOUNCER" -d -q "$1/pgbouncer.ini"
+    wait_port "$2" "pgbouncer ($1)"
+    BOUNCER_PID_OUT=$(cat "$1/pgbouncer.pid")
+}
+say "starting pgbouncer $("$PGBOUNCER" --version | head -1 | awk '{print $2}') on port $BOUNCER_PORT"
+start_pgbouncer "$WORK/bouncer" "$BOUNCER_PORT" trust "client_tls_sslmode = disable"
+BOUNCER_PID=$BOUNCER_PID_OUT
 
 # jitgate: `jitgate init` PKI, a write grant (the TPC-B script writes), full statement audit.
 start_jitgate() { # dir [binary] -> sets JG_PID_OUT
@@ -246,6 +252,24 @@ wait_port "${JG_PORTS[1]}" "jitgate api"
 "$JG" grant create --data-dir "$JGD" --user bench --target bench-db --access write --for 8h \
     --reason "e2e benchmark" >/dev/null
 AUDIT=$JGD/audit.jsonl
+
+# pgbouncer with client mTLS, the fair comparison: verify-full against jitgate's CA, with
+# jitgate's server certificate, and `auth_type = cert` (the certificate's CN is the user, as
+# jitgate checks its certificate's user).
+say "starting pgbouncer with client mTLS on port $BOUNCER_MTLS_PORT"
+mkdir -p "$WORK/bouncer-mtls"
+cp "$JGD/ca.crt" "$JGD/server.crt" "$JGD/server.key" "$WORK/bouncer-mtls/"
+chmod 600 "$WORK/bouncer-mtls/server.key"
+start_pgbouncer "$WORK/bouncer-mtls" "$BOUNCER_MTLS_PORT" cert "client_tls_sslmode = verify-full
+client_tls_ca_file = $WORK/bouncer-mtls/ca.crt
+client_tls_cert_file = $WORK/bouncer-mtls/server.crt
+client_tls_key_file = $WORK/bouncer-mtls/server.key"
+BOUNCER_MTLS_PID=$BOUNCER_PID_OUT
+# It must refuse a client without a certificate, or the comparison is not the fair one.
+if "$PGBIN/psql" -X -q "host=127.0.0.1 port=$BOUNCER_MTLS_PORT dbname=bench user=bench sslmode=require" \
+    -c "SELECT 1" >/dev/null 2>&1; then
+    die "pgbouncer-mtls let in a client without a certificate"
+fi
 if [[ -n ${BASELINE_JITGATE:-} ]]; then
     JGB=$WORK/jgb
     say "starting the baseline jitgate ($BASELINE_JITGATE) on port ${JGB_PORTS[0]}"
@@ -267,17 +291,18 @@ fi
 CONN_TCP="host=127.0.0.1 port=$PG_PORT dbname=bench user=bench sslmode=disable"
 CONN_TLS="host=127.0.0.1 port=$PG_PORT dbname=bench user=bench sslmode=verify-full sslrootcert=$WORK/pg/server.crt"
 CONN_BOUNCER="host=127.0.0.1 port=$BOUNCER_PORT dbname=bench user=bench sslmode=disable"
+CONN_BOUNCER_MTLS="host=127.0.0.1 port=$BOUNCER_MTLS_PORT dbname=bench user=bench sslmode=verify-full sslrootcert=$JGD/bench/ca.crt sslcert=$JGD/bench/bench.crt sslkey=$JGD/bench/bench.key"
 CONN_JG="host=127.0.0.1 port=${JG_PORTS[0]} dbname=bench-db user=bench sslmode=verify-full sslrootcert=$JGD/bench/ca.crt sslcert=$JGD/bench/bench.crt sslkey=$JGD/bench/bench.key"
-TARGETS=(direct-tcp direct-tls pgbouncer jitgate)
+TARGETS=(direct-tcp direct-tls pgbouncer pgbouncer-mtls jitgate)
 [[ -n ${BASELINE_JITGATE:-} ]] && TARGETS+=(jitgate-base)
 conn_of() {
     case $1 in
     direct-tcp) echo "$CONN_TCP" ;; direct-tls) echo "$CONN_TLS" ;;
-    pgbouncer) echo "$CONN_BOUNCER" ;; jitgate) echo "$CONN_JG" ;; jitgate-base) echo "$CONN_JGB" ;;
+    pgbouncer) echo "$CONN_BOUNCER" ;; pgbouncer-mtls) echo "$CONN_BOUNCER_MTLS" ;; jitgate) echo "$CONN_JG" ;; jitgate-base) echo "$CONN_JGB" ;;
     esac
 }
 pid_of() {
-    case $1 in pgbouncer) echo "$BOUNCER_PID" ;; jitgate) echo "$JG_PID" ;; jitgate-base) echo "$JGB_PID" ;; *) echo "" ;; esac
+    case $1 in pgbouncer) echo "$BOUNCER_PID" ;; pgbouncer-mtls) echo "$BOUNCER_MTLS_PID" ;; jitgate) echo "$JG_PID" ;; jitgate-base) echo "$JGB_PID" ;; *) echo "" ;; esac
 }
 read -r -a WORKLOADS <<<"${WORKLOADS-select-simple select-extended select-prepared tpcb-simple connect-select}"
 args_of() {

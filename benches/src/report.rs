@@ -13,9 +13,19 @@ use std::fmt::Write as _;
 use crate::stats::median;
 
 /// Targets in table order; ratios are taken against the two reference targets.
-const TARGETS: &[&str] = &["direct-tcp", "direct-tls", "pgbouncer", "jitgate", "jitgate-base"];
+const TARGETS: &[&str] = &[
+    "direct-tcp",
+    "direct-tls",
+    "pgbouncer",
+    "pgbouncer-mtls",
+    "jitgate",
+    "jitgate-base",
+];
 const VS_TLS: &str = "direct-tls";
 const VS_BOUNCER: &str = "pgbouncer";
+/// pgbouncer with client mTLS (verify-full, the same CA and server certificate as jitgate):
+/// the fair comparison for a proxy that must terminate mTLS.
+const VS_BOUNCER_MTLS: &str = "pgbouncer-mtls";
 
 #[derive(Debug, Default)]
 struct Runs {
@@ -82,9 +92,9 @@ pub fn render(input: &str) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "| workload | target | TPS | avg latency ms | TPS / direct TLS | TPS / pgbouncer | latency / direct TLS | latency / pgbouncer | proxy CPU s per 1k tx | audit records/s |"
+        "| workload | target | TPS | avg latency ms | TPS / direct TLS | TPS / pgbouncer | TPS / pgbouncer mTLS | latency / direct TLS | latency / pgbouncer | proxy CPU s per 1k tx | CPU / pgbouncer mTLS | audit records/s |"
     );
-    let _ = writeln!(out, "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+    let _ = writeln!(out, "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for workload in &workloads {
         let med = |target: &str, pick: fn(&Runs) -> &Vec<f64>| {
             runs.get(&(workload.clone(), target.to_owned()))
@@ -96,16 +106,19 @@ pub fn render(input: &str) -> String {
             };
             let tps = median(&r.tps);
             let lat = median(&r.lat_ms);
+            let cpu = median(&r.cpu_per_1k);
             let _ = writeln!(
                 out,
-                "| {workload} | {target} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                "| {workload} | {target} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
                 opt(tps, 0),
                 opt(lat, 3),
                 ratio(tps, med(VS_TLS, |r| &r.tps)),
                 ratio(tps, med(VS_BOUNCER, |r| &r.tps)),
+                ratio(tps, med(VS_BOUNCER_MTLS, |r| &r.tps)),
                 ratio(lat, med(VS_TLS, |r| &r.lat_ms)),
                 ratio(lat, med(VS_BOUNCER, |r| &r.lat_ms)),
-                opt(median(&r.cpu_per_1k), 3),
+                opt(cpu, 3),
+                ratio(cpu, med(VS_BOUNCER_MTLS, |r| &r.cpu_per_1k)),
                 opt(median(&r.audit_per_s), 0),
             );
         }
@@ -168,6 +181,7 @@ mod tests {
 pgbench select-prepared direct-tls 1 10 100 0.5 1000 - -
 pgbench select-prepared direct-tls 2 10 300 0.3 3000 - -
 pgbench select-prepared pgbouncer 1 10 100 1.0 1000 2.0 -
+pgbench select-prepared pgbouncer-mtls 1 10 40 1.2 400 0.2 -
 pgbench select-prepared jitgate 1 10 50 2.0 500 1.0 1000
 memory N=10 rss_before_kib=1 rss_after_kib=11 per_session_kib=1.0 open_s=0.1 opens_per_s=100
 sever N=100 by=revoke p50_ms=3.0 p99_ms=9.0 max_ms=9.5 early=0 still_open=0 open_s=0.50 cli_ms=20.0
@@ -175,11 +189,13 @@ noise
 ";
         let out = render(input);
         assert!(
-            out.contains("| select-prepared | direct-tls | 200 | 0.400 | 1.00 | 2.00 |"),
+            out.contains("| select-prepared | direct-tls | 200 | 0.400 | 1.00 | 2.00 | 5.00 |"),
             "{out}"
         );
         assert!(
-            out.contains("| select-prepared | jitgate | 50 | 2.000 | 0.25 | 0.50 | 5.00 | 2.00 | 2.000 | 100 |"),
+            out.contains(
+                "| select-prepared | jitgate | 50 | 2.000 | 0.25 | 0.50 | 1.25 | 5.00 | 2.00 | 2.000 | 4.00 | 100 |"
+            ),
             "{out}"
         );
         assert!(out.contains("| 10 | 1 | 11 | 1.0 | 0.1 | 100 |"), "{out}");
