@@ -11,7 +11,9 @@
 #
 # Knobs (environment): ROUNDS, DURATION (seconds per pgbench run), CLIENTS (-c, 8),
 # THREADS (-j, 2), SCALE (pgbench -i -s, 10), IDLE_SESSIONS ("1000 10000"),
-# SEVER_SESSIONS ("100 1000 10000"; each count is cut once by the grant's expiry and once by a
+# CONNECTS (sessions opened one after another per target to time session start, 2000; 0
+# skips), QLAT_SECS (seconds of pgbench -S -M simple -c 1 per target for the added latency per
+# query, 10; 0 skips), SEVER_SESSIONS ("100 1000 10000"; each count is cut once by the grant's expiry and once by a
 # revoke; empty skips; both are capped to what the open-files limit allows:
 # each session holds two descriptors in the proxy), WORKLOADS (pgbench workloads to run, all
 # five by default; empty skips pgbench; `select-pipeline` runs benches/data/pipeline.sql, ten
@@ -32,6 +34,7 @@ QUICK=${QUICK:-0}
 if [[ $QUICK == 1 ]]; then
     ROUNDS=${ROUNDS:-1} DURATION=${DURATION:-2} SCALE=${SCALE:-1}
     IDLE_SESSIONS=${IDLE_SESSIONS-100} SEVER_SESSIONS=${SEVER_SESSIONS-100}
+    CONNECTS=${CONNECTS:-200} QLAT_SECS=${QLAT_SECS:-2}
 fi
 ROUNDS=${ROUNDS:-3}
 DURATION=${DURATION:-10}
@@ -41,6 +44,8 @@ SCALE=${SCALE:-10}
 IDLE_SESSIONS=${IDLE_SESSIONS-1000 10000}
 SEVER_SESSIONS=${SEVER_SESSIONS-100 1000 10000}
 SEVER_OPEN_RATE=${SEVER_OPEN_RATE:-150}
+CONNECTS=${CONNECTS:-2000}
+QLAT_SECS=${QLAT_SECS:-10}
 PROFILE=${PROFILE:-0}
 PROFILE_SECS=${PROFILE_SECS:-10}
 RESULTS_DIR=${RESULTS_DIR:-${TMPDIR:-/tmp}/jitgate-e2e-results-$(date +%Y%m%d-%H%M%S)}
@@ -139,12 +144,17 @@ wait_port() { # port what
     die "$2 did not listen on port $1"
 }
 
-# PostgreSQL with TLS (self-signed EC certificate for 127.0.0.1).
+# PostgreSQL with TLS (an EC certificate for 127.0.0.1 from a CA of its own, so clients that
+# refuse a self-signed CA as the server's own certificate, rustls among them, verify it too).
 say "starting PostgreSQL $("$PGBIN/postgres" --version | awk '{print $3}') with TLS on port $PG_PORT"
 mkdir -p "$WORK/pg"
 openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 \
-    -subj /CN=127.0.0.1 -addext subjectAltName=IP:127.0.0.1 \
-    -keyout "$WORK/pg/server.key" -out "$WORK/pg/server.crt" 2>/dev/null
+    -subj /CN=e2e-ca -keyout "$WORK/pg/ca.key" -out "$WORK/pg/ca.crt" 2>/dev/null
+openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -subj /CN=127.0.0.1 \
+    -keyout "$WORK/pg/server.key" -out "$WORK/pg/server.csr" 2>/dev/null
+printf 'subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n' >"$WORK/pg/server.ext"
+openssl x509 -req -in "$WORK/pg/server.csr" -CA "$WORK/pg/ca.crt" -CAkey "$WORK/pg/ca.key" \
+    -CAcreateserial -days 2 -extfile "$WORK/pg/server.ext" -out "$WORK/pg/server.crt" 2>/dev/null
 chmod 600 "$WORK/pg/server.key"
 [[ $(id -u) == 0 ]] && chown -R postgres: "$WORK/pg"
 as_pg "$PGBIN/initdb" -D "$WORK/pg/data" -U postgres --auth=trust -E UTF8 --locale=C >/dev/null
@@ -289,7 +299,7 @@ user = \"bench\"" "$BASELINE_JITGATE"
 fi
 
 CONN_TCP="host=127.0.0.1 port=$PG_PORT dbname=bench user=bench sslmode=disable"
-CONN_TLS="host=127.0.0.1 port=$PG_PORT dbname=bench user=bench sslmode=verify-full sslrootcert=$WORK/pg/server.crt"
+CONN_TLS="host=127.0.0.1 port=$PG_PORT dbname=bench user=bench sslmode=verify-full sslrootcert=$WORK/pg/ca.crt"
 CONN_BOUNCER="host=127.0.0.1 port=$BOUNCER_PORT dbname=bench user=bench sslmode=disable"
 CONN_BOUNCER_MTLS="host=127.0.0.1 port=$BOUNCER_MTLS_PORT dbname=bench user=bench sslmode=verify-full sslrootcert=$JGD/bench/ca.crt sslcert=$JGD/bench/bench.crt sslkey=$JGD/bench/bench.key"
 CONN_JG="host=127.0.0.1 port=${JG_PORTS[0]} dbname=bench-db user=bench sslmode=verify-full sslrootcert=$JGD/bench/ca.crt sslcert=$JGD/bench/bench.crt sslkey=$JGD/bench/bench.key"
@@ -361,6 +371,35 @@ for r in $(seq 1 "$ROUNDS"); do
         done
     done
 done
+
+# Session start, one after another (TLS, startup, the upstream's login, first ReadyForQuery),
+# and what one simple query costs at -c 1: pgbench's per-transaction log.
+latency_targets=(direct-tls pgbouncer-mtls jitgate)
+[[ -n ${BASELINE_JITGATE:-} ]] && latency_targets+=(jitgate-base)
+connect_args() { # target
+    case $1 in
+    direct-tls) echo "--addr 127.0.0.1:$PG_PORT --dbname bench --user bench --ca $WORK/pg/ca.crt" ;;
+    pgbouncer-mtls) echo "--addr 127.0.0.1:$BOUNCER_MTLS_PORT --dbname bench --user bench --cert $JGD/bench/bench.crt --key $JGD/bench/bench.key --ca $JGD/bench/ca.crt" ;;
+    jitgate) echo "--addr 127.0.0.1:${JG_PORTS[0]} --dbname bench-db --user bench --cert $JGD/bench/bench.crt --key $JGD/bench/bench.key --ca $JGD/bench/ca.crt" ;;
+    jitgate-base) echo "--addr 127.0.0.1:${JGB_PORTS[0]} --dbname bench-db --user bench --cert $JGB/bench/bench.crt --key $JGB/bench/bench.key --ca $JGB/bench/ca.crt" ;;
+    esac
+}
+if ((CONNECTS > 0)); then
+    say "session start: $CONNECTS sessions one after another, per target"
+    for t in "${latency_targets[@]}"; do
+        # shellcheck disable=SC2046
+        "$E2E" connect $(connect_args "$t") --n "$CONNECTS" --label "$t" | tee -a "$RAW" >&2
+    done
+fi
+if ((QLAT_SECS > 0)); then
+    say "query latency: pgbench -S -M simple -c 1 for ${QLAT_SECS}s, per target"
+    for t in "${latency_targets[@]}"; do
+        "$PGBENCH" -n -S -M simple -c 1 -j 1 -T "$QLAT_SECS" --log --log-prefix="$WORK/qlat-$t" "$(conn_of "$t")" \
+            >"$RESULTS_DIR/qlat-$t.log" 2>&1 || die "pgbench -c 1 against $t failed: $(tail -5 "$RESULTS_DIR/qlat-$t.log")"
+        "$E2E" qlat --label "$t" "$WORK/qlat-$t".* | tee -a "$RAW" >&2
+        rm -f "$WORK/qlat-$t".*
+    done
+fi
 
 if [[ $PROFILE == 1 ]]; then
     say "profiling jitgate under pgbench -S -M prepared (${PROFILE_SECS}s)"

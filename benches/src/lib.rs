@@ -1,12 +1,14 @@
 //! jitgate's benchmarks: shared fixtures for the criterion benches in `benches/benches/`
 //! ([`traffic`]) and the pieces of the `jitgate-e2e` helper that `benches/e2e.sh` drives: a
 //! fake PostgreSQL upstream ([`fake_pg`]), a client that opens and holds many mTLS sessions
-//! ([`sessions`]), and the results table ([`report`]).
+//! ([`sessions`]), session start and query latency ([`latency`]), and the results table
+//! ([`report`]).
 //!
 //! Nothing here is used by the proxy; numbers and how to reproduce them are in
 //! `benches/README.md` and `benches/RESULTS.md`.
 
 pub mod fake_pg;
+pub mod latency;
 pub mod report;
 pub mod sessions;
 pub mod stats;

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use anyhow::{Context as _, Result};
 use clap::{Parser, Subcommand};
-use jitgate_benches::{fake_pg, report, sessions};
+use jitgate_benches::{fake_pg, latency, report, sessions};
 
 #[derive(Debug, Parser)]
 #[command(name = "jitgate-e2e", about = "Helpers for benches/e2e.sh")]
@@ -22,6 +22,21 @@ enum Command {
     FakePg {
         #[arg(long)]
         listen: String,
+    },
+    /// Open N sessions one after another; print the session start latency percentiles.
+    Connect {
+        #[command(flatten)]
+        target: sessions::Target,
+        /// The target's name in the report.
+        #[arg(long)]
+        label: String,
+    },
+    /// Read pgbench per-transaction logs (`--log`) of one target; print latency percentiles.
+    Qlat {
+        /// The target's name in the report.
+        #[arg(long)]
+        label: String,
+        files: Vec<PathBuf>,
     },
     /// Open and hold N idle sessions; print the proxy's RSS per session.
     Hold {
@@ -94,6 +109,8 @@ fn main() -> Result<()> {
             };
             rt.block_on(sessions::sever(&target, cut, timeout))
         }
+        Command::Connect { target, label } => rt.block_on(latency::session_start(&target, &label)),
+        Command::Qlat { label, files } => latency::query_latency(&label, &files),
         Command::Report { file } => {
             print!("{}", report::render(&std::fs::read_to_string(file)?));
             Ok(())

@@ -5,6 +5,7 @@
 //! - `pgbench WORKLOAD TARGET ROUND SECS TPS LAT_MS TXNS CPU_S AUDIT_RECORDS` (`-` where a
 //!   value does not apply: CPU for direct targets, audit records for all but jitgate);
 //! - `memory k=v ...` and `sever k=v ...` as printed by the `hold` and `sever` subcommands;
+//! - `connect TARGET k=v ...` and `qlat TARGET k=v ...` as printed by `connect` and `qlat`;
 //! - anything else is ignored.
 
 use std::collections::BTreeMap;
@@ -60,6 +61,8 @@ pub fn render(input: &str) -> String {
     let mut runs: BTreeMap<(String, String), Runs> = BTreeMap::new();
     let mut memory = Vec::new();
     let mut sever = Vec::new();
+    let mut connect: Vec<(String, BTreeMap<&str, &str>)> = Vec::new();
+    let mut qlat: Vec<(String, BTreeMap<&str, &str>)> = Vec::new();
     for line in input.lines() {
         let w: Vec<&str> = line.split_whitespace().collect();
         match w.first().copied() {
@@ -85,6 +88,8 @@ pub fn render(input: &str) -> String {
             }
             Some("memory") => memory.push(fields(line)),
             Some("sever") => sever.push(fields(line)),
+            Some("connect") if w.len() >= 2 => connect.push((w[1].to_owned(), fields(line))),
+            Some("qlat") if w.len() >= 2 => qlat.push((w[1].to_owned(), fields(line))),
             _ => {}
         }
     }
@@ -124,6 +129,50 @@ pub fn render(input: &str) -> String {
         }
     }
 
+    if !connect.is_empty() {
+        let _ = writeln!(out);
+        let _ = writeln!(
+            out,
+            "| session start (one after another: TLS, startup, upstream login, first ReadyForQuery) | sessions | p50 ms | p99 ms | max ms |"
+        );
+        let _ = writeln!(out, "|---|---:|---:|---:|---:|");
+        for (target, c) in &connect {
+            let g = |k: &str| c.get(k).copied().unwrap_or("-");
+            let _ = writeln!(
+                out,
+                "| {target} | {} | {} | {} | {} |",
+                g("N"),
+                g("p50_ms"),
+                g("p99_ms"),
+                g("max_ms")
+            );
+        }
+    }
+    if !qlat.is_empty() {
+        let _ = writeln!(out);
+        let _ = writeln!(
+            out,
+            "| one simple query at -c 1 (pgbench -S -M simple) | transactions | p50 µs | p99 µs | added p50 µs (vs direct TLS) | added p99 µs |"
+        );
+        let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|");
+        let get = |c: &BTreeMap<&str, &str>, k: &str| c.get(k).and_then(|v| num(v));
+        let base = qlat.iter().find(|(t, _)| t == VS_TLS).map(|(_, c)| c);
+        for (target, c) in &qlat {
+            let added = |k: &str| match (get(c, k), base.and_then(|b| get(b, k))) {
+                (Some(a), Some(b)) => format!("{:.1}", a - b),
+                _ => "-".into(),
+            };
+            let _ = writeln!(
+                out,
+                "| {target} | {} | {} | {} | {} | {} |",
+                c.get("n").copied().unwrap_or("-"),
+                opt(get(c, "p50_us"), 1),
+                opt(get(c, "p99_us"), 1),
+                added("p50_us"),
+                added("p99_us")
+            );
+        }
+    }
     if !memory.is_empty() {
         let _ = writeln!(out);
         let _ = writeln!(
@@ -185,6 +234,9 @@ pgbench select-prepared pgbouncer-mtls 1 10 40 1.2 400 0.2 -
 pgbench select-prepared jitgate 1 10 50 2.0 500 1.0 1000
 memory N=10 rss_before_kib=1 rss_after_kib=11 per_session_kib=1.0 open_s=0.1 opens_per_s=100
 sever N=100 by=revoke p50_ms=3.0 p99_ms=9.0 max_ms=9.5 early=0 still_open=0 open_s=0.50 cli_ms=20.0
+connect jitgate N=2000 p50_ms=1.500 p99_ms=3.000 max_ms=9.000
+qlat direct-tls n=100 p50_us=200.0 p99_us=400.0
+qlat jitgate n=90 p50_us=260.5 p99_us=520.0
 noise
 ";
         let out = render(input);
@@ -199,6 +251,12 @@ noise
             "{out}"
         );
         assert!(out.contains("| 10 | 1 | 11 | 1.0 | 0.1 | 100 |"), "{out}");
+        assert!(out.contains("| jitgate | 2000 | 1.500 | 3.000 | 9.000 |"), "{out}");
+        assert!(
+            out.contains("| direct-tls | 100 | 200.0 | 400.0 | 0.0 | 0.0 |"),
+            "{out}"
+        );
+        assert!(out.contains("| jitgate | 90 | 260.5 | 520.0 | 60.5 | 120.0 |"), "{out}");
         assert!(
             out.contains("| 100 | revoke | 3.0 | 9.0 | 9.5 | 0 | 0 | 20.0 |"),
             "{out}"

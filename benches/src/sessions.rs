@@ -33,10 +33,11 @@ pub struct Target {
     /// `user` (must equal the certificate's user).
     #[arg(long)]
     pub user: String,
-    #[arg(long)]
-    pub cert: PathBuf,
-    #[arg(long)]
-    pub key: PathBuf,
+    /// Client certificate (with --key); without one, no client certificate is offered.
+    #[arg(long, requires = "key")]
+    pub cert: Option<PathBuf>,
+    #[arg(long, requires = "cert")]
+    pub key: Option<PathBuf>,
     /// CA that signed the proxy's server certificate.
     #[arg(long)]
     pub ca: PathBuf,
@@ -48,18 +49,26 @@ pub struct Target {
     pub concurrency: usize,
 }
 
-type Session = TlsStream<TcpStream>;
+pub type Session = TlsStream<TcpStream>;
 
-fn client_config(t: &Target) -> Result<Arc<rustls::ClientConfig>> {
+/// The TLS connector for `t`: its CA, and its client certificate when it has one.
+pub fn connector(t: &Target) -> Result<TlsConnector> {
     let roots = jitgate::tls::load_roots(&t.ca)?;
-    let cfg = rustls::ClientConfig::builder_with_provider(jitgate::tls::provider())
+    let builder = rustls::ClientConfig::builder_with_provider(jitgate::tls::provider())
         .with_safe_default_protocol_versions()?
-        .with_root_certificates(roots)
-        .with_client_auth_cert(jitgate::tls::load_certs(&t.cert)?, jitgate::tls::load_key(&t.key)?)?;
-    Ok(Arc::new(cfg))
+        .with_root_certificates(roots);
+    let cfg = match (&t.cert, &t.key) {
+        (Some(cert), Some(key)) => {
+            builder.with_client_auth_cert(jitgate::tls::load_certs(cert)?, jitgate::tls::load_key(key)?)?
+        }
+        _ => builder.with_no_client_auth(),
+    };
+    Ok(TlsConnector::from(Arc::new(cfg)))
 }
 
-async fn open_one(t: &Target, tls: TlsConnector) -> Result<Session> {
+/// Opens one session as libpq does: `SSLRequest`, TLS, `StartupMessage`, until the first
+/// `ReadyForQuery`.
+pub async fn open_one(t: &Target, tls: TlsConnector) -> Result<Session> {
     let mut tcp = TcpStream::connect(t.addr).await?;
     tcp.set_nodelay(true)?;
     tcp.write_all(&encode_ssl_request()).await?;
@@ -93,7 +102,7 @@ async fn open_one(t: &Target, tls: TlsConnector) -> Result<Session> {
 
 /// Opens `t.n` sessions, `t.concurrency` at a time; fails on the first that cannot open.
 async fn open_all(t: &Target) -> Result<(Vec<Session>, Duration)> {
-    let tls = TlsConnector::from(client_config(t)?);
+    let tls = connector(t)?;
     let gate = Arc::new(Semaphore::new(t.concurrency));
     let started = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
