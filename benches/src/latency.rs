@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{bail, Context as _, Result};
+use jitgate_protocol::postgres::frontend::encode_tagged;
 use tokio::io::AsyncWriteExt as _;
 
 use crate::sessions::{self, Target};
@@ -23,7 +24,7 @@ pub async fn session_start(t: &Target, label: &str) -> Result<()> {
             .with_context(|| format!("session {i} of {label}"))?;
         ms.push(start.elapsed().as_secs_f64() * 1e3);
         // Terminate ('X'), then close: the server ends the backend, as psql does.
-        let _ = s.write_all(&[b'X', 0, 0, 0, 4]).await;
+        let _ = s.write_all(&encode_tagged(b'X', &[])).await;
         let _ = s.shutdown().await;
     }
     let s = stats::Summary::of(&mut ms);

@@ -55,6 +55,24 @@ fn opt(v: Option<f64>, digits: usize) -> String {
     v.map_or("-".into(), |v| format!("{v:.digits$}"))
 }
 
+/// The values of `keys` in `f`, `-` where one is missing.
+fn pick(f: &BTreeMap<&str, &str>, keys: &[&str]) -> Vec<String> {
+    keys.iter()
+        .map(|k| f.get(k).copied().unwrap_or("-").to_owned())
+        .collect()
+}
+
+/// Appends a Markdown table after a blank line: its header and alignment rows, then a row of
+/// cells for each of `rows`.
+fn table(out: &mut String, header: &str, align: &str, rows: impl IntoIterator<Item = Vec<String>>) {
+    let _ = writeln!(out);
+    let _ = writeln!(out, "{header}");
+    let _ = writeln!(out, "{align}");
+    for cells in rows {
+        let _ = writeln!(out, "| {} |", cells.join(" | "));
+    }
+}
+
 /// Renders the Markdown report of `input`.
 pub fn render(input: &str) -> String {
     let mut workloads: Vec<String> = Vec::new();
@@ -130,92 +148,66 @@ pub fn render(input: &str) -> String {
     }
 
     if !connect.is_empty() {
-        let _ = writeln!(out);
-        let _ = writeln!(
-            out,
-            "| session start (one after another: TLS, startup, upstream login, first ReadyForQuery) | sessions | p50 ms | p99 ms | max ms |"
+        table(
+            &mut out,
+            "| session start (one after another: TLS, startup, upstream login, first ReadyForQuery) | sessions | p50 ms | p99 ms | max ms |",
+            "|---|---:|---:|---:|---:|",
+            connect.iter().map(|(target, c)| {
+                let mut row = vec![target.clone()];
+                row.extend(pick(c, &["N", "p50_ms", "p99_ms", "max_ms"]));
+                row
+            }),
         );
-        let _ = writeln!(out, "|---|---:|---:|---:|---:|");
-        for (target, c) in &connect {
-            let g = |k: &str| c.get(k).copied().unwrap_or("-");
-            let _ = writeln!(
-                out,
-                "| {target} | {} | {} | {} | {} |",
-                g("N"),
-                g("p50_ms"),
-                g("p99_ms"),
-                g("max_ms")
-            );
-        }
     }
     if !qlat.is_empty() {
-        let _ = writeln!(out);
-        let _ = writeln!(
-            out,
-            "| one simple query at -c 1 (pgbench -S -M simple) | transactions | p50 µs | p99 µs | added p50 µs (vs direct TLS) | added p99 µs |"
-        );
-        let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|");
         let get = |c: &BTreeMap<&str, &str>, k: &str| c.get(k).and_then(|v| num(v));
         let base = qlat.iter().find(|(t, _)| t == VS_TLS).map(|(_, c)| c);
-        for (target, c) in &qlat {
-            let added = |k: &str| match (get(c, k), base.and_then(|b| get(b, k))) {
-                (Some(a), Some(b)) => format!("{:.1}", a - b),
-                _ => "-".into(),
-            };
-            let _ = writeln!(
-                out,
-                "| {target} | {} | {} | {} | {} | {} |",
-                c.get("n").copied().unwrap_or("-"),
-                opt(get(c, "p50_us"), 1),
-                opt(get(c, "p99_us"), 1),
-                added("p50_us"),
-                added("p99_us")
-            );
-        }
+        table(
+            &mut out,
+            "| one simple query at -c 1 (pgbench -S -M simple) | transactions | p50 µs | p99 µs | added p50 µs (vs direct TLS) | added p99 µs |",
+            "|---|---:|---:|---:|---:|---:|",
+            qlat.iter().map(|(target, c)| {
+                let added = |k: &str| match (get(c, k), base.and_then(|b| get(b, k))) {
+                    (Some(a), Some(b)) => format!("{:.1}", a - b),
+                    _ => "-".into(),
+                };
+                let mut row = vec![target.clone()];
+                row.extend(pick(c, &["n"]));
+                row.extend([
+                    opt(get(c, "p50_us"), 1),
+                    opt(get(c, "p99_us"), 1),
+                    added("p50_us"),
+                    added("p99_us"),
+                ]);
+                row
+            }),
+        );
     }
     if !memory.is_empty() {
-        let _ = writeln!(out);
-        let _ = writeln!(
-            out,
-            "| idle mTLS sessions (fake upstream) | jitgate RSS before KiB | after KiB | KiB per session | open time s | opens/s |"
+        table(
+            &mut out,
+            "| idle mTLS sessions (fake upstream) | jitgate RSS before KiB | after KiB | KiB per session | open time s | opens/s |",
+            "|---:|---:|---:|---:|---:|---:|",
+            memory.iter().map(|m| {
+                pick(
+                    m,
+                    &["N", "rss_before_kib", "rss_after_kib", "per_session_kib", "open_s", "opens_per_s"],
+                )
+            }),
         );
-        let _ = writeln!(out, "|---:|---:|---:|---:|---:|---:|");
-        for m in &memory {
-            let g = |k: &str| m.get(k).copied().unwrap_or("-");
-            let _ = writeln!(
-                out,
-                "| {} | {} | {} | {} | {} | {} |",
-                g("N"),
-                g("rss_before_kib"),
-                g("rss_after_kib"),
-                g("per_session_kib"),
-                g("open_s"),
-                g("opens_per_s")
-            );
-        }
     }
     if !sever.is_empty() {
-        let _ = writeln!(out);
-        let _ = writeln!(
-            out,
-            "| sessions under one grant (fake upstream) | cut by | sever p50 ms | p99 ms | max ms | ended early | still open | CLI alone ms |"
+        table(
+            &mut out,
+            "| sessions under one grant (fake upstream) | cut by | sever p50 ms | p99 ms | max ms | ended early | still open | CLI alone ms |",
+            "|---:|---|---:|---:|---:|---:|---:|---:|",
+            sever.iter().map(|s| {
+                pick(
+                    s,
+                    &["N", "by", "p50_ms", "p99_ms", "max_ms", "early", "still_open", "cli_ms"],
+                )
+            }),
         );
-        let _ = writeln!(out, "|---:|---|---:|---:|---:|---:|---:|---:|");
-        for s in &sever {
-            let g = |k: &str| s.get(k).copied().unwrap_or("-");
-            let _ = writeln!(
-                out,
-                "| {} | {} | {} | {} | {} | {} | {} | {} |",
-                g("N"),
-                g("by"),
-                g("p50_ms"),
-                g("p99_ms"),
-                g("max_ms"),
-                g("early"),
-                g("still_open"),
-                g("cli_ms")
-            );
-        }
     }
     out
 }
