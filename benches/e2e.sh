@@ -8,6 +8,7 @@
 #   benches/e2e.sh                 # ROUNDS=3 DURATION=10
 #   QUICK=1 benches/e2e.sh         # smoke test: 1 round of 2 s, small sessions counts
 #   PROFILE=1 benches/e2e.sh       # also perf-record jitgate under pgbench -S -M prepared
+#   HOLD=1 benches/e2e.sh          # set everything up, write hold.env, wait to be interrupted
 #
 # Knobs (environment): ROUNDS, DURATION (seconds per pgbench run), CLIENTS (-c, 8),
 # THREADS (-j, 2), SCALE (pgbench -i -s, 10), IDLE_SESSIONS ("1000 10000"),
@@ -314,6 +315,20 @@ conn_of() {
 pid_of() {
     case $1 in pgbouncer) echo "$BOUNCER_PID" ;; pgbouncer-mtls) echo "$BOUNCER_MTLS_PID" ;; jitgate) echo "$JG_PID" ;; jitgate-base) echo "$JGB_PID" ;; *) echo "" ;; esac
 }
+if [[ ${HOLD:-0} == 1 ]]; then
+    # Everything stays up for measuring by hand: the connection strings and process ids go
+    # to hold.env; interrupt the script to stop and remove it all.
+    {
+        for t in "${TARGETS[@]}"; do
+            v=${t//-/_}
+            printf 'CONN_%s=%q\n' "${v^^}" "$(conn_of "$t")"
+            printf 'PID_%s=%q\n' "${v^^}" "$(pid_of "$t")"
+        done
+        printf 'PGBENCH=%q\nAUDIT=%q\nJGD=%q\n' "$PGBENCH" "$AUDIT" "$JGD"
+    } >"$RESULTS_DIR/hold.env"
+    say "holding: source $RESULTS_DIR/hold.env; interrupt to stop"
+    while :; do sleep 3600 & wait $! || break; done
+fi
 read -r -a WORKLOADS <<<"${WORKLOADS-select-simple select-extended select-prepared tpcb-simple connect-select}"
 args_of() {
     case $1 in

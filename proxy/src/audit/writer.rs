@@ -6,8 +6,14 @@
 //!   the page cache, no thread hand-off); otherwise (another writer, an `fsync`, a pipe or
 //!   device, a failed file) the records are queued and a ticket resolves when they are
 //!   written, so a session task never waits on the lock.
-//! - The writer thread takes queued submissions in batches, chains their records, writes each
-//!   batch with one `write`, then acknowledges every submitter.
+//!   When another thread holds the lock, the records join the [`Waiting`] list and the
+//!   holder writes them with its own before it lets go (group commit: one `write` for
+//!   everyone's records); the caller's ticket resolves then.
+//! - [`AuditLog::defer`], for records of what already happened (`statement.end`): they join
+//!   the waiting list without a write of their own and go out with the next append, whoever
+//!   makes it, or with the writer thread's next look at the list, [`DEFER_TICK`] at most.
+//! - The writer thread takes queued submissions in batches, chains the waiting records and
+//!   theirs, writes each batch with one `write`, then acknowledges every submitter.
 //!
 //! `fsync` runs on the writer thread on a timer (`audit.fsync_interval`), at rotation and at
 //! shutdown, never per batch and never on a session task: records that would rotate the file
@@ -50,6 +56,14 @@ const MAX_BATCH_RECORDS: usize = 4096;
 const MAX_BATCH_BYTES: usize = 4 << 20;
 /// Bytes the chain fields add to a record: `{"seq":N,"prev":"..",` and `,"hash":".."}\n`.
 const CHAIN_BYTES: usize = 180;
+/// How often the writer thread looks at the waiting list while records are deferred: the
+/// longest a deferred record waits for its write when no other append comes.
+pub const DEFER_TICK: Duration = Duration::from_millis(5);
+/// Looks at an empty list before the writer thread stops looking (until the next deferral).
+const IDLE_TICKS: u32 = 200;
+/// Times a caller that just wrote helps with records queued meanwhile before leaving the rest
+/// to the next holder or the writer thread.
+const HELPS: usize = 4;
 
 /// The audit log. Cheap to share (`Arc`); dropping the last handle, or [`AuditLog::close`],
 /// writes what is queued, syncs and stops the writer thread.
@@ -57,6 +71,7 @@ pub struct AuditLog {
     path: PathBuf,
     queue_depth: usize,
     core: Arc<Mutex<Core>>,
+    waiting: Arc<Waiting>,
     /// Whether callers may write under the lock themselves (not with `fsync_interval = 0`).
     inline: bool,
     closed: AtomicBool,
@@ -118,6 +133,8 @@ enum Ack {
     Ticket(oneshot::Sender<Result<(), AuditError>>),
     /// `record()` waits on a std channel: it may run on a tokio worker thread.
     Blocking(SyncSender<Result<(), AuditError>>),
+    /// Nobody waits: the wake-up that makes the writer thread watch the waiting list.
+    Nobody,
 }
 
 impl Ack {
@@ -126,7 +143,44 @@ impl Ack {
         match self {
             Ack::Ticket(tx) => drop(tx.send(result)),
             Ack::Blocking(tx) => drop(tx.send(result)),
+            Ack::Nobody => {}
         }
+    }
+}
+
+/// Records waiting for the next append, whoever makes it: those of callers that found the
+/// lock held (each with the ticket that resolves when they are written) and deferred ones
+/// (nobody waits for them). In the order they came, so a session's records keep theirs.
+struct Waiting {
+    list: Mutex<WaitingList>,
+    /// The writer thread looks at the list every [`DEFER_TICK`] while this is set.
+    watched: AtomicBool,
+}
+
+#[derive(Default)]
+struct WaitingList {
+    records: Vec<Encoded>,
+    acks: Vec<oneshot::Sender<Result<(), AuditError>>>,
+    /// Entries (a caller's records, or one deferral), for the queue-depth gauge.
+    entries: i64,
+    bytes: usize,
+    /// Set by [`AuditLog::close`]: the writer thread's last look takes what is here.
+    closed: bool,
+}
+
+impl WaitingList {
+    fn has_waiters(&self) -> bool {
+        !self.acks.is_empty()
+    }
+}
+
+impl Waiting {
+    fn lock(&self) -> std::sync::MutexGuard<'_, WaitingList> {
+        self.list.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn take(&self) -> WaitingList {
+        std::mem::take(&mut *self.lock())
     }
 }
 
@@ -134,6 +188,15 @@ impl AuditLog {
     /// Opens the log (repairing a crash-cut last line, continuing the chain where the files
     /// end) and starts the writer thread.
     pub fn open(config: &AuditConfig, metrics: Arc<Metrics>) -> Result<Arc<AuditLog>, AuditError> {
+        Self::open_with_tick(config, metrics, DEFER_TICK)
+    }
+
+    /// [`AuditLog::open`] with the writer thread looking at deferred records every `tick`.
+    pub(crate) fn open_with_tick(
+        config: &AuditConfig,
+        metrics: Arc<Metrics>,
+        tick: Duration,
+    ) -> Result<Arc<AuditLog>, AuditError> {
         let path = config.path.clone();
         let (file, own_tip) = ActiveFile::open(&path).map_err(|e| AuditError::io(&path, e))?;
         let (tip, tip_file) = if file.is_regular() {
@@ -157,10 +220,16 @@ impl AuditLog {
             pending_by: None,
             tip_file,
         }));
+        let waiting = Arc::new(Waiting {
+            list: Mutex::new(WaitingList::default()),
+            watched: AtomicBool::new(false),
+        });
         let writer = Writer {
             path: path.clone(),
             rx,
             core: Arc::clone(&core),
+            waiting: Arc::clone(&waiting),
+            tick,
             max_file_bytes: config.max_file_bytes,
             fsync_interval: config.fsync_interval,
             last_sync: Instant::now(),
@@ -175,6 +244,7 @@ impl AuditLog {
             path,
             queue_depth: config.queue_depth,
             core,
+            waiting,
             inline: !config.fsync_interval.is_zero(),
             closed: AtomicBool::new(false),
             tx: RwLock::new(Some(tx)),
@@ -205,20 +275,140 @@ impl AuditLog {
             return Ok(Written::Now);
         }
         let records = self.encode(events)?;
+        if !self.inline || self.closed.load(Ordering::Acquire) {
+            return self.through_writer(records);
+        }
+        let records = match self.core.try_lock() {
+            Ok(mut core) => match self.append_here(&mut core, records) {
+                Ok(result) => {
+                    drop(core);
+                    self.help();
+                    return result.map(|()| Written::Now);
+                }
+                Err(records) => {
+                    drop(core);
+                    return self.through_writer(records);
+                }
+            },
+            Err(_) => records,
+        };
+        // Another thread holds the file: it writes these with its own before it lets go.
+        let (tx, rx) = oneshot::channel();
+        let records = {
+            let mut list = self.waiting.lock();
+            if list.closed || list.records.len() + records.len() > self.queue_depth {
+                records
+            } else {
+                list.bytes += records.iter().map(|r| r.body.len() + CHAIN_BYTES).sum::<usize>();
+                list.records.extend(records);
+                list.acks.push(tx);
+                list.entries += 1;
+                self.metrics.audit_queue_depth.inc();
+                drop(list);
+                self.watch();
+                // The holder may have let go before these joined the list.
+                self.help();
+                return Ok(Written::Later(AuditTicket { rx }));
+            }
+        };
+        self.through_writer(records)
+    }
+
+    /// Appends records of what already happened (`statement.end`) without a write of their
+    /// own: they go out with the next append, whoever makes it, and within [`DEFER_TICK`]
+    /// when none comes. Before any record submitted later by any path. A full list or a
+    /// failed write is counted by the log.
+    pub fn defer(&self, events: Vec<AuditEvent>) {
+        if events.is_empty() {
+            return;
+        }
+        let Ok(records) = self.encode(events) else {
+            return;
+        };
         if self.inline && !self.closed.load(Ordering::Acquire) {
-            if let Ok(mut core) = self.core.try_lock() {
-                // Only a regular file, open and healthy: a pipe or device may block for as
-                // long as its reader likes, and a blocked tokio worker stalls the runtime.
-                // Nor when the records would rotate the file: rotation syncs, and an `fsync`
-                // never runs on a session task.
-                if core.file.as_ref().is_some_and(ActiveFile::is_regular) && !core.would_rotate(&records) {
-                    return match core.append_inline(&records) {
-                        Ok(()) => Ok(Written::Now),
-                        Err(e) => Err(core.failed(records.iter(), e)),
-                    };
+            let mut list = self.waiting.lock();
+            if !list.closed && list.records.len() + records.len() <= self.queue_depth {
+                list.bytes += records.iter().map(|r| r.body.len() + CHAIN_BYTES).sum::<usize>();
+                list.records.extend(records);
+                list.entries += 1;
+                self.metrics.audit_queue_depth.inc();
+                drop(list);
+                self.watch();
+                return;
+            }
+        }
+        let (tx, _) = oneshot::channel();
+        let _ = self.send(Submission {
+            records,
+            ack: Ack::Ticket(tx),
+        });
+    }
+
+    /// Writes the waiting records and `records` under the held lock with one write, on the
+    /// caller's thread, and acknowledges the waiters. `Err(records)` when that cannot be done
+    /// here (the writer thread's work: a pipe or device, a failed file, a rotation).
+    fn append_here(&self, core: &mut Core, records: Vec<Encoded>) -> Result<Result<(), AuditError>, Vec<Encoded>> {
+        // Only a regular file, open and healthy: a pipe or device may block for as long as
+        // its reader likes, and a blocked tokio worker stalls the runtime. Nor when the
+        // records would rotate the file: rotation syncs, and an `fsync` never runs on a
+        // session task.
+        let mut list = self.waiting.lock();
+        let bytes = list.bytes + records.iter().map(|r| r.body.len() + CHAIN_BYTES).sum::<usize>();
+        if !core.file.as_ref().is_some_and(ActiveFile::is_regular) || core.would_rotate(bytes) {
+            return Err(records);
+        }
+        let waiting = std::mem::take(&mut *list);
+        drop(list);
+        self.metrics.audit_queue_depth.sub(waiting.entries);
+        let all = || waiting.records.iter().chain(&records);
+        let result = match core.append_all(all(), waiting.records.len() + records.len(), WhenMoved::LeaveToWriter) {
+            Ok(()) => Ok(()),
+            Err(e) => Err(core.failed(all(), e)),
+        };
+        for ack in waiting.acks {
+            drop(ack.send(result.clone()));
+        }
+        Ok(result)
+    }
+
+    /// Writes what callers left waiting while this thread held the lock, when the lock is
+    /// free now; a holder that took it meanwhile does it instead.
+    fn help(&self) {
+        for _ in 0..HELPS {
+            if !self.waiting.lock().has_waiters() {
+                return;
+            }
+            let Ok(mut core) = self.core.try_lock() else {
+                return;
+            };
+            if self.append_here(&mut core, Vec::new()).is_err() {
+                // The writer thread's work; it watches the list.
+                return;
+            }
+        }
+    }
+
+    /// Makes sure the writer thread looks at the waiting list within [`DEFER_TICK`].
+    fn watch(&self) {
+        if !self.waiting.watched.swap(true, Ordering::SeqCst) {
+            // A full queue is a busy writer thread, which takes the list with its batch.
+            let tx = self.tx.read().unwrap_or_else(PoisonError::into_inner);
+            if let Some(tx) = tx.as_ref() {
+                // Counted as a submission: the writer thread uncounts it when it takes it.
+                self.metrics.audit_queue_depth.inc();
+                let wake = Submission {
+                    records: Vec::new(),
+                    ack: Ack::Nobody,
+                };
+                if tx.try_send(wake).is_err() {
+                    self.metrics.audit_queue_depth.dec();
                 }
             }
         }
+    }
+
+    /// Queues records for the writer thread; the ticket resolves when they are written.
+    fn through_writer(&self, records: Vec<Encoded>) -> Result<Written, AuditError> {
         let (tx, rx) = oneshot::channel();
         self.send(Submission {
             records,
@@ -286,6 +476,7 @@ impl AuditLog {
     /// [`AuditError::Closed`]. Idempotent.
     pub fn close(&self) {
         self.closed.store(true, Ordering::Release);
+        self.waiting.lock().closed = true;
         drop(self.tx.write().unwrap_or_else(PoisonError::into_inner).take());
         let thread = self.thread.lock().unwrap_or_else(PoisonError::into_inner).take();
         if let Some(thread) = thread {
@@ -428,13 +619,6 @@ enum WhenMoved {
 }
 
 impl Core {
-    /// Chains `records` after the tip and appends them with one write, on a session task: a
-    /// file moved behind the log is left for the writer thread to reopen. Counts them when
-    /// written.
-    fn append_inline(&mut self, records: &[Encoded]) -> Result<(), Failure> {
-        self.append_all(records.iter(), records.len(), WhenMoved::LeaveToWriter)
-    }
-
     /// Chains `records` after the tip and appends them with one write, rotating first when
     /// they would take the file past `max_file_bytes`. Counts them when written.
     fn append_all<'a>(
@@ -493,9 +677,8 @@ impl Core {
         }
     }
 
-    /// Whether appending `records` would rotate the file first (by the records' size bound).
-    fn would_rotate(&self, records: &[Encoded]) -> bool {
-        let bytes: usize = records.iter().map(|r| r.body.len() + CHAIN_BYTES).sum();
+    /// Whether appending records of `bytes` (their size bound) would rotate the file first.
+    fn would_rotate(&self, bytes: usize) -> bool {
         self.file
             .as_ref()
             .is_some_and(|f| f.needs_rotation(bytes as u64, self.max_file_bytes))
@@ -579,7 +762,7 @@ impl Core {
     }
 
     /// Logs and counts a failed append of `records`; the error for their submitters.
-    fn failed<'a>(&self, records: impl ExactSizeIterator<Item = &'a Encoded>, e: Failure) -> AuditError {
+    fn failed<'a>(&self, records: impl Iterator<Item = &'a Encoded> + Clone, e: Failure) -> AuditError {
         let error = match e {
             AppendError::Io(e) => AuditError::io(&self.path, e),
             AppendError::Moved(reason) => AuditError::Moved {
@@ -587,7 +770,7 @@ impl Core {
                 reason,
             },
         };
-        tracing::error!(path = %self.path.display(), %error, records = records.len(), "audit batch not written");
+        tracing::error!(path = %self.path.display(), %error, records = records.clone().count(), "audit batch not written");
         for r in records {
             self.metrics.audit_write_errors_total.with_label_values(&[r.kind]).inc();
         }
@@ -671,6 +854,9 @@ struct Writer {
     path: PathBuf,
     rx: Receiver<Submission>,
     core: Arc<Mutex<Core>>,
+    waiting: Arc<Waiting>,
+    /// How often it looks at the waiting list while watched ([`DEFER_TICK`]).
+    tick: Duration,
     max_file_bytes: u64,
     fsync_interval: Duration,
     last_sync: Instant,
@@ -687,20 +873,31 @@ impl Writer {
             .unwrap_or(usize::MAX)
             .min(MAX_BATCH_BYTES);
         let mut batch = Vec::new();
+        let mut idle_ticks = 0;
         loop {
             // Callers may have written under the lock since the last sync: wake on the timer
-            // whether or not anything was queued.
+            // whether or not anything was queued; and every DEFER_TICK while the waiting list
+            // is watched.
             // (With `fsync_interval = 0` every write goes through here and is synced at once.)
-            let next = if self.fsync_interval.is_zero() {
+            let watched = self.waiting.watched.load(Ordering::SeqCst);
+            let next = if self.fsync_interval.is_zero() && !watched {
                 self.rx.recv().map_err(|_| RecvTimeoutError::Disconnected)
             } else {
-                self.rx
-                    .recv_timeout(self.fsync_interval.saturating_sub(self.last_sync.elapsed()))
+                let mut wait = self.fsync_interval.saturating_sub(self.last_sync.elapsed());
+                if watched || self.fsync_interval.is_zero() {
+                    wait = wait.min(self.tick);
+                }
+                self.rx.recv_timeout(wait)
             };
             let first = match next {
                 Ok(s) => s,
                 Err(RecvTimeoutError::Timeout) => {
-                    self.sync();
+                    if watched {
+                        self.look(&mut idle_ticks);
+                    }
+                    if self.last_sync.elapsed() >= self.fsync_interval {
+                        self.sync();
+                    }
                     continue;
                 }
                 Err(RecvTimeoutError::Disconnected) => break,
@@ -717,32 +914,61 @@ impl Writer {
                 batch.push(s);
             }
             self.metrics.audit_queue_depth.sub(batch.len() as i64);
+            if records == 0 {
+                // Only wake-ups: deferred records wait for the next append or the next look.
+                batch.clear();
+                continue;
+            }
             self.write(&mut batch, records);
             if self.last_sync.elapsed() >= self.fsync_interval {
                 self.sync();
             }
         }
+        // Closed: nothing joins the waiting list any more; what is there goes out last.
+        self.write(&mut batch, 0);
         self.core().close();
     }
 
-    /// Writes and acknowledges (or fails) every submission in `batch`, leaving it empty.
+    /// The look at the waiting list every DEFER_TICK: writes what waits; after IDLE_TICKS
+    /// looks at an empty list, stops looking until the next deferral.
+    fn look(&mut self, idle_ticks: &mut u32) {
+        if !self.waiting.lock().records.is_empty() {
+            *idle_ticks = 0;
+            let mut batch = Vec::new();
+            self.write(&mut batch, 0);
+            return;
+        }
+        *idle_ticks += 1;
+        if *idle_ticks >= IDLE_TICKS {
+            *idle_ticks = 0;
+            self.waiting.watched.store(false, Ordering::SeqCst);
+            // A deferral that saw the flag still set sent no wake-up: look once more.
+            if !self.waiting.lock().records.is_empty() {
+                self.waiting.watched.store(true, Ordering::SeqCst);
+            }
+        }
+    }
+
+    /// Writes the waiting records, then every submission in `batch`, with one write, and
+    /// acknowledges (or fails) them all, leaving `batch` empty.
     fn write(&mut self, batch: &mut Vec<Submission>, records: usize) {
         let mut core = self.core();
-        match core.append_all(batch.iter().flat_map(|s| &s.records), records, WhenMoved::ReopenNow) {
-            Ok(()) => {
-                drop(core);
-                for s in batch.drain(..) {
-                    s.ack.send(Ok(()));
-                }
-            }
-            Err(e) => {
-                let all: Vec<&Encoded> = batch.iter().flat_map(|s| &s.records).collect();
-                let error = core.failed(all.into_iter(), e);
-                drop(core);
-                for s in batch.drain(..) {
-                    s.ack.send(Err(error.clone()));
-                }
-            }
+        let waiting = self.waiting.take();
+        self.metrics.audit_queue_depth.sub(waiting.entries);
+        let count = waiting.records.len() + records;
+        let all = || waiting.records.iter().chain(batch.iter().flat_map(|s| &s.records));
+        let result = if count == 0 {
+            Ok(())
+        } else {
+            core.append_all(all(), count, WhenMoved::ReopenNow)
+                .map_err(|e| core.failed(all(), e))
+        };
+        drop(core);
+        for ack in waiting.acks {
+            drop(ack.send(result.clone()));
+        }
+        for s in batch.drain(..) {
+            s.ack.send(result.clone());
         }
     }
 

@@ -659,7 +659,7 @@ fn flush_ends(tracker: &mut Tracker, audit: &AuditLog, metrics: &Metrics) {
     let ends = tracker.take_ends();
     if !ends.is_empty() {
         // A full queue is counted by the audit log; the statement already ran.
-        let _ = audit.write_or_enqueue(ends);
+        audit.defer(ends);
     }
 }
 

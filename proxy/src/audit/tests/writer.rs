@@ -471,3 +471,85 @@ fn write_or_enqueue_leaves_devices_to_the_writer_thread_and_reports_their_failur
     );
     assert_eq!(metrics.audit_records_total.get(), 0);
 }
+
+/// `[audit]` and a writer tick so long that only appends and `close` write deferred records.
+fn untimed(dir: &std::path::Path) -> (AuditConfig, Arc<Metrics>, Arc<AuditLog>) {
+    let mut config = config(dir);
+    config.fsync_interval = Duration::from_secs(3600);
+    let metrics = Metrics::new();
+    let log = AuditLog::open_with_tick(&config, Arc::clone(&metrics), Duration::from_secs(3600)).unwrap();
+    (config, metrics, log)
+}
+
+#[test]
+fn deferred_records_have_no_write_of_their_own_and_go_out_first_with_the_next_append() {
+    let dir = tempfile::tempdir().unwrap();
+    let (config, metrics, log) = untimed(dir.path());
+    log.defer(vec![event("end-1"), event("end-2")]);
+    assert_eq!(std::fs::read_to_string(&config.path).unwrap(), "", "a deferral wrote");
+    let written = log.write_or_enqueue(vec![event("next")]).unwrap();
+    assert!(matches!(written, Written::Now), "{written:?}");
+    assert_eq!(grant_ids(&config), ["g-end-1", "g-end-2", "g-next"]);
+    // One write for the three.
+    assert_eq!(metrics.audit_batch_records.get_sample_count(), 1);
+    assert_eq!(metrics.audit_batch_records.get_sample_sum(), 3.0);
+    // Close writes what is still deferred.
+    log.defer(vec![event("last")]);
+    log.close();
+    assert_eq!(grant_ids(&config), ["g-end-1", "g-end-2", "g-next", "g-last"]);
+    assert_eq!(verify(&config).records, 4);
+    assert_eq!(metrics.audit_queue_depth.get(), 0);
+}
+
+#[test]
+fn deferred_records_go_before_a_later_record_of_the_writer_thread() {
+    let dir = tempfile::tempdir().unwrap();
+    let (config, _metrics, log) = untimed(dir.path());
+    log.defer(vec![event("end")]);
+    // session.end's path: the writer thread, which takes the waiting records first.
+    log.record_blocking(event("session-end")).unwrap();
+    assert_eq!(grant_ids(&config), ["g-end", "g-session-end"]);
+    log.close();
+}
+
+#[test]
+fn a_deferred_record_alone_is_written_by_the_writer_thread_within_its_tick() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = config(dir.path());
+    let log = AuditLog::open(&config, Metrics::new()).unwrap();
+    log.defer(vec![event("alone")]);
+    let start = std::time::Instant::now();
+    while grant_ids(&config).is_empty() && start.elapsed() < Duration::from_secs(20) {
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    assert_eq!(grant_ids(&config), ["g-alone"]);
+    log.close();
+}
+
+#[test]
+fn records_that_find_the_file_held_go_out_with_the_next_holders_write() {
+    let dir = tempfile::tempdir().unwrap();
+    let (config, metrics, log) = untimed(dir.path());
+    let held = log.hold_file();
+    let Written::Later(ticket) = log.write_or_enqueue(vec![event("waited")]).unwrap() else {
+        panic!("written while the file was held");
+    };
+    drop(held);
+    // Not handed to the writer thread (whose tick is an hour): the next append takes them.
+    assert_eq!(std::fs::read_to_string(&config.path).unwrap(), "");
+    assert!(matches!(log.write_or_enqueue(vec![event("holder")]).unwrap(), Written::Now));
+    let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+    rt.block_on(ticket).unwrap();
+    assert_eq!(grant_ids(&config), ["g-waited", "g-holder"]);
+    assert_eq!(metrics.audit_batch_records.get_sample_count(), 1);
+    // A waiter left when the log closes is written and acknowledged.
+    let held = log.hold_file();
+    let Written::Later(ticket) = log.write_or_enqueue(vec![event("at-close")]).unwrap() else {
+        panic!("written while the file was held");
+    };
+    drop(held);
+    log.close();
+    rt.block_on(ticket).unwrap();
+    assert_eq!(grant_ids(&config), ["g-waited", "g-holder", "g-at-close"]);
+    assert_eq!(verify(&config).records, 3);
+}
