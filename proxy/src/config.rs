@@ -98,6 +98,7 @@ struct RawTls {
 #[serde(deny_unknown_fields)]
 struct RawSessions {
     expiry_notice: Option<String>,
+    threads: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -227,6 +228,8 @@ pub struct SessionsConfig {
     /// How long before its grant ends a session gets a NOTICE saying so. Default 5m; 0s
     /// turns the notice off.
     pub expiry_notice: Duration,
+    /// Threads that run sessions, each with its own event loop (`0`: one per CPU).
+    pub threads: usize,
 }
 
 /// How access requests are handled (`[requests]`).
@@ -556,6 +559,12 @@ impl RawConfig {
                 self.sessions.expiry_notice.as_deref(),
                 Duration::from_secs(300),
             )?,
+            threads: match self.sessions.threads {
+                Some(n) if n > 1024 => {
+                    return Err(invalid("sessions.threads", "at most 1024 (0: one per CPU)"));
+                }
+                n => n.unwrap_or(0),
+            },
         };
         let lapse_after = duration(
             "requests.lapse_after",
@@ -771,6 +780,17 @@ password_env = "JITGATE_TEST_CONFIG_PW"
         let t = &c.targets[&TargetName::new("prod-db").unwrap()];
         assert_eq!(t.credentials[&AccessLevel::Read].password.as_deref(), Some("pw"));
         assert_eq!(t.tls, UpstreamTls::Disable);
+    }
+
+    #[test]
+    fn session_threads_default_to_one_per_cpu_and_are_bounded() {
+        std::env::set_var("JITGATE_TEST_CONFIG_PW", "pw");
+        assert_eq!(parse(MINIMAL).unwrap().sessions.threads, 0);
+        let with = |n: &str| parse(&MINIMAL.replace("[[targets]]", &format!("[sessions]\nthreads = {n}\n[[targets]]")));
+        assert_eq!(with("1").unwrap().sessions.threads, 1);
+        let err = with("1025").unwrap_err().to_string();
+        assert!(err.starts_with("sessions.threads"), "{err}");
+        assert!(with("-1").is_err());
     }
 
     #[test]

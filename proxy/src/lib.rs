@@ -16,6 +16,7 @@ pub mod clock;
 pub mod config;
 pub mod demo;
 pub mod grants;
+pub mod lanes;
 pub mod metrics;
 pub mod model;
 pub mod notify;

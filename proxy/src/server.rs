@@ -23,6 +23,7 @@ use crate::budget::{Authenticated, Ticket, Unauthenticated, UserSessions};
 use crate::clock;
 use crate::config::{Config, Listen};
 use crate::grants::{Grants, GrantsDeps};
+use crate::lanes::Lanes;
 use crate::metrics::{self, Metrics};
 use crate::notify::Notifier;
 use crate::pg::{self, PgContext};
@@ -50,6 +51,8 @@ pub enum ServerError {
     Grants(#[from] crate::grants::GrantError),
     #[error("upstream TLS settings: {0}")]
     Upstream(#[from] crate::pg::upstream::UpstreamError),
+    #[error("cannot start the session threads: {0}")]
+    Lanes(std::io::Error),
 }
 
 /// The bound listening sockets.
@@ -168,31 +171,43 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: impl Future<Out
     let addrs = listeners.addrs();
     let unauthenticated = config.limits.max_unauthenticated;
 
-    let pg_tracker = tracker.clone();
+    // Sessions run on lanes of their own (one event loop per thread); see `lanes`.
+    let lanes = Arc::new(Lanes::start(config.sessions.threads).map_err(ServerError::Lanes)?);
+    tracing::debug!(threads = lanes.len(), "session lanes started");
+    let (pg_tracker, pg_lanes) = (tracker.clone(), Arc::clone(&lanes));
     tracker.spawn(accept_loop(
         "postgres",
         listeners.postgres,
         Unauthenticated::new("postgres", unauthenticated, &metrics),
         cancel.clone(),
-        pg_tracker,
-        move |tcp, peer, ticket| pg::serve_connection(Arc::clone(&pg), tcp, peer, ticket),
+        move |tcp, peer, ticket, span| {
+            let pg = Arc::clone(&pg);
+            let tracker = pg_tracker.clone();
+            let moved = pg_lanes.spawn(tcp, move |tcp| {
+                tracker.track_future(pg::serve_connection(pg, tcp, peer, ticket).instrument(span))
+            });
+            if let Err(error) = moved {
+                tracing::warn!(%error, client.addr = %peer, "connection dropped: cannot hand it to a session thread");
+            }
+        },
     ));
     let api_tls = Arc::clone(&tls.api);
     let api_cancel = cancel.clone();
+    let api_tracker = tracker.clone();
     tracker.spawn(accept_loop(
         "api",
         listeners.api,
         Unauthenticated::new("api", unauthenticated, &metrics),
         cancel.clone(),
-        tracker.clone(),
-        move |tcp, _peer, ticket| {
-            api::serve_connection(
+        move |tcp, _peer, ticket, span| {
+            let serve = api::serve_connection(
                 Arc::clone(&api_state),
                 Arc::clone(&api_tls),
                 tcp,
                 ticket,
                 api_cancel.clone(),
-            )
+            );
+            api_tracker.spawn(serve.instrument(span));
         },
     ));
     tracker.spawn(metrics::serve(listeners.metrics, Arc::clone(&metrics), cancel.clone()));
@@ -212,7 +227,11 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: impl Future<Out
     }
     // Tasks that outlive the grace period may still hold the log: close it here so its
     // queue is written and synced before `run` returns (a restart reopens the same file).
-    let closing = tokio::task::spawn_blocking(move || audit.close());
+    // Stops the session threads (what still runs there past the grace is dropped).
+    let closing = tokio::task::spawn_blocking(move || {
+        drop(lanes);
+        audit.close();
+    });
     if closing.await.is_err() {
         tracing::error!("closing the audit log failed");
     }
@@ -243,17 +262,15 @@ async fn reopen_on_sighup(audit: Arc<AuditLog>, cancel: CancellationToken) {
 }
 
 /// Accepts until `cancel`, admitting each connection to `budget` and handing it to `handler`
-/// with its ticket.
-async fn accept_loop<F, Fut>(
+/// with its ticket and span, which starts its task.
+async fn accept_loop<F>(
     name: &'static str,
     listener: TcpListener,
     budget: Arc<Unauthenticated>,
     cancel: CancellationToken,
-    tracker: TaskTracker,
     handler: F,
 ) where
-    F: Fn(TcpStream, SocketAddr, Ticket) -> Fut,
-    Fut: Future<Output = ()> + Send + 'static,
+    F: Fn(TcpStream, SocketAddr, Ticket, tracing::Span),
 {
     loop {
         let (tcp, peer) = tokio::select! {
@@ -272,6 +289,6 @@ async fn accept_loop<F, Fut>(
         };
         let span = tracing::info_span!("conn", listener = name, client.addr = %peer);
         let ticket = budget.admit(peer.ip());
-        tracker.spawn(handler(tcp, peer, ticket).instrument(span));
+        handler(tcp, peer, ticket, span);
     }
 }

@@ -32,14 +32,21 @@ pub async fn serve_connection(ctx: Arc<PgContext>, tcp: TcpStream, peer: SocketA
     let max_startup = limits.max_startup_message_bytes;
     let handshake = timeout_at(deadline, negotiate::handshake(tcp, acceptor(&ctx.tls), max_startup));
     let accepted = tokio::select! {
-        r = handshake => r,
+        r = handshake => {
+            // Counted while the socket is still open (select! drops it after this arm), so
+            // a client that sees the close also sees the count.
+            if r.is_err() {
+                handshake_timed_out(&ctx);
+            }
+            r
+        }
         () = ticket.evicted() => {
             tracing::debug!("unauthenticated connection evicted by a newer one");
             return;
         }
     };
     let Accepted { mut tls, identity } = match accepted {
-        Err(_) => return handshake_timed_out(&ctx),
+        Err(_) => return,
         Ok(Err(NegotiateError::Handshake { reason, message })) => {
             ctx.metrics
                 .tls_handshake_failures_total

@@ -537,7 +537,10 @@ fn records_that_find_the_file_held_go_out_with_the_next_holders_write() {
     drop(held);
     // Not handed to the writer thread (whose tick is an hour): the next append takes them.
     assert_eq!(std::fs::read_to_string(&config.path).unwrap(), "");
-    assert!(matches!(log.write_or_enqueue(vec![event("holder")]).unwrap(), Written::Now));
+    assert!(matches!(
+        log.write_or_enqueue(vec![event("holder")]).unwrap(),
+        Written::Now
+    ));
     let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
     rt.block_on(ticket).unwrap();
     assert_eq!(grant_ids(&config), ["g-waited", "g-holder"]);
