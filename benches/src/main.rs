@@ -69,12 +69,33 @@ enum Command {
         #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
         timeout: Duration,
     },
+    /// Replay a recorded pgbench session (benches/data/NAME.trace) ROUNDS times through the
+    /// relay in process, with a real audit log in a temp dir; print what it did. Run under
+    /// callgrind by benches/icount.sh.
+    Replay {
+        /// One of select-simple, select-extended, select-prepared, tpcb-simple.
+        trace: String,
+        #[arg(long, default_value_t = 1)]
+        rounds: usize,
+        /// Replay only the first N exchanges (a run of client reads and its answer) of each
+        /// round.
+        #[arg(long)]
+        exchanges: Option<usize>,
+    },
     /// Print the Markdown results table of the raw lines in FILE.
     Report { file: PathBuf },
 }
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
+    if let Command::Replay {
+        trace,
+        rounds,
+        exchanges,
+    } = &cli.command
+    {
+        return replay(trace, *rounds, *exchanges);
+    }
     let rt = tokio::runtime::Runtime::new()?;
     match cli.command {
         Command::FreePorts { n } => {
@@ -111,9 +132,33 @@ fn main() -> Result<()> {
         }
         Command::Connect { target, label } => rt.block_on(latency::session_start(&target, &label)),
         Command::Qlat { label, files } => latency::query_latency(&label, &files),
+        Command::Replay {
+            trace,
+            rounds,
+            exchanges,
+        } => replay(&trace, rounds, exchanges),
         Command::Report { file } => {
             print!("{}", report::render(&std::fs::read_to_string(file)?));
             Ok(())
         }
     }
+}
+
+/// One thread, as a session lane runs it.
+fn replay(trace: &str, rounds: usize, exchanges: Option<usize>) -> Result<()> {
+    use jitgate_benches::traffic::{self, Read};
+    anyhow::ensure!(traffic::RECORDED.contains(&trace), "no recorded session {trace}");
+    let reads: Vec<(bool, Vec<u8>)> = traffic::recorded(trace)
+        .into_iter()
+        .map(|r| match r {
+            Read::Client(b) => (true, b),
+            Read::Server(b) => (false, b),
+        })
+        .collect();
+    let dir = tempfile::tempdir()?;
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let limit = exchanges.unwrap_or(usize::MAX);
+    let done = rt.block_on(jitgate::pg::bench_support::replay(&reads, rounds, limit, dir.path()))?;
+    println!("replay {trace} {rounds} {} {}", done.exchanges, done.records);
+    Ok(())
 }

@@ -7,6 +7,7 @@ mod connection;
 mod guard;
 mod negotiate;
 mod relay;
+mod replay;
 pub mod sqlstate;
 mod startup;
 mod statements;
@@ -22,6 +23,7 @@ pub use admit::serve_connection;
 #[doc(hidden)]
 pub mod bench_support {
     pub use super::guard::Guard;
+    pub use super::replay::{replay, Read, Replayed};
     pub use super::statements::{Batch, Disposition, TextLimits, Tracker};
 }
 

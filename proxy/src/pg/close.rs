@@ -65,8 +65,7 @@ impl LastWrites for TlsStream<TcpStream> {
     }
 }
 
-/// In-memory streams (tests) have no segments.
-#[cfg(test)]
+/// In-memory streams (tests, the replay) have no segments.
 impl LastWrites for tokio::io::DuplexStream {
     fn hold_until_shutdown(&self) {}
 }
