@@ -10,7 +10,7 @@
 #   PROFILE=1 benches/e2e.sh       # also perf-record jitgate under pgbench -S -M prepared
 #   HOLD=1 benches/e2e.sh          # set everything up, write hold.env, wait to be interrupted
 #
-# Knobs (environment): ROUNDS, DURATION (seconds per pgbench run), CLIENTS (-c, 8),
+# Knobs (environment): JITGATE_THREADS (jitgate's sessions.threads, 1, as pgbouncer runs one thread), ROUNDS, DURATION (seconds per pgbench run), CLIENTS (-c, 8),
 # THREADS (-j, 2), SCALE (pgbench -i -s, 10), IDLE_SESSIONS ("1000 10000"),
 # CONNECTS (sessions opened one after another per target to time session start, 2000; 0
 # skips), QLAT_SECS (seconds of pgbench -S -M simple -c 1 per target for the added latency per
@@ -228,6 +228,10 @@ setup_jitgate() { # dir pg_port api_port targets-toml [binary]
 max_sessions_per_user = 30000"
     # A baseline build may predate the key (its own default then applies; -c stays far below).
     [[ -n ${5:-} ]] && per_user=""
+    # One session thread, as pgbouncer runs one (JITGATE_THREADS; 0 is one per CPU). Not for
+    # a baseline build, which may predate the key.
+    local threads="threads = ${JITGATE_THREADS:-1}"
+    [[ -n ${5:-} ]] && threads=""
     "$JG" init --data-dir "$1" >/dev/null
     cat >"$1/jitgate.toml" <<EOF
 data_dir = "$1"
@@ -241,6 +245,7 @@ $per_user
 shutdown_grace = "2s"
 [sessions]
 expiry_notice = "0s"
+$threads
 [audit]
 max_file_bytes = 1099511627776
 $4

@@ -314,6 +314,52 @@ impl AuditLog {
         self.through_writer(records)
     }
 
+    /// The relay's path with group commit: `events` join the waiting list with a ticket and
+    /// nothing is written yet, so the records of every session that runs before this one is
+    /// polled again go out in one `write`. The relay lets the other ready sessions run once,
+    /// then calls [`AuditLog::write_waiting`] if nobody wrote them meanwhile. A pipe, a device,
+    /// a failed file or records that would rotate it go to the writer thread instead.
+    pub fn write_in_group(&self, events: Vec<AuditEvent>) -> Result<Written, AuditError> {
+        if events.is_empty() {
+            return Ok(Written::Now);
+        }
+        let records = self.encode(events)?;
+        if !self.inline || self.closed.load(Ordering::Acquire) {
+            return self.through_writer(records);
+        }
+        if let Ok(core) = self.core.try_lock() {
+            let bytes = self.waiting.lock().bytes + records.iter().map(|r| r.body.len() + CHAIN_BYTES).sum::<usize>();
+            if !core.file.as_ref().is_some_and(ActiveFile::is_regular) || core.would_rotate(bytes) {
+                drop(core);
+                return self.through_writer(records);
+            }
+        }
+        let (tx, rx) = oneshot::channel();
+        let mut list = self.waiting.lock();
+        if list.closed || list.records.len() + records.len() > self.queue_depth {
+            drop(list);
+            return self.through_writer(records);
+        }
+        list.bytes += records.iter().map(|r| r.body.len() + CHAIN_BYTES).sum::<usize>();
+        list.records.extend(records);
+        list.acks.push(tx);
+        list.entries += 1;
+        self.metrics.audit_queue_depth.inc();
+        drop(list);
+        self.watch();
+        Ok(Written::Later(AuditTicket { rx }))
+    }
+
+    /// Writes the waiting list now, on this thread, when the file is free (else its holder or
+    /// the writer thread does).
+    pub fn write_waiting(&self) {
+        if let Ok(mut core) = self.core.try_lock() {
+            let _ = self.append_here(&mut core, Vec::new());
+            drop(core);
+            self.help();
+        }
+    }
+
     /// Appends records of what already happened (`statement.end`) without a write of their
     /// own: they go out with the next append, whoever makes it, and within [`DEFER_TICK`]
     /// when none comes. Before any record submitted later by any path. A full list or a

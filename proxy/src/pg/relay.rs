@@ -155,6 +155,9 @@ struct Shared<'a> {
     metrics: &'a Metrics,
     counters: Counters<'a>,
     scratch: Box<[u8]>,
+    /// Times the relay was polled: a batch waiting for its write since an earlier poll has
+    /// let the other sessions run.
+    polls: u64,
 }
 
 /// Client to server. Whole client messages are cut into a batch; the batch's records are
@@ -164,8 +167,9 @@ struct Shared<'a> {
 struct Upward {
     /// Client bytes not yet part of a batch.
     inbuf: BytesMut,
-    /// A batch whose records the writer thread has not written yet.
-    waiting: Option<(AuditTicket, Batch)>,
+    /// A batch whose records are not written yet, and the poll of the relay it joined the
+    /// audit log's waiting list in.
+    waiting: Option<(AuditTicket, Batch, u64)>,
     /// The batch being written upstream.
     out: Out,
     max_message_bytes: usize,
@@ -195,9 +199,17 @@ impl Upward {
         U: AsyncWrite + Unpin,
     {
         let mut progress = false;
-        if let Some((ticket, _)) = self.waiting.as_mut() {
-            if let Poll::Ready(result) = Pin::new(ticket).poll(cx) {
-                if let Some((_, batch)) = self.waiting.take() {
+        if let Some((ticket, _, joined)) = self.waiting.as_mut() {
+            let mut result = Pin::new(&mut *ticket).poll(cx);
+            if result.is_pending() && *joined < sh.polls {
+                // The other sessions that were ready have run and added their records:
+                // write them all, now, with one write.
+                sh.audit.write_waiting();
+                *joined = u64::MAX;
+                result = Pin::new(&mut *ticket).poll(cx);
+            }
+            if let Poll::Ready(result) = result {
+                if let Some((_, batch, _)) = self.waiting.take() {
                     let forward = result.is_ok();
                     self.out.set(sh.release(batch, forward));
                     progress = true;
@@ -243,9 +255,13 @@ impl Upward {
         if batch.records.is_empty() {
             self.out.set(batch.forward);
         } else {
-            match sh.audit.write_or_enqueue(std::mem::take(&mut batch.records)) {
+            match sh.audit.write_in_group(std::mem::take(&mut batch.records)) {
                 Ok(Written::Now) => self.out.set(sh.release(batch, true)),
-                Ok(Written::Later(ticket)) => self.waiting = Some((ticket, batch)),
+                Ok(Written::Later(ticket)) => {
+                    // Let the other ready sessions run first, so their records join this write.
+                    cx.waker().wake_by_ref();
+                    self.waiting = Some((ticket, batch, sh.polls));
+                }
                 Err(_) => self.out.set(sh.release(batch, false)),
             }
         }
@@ -440,12 +456,14 @@ where
         metrics,
         counters: Counters::new(metrics, target),
         scratch: vec![0u8; BUF].into_boxed_slice(),
+        polls: 0,
     };
     let mut upward = Upward::new(initial, max_message_bytes);
     let mut downward = Downward::new(notice);
     let mut cut = std::pin::pin!(cut);
 
     let step = poll_fn(|cx: &mut Context<'_>| {
+        sh.polls += 1;
         if let Poll::Ready(reason) = cut.as_mut().poll(cx) {
             return Poll::Ready(Step::Cut(reason));
         }
