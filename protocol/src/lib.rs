@@ -5,7 +5,10 @@
 //! sends itself, the client side of upstream authentication (SCRAM-SHA-256, md5), and the
 //! classification of SQL text for guardrails and audit.
 //! It contains no networking code: bytes in, typed values out, and back. The tokio adapters
-//! live in the `jitgate` crate, where the sockets are.
+//! live in the `jitgate` crate, where the sockets are. The one exception is [`tunnel`], the
+//! agent link's hello and its HTTP/2 stream adapter, shared by the proxy and `jitgate-agent`
+//! (it wraps `h2` streams; the sockets stay with its callers).
 
 pub mod postgres;
 pub mod sql;
+pub mod tunnel;

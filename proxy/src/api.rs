@@ -60,11 +60,15 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("get", "/v1/sessions"),
     ("post", "/v1/sessions/{id}/kill"),
     ("post", "/v1/audit/reopen"),
+    ("get", "/v1/agents"),
+    ("post", "/v1/agents/tokens"),
 ];
 
 /// State shared by API handlers.
 pub struct ApiState {
     pub config: Config,
+    pub store: Arc<dyn crate::store::Store>,
+    pub hub: Arc<crate::agents::Hub>,
     pub grants: Arc<Grants>,
     pub requests: Arc<Requests>,
     pub sessions: Arc<Sessions>,
@@ -152,6 +156,18 @@ impl From<RequestError> for ApiError {
     }
 }
 
+impl From<crate::agents::TokenError> for ApiError {
+    fn from(e: crate::agents::TokenError) -> Self {
+        use crate::agents::TokenError;
+        let (status, code) = match &e {
+            TokenError::Invalid(_) => (StatusCode::BAD_REQUEST, "invalid"),
+            TokenError::Store(_) => (StatusCode::SERVICE_UNAVAILABLE, "store_unavailable"),
+            TokenError::Ca(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+        };
+        ApiError(status, code, e.to_string())
+    }
+}
+
 impl From<JsonRejection> for ApiError {
     fn from(e: JsonRejection) -> Self {
         ApiError(StatusCode::BAD_REQUEST, "invalid", e.body_text())
@@ -190,6 +206,8 @@ fn router(state: Arc<ApiState>) -> Router {
         .route("/v1/sessions", get(list_sessions))
         .route("/v1/sessions/{id}/kill", post(kill_session))
         .route("/v1/audit/reopen", post(reopen_audit))
+        .route("/v1/agents", get(list_agents))
+        .route("/v1/agents/tokens", post(create_agent_token))
         .fallback(no_route)
         .method_not_allowed_fallback(no_method)
         .with_state(state)
@@ -367,6 +385,29 @@ async fn withdraw_request(
 async fn list_sessions(State(s): Shared, Extension(id): Caller) -> Result<Json<Vec<SessionInfo>>, ApiError> {
     require_admin(&id)?;
     Ok(Json(s.sessions.list()))
+}
+
+async fn list_agents(
+    State(s): Shared,
+    Extension(id): Caller,
+) -> Result<Json<Vec<crate::agents::AgentStatus>>, ApiError> {
+    require_admin(&id)?;
+    let agents = crate::agents::list(s.store.as_ref(), &s.hub)
+        .await
+        .map_err(|e| ApiError(StatusCode::SERVICE_UNAVAILABLE, "store_unavailable", e.to_string()))?;
+    Ok(Json(agents))
+}
+
+async fn create_agent_token(
+    State(s): Shared,
+    Extension(id): Caller,
+    body: Result<Json<crate::agents::NewAgentToken>, JsonRejection>,
+) -> Result<(StatusCode, Json<crate::agents::CreatedAgentToken>), ApiError> {
+    require_admin(&id)?;
+    let Json(new) = body?;
+    let created = crate::agents::create_token(&s.config, s.store.as_ref(), &s.audit, &id.user, new).await?;
+    tracing::info!(token.id = %created.id, agent = %created.name, by = %id.user, "agent join token created");
+    Ok((StatusCode::CREATED, Json(created)))
 }
 
 /// Body of a successful kill.

@@ -64,6 +64,13 @@ enum Command {
         #[command(flatten)]
         api: ApiArgs,
     },
+    /// Agents beside targets in private networks: create join tokens, list agents (admin).
+    Agent {
+        #[command(subcommand)]
+        command: AgentCommand,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
     /// List and kill live sessions (admin).
     Session {
         #[command(subcommand)]
@@ -177,6 +184,33 @@ enum GrantCommand {
         /// How much later, e.g. 30m: whole seconds, at least 1s.
         #[arg(long = "for", value_parser = crate::timefmt::parse_grant_duration)]
         duration: Duration,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum AgentCommand {
+    /// Join tokens: one-time, expiring, each for one agent name and its targets.
+    Token {
+        #[command(subcommand)]
+        command: AgentTokenCommand,
+    },
+    /// List the agents that joined: targets, connected since, remote address, version.
+    List,
+}
+
+#[derive(Debug, Subcommand)]
+enum AgentTokenCommand {
+    /// Print a one-time join token for `jitgate-agent join --token` (shown only once).
+    Create {
+        /// The agent's name, as targets name it in `via`.
+        #[arg(long)]
+        name: String,
+        /// Comma-separated targets the agent may serve, e.g. prod-db,stage-db.
+        #[arg(long, value_delimiter = ',', required = true)]
+        targets: Vec<String>,
+        /// How long the token may be used (at most 7d).
+        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+        ttl: Duration,
     },
 }
 
@@ -460,6 +494,7 @@ async fn dispatch(cli: Cli) -> Result<()> {
         Command::Extend(args) => crate::requests::command::extend(args).await,
         Command::Grant { command, api } => grant(command, &api).await,
         Command::Session { command, api } => session(command, &api).await,
+        Command::Agent { command, api } => agent(command, &api).await,
         Command::Audit {
             command: AuditCommand::Verify { files, log },
         } => audit_verify(files, &log),
@@ -686,6 +721,59 @@ async fn grant(cmd: GrantCommand, a: &ApiArgs) -> Result<()> {
                 println!("revoked {} ({} on {})", g.id, g.user, g.target);
                 Ok(())
             }
+        }
+    }
+}
+
+async fn agent(cmd: AgentCommand, a: &ApiArgs) -> Result<()> {
+    let client = api_client(a)?;
+    match cmd {
+        AgentCommand::Token {
+            command: AgentTokenCommand::Create { name, targets, ttl },
+        } => {
+            let new = crate::agents::NewAgentToken {
+                name: crate::model::AgentName::new(name)?,
+                targets: targets.into_iter().map(TargetName::new).collect::<Result<_, _>>()?,
+                ttl_secs: Some(ttl.as_secs().max(1)),
+            };
+            let t = client.create_agent_token(&new).await?;
+            if a.json {
+                return print_json(&t);
+            }
+            println!("{}", t.token);
+            eprintln!(
+                "one-time join token {} for agent {} ({}), usable for {}: jitgate-agent join --proxy HOST:PORT --token TOKEN --data-dir DIR",
+                t.id,
+                t.name,
+                t.targets.iter().map(ToString::to_string).collect::<Vec<_>>().join(","),
+                until(t.expires_at)
+            );
+            Ok(())
+        }
+        AgentCommand::List => {
+            let agents = client.list_agents().await?;
+            if a.json {
+                return print_json(&agents);
+            }
+            println!(
+                "{:<16} {:<24} {:<22} {:<22} {:<10} TARGETS",
+                "NAME", "CONNECTED SINCE", "REMOTE", "JOINED", "VERSION"
+            );
+            for g in agents {
+                let since = g
+                    .connected_since
+                    .map_or_else(|| "not connected".to_owned(), crate::timefmt::rfc3339);
+                println!(
+                    "{:<16} {:<24} {:<22} {:<22} {:<10} {}",
+                    g.name,
+                    since,
+                    g.remote_addr.map_or_else(|| "-".to_owned(), |r| r.to_string()),
+                    crate::timefmt::rfc3339(g.joined_at),
+                    g.version.as_deref().unwrap_or("-"),
+                    g.targets.iter().map(ToString::to_string).collect::<Vec<_>>().join(",")
+                );
+            }
+            Ok(())
         }
     }
 }

@@ -221,6 +221,19 @@ impl ApiClient {
     }
 
     /// `GET /v1/sessions`.
+    /// `POST /v1/agents/tokens`.
+    pub async fn create_agent_token(
+        &self,
+        new: &crate::agents::NewAgentToken,
+    ) -> Result<crate::agents::CreatedAgentToken, ClientError> {
+        self.post("/v1/agents/tokens", new).await
+    }
+
+    /// `GET /v1/agents`.
+    pub async fn list_agents(&self) -> Result<Vec<crate::agents::AgentStatus>, ClientError> {
+        self.call(Method::GET, "/v1/agents", None).await
+    }
+
     pub async fn list_sessions(&self) -> Result<Vec<SessionInfo>, ClientError> {
         self.call(Method::GET, "/v1/sessions", None).await
     }

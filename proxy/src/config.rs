@@ -53,6 +53,16 @@ struct RawConfig {
     webhooks: Vec<crate::notify::RawWebhook>,
     #[serde(default)]
     policies: Vec<crate::policy::RawPolicy>,
+    #[serde(default)]
+    agents: RawAgents,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAgents {
+    cert_ttl: Option<String>,
+    keepalive_interval: Option<String>,
+    keepalive_timeout: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -64,6 +74,7 @@ struct RawListen {
     api: String,
     #[serde(default = "default_metrics_listen")]
     metrics: String,
+    agents: Option<String>,
 }
 
 impl Default for RawListen {
@@ -72,6 +83,7 @@ impl Default for RawListen {
             postgres: default_pg_listen(),
             api: default_api_listen(),
             metrics: default_metrics_listen(),
+            agents: None,
         }
     }
 }
@@ -138,7 +150,8 @@ struct RawTarget {
     name: String,
     #[serde(default = "default_kind")]
     kind: String,
-    address: String,
+    address: Option<String>,
+    via: Option<String>,
     database: String,
     #[serde(default)]
     labels: BTreeMap<String, String>,
@@ -204,6 +217,20 @@ pub struct Config {
     /// Every role jitgate logs in with, on any target: no statement may change them (see
     /// `Target::allow_role_management`).
     pub login_roles: Arc<[String]>,
+    /// `[agents]`: the agent listener's settings.
+    pub agents: AgentsConfig,
+}
+
+/// How the proxy treats agents (`[agents]`; the listener is `listen.agents`).
+#[derive(Debug, Clone)]
+pub struct AgentsConfig {
+    /// Lifetime of the certificates agents get at join and renewal. Default 24h; between 10s
+    /// and 30d. Agents renew when two thirds of it have passed.
+    pub cert_ttl: Duration,
+    /// How often the proxy pings each agent link. Default 10s.
+    pub keepalive_interval: Duration,
+    /// A ping unanswered this long ends the link and its sessions. Default 30s.
+    pub keepalive_timeout: Duration,
 }
 
 /// Listener addresses.
@@ -212,6 +239,8 @@ pub struct Listen {
     pub postgres: SocketAddr,
     pub api: SocketAddr,
     pub metrics: SocketAddr,
+    /// Where agents connect (`listen.agents`); no agent listener when absent.
+    pub agents: Option<SocketAddr>,
 }
 
 /// Certificate files the proxy serves with and trusts.
@@ -302,7 +331,10 @@ pub struct AuditConfig {
 #[derive(Debug)]
 pub struct Target {
     pub name: TargetName,
-    /// `host:port` of the server.
+    /// The agent that reaches this target (`via`), or `None` for a direct connection.
+    pub via: Option<crate::model::AgentName>,
+    /// `host:port` of the server; for a target behind an agent, `agent NAME` (for messages:
+    /// the agent's config holds the address).
     pub address: String,
     /// Database used when the client's `dbname` names only the target.
     pub database: String,
@@ -490,6 +522,12 @@ impl RawConfig {
             postgres: socket("listen.postgres", &self.listen.postgres)?,
             api: socket("listen.api", &self.listen.api)?,
             metrics: socket("listen.metrics", &self.listen.metrics)?,
+            agents: self
+                .listen
+                .agents
+                .as_deref()
+                .map(|a| socket("listen.agents", a))
+                .transpose()?,
         };
         let tls = TlsPaths {
             ca_cert: self.tls.ca_cert.unwrap_or_else(|| data_dir.join("ca.crt")),
@@ -575,6 +613,15 @@ impl RawConfig {
             return Err(invalid("requests.lapse_after", "must be between 1s and 7d"));
         }
         let requests = RequestsConfig { lapse_after };
+        let agents = self.agents.validate()?;
+        for t in targets.values() {
+            if let (Some(via), None) = (&t.via, listen.agents) {
+                return Err(invalid(
+                    format!("targets.{}.via", t.name),
+                    format!("target is reached through agent {via:?}, but listen.agents is not set"),
+                ));
+            }
+        }
         let policies = Arc::new(crate::policy::validate(self.policies, &targets)?);
         let webhooks = crate::notify::validate_webhooks(self.webhooks, secrets)?;
         let mut login_roles: Vec<String> = targets
@@ -584,6 +631,7 @@ impl RawConfig {
         login_roles.sort();
         login_roles.dedup();
         Ok(Config {
+            agents,
             login_roles: login_roles.into(),
             webhooks,
             policies,
@@ -596,6 +644,39 @@ impl RawConfig {
             tls,
             limits,
             targets: Arc::new(targets),
+        })
+    }
+}
+
+impl RawAgents {
+    fn validate(self) -> Result<AgentsConfig, ConfigError> {
+        let cert_ttl = duration("agents.cert_ttl", self.cert_ttl.as_deref(), Duration::from_secs(86_400))?;
+        if !(Duration::from_secs(10)..=Duration::from_secs(30 * 86_400)).contains(&cert_ttl) {
+            return Err(invalid("agents.cert_ttl", "must be between 10s and 30d"));
+        }
+        let keepalive_interval = duration(
+            "agents.keepalive_interval",
+            self.keepalive_interval.as_deref(),
+            Duration::from_secs(10),
+        )?;
+        let keepalive_timeout = duration(
+            "agents.keepalive_timeout",
+            self.keepalive_timeout.as_deref(),
+            Duration::from_secs(30),
+        )?;
+        if keepalive_interval < Duration::from_millis(100) {
+            return Err(invalid("agents.keepalive_interval", "must be at least 100ms"));
+        }
+        if keepalive_timeout < keepalive_interval {
+            return Err(invalid(
+                "agents.keepalive_timeout",
+                "must be at least agents.keepalive_interval",
+            ));
+        }
+        Ok(AgentsConfig {
+            cert_ttl,
+            keepalive_interval,
+            keepalive_timeout,
         })
     }
 }
@@ -650,14 +731,31 @@ impl RawTarget {
                 format!("unsupported kind {:?}: only \"postgres\" for now", self.kind),
             ));
         }
-        if self
-            .address
-            .rsplit_once(':')
-            .and_then(|(_, p)| p.parse::<u16>().ok())
-            .is_none()
-        {
-            return Err(invalid(key("address"), format!("{:?} is not host:port", self.address)));
-        }
+        let via = match self.via {
+            None => None,
+            Some(v) => Some(crate::model::AgentName::new(v).map_err(|e| invalid(key("via"), e.to_string()))?),
+        };
+        let address = match (self.address, &via) {
+            (Some(a), None) => {
+                if a.rsplit_once(':').and_then(|(_, p)| p.parse::<u16>().ok()).is_none() {
+                    return Err(invalid(key("address"), format!("{a:?} is not host:port")));
+                }
+                a
+            }
+            (None, Some(agent)) => format!("agent {agent}"),
+            (Some(_), Some(_)) => {
+                return Err(invalid(
+                    key("address"),
+                    "a target reached through an agent (`via`) has no address here: the agent's config maps it",
+                ));
+            }
+            (None, None) => {
+                return Err(invalid(
+                    key("address"),
+                    "required (host:port), unless `via` names an agent",
+                ))
+            }
+        };
         if self.database.is_empty() {
             return Err(invalid(key("database"), "must not be empty"));
         }
@@ -685,7 +783,7 @@ impl RawTarget {
                     .tls
                     .ca_file
                     .ok_or_else(|| invalid(key("tls.ca_file"), "required with mode = \"verify-full\""))?;
-                let host = self.address.rsplit_once(':').map(|(h, _)| h).unwrap_or_default();
+                let host = address.rsplit_once(':').map(|(h, _)| h).unwrap_or_default();
                 let server_name = self
                     .tls
                     .server_name
@@ -727,9 +825,18 @@ impl RawTarget {
                 unfiltered_writes: r.deny_unfiltered_writes,
             });
         }
+        if via.is_some()
+            && matches!(tls, UpstreamTls::VerifyFull { ref server_name, .. } if server_name.is_empty() || server_name.starts_with("agent "))
+        {
+            return Err(invalid(
+                key("tls.server_name"),
+                "required with `via` and mode = \"verify-full\"",
+            ));
+        }
         Ok(Target {
             name,
-            address: self.address,
+            via,
+            address,
             database: self.database,
             labels: self.labels,
             credentials,
@@ -791,6 +898,39 @@ password_env = "JITGATE_TEST_CONFIG_PW"
         let err = with("1025").unwrap_err().to_string();
         assert!(err.starts_with("sessions.threads"), "{err}");
         assert!(with("-1").is_err());
+    }
+
+    #[test]
+    fn targets_behind_an_agent_name_it_instead_of_an_address() {
+        std::env::set_var("JITGATE_TEST_CONFIG_PW", "pw");
+        let via = MINIMAL.replace("address = \"10.0.0.5:5432\"", "via = \"db-east\"");
+        let with_listener = via.replace(
+            "metrics = \"127.0.0.1:9187\"",
+            "metrics = \"127.0.0.1:9187\"\nagents = \"127.0.0.1:8444\"",
+        );
+        let c = parse(&with_listener).unwrap();
+        let t = &c.targets[&TargetName::new("prod-db").unwrap()];
+        assert_eq!(t.via.as_ref().map(|a| a.as_str()), Some("db-east"));
+        assert_eq!(c.listen.agents, Some("127.0.0.1:8444".parse().unwrap()));
+        assert_eq!(c.agents.keepalive_timeout, Duration::from_secs(30));
+        assert_eq!(c.agents.cert_ttl, Duration::from_secs(86_400));
+        // No agent listener to reach the agent through.
+        let err = parse(&via).unwrap_err().to_string();
+        assert!(err.contains("listen.agents is not set"), "{err}");
+        // Both, or neither.
+        let both = with_listener.replace("via = ", "address = \"10.0.0.5:5432\"\nvia = ");
+        assert!(parse(&both).unwrap_err().to_string().contains("has no address here"));
+        let neither = with_listener.replace("via = \"db-east\"\n", "");
+        assert!(parse(&neither).unwrap_err().to_string().contains("unless `via`"));
+        assert!(parse(&with_listener.replace("db-east", "db east")).is_err());
+        let agents = |lines: &str| parse(&format!("{with_listener}\n[agents]\n{lines}\n"));
+        assert!(agents("cert_ttl = \"1s\"")
+            .unwrap_err()
+            .to_string()
+            .starts_with("agents.cert_ttl"));
+        assert!(agents("keepalive_interval = \"10s\"\nkeepalive_timeout = \"1s\"").is_err());
+        assert!(agents("keepalive_interval = \"1ms\"").is_err());
+        assert!(agents("surprise = 1").is_err());
     }
 
     #[test]

@@ -7,6 +7,7 @@
 //! login with the access level's credentials --> relay until the grant ends.
 
 pub mod access;
+pub mod agents;
 pub mod api;
 pub mod audit;
 pub mod budget;

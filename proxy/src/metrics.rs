@@ -73,6 +73,14 @@ pub struct Metrics {
     pub webhook_deliveries_total: IntCounterVec,
     /// Notifications waiting in a webhook's queue, by webhook.
     pub webhook_queue_depth: IntGaugeVec,
+    /// Agents with a live link.
+    pub agents_connected: IntGauge,
+    /// Streams open on agent links (one per session or cancel through an agent).
+    pub agent_streams_open: IntGauge,
+    /// Links from an agent name that had a link before.
+    pub agent_reconnects_total: IntCounter,
+    /// Agent links ended because a ping went unanswered for `agents.keepalive_timeout`.
+    pub agent_keepalive_failures_total: IntCounter,
     ready: AtomicBool,
 }
 
@@ -195,6 +203,22 @@ impl Metrics {
                 HistogramOpts::new("jitgate_audit_fsync_seconds", "Time of one fsync of the audit file").buckets(vec![
                     0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0
                 ])
+            )
+            .expect("valid metric")),
+            agents_connected: reg!(
+                IntGauge::new("jitgate_agents_connected", "Agents with a live link").expect("valid metric")
+            ),
+            agent_streams_open: reg!(
+                IntGauge::new("jitgate_agent_streams_open", "Streams open on agent links").expect("valid metric")
+            ),
+            agent_reconnects_total: reg!(IntCounter::new(
+                "jitgate_agent_reconnects_total",
+                "Links from an agent that had a link before"
+            )
+            .expect("valid metric")),
+            agent_keepalive_failures_total: reg!(IntCounter::new(
+                "jitgate_agent_keepalive_failures_total",
+                "Agent links ended because a ping went unanswered"
             )
             .expect("valid metric")),
             statements_total: reg!(IntCounterVec::new(

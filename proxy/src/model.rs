@@ -3,12 +3,14 @@
 //! crate, so the access core, the store, the audit log and the data paths all build on them
 //! without import cycles.
 
+mod agent;
 mod grant;
 mod ids;
 mod request;
 mod session;
 
+pub use agent::{AgentRecord, AgentToken, TokenRefusal};
 pub use grant::{Deadline, Grant, GrantEnd, NewGrant};
-pub use ids::{AccessLevel, GrantId, InvalidName, RequestId, Role, SessionId, TargetName, UserName};
+pub use ids::{AccessLevel, AgentName, GrantId, InvalidName, RequestId, Role, SessionId, TargetName, UserName};
 pub use request::{ListFilter, NewExtension, NewRequest, Request, RequestState, Vote};
 pub use session::SessionMeta;

@@ -4,6 +4,11 @@
 //! A client certificate names its user in the subject CN and in a `jitgate:user:NAME` URI
 //! subject-alternative name, and each role in a `jitgate:role:NAME` URI. The URIs are what the
 //! proxy trusts; the CN is for people reading the certificate.
+//!
+//! An agent certificate names its agent in a `jitgate:agent:NAME` URI and carries no user: it
+//! is refused wherever a user is expected ([`identity_from_der`]), and a user certificate is
+//! refused on the agent listener ([`agent_from_der`]). Agents make their own keys; the proxy
+//! signs their CSRs ([`Authority::issue_agent`]), keeping only the public key from the request.
 
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
@@ -15,10 +20,11 @@ use rcgen::{
 };
 use x509_parser::prelude::{FromDer, GeneralName, ParsedExtension, X509Certificate};
 
-use crate::model::{Role, UserName};
+use crate::model::{AgentName, Role, UserName};
 
 const USER_URI: &str = "jitgate:user:";
 const ROLE_URI: &str = "jitgate:role:";
+const AGENT_URI: &str = "jitgate:agent:";
 const CA_ORG: &str = "jitgate";
 
 /// Errors creating or reading certificates.
@@ -79,6 +85,11 @@ pub fn identity_from_der(der: &[u8]) -> Result<Identity, PkiError> {
             ParsedExtension::SubjectAlternativeName(san) => {
                 for name in &san.general_names {
                     let GeneralName::URI(uri) = name else { continue };
+                    if uri.starts_with(AGENT_URI) {
+                        return Err(PkiError::Invalid(
+                            "an agent certificate identifies no user (agents connect to the agent listener)".into(),
+                        ));
+                    }
                     if let Some(u) = uri.strip_prefix(USER_URI) {
                         if user.is_some() {
                             return Err(PkiError::Invalid("certificate names more than one user".into()));
@@ -101,6 +112,63 @@ pub fn identity_from_der(der: &[u8]) -> Result<Identity, PkiError> {
     let not_after =
         SystemTime::UNIX_EPOCH + Duration::from_secs(u64::try_from(cert.validity().not_after.timestamp()).unwrap_or(0));
     Ok(Identity { user, roles, not_after })
+}
+
+/// Who an agent certificate identifies.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentIdentity {
+    pub name: AgentName,
+    pub not_after: SystemTime,
+}
+
+/// Reads the agent from a DER certificate that rustls has already verified against the
+/// jitgate CA. Refuses certificates that name a user, none or several agents, or lack
+/// client-auth usage.
+pub fn agent_from_der(der: &[u8]) -> Result<AgentIdentity, PkiError> {
+    let (_, cert) =
+        X509Certificate::from_der(der).map_err(|e| PkiError::Invalid(format!("unparseable certificate: {e}")))?;
+    let mut client_auth = false;
+    let mut name = None;
+    for ext in cert.extensions() {
+        match ext.parsed_extension() {
+            ParsedExtension::ExtendedKeyUsage(eku) => client_auth = eku.client_auth,
+            ParsedExtension::SubjectAlternativeName(san) => {
+                for general in &san.general_names {
+                    let GeneralName::URI(uri) = general else { continue };
+                    if uri.starts_with(USER_URI) || uri.starts_with(ROLE_URI) {
+                        return Err(PkiError::Invalid(
+                            "a user certificate is not an agent certificate".into(),
+                        ));
+                    }
+                    if let Some(a) = uri.strip_prefix(AGENT_URI) {
+                        if name.is_some() {
+                            return Err(PkiError::Invalid("certificate names more than one agent".into()));
+                        }
+                        name = Some(AgentName::new(a).map_err(|e| PkiError::Invalid(e.to_string()))?);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    if !client_auth {
+        return Err(PkiError::Invalid(
+            "certificate lacks client-auth extended key usage".into(),
+        ));
+    }
+    let name = name.ok_or_else(|| PkiError::Invalid("certificate names no jitgate agent".into()))?;
+    let not_after =
+        SystemTime::UNIX_EPOCH + Duration::from_secs(u64::try_from(cert.validity().not_after.timestamp()).unwrap_or(0));
+    Ok(AgentIdentity { name, not_after })
+}
+
+/// SHA-256 of a PEM certificate's DER, lower-case hex (what a join token pins).
+pub fn cert_fingerprint(pem: &str) -> Result<String, PkiError> {
+    let der = rustls_pemfile::certs(&mut pem.as_bytes())
+        .next()
+        .ok_or_else(|| PkiError::Invalid("no certificate".into()))?
+        .map_err(|e| PkiError::Invalid(e.to_string()))?;
+    Ok(jitgate_protocol::tunnel::fingerprint(&der))
 }
 
 /// A loaded CA able to sign certificates.
@@ -218,6 +286,23 @@ impl Authority {
     }
 }
 
+impl Authority {
+    /// Signs an agent certificate for the key in `csr_pem` (PEM CSR), naming `agent`, valid
+    /// for `ttl`. Only the CSR's public key is used: names and extensions come from here.
+    pub fn issue_agent(&self, agent: &AgentName, csr_pem: &str, ttl: Duration) -> Result<String, PkiError> {
+        let mut csr = rcgen::CertificateSigningRequestParams::from_pem(csr_pem)
+            .map_err(|e| PkiError::Invalid(format!("unreadable certificate request: {e}")))?;
+        let mut params = leaf_params(&format!("agent {agent}"), ttl);
+        params
+            .subject_alt_names
+            .push(SanType::URI(format!("{AGENT_URI}{agent}").try_into()?));
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        csr.params = params;
+        let issuer = self.params.clone().self_signed(&self.key)?;
+        Ok(csr.signed_by(&issuer, &self.key)?.pem())
+    }
+}
+
 fn ca_params(common_name: &str) -> CertificateParams {
     let mut params = CertificateParams::default();
     let mut dn = DistinguishedName::new();
@@ -298,6 +383,40 @@ mod tests {
         assert_eq!(id.roles, roles);
         let left = id.not_after.duration_since(SystemTime::now()).unwrap();
         assert!(left > Duration::from_secs(3500) && left <= Duration::from_secs(3600));
+    }
+
+    fn agent_csr() -> (KeyPair, String) {
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::default();
+        // What the agent asks for is ignored: the proxy names the certificate.
+        params
+            .subject_alt_names
+            .push(SanType::URI("jitgate:user:root".try_into().unwrap()));
+        let csr = params.serialize_request(&key).unwrap().pem().unwrap();
+        (key, csr)
+    }
+
+    #[test]
+    fn agent_certificates_name_the_agent_and_no_user() {
+        let ca = Authority::generate().unwrap();
+        let (_key, csr) = agent_csr();
+        let name = AgentName::new("db-east").unwrap();
+        let pem = ca.issue_agent(&name, &csr, Duration::from_secs(600)).unwrap();
+        let der = rustls_pemfile::certs(&mut pem.as_bytes()).next().unwrap().unwrap();
+        let agent = agent_from_der(&der).unwrap();
+        assert_eq!(agent.name, name);
+        let left = agent.not_after.duration_since(SystemTime::now()).unwrap();
+        assert!(left > Duration::from_secs(500) && left <= Duration::from_secs(600));
+        let err = identity_from_der(&der).unwrap_err().to_string();
+        assert!(err.contains("agent certificate"), "{err}");
+
+        let (user, _) = ca
+            .issue_client(&UserName::new("alice").unwrap(), &[], Duration::from_secs(60))
+            .unwrap();
+        let der = rustls_pemfile::certs(&mut user.as_bytes()).next().unwrap().unwrap();
+        let err = agent_from_der(&der).unwrap_err().to_string();
+        assert!(err.contains("user certificate"), "{err}");
+        assert!(ca.issue_agent(&name, "not a csr", Duration::from_secs(60)).is_err());
     }
 
     #[test]

@@ -16,7 +16,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument as _;
 
-use crate::access::{Admission, CutWave, Dialer, TcpDialer};
+use crate::access::{Admission, CutWave, Dialer};
+use crate::agents::{AgentsContext, Hub, RoutingDialer};
 use crate::api::{self, ApiState};
 use crate::audit::{AuditLog, ReopenReason};
 use crate::budget::{Authenticated, Ticket, Unauthenticated, UserSessions};
@@ -60,6 +61,8 @@ pub struct Listeners {
     pub postgres: TcpListener,
     pub api: TcpListener,
     pub metrics: TcpListener,
+    /// `listen.agents`, when set.
+    pub agents: Option<TcpListener>,
 }
 
 /// Addresses the listeners actually bound (port 0 resolved).
@@ -68,6 +71,7 @@ pub struct BoundAddrs {
     pub postgres: SocketAddr,
     pub api: SocketAddr,
     pub metrics: SocketAddr,
+    pub agents: Option<SocketAddr>,
 }
 
 impl Listeners {
@@ -82,6 +86,10 @@ impl Listeners {
             postgres: one("postgres", listen.postgres).await?,
             api: one("api", listen.api).await?,
             metrics: one("metrics", listen.metrics).await?,
+            agents: match listen.agents {
+                Some(addr) => Some(one("agents", addr).await?),
+                None => None,
+            },
         })
     }
 
@@ -92,6 +100,7 @@ impl Listeners {
             postgres: addr(&self.postgres),
             api: addr(&self.api),
             metrics: addr(&self.metrics),
+            agents: self.agents.as_ref().map(addr),
         }
     }
 }
@@ -125,7 +134,7 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: impl Future<Out
     .inspect_err(|_| cancel.cancel())?;
     let requests = Requests::new(
         config.clone(),
-        store,
+        Arc::clone(&store),
         Arc::clone(&grants),
         Arc::clone(&audit),
         notifier,
@@ -134,7 +143,8 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: impl Future<Out
     tracker.spawn(Arc::clone(&requests).run_lapser(cancel.clone()));
     let sessions = Arc::new(Sessions::default());
 
-    let dialer: Arc<dyn Dialer> = Arc::new(TcpDialer);
+    let hub = Hub::new(Arc::clone(&metrics));
+    let dialer: Arc<dyn Dialer> = Arc::new(RoutingDialer { hub: Arc::clone(&hub) });
     let connector =
         crate::pg::upstream::Connector::new(&config.targets, Arc::clone(&dialer)).inspect_err(|_| cancel.cancel())?;
     let admission = Arc::new(Admission {
@@ -159,6 +169,8 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: impl Future<Out
         connections: Authenticated::new(config.limits.max_connections),
     });
     let api_state = Arc::new(ApiState {
+        store: Arc::clone(&store),
+        hub: Arc::clone(&hub),
         config: config.clone(),
         grants: Arc::clone(&grants),
         requests,
@@ -210,9 +222,40 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: impl Future<Out
             api_tracker.spawn(serve.instrument(span));
         },
     ));
+    if let Some(listener) = listeners.agents {
+        // Joins need the CA key; without it links still work, joins and renewals are refused.
+        let authority = match crate::pki::Authority::load(&config.data_dir) {
+            Ok(ca) => Some(Arc::new(ca)),
+            Err(error) => {
+                tracing::warn!(%error, "agent joins and renewals are refused: no CA key to sign with");
+                None
+            }
+        };
+        let agents = Arc::new(AgentsContext {
+            config: config.clone(),
+            tls: Arc::clone(&tls.agents),
+            hub,
+            store,
+            audit: Arc::clone(&audit),
+            metrics: Arc::clone(&metrics),
+            authority,
+            shutdown: cancel.clone(),
+        });
+        let agents_tracker = tracker.clone();
+        tracker.spawn(accept_loop(
+            "agents",
+            listener,
+            Unauthenticated::new("agents", unauthenticated, &metrics),
+            cancel.clone(),
+            move |tcp, peer, ticket, span| {
+                let serve = crate::agents::serve_connection(Arc::clone(&agents), tcp, peer, ticket);
+                agents_tracker.spawn(serve.instrument(span));
+            },
+        ));
+    }
     tracker.spawn(metrics::serve(listeners.metrics, Arc::clone(&metrics), cancel.clone()));
     metrics.set_ready(true);
-    tracing::info!(postgres = %addrs.postgres, api = %addrs.api, metrics = %addrs.metrics, "jitgate serving");
+    tracing::info!(postgres = %addrs.postgres, api = %addrs.api, metrics = %addrs.metrics, agents = ?addrs.agents, "jitgate serving");
 
     shutdown.await;
     tracing::info!("shutting down");

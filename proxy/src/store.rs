@@ -18,7 +18,9 @@ use tokio::sync::broadcast;
 
 pub use sqlite::SqliteStore;
 
-use crate::model::{Grant, GrantEnd, GrantId, Request, RequestId, RequestState, UserName};
+use crate::model::{
+    AgentRecord, AgentToken, Grant, GrantEnd, GrantId, Request, RequestId, RequestState, TokenRefusal, UserName,
+};
 
 /// Why a store operation did not happen.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -106,6 +108,20 @@ pub trait Store: Send + Sync + 'static {
     async fn requests(&self, query: &RequestQuery) -> Result<Vec<Request>, StoreError>;
     /// Pending requests whose lapse time is at or before `now`.
     async fn pending_due(&self, now: SystemTime) -> Result<Vec<Versioned<Request>>, StoreError>;
+
+    /// Records a new agent join token.
+    async fn insert_agent_token(&self, token: &AgentToken) -> Result<(), StoreError>;
+    /// Spends the join token `id` if its secret hashes to `secret_sha256`, it is unused and
+    /// not expired at `now`, and records (or replaces) its agent, in one transaction. A
+    /// refused token changes nothing but is told apart (unknown, used, expired).
+    async fn redeem_agent_token(
+        &self,
+        id: &str,
+        secret_sha256: &str,
+        now: SystemTime,
+    ) -> Result<Result<AgentRecord, TokenRefusal>, StoreError>;
+    /// Every agent that joined, by name.
+    async fn agents(&self) -> Result<Vec<AgentRecord>, StoreError>;
 
     /// Every change committed from now on, in commit order. A receiver that falls behind gets
     /// `Lagged` and must re-read what it follows.

@@ -27,10 +27,15 @@ pub enum TlsError {
     Rustls(#[from] rustls::Error),
 }
 
-/// Server configurations for the PostgreSQL and API listeners.
+/// Server configurations for the PostgreSQL, API and agent listeners.
 pub struct ServerTls {
     pub postgres: Arc<ServerConfig>,
     pub api: Arc<ServerConfig>,
+    /// The agent listener: a client certificate is optional at the TLS layer (an agent's first
+    /// contact, the join, has none yet; everything else needs an agent certificate, checked
+    /// after the handshake), and the chain sent includes the CA, so a joining agent can pin
+    /// it by the fingerprint in its token.
+    pub agents: Arc<ServerConfig>,
 }
 
 /// The crypto provider used everywhere (ring).
@@ -94,9 +99,26 @@ impl ServerTls {
             cfg.send_tls13_tickets = 0;
             Ok(Arc::new(cfg))
         };
+        let agents = {
+            let verifier = WebPkiClientVerifier::builder_with_provider(Arc::clone(&roots), provider())
+                .allow_unauthenticated()
+                .build()
+                .map_err(|e| TlsError::Rustls(rustls::Error::General(e.to_string())))?;
+            let mut chain = certs.clone();
+            chain.extend(load_certs(&paths.ca_cert)?);
+            let mut cfg = ServerConfig::builder_with_provider(provider())
+                .with_safe_default_protocol_versions()?
+                .with_client_cert_verifier(verifier)
+                .with_single_cert(chain, key.clone_key())?;
+            cfg.alpn_protocols = vec![jitgate_protocol::tunnel::ALPN.to_vec()];
+            cfg.session_storage = Arc::new(NoServerSessionStorage {});
+            cfg.send_tls13_tickets = 0;
+            Arc::new(cfg)
+        };
         Ok(Self {
             postgres: build(ALPN_POSTGRESQL)?,
             api: build(b"http/1.1")?,
+            agents,
         })
     }
 }

@@ -4,6 +4,7 @@
 //! when the [`Harness`] drops, also when a test fails.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+pub mod agent;
 pub mod raw;
 
 use std::path::{Path, PathBuf};
@@ -58,6 +59,11 @@ pub struct Options {
     pub limits: &'static str,
     /// Serve TLS on the PostgreSQL cluster and add target `tls-db` with `verify-full`.
     pub upstream_tls: bool,
+    /// Open the agent listener on this address (`127.0.0.1:0`, or an address of a test's
+    /// network namespace) and add target `agent-db`, reached through agent `db-east`.
+    pub agents_listen: Option<String>,
+    /// Lines of `[agents]` (e.g. short keepalives), with `agents_listen`.
+    pub agents: &'static str,
 }
 
 /// A client identity on disk.
@@ -209,6 +215,32 @@ mode = "verify-full"
 ca_file = "{d}/pg-ca.crt"
 "#,
                 addr = pg.address()
+            ));
+        }
+        if let Some(listen) = &opts.agents_listen {
+            config = config.replacen(
+                "metrics = \"127.0.0.1:0\"\n",
+                &format!("metrics = \"127.0.0.1:0\"\nagents = \"{listen}\"\n"),
+                1,
+            );
+            config.push_str(&format!(
+                r#"
+[[targets]]
+name = "agent-db"
+via = "db-east"
+database = "app"
+labels = {{ env = "prod" }}
+[targets.credentials.read]
+user = "jit_reader"
+password_file = "{d}/reader.password"
+[targets.credentials.write]
+user = "jit_writer"
+password_file = "{d}/writer.password"
+
+[agents]
+{agents}
+"#,
+                agents = opts.agents,
             ));
         }
         let config_path = data.path().join("test.toml");

@@ -133,7 +133,7 @@ async fn cli_init_issue_and_config_check() {
     let env: Vec<(&str, &str)> = env.iter().map(|(a, b)| (a.as_str(), b.as_str())).collect();
     let r = jitgate(&["config", "check", example_copy.to_str().unwrap()], &env).await;
     assert!(r.ok, "deploy/examples/jitgate.toml: {}", r.stderr);
-    assert!(r.stdout.contains("ok (2 targets)"), "{}", r.stdout);
+    assert!(r.stdout.contains("ok (3 targets)"), "{}", r.stdout);
     // Without its secret the same file is refused, naming the key.
     let r = jitgate(&["config", "check", example_copy.to_str().unwrap()], &[]).await;
     assert!(!r.ok && r.stderr.contains("password_env"), "{}", r.stderr);

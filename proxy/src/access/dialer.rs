@@ -1,5 +1,5 @@
-//! How the proxy reaches a target: a [`Dialer`] opens a byte stream to an address. TCP today;
-//! an agent's stream later, behind the same trait. What runs over the stream (PostgreSQL's
+//! How the proxy reaches a target: a [`Dialer`] opens a byte stream to a target: TCP to its
+//! address, or a stream of its agent's link (`crate::agents`), behind the same trait. What runs over the stream (PostgreSQL's
 //! `SSLRequest` and TLS, SSH) is the data path's business, not the dialer's.
 
 use std::io;
@@ -7,6 +7,8 @@ use std::io;
 use async_trait::async_trait;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
+
+use crate::config::Target;
 
 /// A bidirectional byte stream to a target.
 pub trait Io: AsyncRead + AsyncWrite + Send + Unpin {}
@@ -20,8 +22,8 @@ pub type BoxedIo = Box<dyn Io>;
 /// address, so nothing reaches a target without a live grant for it.
 #[async_trait]
 pub trait Dialer: Send + Sync + std::fmt::Debug {
-    /// A stream to `address` (`host:port`).
-    async fn dial(&self, address: &str) -> io::Result<BoxedIo>;
+    /// A stream to `target`.
+    async fn dial(&self, target: &Target) -> io::Result<BoxedIo>;
 }
 
 /// Plain TCP, with Nagle off.
@@ -30,8 +32,8 @@ pub struct TcpDialer;
 
 #[async_trait]
 impl Dialer for TcpDialer {
-    async fn dial(&self, address: &str) -> io::Result<BoxedIo> {
-        let tcp = TcpStream::connect(address).await?;
+    async fn dial(&self, target: &Target) -> io::Result<BoxedIo> {
+        let tcp = TcpStream::connect(&target.address).await?;
         // Disabling Nagle is an optimisation only; a failure changes nothing else.
         let _ = tcp.set_nodelay(true);
         Ok(Box::new(tcp))

@@ -83,7 +83,7 @@ impl Lease {
 
     /// Opens a stream to the lease's own target.
     pub async fn dial(&self) -> io::Result<BoxedIo> {
-        self.dialer.dial(&self.target.address).await
+        self.dialer.dial(&self.target).await
     }
 
     /// Resolves with the reason the session must end: shutdown, the grant revoked or expired,

@@ -7,7 +7,9 @@ use std::time::SystemTime;
 
 use serde::{Deserialize, Serialize};
 
-use crate::model::{AccessLevel, Grant, GrantId, Request, Role, SessionId, SessionMeta, TargetName, UserName};
+use crate::model::{
+    AccessLevel, AgentName, Grant, GrantId, Request, Role, SessionId, SessionMeta, TargetName, UserName,
+};
 
 /// Version of the record schema; bumped on incompatible changes.
 pub const SCHEMA_VERSION: u32 = 1;
@@ -32,6 +34,9 @@ pub enum SessionEndReason {
     Shutdown,
     /// A network or protocol error on either side.
     Error,
+    /// The link to the agent that reaches the target was lost (the agent was killed or
+    /// stopped, or its link stopped answering keepalives).
+    AgentLost,
 }
 
 impl SessionEndReason {
@@ -46,6 +51,7 @@ impl SessionEndReason {
             Self::CertExpired => "cert_expired",
             Self::Shutdown => "shutdown",
             Self::Error => "error",
+            Self::AgentLost => "agent_lost",
         }
     }
 }
@@ -260,6 +266,60 @@ pub enum AuditEvent {
         bytes_to_client: u64,
         duration_ms: u64,
     },
+    /// An admin created a join token for an agent (the token itself is never recorded).
+    #[serde(rename = "agent.token_created")]
+    AgentTokenCreated {
+        token_id: String,
+        agent: AgentName,
+        targets: Vec<TargetName>,
+        by: UserName,
+        #[serde(with = "crate::timefmt::serde_rfc3339")]
+        expires_at: SystemTime,
+    },
+    /// An agent joined with a token and got its first certificate.
+    #[serde(rename = "agent.joined")]
+    AgentJoined {
+        agent: AgentName,
+        targets: Vec<TargetName>,
+        token_id: String,
+        remote_addr: SocketAddr,
+        #[serde(with = "crate::timefmt::serde_rfc3339")]
+        cert_expires_at: SystemTime,
+    },
+    /// An agent renewed its certificate.
+    #[serde(rename = "agent.renewed")]
+    AgentRenewed {
+        agent: AgentName,
+        remote_addr: SocketAddr,
+        #[serde(with = "crate::timefmt::serde_rfc3339")]
+        cert_expires_at: SystemTime,
+    },
+    /// An agent's link is up: sessions to its targets go through it.
+    #[serde(rename = "agent.connected")]
+    AgentConnected {
+        agent: AgentName,
+        targets: Vec<TargetName>,
+        remote_addr: SocketAddr,
+        version: String,
+    },
+    /// An agent's link ended (`reason`: closed, keepalive_timeout, shutdown, cert_expired,
+    /// error).
+    #[serde(rename = "agent.disconnected")]
+    AgentDisconnected {
+        agent: AgentName,
+        remote_addr: SocketAddr,
+        reason: String,
+        duration_ms: u64,
+    },
+    /// The agent listener refused a connection: a bad, spent or expired token, a user
+    /// certificate, a target the agent was not admitted for.
+    #[serde(rename = "agent.refused")]
+    AgentRefused {
+        #[serde(skip_serializing_if = "Option::is_none", default)]
+        agent: Option<AgentName>,
+        remote_addr: SocketAddr,
+        reason: String,
+    },
     /// The audit log continues in the file its path names now: the first record written
     /// there after the old file was renamed, removed or truncated from outside, or after a
     /// reopen on request. `seq` and `prev` carry on from the old file's last record.
@@ -297,6 +357,12 @@ impl AuditEvent {
             Self::StatementEnd { .. } => "statement.end",
             Self::SessionEnd { .. } => "session.end",
             Self::AuditReopened { .. } => "audit.reopened",
+            Self::AgentTokenCreated { .. } => "agent.token_created",
+            Self::AgentJoined { .. } => "agent.joined",
+            Self::AgentRenewed { .. } => "agent.renewed",
+            Self::AgentConnected { .. } => "agent.connected",
+            Self::AgentDisconnected { .. } => "agent.disconnected",
+            Self::AgentRefused { .. } => "agent.refused",
         }
     }
 }

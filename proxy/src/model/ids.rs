@@ -89,6 +89,10 @@ name_type!(
     /// A configured target (`prod-db`).
     TargetName, "target name", &[]
 );
+name_type!(
+    /// An agent (`db-east`), as named by its join token and certificate.
+    AgentName, "agent name", &[]
+);
 
 /// The access levels a grant can carry, ordered by privilege.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]

@@ -227,7 +227,16 @@ pub(super) async fn run_session(ctx: &Arc<PgContext>, mut n: Negotiated, peer: S
         let target_name = target.to_string();
         let grant_id = grant.id.to_string();
         let session_id = session.meta.id.to_string();
-        let fatal = move |reason| fatal_for(reason, &target_name, &grant_id, &session_id);
+        let via = lease.target().via.as_ref().map(ToString::to_string);
+        let fatal = move |reason| {
+            let at = Place {
+                target: &target_name,
+                via: via.as_deref(),
+                grant_id: &grant_id,
+                session_id: &session_id,
+            };
+            fatal_for(reason, &at)
+        };
         let relay_cx = RelayContext {
             session,
             tracker: &mut tracker,
@@ -332,9 +341,31 @@ fn expiry_notice(ctx: &PgContext, lease: &Lease) -> Option<ExpiryNotice> {
     })
 }
 
+/// What a cut's FATAL names.
+struct Place<'a> {
+    target: &'a str,
+    via: Option<&'a str>,
+    grant_id: &'a str,
+    session_id: &'a str,
+}
+
 /// The FATAL the client sees when the proxy cuts its session.
-fn fatal_for(reason: SessionEndReason, target: &str, grant_id: &str, session_id: &str) -> Vec<u8> {
+fn fatal_for(reason: SessionEndReason, at: &Place<'_>) -> Vec<u8> {
+    let Place {
+        target,
+        via,
+        grant_id,
+        session_id,
+    } = *at;
     let (code, message, hint) = match reason {
+        SessionEndReason::AgentLost => (
+            "08006",
+            format!(
+                "jitgate: access to {target} ended: the link to agent {} was lost",
+                via.unwrap_or("(none)")
+            ),
+            Some("the agent reconnects on its own; reconnect in a moment"),
+        ),
         SessionEndReason::GrantExpired => (
             "57P01",
             format!("jitgate: access to {target} ended: grant {grant_id} expired"),

@@ -122,7 +122,8 @@ impl Out {
         let mut progress = false;
         if !self.is_empty() {
             match Pin::new(&mut *to).poll_write(cx, self.pending()) {
-                Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return Err(Step::Closed(closed)),
+                Poll::Ready(Ok(0)) => return Err(Step::Closed(closed)),
+                Poll::Ready(Err(e)) => return Err(failed(closed, &e)),
                 Poll::Ready(Ok(n)) => {
                     self.pos += n;
                     self.need_flush = true;
@@ -137,7 +138,7 @@ impl Out {
         if self.is_empty() && self.need_flush {
             match Pin::new(&mut *to).poll_flush(cx) {
                 Poll::Ready(Ok(())) => self.need_flush = false,
-                Poll::Ready(Err(_)) => return Err(Step::Closed(closed)),
+                Poll::Ready(Err(e)) => return Err(failed(closed, &e)),
                 Poll::Pending => {}
             }
         }
@@ -350,7 +351,7 @@ impl Downward {
                     }
                     progress = true;
                 }
-                Poll::Ready(Err(_)) => return Err(Step::Closed(SessionEndReason::UpstreamClosed)),
+                Poll::Ready(Err(e)) => return Err(failed(SessionEndReason::UpstreamClosed, &e)),
                 Poll::Pending => {}
             }
         }
@@ -490,6 +491,10 @@ where
     let close_by = Instant::now() + CLOSE_BOUND;
     let (end, last) = match step {
         Step::Closed(reason) => (RelayEnd::Closed(reason), None),
+        Step::Lost => (
+            RelayEnd::Closed(SessionEndReason::AgentLost),
+            Some(fatal(SessionEndReason::AgentLost)),
+        ),
         Step::BadFrame(e) => (RelayEnd::ProtocolViolation, Some(protocol_fatal(&frame_error(&e)))),
         Step::Malformed => (
             RelayEnd::ProtocolViolation,
@@ -533,6 +538,16 @@ where
     }
 }
 
+/// How an I/O error ends the session: a lost agent link is told to the client, anything else
+/// ends it as `closed`.
+fn failed(closed: SessionEndReason, e: &io::Error) -> Step {
+    if jitgate_protocol::tunnel::link_lost(e).is_some() {
+        Step::Lost
+    } else {
+        Step::Closed(closed)
+    }
+}
+
 /// What the client is told about a message the relay cannot frame.
 fn frame_error(e: &ProtocolError) -> String {
     match e {
@@ -563,6 +578,8 @@ fn protocol_fatal(message: &str) -> Vec<u8> {
 enum Step {
     /// The proxy cut the session.
     Cut(SessionEndReason),
+    /// The link to the target's agent failed: the client is told so, at a message boundary.
+    Lost,
     Closed(SessionEndReason),
     UnsafeSetting,
     /// A client message that cannot be framed: unknown type, length below 4 or above the

@@ -92,7 +92,7 @@ impl Connector {
     async fn open_for_cancel(&self, target: &Target) -> Result<UpstreamStream, UpstreamError> {
         let io = self
             .dialer
-            .dial(&target.address)
+            .dial(target)
             .await
             .map_err(|source| UpstreamError::Connect {
                 address: target.address.clone(),

@@ -12,6 +12,7 @@ use crate::model::TargetName;
 fn target(name: &str, labels: &[(&str, &str)], levels: &[AccessLevel]) -> Target {
     Target {
         name: TargetName::new(name).unwrap(),
+        via: None,
         address: "127.0.0.1:5432".into(),
         database: "app".into(),
         labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),

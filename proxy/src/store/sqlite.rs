@@ -15,7 +15,10 @@ use rusqlite::{params, Connection, OptionalExtension as _};
 use tokio::sync::{broadcast, oneshot};
 
 use super::{Change, GrantWrite, RequestQuery, Store, StoreError, Versioned};
-use crate::model::{Grant, GrantEnd, GrantId, Request, RequestId, RequestState, TargetName, UserName};
+use crate::model::{
+    AgentName, AgentRecord, AgentToken, Grant, GrantEnd, GrantId, Request, RequestId, RequestState, TargetName,
+    TokenRefusal, UserName,
+};
 use crate::timefmt::{from_millis, to_millis};
 
 const SCHEMA: &str = "
@@ -43,10 +46,27 @@ CREATE TABLE IF NOT EXISTS requests (
 );
 CREATE INDEX IF NOT EXISTS requests_state ON requests (state, lapses_at);
 CREATE INDEX IF NOT EXISTS requests_created ON requests (created_at);
+CREATE TABLE IF NOT EXISTS agent_tokens (
+    id            TEXT PRIMARY KEY,
+    agent         TEXT NOT NULL,
+    targets       TEXT NOT NULL,
+    secret_sha256 TEXT NOT NULL,
+    created_by    TEXT NOT NULL,
+    created_at    INTEGER NOT NULL,
+    expires_at    INTEGER NOT NULL,
+    used_at       INTEGER
+);
+CREATE TABLE IF NOT EXISTS agents (
+    name      TEXT PRIMARY KEY,
+    targets   TEXT NOT NULL,
+    joined_at INTEGER NOT NULL,
+    token     TEXT NOT NULL
+);
 ";
 
-/// `PRAGMA user_version` of the current schema: 1 added `requests.version`.
-const SCHEMA_VERSION: i64 = 1;
+/// `PRAGMA user_version` of the current schema: 1 added `requests.version`; 2 added the
+/// `agent_tokens` and `agents` tables (created by `SCHEMA`, nothing to migrate).
+const SCHEMA_VERSION: i64 = 2;
 
 /// How many changes a slow follower of [`Store::changes`] may fall behind.
 const CHANGES: usize = 4096;
@@ -188,8 +208,145 @@ fn decode_request(body: &str) -> Result<Request, StoreError> {
     serde_json::from_str(body).map_err(|e| err(format!("stored request: {e}")))
 }
 
+fn targets_json(targets: &[TargetName]) -> Result<String, StoreError> {
+    serde_json::to_string(targets).map_err(err)
+}
+
+fn decode_targets(json: &str) -> Result<Vec<TargetName>, StoreError> {
+    serde_json::from_str(json).map_err(|e| err(format!("stored agent targets: {e}")))
+}
+
+fn redeem_agent_token(
+    conn: &mut Connection,
+    id: &str,
+    secret_sha256: &str,
+    now: SystemTime,
+) -> Result<Result<AgentRecord, TokenRefusal>, StoreError> {
+    let tx = conn.transaction().map_err(err)?;
+    let row = tx
+        .query_row(
+            "SELECT agent, targets, secret_sha256, expires_at, used_at FROM agent_tokens WHERE id = ?1",
+            [id],
+            |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, String>(2)?,
+                    r.get::<_, i64>(3)?,
+                    r.get::<_, Option<i64>>(4)?,
+                ))
+            },
+        )
+        .optional()
+        .map_err(err)?;
+    let Some((agent, targets, stored, expires_at, used_at)) = row else {
+        return Ok(Err(TokenRefusal::Unknown));
+    };
+    // Both are hashes of the same length; compared in constant time anyway.
+    if !ring_eq(stored.as_bytes(), secret_sha256.as_bytes()) {
+        return Ok(Err(TokenRefusal::Unknown));
+    }
+    if used_at.is_some() {
+        return Ok(Err(TokenRefusal::Used));
+    }
+    if from_millis(expires_at) <= now {
+        return Ok(Err(TokenRefusal::Expired));
+    }
+    // The compare-and-set: of two redemptions at once, one updates the row.
+    let n = tx
+        .execute(
+            "UPDATE agent_tokens SET used_at = ?2 WHERE id = ?1 AND used_at IS NULL",
+            params![id, to_millis(now)],
+        )
+        .map_err(err)?;
+    if n != 1 {
+        return Ok(Err(TokenRefusal::Used));
+    }
+    tx.execute(
+        "INSERT INTO agents (name, targets, joined_at, token) VALUES (?1, ?2, ?3, ?4)
+         ON CONFLICT (name) DO UPDATE SET targets = excluded.targets, joined_at = excluded.joined_at,
+             token = excluded.token",
+        params![agent, targets, to_millis(now), id],
+    )
+    .map_err(err)?;
+    tx.commit().map_err(err)?;
+    Ok(Ok(AgentRecord {
+        name: AgentName::new(agent).map_err(err)?,
+        targets: decode_targets(&targets)?,
+        joined_at: now,
+        token: id.to_owned(),
+    }))
+}
+
+/// Constant-time equality of two byte strings (false when the lengths differ).
+fn ring_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
 #[async_trait]
 impl Store for SqliteStore {
+    async fn insert_agent_token(&self, token: &AgentToken) -> Result<(), StoreError> {
+        let t = token.clone();
+        self.call(move |conn| {
+            conn.execute(
+                "INSERT INTO agent_tokens (id, agent, targets, secret_sha256, created_by, created_at, expires_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                params![
+                    t.id,
+                    t.agent.as_str(),
+                    targets_json(&t.targets)?,
+                    t.secret_sha256,
+                    t.created_by.as_str(),
+                    to_millis(t.created_at),
+                    to_millis(t.expires_at)
+                ],
+            )
+            .map_err(err)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn redeem_agent_token(
+        &self,
+        id: &str,
+        secret_sha256: &str,
+        now: SystemTime,
+    ) -> Result<Result<AgentRecord, TokenRefusal>, StoreError> {
+        let (id, secret) = (id.to_owned(), secret_sha256.to_owned());
+        self.call(move |conn| redeem_agent_token(conn, &id, &secret, now)).await
+    }
+
+    async fn agents(&self) -> Result<Vec<AgentRecord>, StoreError> {
+        self.call(|conn| {
+            let mut stmt = conn
+                .prepare("SELECT name, targets, joined_at, token FROM agents ORDER BY name")
+                .map_err(err)?;
+            let rows = stmt
+                .query_map([], |r| {
+                    Ok((
+                        r.get::<_, String>(0)?,
+                        r.get::<_, String>(1)?,
+                        r.get::<_, i64>(2)?,
+                        r.get::<_, String>(3)?,
+                    ))
+                })
+                .map_err(err)?;
+            let mut out = Vec::new();
+            for row in rows {
+                let (name, targets, joined_at, token) = row.map_err(err)?;
+                out.push(AgentRecord {
+                    name: AgentName::new(name).map_err(err)?,
+                    targets: decode_targets(&targets)?,
+                    joined_at: from_millis(joined_at),
+                    token,
+                });
+            }
+            Ok(out)
+        })
+        .await
+    }
+
     async fn insert_grant(&self, grant: &Grant) -> Result<(), StoreError> {
         let g = grant.clone();
         self.call(move |conn| insert_grant(conn, &g)).await?;

@@ -25,8 +25,8 @@ struct RecordingDialer(Mutex<Vec<String>>);
 
 #[async_trait]
 impl Dialer for RecordingDialer {
-    async fn dial(&self, address: &str) -> std::io::Result<BoxedIo> {
-        self.0.lock().unwrap().push(address.to_owned());
+    async fn dial(&self, target: &Target) -> std::io::Result<BoxedIo> {
+        self.0.lock().unwrap().push(target.address.clone());
         let (a, _b) = tokio::io::duplex(64);
         Ok(Box::new(a))
     }
@@ -42,6 +42,7 @@ struct Core {
 fn target(name: &str, address: &str) -> Arc<Target> {
     Arc::new(Target {
         name: TargetName::new(name).unwrap(),
+        via: None,
         address: address.into(),
         database: "app".into(),
         labels: Default::default(),
