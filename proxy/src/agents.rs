@@ -138,6 +138,23 @@ fn hex(bytes: &[u8]) -> String {
     })
 }
 
+/// Forgets an agent and ends its live link; audited as `agent.removed`.
+pub async fn remove(
+    store: &dyn Store,
+    hub: &Hub,
+    audit: &AuditLog,
+    by: &UserName,
+    agent: &AgentName,
+) -> Result<(), StoreError> {
+    store.remove_agent(agent).await?;
+    hub.end(agent);
+    audit.submit(AuditEvent::AgentRemoved {
+        agent: agent.clone(),
+        by: by.clone(),
+    });
+    Ok(())
+}
+
 /// The agents that joined, with the state of their links.
 pub async fn list(store: &dyn Store, hub: &Arc<Hub>) -> Result<Vec<AgentStatus>, StoreError> {
     let joined = store.agents().await?;

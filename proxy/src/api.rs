@@ -62,6 +62,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("post", "/v1/audit/reopen"),
     ("get", "/v1/agents"),
     ("post", "/v1/agents/tokens"),
+    ("post", "/v1/agents/{name}/remove"),
 ];
 
 /// State shared by API handlers.
@@ -208,6 +209,7 @@ fn router(state: Arc<ApiState>) -> Router {
         .route("/v1/audit/reopen", post(reopen_audit))
         .route("/v1/agents", get(list_agents))
         .route("/v1/agents/tokens", post(create_agent_token))
+        .route("/v1/agents/{name}/remove", post(remove_agent))
         .fallback(no_route)
         .method_not_allowed_fallback(no_method)
         .with_state(state)
@@ -396,6 +398,39 @@ async fn list_agents(
         .await
         .map_err(|e| ApiError(StatusCode::SERVICE_UNAVAILABLE, "store_unavailable", e.to_string()))?;
     Ok(Json(agents))
+}
+
+/// Body of a successful removal.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct RemovedAgent {
+    pub name: crate::model::AgentName,
+    pub removed: bool,
+}
+
+async fn remove_agent(
+    State(s): Shared,
+    Extension(id): Caller,
+    Path(name): Path<String>,
+) -> Result<Json<RemovedAgent>, ApiError> {
+    require_admin(&id)?;
+    let name =
+        crate::model::AgentName::new(name).map_err(|e| ApiError(StatusCode::NOT_FOUND, "not_found", e.to_string()))?;
+    match crate::agents::remove(s.store.as_ref(), &s.hub, &s.audit, &id.user, &name).await {
+        Ok(()) => {
+            tracing::info!(agent = %name, by = %id.user, "agent removed");
+            Ok(Json(RemovedAgent { name, removed: true }))
+        }
+        Err(crate::store::StoreError::NotFound) => Err(ApiError(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("no agent {name} has joined"),
+        )),
+        Err(e) => Err(ApiError(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "store_unavailable",
+            e.to_string(),
+        )),
+    }
 }
 
 async fn create_agent_token(

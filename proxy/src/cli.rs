@@ -194,6 +194,9 @@ enum AgentCommand {
         #[command(subcommand)]
         command: AgentTokenCommand,
     },
+    /// Forget an agent: its link ends (and its sessions with it), and it can connect again
+    /// only after a new join.
+    Remove { name: String },
     /// List the agents that joined: targets, connected since, remote address, version.
     List,
 }
@@ -748,6 +751,14 @@ async fn agent(cmd: AgentCommand, a: &ApiArgs) -> Result<()> {
                 t.targets.iter().map(ToString::to_string).collect::<Vec<_>>().join(","),
                 until(t.expires_at)
             );
+            Ok(())
+        }
+        AgentCommand::Remove { name } => {
+            let r = client.remove_agent(&name).await?;
+            if a.json {
+                return print_json(&r);
+            }
+            println!("removed agent {}", r.name);
             Ok(())
         }
         AgentCommand::List => {

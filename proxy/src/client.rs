@@ -229,6 +229,12 @@ impl ApiClient {
         self.post("/v1/agents/tokens", new).await
     }
 
+    /// `POST /v1/agents/{name}/remove`.
+    pub async fn remove_agent(&self, name: &str) -> Result<crate::api::RemovedAgent, ClientError> {
+        self.post(&format!("/v1/agents/{}/remove", encode_segment(name)), &())
+            .await
+    }
+
     /// `GET /v1/agents`.
     pub async fn list_agents(&self) -> Result<Vec<crate::agents::AgentStatus>, ClientError> {
         self.call(Method::GET, "/v1/agents", None).await

@@ -286,6 +286,14 @@ impl Authority {
     }
 }
 
+/// Checks that `csr_pem` is a readable, self-signed certificate request (before a join token
+/// is spent on it).
+pub fn check_csr(csr_pem: &str) -> Result<(), PkiError> {
+    rcgen::CertificateSigningRequestParams::from_pem(csr_pem)
+        .map(|_| ())
+        .map_err(|e| PkiError::Invalid(format!("unreadable certificate request: {e}")))
+}
+
 impl Authority {
     /// Signs an agent certificate for the key in `csr_pem` (PEM CSR), naming `agent`, valid
     /// for `ttl`. Only the CSR's public key is used: names and extensions come from here.

@@ -19,7 +19,8 @@ use tokio::sync::broadcast;
 pub use sqlite::SqliteStore;
 
 use crate::model::{
-    AgentRecord, AgentToken, Grant, GrantEnd, GrantId, Request, RequestId, RequestState, TokenRefusal, UserName,
+    AgentName, AgentRecord, AgentToken, Grant, GrantEnd, GrantId, Request, RequestId, RequestState, TokenRefusal,
+    UserName,
 };
 
 /// Why a store operation did not happen.
@@ -122,6 +123,9 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<Result<AgentRecord, TokenRefusal>, StoreError>;
     /// Every agent that joined, by name.
     async fn agents(&self) -> Result<Vec<AgentRecord>, StoreError>;
+    /// Forgets an agent (its links and renewals are refused from then on); `NotFound` when
+    /// it had not joined.
+    async fn remove_agent(&self, name: &AgentName) -> Result<(), StoreError>;
 
     /// Every change committed from now on, in commit order. A receiver that falls behind gets
     /// `Lagged` and must re-read what it follows.

@@ -32,7 +32,9 @@ fn agents_addr(h: &Harness) -> String {
 async fn running_agent(h: &Harness) -> Agent {
     let mut agent = Agent::join(h, "db-east", &["agent-db"], &agents_addr(h)).await;
     agent.configure(&format!(
-        "{KEEPALIVE}\norphan_grace = \"1s\"\nreconnect_max = \"2s\"\n[targets]\nagent-db = \"{}\"\n",
+        // A long grace: a database connection that closes within a test's bound was closed by
+        // a reset stream (a cut), not by the grace.
+        "{KEEPALIVE}\norphan_grace = \"60s\"\nreconnect_max = \"2s\"\n[targets]\nagent-db = \"{}\"\n",
         h.pg.address()
     ));
     agent.start();
@@ -253,6 +255,124 @@ async fn cancel_and_the_cuts_reach_through_the_agent() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn the_expiry_notice_and_an_extension_work_through_the_agent() {
+    let h = Harness::start_with(Options {
+        agents_listen: Some("127.0.0.1:0".into()),
+        agents: KEEPALIVE,
+        limits: "\n[sessions]\nexpiry_notice = \"3s\"",
+        ..Options::default()
+    })
+    .await;
+    let _agent = running_agent(&h).await;
+    let alice = h.user("alice", &["dev"]);
+    let grant = h
+        .grant("alice", "agent-db", AccessLevel::Read, Duration::from_secs(6))
+        .await;
+    let started = Instant::now();
+    let mut s = jitgate_tests::raw::session(&h, &alice, "agent-db").await;
+    let first = tokio::time::timeout(Duration::from_secs(20), read_until_notice(&mut s))
+        .await
+        .expect("a NOTICE before expiry");
+    assert!(first.contains("access to agent-db ends in"), "{first}");
+    h.admin()
+        .extend_grant(grant.id.as_str(), Duration::from_secs(5))
+        .await
+        .unwrap();
+    // Past the first end the session stands; the notice comes again, then the FATAL at the
+    // new end.
+    let rest = tokio::time::timeout(Duration::from_secs(30), jitgate_tests::raw::read_until_ready(&mut s))
+        .await
+        .expect("the FATAL at the new end");
+    let (code, message) = jitgate_tests::raw::error_of(&rest).expect("a FATAL");
+    assert_eq!(code, "57P01");
+    assert!(message.contains("expired"), "{message}");
+    assert!(started.elapsed() >= Duration::from_secs(6), "not cut at the old end");
+    assert!(
+        rest.iter().any(|m| m.tag == b'N'),
+        "the notice re-armed for the new end"
+    );
+}
+
+/// Reads backend messages until a NoticeResponse; its text.
+async fn read_until_notice<S: AsyncReadExt + Unpin>(s: &mut S) -> String {
+    loop {
+        let mut head = [0u8; 5];
+        s.read_exact(&mut head).await.unwrap();
+        let len = u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize;
+        let mut body = vec![0u8; len - 4];
+        s.read_exact(&mut body).await.unwrap();
+        if head[0] == b'N' {
+            return String::from_utf8_lossy(&body).into_owned();
+        }
+        assert_ne!(
+            head[0],
+            b'E',
+            "an error before the notice: {}",
+            String::from_utf8_lossy(&body)
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn garbage_on_the_agent_listener_gets_a_refusal_and_a_closed_connection() {
+    let h = harness_at("127.0.0.1:0", KEEPALIVE).await;
+    let send_raw = |bytes: Vec<u8>| {
+        let h = &h;
+        async move {
+            let cfg = jitgate_tests::raw::client_config(h.data_dir(), None, Some(tunnel::ALPN));
+            let tcp = tokio::net::TcpStream::connect(agents_addr(h)).await.unwrap();
+            let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+            let mut tls = tokio_rustls::TlsConnector::from(cfg).connect(name, tcp).await.unwrap();
+            let _ = tls.write_all(&bytes).await;
+            let _ = tls.flush().await;
+            let mut out = Vec::new();
+            let read = tokio::time::timeout(Duration::from_secs(15), tls.read_to_end(&mut out)).await;
+            assert!(read.is_ok(), "the proxy closes the connection");
+            String::from_utf8_lossy(&out).into_owned()
+        }
+    };
+    let answer = send_raw(b"\x00\x01\x02 not json\n".to_vec()).await;
+    assert!(answer.contains("malformed hello"), "{answer}");
+    let answer =
+        send_raw(b"{\"kind\":\"join\",\"v\":1,\"token\":\"jgj1.x.y.z\",\"csr\":\"\",\"version\":\"1\"}\n".to_vec())
+            .await;
+    assert!(answer.contains("not a jitgate join token"), "{answer}");
+    let mut long = vec![b'{'; tunnel::MAX_HELLO + 100];
+    long.push(b'\n');
+    let answer = send_raw(long).await;
+    assert!(answer.contains("hello longer than"), "{answer}");
+    // A join whose CSR is no CSR is refused before the token is spent.
+    let t = token(&h, "db-east", &["agent-db"], 600).await;
+    let bad_csr = format!("{{\"kind\":\"join\",\"v\":1,\"token\":\"{t}\",\"csr\":\"not a csr\",\"version\":\"1\"}}\n");
+    let answer = send_raw(bad_csr.into_bytes()).await;
+    assert!(answer.contains("unreadable certificate request"), "{answer}");
+    let dir = tempfile::tempdir().unwrap();
+    let joined = run_agent(&[
+        "join",
+        "--proxy",
+        &agents_addr(&h),
+        "--token",
+        &t,
+        "--data-dir",
+        dir.path().to_str().unwrap(),
+    ])
+    .await;
+    assert!(joined.ok, "the token still works: {}", joined.stderr);
+    // Plain TCP, no TLS at all.
+    let mut tcp = tokio::net::TcpStream::connect(agents_addr(&h)).await.unwrap();
+    tcp.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
+    let mut out = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(15), tcp.read_to_end(&mut out)).await;
+    assert!(read.is_ok(), "closed");
+    assert!(!refusals(&h).is_empty());
+    // The proxy is still serving agents.
+    let mut agent = Agent::join(&h, "db-west", &["agent-db"], &agents_addr(&h)).await;
+    agent.configure(&format!("[targets]\nagent-db = \"{}\"\n", h.pg.address()));
+    agent.start();
+    wait_connected(&h, "db-west", Duration::from_secs(20)).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn tokens_are_single_use_expire_and_pin_the_ca_and_certificates_stay_in_their_lane() {
     let h = harness_at("127.0.0.1:0", KEEPALIVE).await;
     let addr = agents_addr(&h);
@@ -378,6 +498,40 @@ async fn tokens_are_single_use_expire_and_pin_the_ca_and_certificates_stay_in_th
     assert!(
         answer.error.as_deref().unwrap_or_default().contains("version 99"),
         "{answer:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_removed_agent_loses_its_link_and_its_sessions_and_cannot_come_back() {
+    let h = harness_at("127.0.0.1:0", KEEPALIVE).await;
+    let mut agent = running_agent(&h).await;
+    let alice = h.user("alice", &["dev"]);
+    h.grant("alice", "agent-db", AccessLevel::Read, HOUR).await;
+    let idle = h.psql_interactive(&alice, "agent-db");
+    eventually("the session", Duration::from_secs(20), || async {
+        h.admin().list_sessions().await.unwrap().len() == 1
+    })
+    .await;
+    let d = h.data_dir().to_str().unwrap().to_owned();
+    let api = h.addrs().api.to_string();
+    let r = run_jitgate(&["agent", "remove", "db-east", "--data-dir", &d, "--api", &api], &[]).await;
+    assert!(r.ok, "{}", r.stderr);
+    assert!(r.stdout.contains("removed agent db-east"), "{}", r.stdout);
+    let stderr = poke_and_collect(idle).await;
+    assert!(stderr.contains("the link to agent db-east was lost"), "{stderr}");
+    // The agent tries again, is told it has not joined, and stops.
+    let status = agent.exited(Duration::from_secs(30)).await;
+    assert!(!status.success());
+    assert!(agent.log().contains("has not joined"), "{}", agent.log());
+    assert!(h.admin().list_agents().await.unwrap().is_empty());
+    let removed = h.audit_events("agent.removed");
+    assert_eq!(removed[0]["by"], "admin", "{removed:?}");
+    assert_eq!(h.audit_events("agent.disconnected")[0]["reason"], "removed");
+    let again = run_jitgate(&["agent", "remove", "db-east", "--data-dir", &d, "--api", &api], &[]).await;
+    assert!(
+        !again.ok && again.stderr.contains("no agent db-east"),
+        "{}",
+        again.stderr
     );
 }
 

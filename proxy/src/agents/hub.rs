@@ -15,6 +15,7 @@ use prometheus::IntGauge;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
 
 use crate::access::{BoxedIo, Dialer, TcpDialer};
 use crate::config::Target;
@@ -32,6 +33,8 @@ pub struct Link {
     pub version: String,
     pub since: SystemTime,
     pub(super) send: h2::client::SendRequest<Bytes>,
+    /// Cancelled to end the link from outside (the agent was removed).
+    pub(super) end: CancellationToken,
     /// When the agent's certificate ends; a renewal moves it.
     pub(super) cert_end: watch::Sender<SystemTime>,
 }
@@ -117,6 +120,13 @@ impl Hub {
         match locked(&self.links).get(agent) {
             Some(Slot::Live(l)) => Some(Arc::clone(l)),
             _ => None,
+        }
+    }
+
+    /// Ends the agent's live link, if it has one (its sessions end with it).
+    pub fn end(&self, agent: &AgentName) {
+        if let Some(link) = self.get(agent) {
+            link.end.cancel();
         }
     }
 

@@ -154,6 +154,10 @@ async fn join(ctx: &AgentsContext, stream: &mut Stream, peer: SocketAddr, token:
         Ok(ca) => ca,
         Err(why) => return refuse(ctx, stream, peer, None, why, true).await,
     };
+    // A request that cannot be signed must not spend the token.
+    if let Err(e) = crate::pki::check_csr(csr) {
+        return refuse(ctx, stream, peer, None, &e.to_string(), true).await;
+    }
     let hash = super::secret_hash(&token.secret);
     let record = match ctx.store.redeem_agent_token(&token.id, &hash, SystemTime::now()).await {
         Ok(Ok(r)) => r,
@@ -280,9 +284,12 @@ async fn run(
     }
     // Nothing is buffered (checked above): HTTP/2 runs on the TLS stream itself.
     let io = stream.into_inner();
+    // The agent answers each stream with a bare status line: small header blocks only.
     let handshake = h2::client::Builder::new()
         .initial_window_size(STREAM_WINDOW)
         .initial_connection_window_size(LINK_WINDOW)
+        .max_header_list_size(16 * 1024)
+        .max_send_buffer_size(STREAM_WINDOW as usize)
         .handshake::<_, bytes::Bytes>(io);
     let (send, mut conn) = match timeout_at(Instant::now() + ctx.config.limits.handshake_timeout, handshake).await {
         Ok(Ok(pair)) => pair,
@@ -300,6 +307,7 @@ async fn run(
         version: version.clone(),
         since: SystemTime::now(),
         send,
+        end: CancellationToken::new(),
         cert_end,
     });
     claim.fill(Arc::clone(&link));
@@ -344,6 +352,7 @@ async fn run(
             KeepaliveEnd::Closed => "closed",
         },
         () = ctx.shutdown.cancelled() => "shutdown",
+        () = link.end.cancelled() => "removed",
         () = cert_expired => "cert_expired",
     };
     drop(claim);

@@ -303,7 +303,7 @@ pub enum AuditEvent {
         version: String,
     },
     /// An agent's link ended (`reason`: closed, keepalive_timeout, shutdown, cert_expired,
-    /// error).
+    /// removed, error).
     #[serde(rename = "agent.disconnected")]
     AgentDisconnected {
         agent: AgentName,
@@ -311,6 +311,10 @@ pub enum AuditEvent {
         reason: String,
         duration_ms: u64,
     },
+    /// An admin removed an agent: its link ended, and it can connect again only after a new
+    /// join.
+    #[serde(rename = "agent.removed")]
+    AgentRemoved { agent: AgentName, by: UserName },
     /// The agent listener refused a connection: a bad, spent or expired token, a user
     /// certificate, a target the agent was not admitted for.
     #[serde(rename = "agent.refused")]
@@ -363,6 +367,7 @@ impl AuditEvent {
             Self::AgentConnected { .. } => "agent.connected",
             Self::AgentDisconnected { .. } => "agent.disconnected",
             Self::AgentRefused { .. } => "agent.refused",
+            Self::AgentRemoved { .. } => "agent.removed",
         }
     }
 }

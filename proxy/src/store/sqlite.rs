@@ -317,6 +317,20 @@ impl Store for SqliteStore {
         self.call(move |conn| redeem_agent_token(conn, &id, &secret, now)).await
     }
 
+    async fn remove_agent(&self, name: &AgentName) -> Result<(), StoreError> {
+        let name = name.to_string();
+        self.call(move |conn| {
+            match conn
+                .execute("DELETE FROM agents WHERE name = ?1", [&name])
+                .map_err(err)?
+            {
+                0 => Err(StoreError::NotFound),
+                _ => Ok(()),
+            }
+        })
+        .await
+    }
+
     async fn agents(&self) -> Result<Vec<AgentRecord>, StoreError> {
         self.call(|conn| {
             let mut stmt = conn
