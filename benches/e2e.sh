@@ -2,8 +2,9 @@
 # End-to-end benchmark in one command: pgbench against direct PostgreSQL (plain TCP and TLS),
 # pgbouncer (session mode, plain; and with client mTLS, verify-full, jitgate's CA and server
 # certificate: `pgbouncer-mtls`, the fair comparison) and jitgate (mTLS, full statement
-# audit), round by round, plus session start rate, idle memory per session and sever latency
-# at grant expiry and revoke.
+# audit), directly and through a jitgate-agent on loopback (`jitgate-agent`: its CPU is the
+# proxy's plus the agent's), round by round, plus session start rate, idle memory per session
+# and sever latency at grant expiry and revoke (directly, and through one agent).
 #
 #   benches/e2e.sh                 # ROUNDS=3 DURATION=10
 #   QUICK=1 benches/e2e.sh         # smoke test: 1 round of 2 s, small sessions counts
@@ -20,8 +21,10 @@
 # five by default; empty skips pgbench; `select-pipeline` runs benches/data/pipeline.sql, ten
 # selects in one libpq pipeline), BASELINE_JITGATE (path to another jitgate binary, run as the
 # extra target `jitgate-base` beside this build, same config, interleaved), SEVER_OPEN_RATE (sessions/s assumed when sizing the
-# expiring grant, 150), PROFILE_SECS (10), RESULTS_DIR (where the table and raw output go;
-# kept after the run).
+# expiring grant, 150), AGENT (1: also measure the path through jitgate-agent; 0 skips it),
+# SEVER_AGENT_SESSIONS ("1000": sessions through one agent cut by the grant's expiry; empty
+# skips), PROFILE_SECS (10), RESULTS_DIR (where the table and raw output go; kept after the
+# run).
 #
 # It installs what is missing with apt-get (postgresql, pgbouncer, openssl; linux-perf with
 # PROFILE=1), builds jitgate and the jitgate-e2e helper in release mode, starts everything on
@@ -34,7 +37,7 @@ ROOT=$PWD
 QUICK=${QUICK:-0}
 if [[ $QUICK == 1 ]]; then
     ROUNDS=${ROUNDS:-1} DURATION=${DURATION:-2} SCALE=${SCALE:-1}
-    IDLE_SESSIONS=${IDLE_SESSIONS-100} SEVER_SESSIONS=${SEVER_SESSIONS-100}
+    IDLE_SESSIONS=${IDLE_SESSIONS-100} SEVER_SESSIONS=${SEVER_SESSIONS-100} SEVER_AGENT_SESSIONS=${SEVER_AGENT_SESSIONS-100}
     CONNECTS=${CONNECTS:-200} QLAT_SECS=${QLAT_SECS:-2}
 fi
 ROUNDS=${ROUNDS:-3}
@@ -48,6 +51,8 @@ SEVER_OPEN_RATE=${SEVER_OPEN_RATE:-150}
 CONNECTS=${CONNECTS:-2000}
 QLAT_SECS=${QLAT_SECS:-10}
 PROFILE=${PROFILE:-0}
+AGENT=${AGENT:-1}
+SEVER_AGENT_SESSIONS=${SEVER_AGENT_SESSIONS-1000}
 PROFILE_SECS=${PROFILE_SECS:-10}
 RESULTS_DIR=${RESULTS_DIR:-${TMPDIR:-/tmp}/jitgate-e2e-results-$(date +%Y%m%d-%H%M%S)}
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-${HOME:-/root}/.cache/jitgate-target}"
@@ -90,9 +95,10 @@ PGBOUNCER=$(command -v pgbouncer || echo /usr/sbin/pgbouncer)
 PGBENCH=$PGBIN/pgbench
 
 # ---------------------------------------------------------------- build
-say "building jitgate and jitgate-e2e (release)"
-cargo build --release --locked -p jitgate -p jitgate-benches --bins >&2
+say "building jitgate, jitgate-agent and jitgate-e2e (release)"
+cargo build --release --locked -p jitgate -p jitgate-agent -p jitgate-benches --bins >&2
 JG=$CARGO_TARGET_DIR/release/jitgate
+AGENT_BIN=$CARGO_TARGET_DIR/release/jitgate-agent
 E2E=$CARGO_TARGET_DIR/release/jitgate-e2e
 
 # ---------------------------------------------------------------- sandbox
@@ -132,9 +138,10 @@ fit_sessions() { # n -> n, or fewer when the proxy could not hold them
     fi
 }
 
-mapfile -t PORTS < <("$E2E" free-ports 10)
+mapfile -t PORTS < <("$E2E" free-ports 12)
 PG_PORT=${PORTS[0]} BOUNCER_PORT=${PORTS[1]} FAKE_PORT=${PORTS[2]} BOUNCER_MTLS_PORT=${PORTS[9]}
 JG_PORTS=("${PORTS[3]}" "${PORTS[4]}") JGF_PORTS=("${PORTS[5]}" "${PORTS[6]}") JGB_PORTS=("${PORTS[7]}" "${PORTS[8]}")
+AGENTS_PORT=${PORTS[10]} AGENTS_F_PORT=${PORTS[11]}
 
 wait_port() { # port what
     local i
@@ -239,6 +246,7 @@ data_dir = "$1"
 postgres = "127.0.0.1:$2"
 api = "127.0.0.1:$3"
 metrics = "127.0.0.1:0"
+${LISTEN_EXTRA:-}
 [limits]
 max_connections = 30000
 $per_user
@@ -255,12 +263,18 @@ EOF
 }
 JGD=$WORK/jg
 say "starting jitgate on port ${JG_PORTS[0]}"
-setup_jitgate "$JGD" "${JG_PORTS[0]}" "${JG_PORTS[1]}" "[[targets]]
+agent_target() { # name agent
+    printf '[[targets]]\nname = "%s"\nvia = "%s"\ndatabase = "bench"\n[targets.credentials.write]\nuser = "bench"\n' "$1" "$2"
+}
+listen_agents=""
+((AGENT)) && listen_agents="agents = \"127.0.0.1:$AGENTS_PORT\""
+LISTEN_EXTRA=$listen_agents setup_jitgate "$JGD" "${JG_PORTS[0]}" "${JG_PORTS[1]}" "[[targets]]
 name = \"bench-db\"
 address = \"127.0.0.1:$PG_PORT\"
 database = \"bench\"
 [targets.credentials.write]
-user = \"bench\""
+user = \"bench\"
+$( ((AGENT)) && agent_target bench-agent bench-east)"
 start_jitgate "$JGD"
 JG_PID=$JG_PID_OUT
 wait_port "${JG_PORTS[0]}" jitgate
@@ -268,6 +282,35 @@ wait_port "${JG_PORTS[1]}" "jitgate api"
 "$JG" grant create --data-dir "$JGD" --user bench --target bench-db --access write --for 8h \
     --reason "e2e benchmark" >/dev/null
 AUDIT=$JGD/audit.jsonl
+
+# jitgate-agent on loopback, beside PostgreSQL: joins with a token, serves one target.
+wait_agent() { # data-dir name
+    local i
+    for i in $(seq 1 300); do
+        "$JG" agent list --data-dir "$1" --json 2>/dev/null |
+            python3 -c 'import json, sys; sys.exit(0 if any(a["name"] == sys.argv[1] and a["connected"] for a in json.load(sys.stdin)) else 1)' "$2" &&
+            return 0
+        sleep 0.1
+    done
+    die "agent $2 did not connect"
+}
+start_agent() { # proxy-data-dir agents-port agent-dir name target upstream -> sets AGENT_PID_OUT
+    local token
+    token=$("$JG" agent token create --data-dir "$1" --name "$4" --targets "$5" --ttl 1h 2>/dev/null)
+    "$AGENT_BIN" join --proxy "127.0.0.1:$2" --token "$token" --data-dir "$3" >/dev/null
+    printf 'reconnect_max = "1s"\n[targets]\n%s = "%s"\n' "$5" "$6" >"$3/agent.toml"
+    JITGATE_LOG=warn "$AGENT_BIN" run --data-dir "$3" >>"$3/run.log" 2>&1 &
+    AGENT_PID_OUT=$!
+    PIDS+=("$AGENT_PID_OUT")
+    wait_agent "$1" "$4"
+}
+if ((AGENT)); then
+    say "starting jitgate-agent (loopback) for target bench-agent"
+    start_agent "$JGD" "$AGENTS_PORT" "$WORK/agent" bench-east bench-agent "127.0.0.1:$PG_PORT"
+    AGENT_PID=$AGENT_PID_OUT
+    "$JG" grant create --data-dir "$JGD" --user bench --target bench-agent --access write --for 8h \
+        --reason "e2e benchmark through an agent" >/dev/null
+fi
 
 # pgbouncer with client mTLS, the fair comparison: verify-full against jitgate's CA, with
 # jitgate's server certificate, and `auth_type = cert` (the certificate's CN is the user, as
@@ -309,16 +352,20 @@ CONN_TLS="host=127.0.0.1 port=$PG_PORT dbname=bench user=bench sslmode=verify-fu
 CONN_BOUNCER="host=127.0.0.1 port=$BOUNCER_PORT dbname=bench user=bench sslmode=disable"
 CONN_BOUNCER_MTLS="host=127.0.0.1 port=$BOUNCER_MTLS_PORT dbname=bench user=bench sslmode=verify-full sslrootcert=$JGD/bench/ca.crt sslcert=$JGD/bench/bench.crt sslkey=$JGD/bench/bench.key"
 CONN_JG="host=127.0.0.1 port=${JG_PORTS[0]} dbname=bench-db user=bench sslmode=verify-full sslrootcert=$JGD/bench/ca.crt sslcert=$JGD/bench/bench.crt sslkey=$JGD/bench/bench.key"
+CONN_JGA=${CONN_JG/dbname=bench-db/dbname=bench-agent}
 TARGETS=(direct-tcp direct-tls pgbouncer pgbouncer-mtls jitgate)
+((AGENT)) && TARGETS+=(jitgate-agent)
 [[ -n ${BASELINE_JITGATE:-} ]] && TARGETS+=(jitgate-base)
 conn_of() {
     case $1 in
     direct-tcp) echo "$CONN_TCP" ;; direct-tls) echo "$CONN_TLS" ;;
     pgbouncer) echo "$CONN_BOUNCER" ;; pgbouncer-mtls) echo "$CONN_BOUNCER_MTLS" ;; jitgate) echo "$CONN_JG" ;; jitgate-base) echo "$CONN_JGB" ;;
+    jitgate-agent) echo "$CONN_JGA" ;;
     esac
 }
 pid_of() {
-    case $1 in pgbouncer) echo "$BOUNCER_PID" ;; pgbouncer-mtls) echo "$BOUNCER_MTLS_PID" ;; jitgate) echo "$JG_PID" ;; jitgate-base) echo "$JGB_PID" ;; *) echo "" ;; esac
+    # The path through an agent costs the proxy's CPU and the agent's.
+    case $1 in pgbouncer) echo "$BOUNCER_PID" ;; pgbouncer-mtls) echo "$BOUNCER_MTLS_PID" ;; jitgate) echo "$JG_PID" ;; jitgate-base) echo "$JGB_PID" ;; jitgate-agent) echo "$JG_PID $AGENT_PID" ;; *) echo "" ;; esac
 }
 if [[ ${HOLD:-0} == 1 ]]; then
     # Everything stays up for measuring by hand: the connection strings and process ids go
@@ -347,7 +394,11 @@ args_of() {
 }
 
 CLK_TCK=$(getconf CLK_TCK)
-cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+cpu_ticks() { # pid... -> user + system ticks of them all
+    local p sum=0
+    for p in "$@"; do sum=$((sum + $(awk '{print $14 + $15}' "/proc/$p/stat"))); done
+    echo "$sum"
+}
 audit_seq() { tail -c 65536 "$AUDIT" | tail -n 1 | sed -n 's/^{"seq":\([0-9]*\).*/\1/p'; }
 
 run_pgbench() { # workload target round
@@ -355,17 +406,19 @@ run_pgbench() { # workload target round
     pid=$(pid_of "$t")
     conn=$(conn_of "$t")
     out=$RESULTS_DIR/pgbench-$w-$t-$r.log
-    [[ -n $pid ]] && cpu0=$(cpu_ticks "$pid")
-    [[ $t == jitgate ]] && seq0=$(audit_seq)
+    # shellcheck disable=SC2086
+    [[ -n $pid ]] && cpu0=$(cpu_ticks $pid)
+    [[ $t == jitgate || $t == jitgate-agent ]] && seq0=$(audit_seq)
     # shellcheck disable=SC2046
     if ! "$PGBENCH" -n $(args_of "$w") -c "$CLIENTS" -j "$THREADS" -T "$DURATION" "$conn" >"$out" 2>&1; then
         die "pgbench $w against $t failed: $(tail -5 "$out")"
     fi
     if [[ -n $pid ]]; then
-        cpu1=$(cpu_ticks "$pid")
+        # shellcheck disable=SC2086
+        cpu1=$(cpu_ticks $pid)
         cpu=$(awk -v a="$cpu0" -v b="$cpu1" -v hz="$CLK_TCK" 'BEGIN{printf "%.3f", (b - a) / hz}')
     fi
-    if [[ $t == jitgate ]]; then
+    if [[ $t == jitgate || $t == jitgate-agent ]]; then
         seq1=$(audit_seq)
         audit=$((seq1 - seq0))
     fi
@@ -395,6 +448,7 @@ done
 # Session start, one after another (TLS, startup, the upstream's login, first ReadyForQuery),
 # and what one simple query costs at -c 1: pgbench's per-transaction log.
 latency_targets=(direct-tls pgbouncer-mtls jitgate)
+((AGENT)) && latency_targets+=(jitgate-agent)
 [[ -n ${BASELINE_JITGATE:-} ]] && latency_targets+=(jitgate-base)
 connect_args() { # target
     case $1 in
@@ -402,6 +456,7 @@ connect_args() { # target
     pgbouncer-mtls) echo "--addr 127.0.0.1:$BOUNCER_MTLS_PORT --dbname bench --user bench --cert $JGD/bench/bench.crt --key $JGD/bench/bench.key --ca $JGD/bench/ca.crt" ;;
     jitgate) echo "--addr 127.0.0.1:${JG_PORTS[0]} --dbname bench-db --user bench --cert $JGD/bench/bench.crt --key $JGD/bench/bench.key --ca $JGD/bench/ca.crt" ;;
     jitgate-base) echo "--addr 127.0.0.1:${JGB_PORTS[0]} --dbname bench-db --user bench --cert $JGB/bench/bench.crt --key $JGB/bench/bench.key --ca $JGB/bench/ca.crt" ;;
+    jitgate-agent) echo "--addr 127.0.0.1:${JG_PORTS[0]} --dbname bench-agent --user bench --cert $JGD/bench/bench.crt --key $JGD/bench/bench.key --ca $JGD/bench/ca.crt" ;;
     esac
 }
 if ((CONNECTS > 0)); then
@@ -452,15 +507,22 @@ fake_target() {
     printf '[[targets]]\nname = "%s"\naddress = "127.0.0.1:%s"\ndatabase = "fake"\n[targets.credentials.read]\nuser = "bench"\n' \
         "$1" "$FAKE_PORT"
 }
-setup_jitgate "$JGF" "${JGF_PORTS[0]}" "${JGF_PORTS[1]}" "$(fake_target fake-idle)
-$(fake_target fake-sever)"
-JGF_PID=""
+fake_agent_target() {
+    printf '[[targets]]\nname = "fake-sever-agent"\nvia = "fake-east"\ndatabase = "fake"\n[targets.credentials.read]\nuser = "bench"\n'
+}
+LISTEN_EXTRA="agents = \"127.0.0.1:$AGENTS_F_PORT\"" setup_jitgate "$JGF" "${JGF_PORTS[0]}" "${JGF_PORTS[1]}" "$(fake_target fake-idle)
+$(fake_target fake-sever)
+$(fake_agent_target)"
+JGF_PID="" JGF_AGENT=0
 restart_fake_jitgate() {
     [[ -n $JGF_PID ]] && stop_pid "$JGF_PID"
     start_jitgate "$JGF"
     JGF_PID=$JG_PID_OUT
     wait_port "${JGF_PORTS[0]}" "jitgate (fake upstream)"
     wait_port "${JGF_PORTS[1]}" "jitgate api (fake upstream)"
+    # The agent redials the restarted proxy by itself (reconnect_max 1s).
+    ((JGF_AGENT)) && wait_agent "$JGF" fake-east
+    return 0
 }
 restart_fake_jitgate
 "$JG" grant create --data-dir "$JGF" --user bench --target fake-idle --access read --for 8h \
@@ -494,6 +556,22 @@ for n in $SEVER_SESSIONS; do
     "$E2E" sever $(client_args fake-sever "$n") --grant-json "$WORK/sever-grant.json" \
         --probe "$JG grant list --data-dir $JGF" --revoke "$JG grant revoke --data-dir $JGF $grant_id" |
         tee -a "$RAW" >&2
+done
+if [[ -n $SEVER_AGENT_SESSIONS ]]; then
+    say "starting jitgate-agent (loopback) for target fake-sever-agent"
+    start_agent "$JGF" "$AGENTS_F_PORT" "$WORK/agent-f" fake-east fake-sever-agent "127.0.0.1:$FAKE_PORT"
+    JGF_AGENT=1
+fi
+for n in $SEVER_AGENT_SESSIONS; do
+    n=$(fit_sessions "$n")
+    restart_fake_jitgate
+    lead=$((5 + n / SEVER_OPEN_RATE))
+    say "sever through one agent: $n sessions under one grant ending in ${lead}s"
+    "$JG" grant create --data-dir "$JGF" --user bench --target fake-sever-agent --access read --for "${lead}s" \
+        --reason "e2e sever through an agent" --json >"$WORK/sever-grant.json"
+    # shellcheck disable=SC2046
+    "$E2E" sever $(client_args fake-sever-agent "$n") --grant-json "$WORK/sever-grant.json" |
+        sed 's/^sever /sever via=agent /' | tee -a "$RAW" >&2
 done
 
 # ---------------------------------------------------------------- report

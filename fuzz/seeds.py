@@ -221,6 +221,19 @@ deny_unfiltered_writes = true
     )
 
 
+def agent_hello():
+    """The agent link's hello lines: a run, a join, a refusal, a bare token."""
+    token = b"jgj1.at-0a1b.c2VjcmV0." + b"0123456789abcdef" * 4
+    write("agent_hello", b'{"kind":"run","v":1,"targets":["prod-db"],"version":"0.1.0"}')
+    write(
+        "agent_hello",
+        b'{"kind":"join","v":1,"token":"' + token + b'","csr":"-----BEGIN CERTIFICATE REQUEST-----\\nMIIB\\n'
+        b'-----END CERTIFICATE REQUEST-----\\n","version":"0.1.0"}',
+    )
+    write("agent_hello", b'{"v":1,"error":"join token already used","permanent":true}')
+    write("agent_hello", token)
+
+
 def main():
     if "--record-startup" in sys.argv:
         record_startup()
@@ -231,6 +244,7 @@ def main():
     scram()
     classify()
     config()
+    agent_hello()
     for t in sorted(os.listdir(SEEDS)):
         files = os.listdir(os.path.join(SEEDS, t))
         size = sum(os.path.getsize(os.path.join(SEEDS, t, f)) for f in files)

@@ -20,6 +20,7 @@ const TARGETS: &[&str] = &[
     "pgbouncer",
     "pgbouncer-mtls",
     "jitgate",
+    "jitgate-agent",
     "jitgate-base",
 ];
 const VS_TLS: &str = "direct-tls";
@@ -27,6 +28,8 @@ const VS_BOUNCER: &str = "pgbouncer";
 /// pgbouncer with client mTLS (verify-full, the same CA and server certificate as jitgate):
 /// the fair comparison for a proxy that must terminate mTLS.
 const VS_BOUNCER_MTLS: &str = "pgbouncer-mtls";
+/// jitgate's direct path: what the path through an agent is compared with.
+const VS_JITGATE: &str = "jitgate";
 
 #[derive(Debug, Default)]
 struct Runs {
@@ -115,9 +118,9 @@ pub fn render(input: &str) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "| workload | target | TPS | avg latency ms | TPS / direct TLS | TPS / pgbouncer | TPS / pgbouncer mTLS | latency / direct TLS | latency / pgbouncer | proxy CPU s per 1k tx | CPU / pgbouncer mTLS | audit records/s |"
+        "| workload | target | TPS | avg latency ms | TPS / direct TLS | TPS / pgbouncer | TPS / pgbouncer mTLS | TPS / jitgate | latency / direct TLS | latency / pgbouncer | proxy CPU s per 1k tx | CPU / pgbouncer mTLS | audit records/s |"
     );
-    let _ = writeln!(out, "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    let _ = writeln!(out, "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for workload in &workloads {
         let med = |target: &str, pick: fn(&Runs) -> &Vec<f64>| {
             runs.get(&(workload.clone(), target.to_owned()))
@@ -132,12 +135,13 @@ pub fn render(input: &str) -> String {
             let cpu = median(&r.cpu_per_1k);
             let _ = writeln!(
                 out,
-                "| {workload} | {target} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                "| {workload} | {target} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
                 opt(tps, 0),
                 opt(lat, 3),
                 ratio(tps, med(VS_TLS, |r| &r.tps)),
                 ratio(tps, med(VS_BOUNCER, |r| &r.tps)),
                 ratio(tps, med(VS_BOUNCER_MTLS, |r| &r.tps)),
+                ratio(tps, med(VS_JITGATE, |r| &r.tps)),
                 ratio(lat, med(VS_TLS, |r| &r.lat_ms)),
                 ratio(lat, med(VS_BOUNCER, |r| &r.lat_ms)),
                 opt(cpu, 3),
@@ -199,13 +203,16 @@ pub fn render(input: &str) -> String {
     if !sever.is_empty() {
         table(
             &mut out,
-            "| sessions under one grant (fake upstream) | cut by | sever p50 ms | p99 ms | max ms | ended early | still open | CLI alone ms |",
-            "|---:|---|---:|---:|---:|---:|---:|---:|",
+            "| sessions under one grant (fake upstream) | path | cut by | sever p50 ms | p99 ms | max ms | ended early | still open | CLI alone ms |",
+            "|---:|---|---|---:|---:|---:|---:|---:|---:|",
             sever.iter().map(|s| {
-                pick(
+                let mut row = pick(s, &["N"]);
+                row.push(s.get("via").map_or("direct", |v| v).to_owned());
+                row.extend(pick(
                     s,
-                    &["N", "by", "p50_ms", "p99_ms", "max_ms", "early", "still_open", "cli_ms"],
-                )
+                    &["by", "p50_ms", "p99_ms", "max_ms", "early", "still_open", "cli_ms"],
+                ));
+                row
             }),
         );
     }
@@ -224,8 +231,10 @@ pgbench select-prepared direct-tls 2 10 300 0.3 3000 - -
 pgbench select-prepared pgbouncer 1 10 100 1.0 1000 2.0 -
 pgbench select-prepared pgbouncer-mtls 1 10 40 1.2 400 0.2 -
 pgbench select-prepared jitgate 1 10 50 2.0 500 1.0 1000
+pgbench select-prepared jitgate-agent 1 10 45 2.2 450 1.35 900
 memory N=10 rss_before_kib=1 rss_after_kib=11 per_session_kib=1.0 open_s=0.1 opens_per_s=100
 sever N=100 by=revoke p50_ms=3.0 p99_ms=9.0 max_ms=9.5 early=0 still_open=0 open_s=0.50 cli_ms=20.0
+sever via=agent N=100 by=expiry p50_ms=4.0 p99_ms=11.0 max_ms=12.0 early=0 still_open=0 open_s=0.50
 connect jitgate N=2000 p50_ms=1.500 p99_ms=3.000 max_ms=9.000
 qlat direct-tls n=100 p50_us=200.0 p99_us=400.0
 qlat jitgate n=90 p50_us=260.5 p99_us=520.0
@@ -233,12 +242,18 @@ noise
 ";
         let out = render(input);
         assert!(
-            out.contains("| select-prepared | direct-tls | 200 | 0.400 | 1.00 | 2.00 | 5.00 |"),
+            out.contains("| select-prepared | direct-tls | 200 | 0.400 | 1.00 | 2.00 | 5.00 | 4.00 |"),
             "{out}"
         );
         assert!(
             out.contains(
-                "| select-prepared | jitgate | 50 | 2.000 | 0.25 | 0.50 | 1.25 | 5.00 | 2.00 | 2.000 | 4.00 | 100 |"
+                "| select-prepared | jitgate | 50 | 2.000 | 0.25 | 0.50 | 1.25 | 1.00 | 5.00 | 2.00 | 2.000 | 4.00 | 100 |"
+            ),
+            "{out}"
+        );
+        assert!(
+            out.contains(
+                "| select-prepared | jitgate-agent | 45 | 2.200 | 0.23 | 0.45 | 1.12 | 0.90 | 5.50 | 2.20 | 3.000 | 6.00 | 90 |"
             ),
             "{out}"
         );
@@ -250,7 +265,11 @@ noise
         );
         assert!(out.contains("| jitgate | 90 | 260.5 | 520.0 | 60.5 | 120.0 |"), "{out}");
         assert!(
-            out.contains("| 100 | revoke | 3.0 | 9.0 | 9.5 | 0 | 0 | 20.0 |"),
+            out.contains("| 100 | direct | revoke | 3.0 | 9.0 | 9.5 | 0 | 0 | 20.0 |"),
+            "{out}"
+        );
+        assert!(
+            out.contains("| 100 | agent | expiry | 4.0 | 11.0 | 12.0 | 0 | 0 | - |"),
             "{out}"
         );
     }

@@ -600,6 +600,7 @@ data_dir = "@DATA_DIR@"
 postgres = "127.0.0.1:5433"   # psql connects here (TLS + client certificate)
 api = "127.0.0.1:8443"        # control API for the jitgate CLI (mTLS; authorized by certificate roles)
 metrics = "127.0.0.1:9187"    # Prometheus /metrics, /healthz, /readyz (plain HTTP)
+# agents = "0.0.0.0:8444"     # jitgate-agent connects here, for targets with via = "AGENT"
 
 # One [[targets]] table per PostgreSQL server. Clients pick it with dbname=NAME
 # (or dbname=NAME/otherdb for another database on that server).
@@ -613,6 +614,12 @@ metrics = "127.0.0.1:9187"    # Prometheus /metrics, /healthz, /readyz (plain HT
 # [targets.credentials.read]          # one table per access level: read, write, admin
 # user = "jit_reader"
 # password_env = "PROD_DB_READER_PASSWORD"   # or password_file = "/run/secrets/reader"
+#
+# A server in a private network, reached through jitgate-agent (README: "Targets behind an agent"):
+# [[targets]]
+# name = "east-db"
+# via = "db-east"                     # no address: the agent's config has it
+# database = "app"
 "#;
 
 pub(crate) fn api_client(a: &ApiArgs) -> Result<ApiClient> {

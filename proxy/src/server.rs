@@ -241,15 +241,23 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: impl Future<Out
             authority,
             shutdown: cancel.clone(),
         });
-        let agents_tracker = tracker.clone();
+        // A link runs on a session lane too: with one lane, its sessions and their streams
+        // share one thread and a round trip through the agent wakes no other.
+        let (agents_tracker, agents_lanes) = (tracker.clone(), Arc::clone(&lanes));
         tracker.spawn(accept_loop(
             "agents",
             listener,
             Unauthenticated::new("agents", unauthenticated, &metrics),
             cancel.clone(),
             move |tcp, peer, ticket, span| {
-                let serve = crate::agents::serve_connection(Arc::clone(&agents), tcp, peer, ticket);
-                agents_tracker.spawn(serve.instrument(span));
+                let agents = Arc::clone(&agents);
+                let tracker = agents_tracker.clone();
+                let moved = agents_lanes.spawn(tcp, move |tcp| {
+                    tracker.track_future(crate::agents::serve_connection(agents, tcp, peer, ticket).instrument(span))
+                });
+                if let Err(error) = moved {
+                    tracing::warn!(%error, client.addr = %peer, "agent connection dropped: cannot hand it to a session thread");
+                }
             },
         ));
     }
