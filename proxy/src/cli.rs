@@ -28,7 +28,8 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Create a data directory: CA, server certificate, admin identity and a commented config.
+    /// Create a data directory: CA, server certificate, admin identity, SSH user and host CAs
+    /// with the proxy's SSH host key and certificate, and a commented config.
     Init(InitArgs),
     /// Run the proxy. SIGTERM or Ctrl-C stop it; SIGHUP reopens the audit log (logrotate).
     Serve {
@@ -113,7 +114,8 @@ enum ConfigCommand {
 
 #[derive(Debug, Subcommand)]
 enum CertCommand {
-    /// Issue a client certificate: writes OUT/NAME.crt, OUT/NAME.key and OUT/ca.crt.
+    /// Issue a client certificate: writes OUT/NAME.crt, OUT/NAME.key and OUT/ca.crt, and an SSH
+    /// key with its user certificate, valid as long: OUT/NAME, OUT/NAME.pub, OUT/NAME-cert.pub.
     Issue {
         #[arg(long, env = "JITGATE_DATA_DIR")]
         data_dir: PathBuf,
@@ -482,6 +484,7 @@ async fn dispatch(cli: Cli) -> Result<()> {
             let user = UserName::new(user)?;
             let roles = roles.into_iter().map(Role::new).collect::<Result<Vec<_>, _>>()?;
             let ca = Authority::load(&data_dir)?;
+            let now = std::time::SystemTime::now();
             let (cert, key) = pki::issue_to_dir(&ca, &user, &roles, ttl, &out)?;
             println!(
                 "wrote {}, {} and {}",
@@ -489,6 +492,17 @@ async fn dispatch(cli: Cli) -> Result<()> {
                 key.display(),
                 out.join(files::CA_CERT).display()
             );
+            // The SSH certificate is valid as long as the X.509 one (with the same skew).
+            let from = now - Duration::from_secs(300);
+            match crate::sshca::issue_user(&data_dir, &user, &roles, from, now + ttl, &out)? {
+                Some(f) => println!(
+                    "wrote {}, {} and {} (SSH key and certificate)",
+                    f.key.display(),
+                    f.public.display(),
+                    f.cert.display()
+                ),
+                None => println!("no SSH certificate: {} has no ssh_user_ca", data_dir.display()),
+            }
             Ok(())
         }
         Command::Request(args) => crate::requests::command::request(args).await,
@@ -536,7 +550,9 @@ pub async fn shutdown_signal() {
 }
 
 /// Writes a new data directory. Refuses to overwrite an existing CA.
-pub fn init_data_dir(data_dir: &Path, server_names: &[String], admin_ttl: Duration) -> Result<()> {
+/// Creates a data directory; returns the `@cert-authority` line that trusts the proxy's SSH
+/// host key.
+pub fn init_data_dir(data_dir: &Path, server_names: &[String], admin_ttl: Duration) -> Result<crate::sshca::HostTrust> {
     std::fs::create_dir_all(data_dir).with_context(|| format!("creating {}", data_dir.display()))?;
     {
         use std::os::unix::fs::PermissionsExt as _;
@@ -564,16 +580,17 @@ pub fn init_data_dir(data_dir: &Path, server_names: &[String], admin_ttl: Durati
     let (cert, key) = ca.issue_client(&admin, &[Role::new("admin")?], admin_ttl)?;
     pki::write_file(&data_dir.join(files::ADMIN_CERT), &cert, false)?;
     pki::write_file(&data_dir.join(files::ADMIN_KEY), &key, true)?;
+    let trust = crate::sshca::init(&data_dir, &names)?;
     let config_path = data_dir.join("jitgate.toml");
     if !config_path.exists() {
         let text = CONFIG_TEMPLATE.replace("@DATA_DIR@", &data_dir.display().to_string());
         pki::write_file(&config_path, &text, false)?;
     }
-    Ok(())
+    Ok(trust)
 }
 
 fn init(args: InitArgs) -> Result<()> {
-    init_data_dir(&args.data_dir, &args.server_names, args.admin_ttl)?;
+    let trust = init_data_dir(&args.data_dir, &args.server_names, args.admin_ttl)?;
     let dir = args.data_dir.canonicalize()?;
     println!("initialised {}", dir.display());
     println!("  CA:          {}/ca.crt (key ca.key: keep it private)", dir.display());
@@ -587,6 +604,12 @@ fn init(args: InitArgs) -> Result<()> {
         "  config:      {}/jitgate.toml (add your [[targets]], then: jitgate serve --config ...)",
         dir.display()
     );
+    println!(
+        "  SSH:         {0}/ssh_user_ca.pub (user CA), {0}/ssh_host_ed25519_key-cert.pub (host certificate from ssh_host_ca)",
+        dir.display()
+    );
+    println!("  known_hosts line that trusts the proxy's SSH host certificate:");
+    println!("{}", trust.known_hosts_line);
     Ok(())
 }
 

@@ -28,6 +28,7 @@ pub mod requests;
 pub mod sandbox;
 pub mod server;
 pub mod sessions;
+pub mod sshca;
 pub mod store;
 pub mod timefmt;
 pub mod tls;

@@ -50,6 +50,7 @@ async fn cli_init_issue_and_config_check() {
     )
     .await;
     assert!(r.ok, "{}", r.stderr);
+    let init_out = r.stdout.clone();
     for f in [
         "ca.crt",
         "ca.key",
@@ -100,6 +101,81 @@ async fn cli_init_issue_and_config_check() {
     let left = carol.not_after.duration_since(std::time::SystemTime::now()).unwrap();
     assert!(left > Duration::from_secs(7 * 3600) && left <= Duration::from_secs(8 * 3600));
     assert!(out.join("carol.key").is_file() && out.join("ca.crt").is_file());
+
+    // The SSH side, read back by OpenSSH's own ssh-keygen: a user certificate for carol from
+    // the SSH user CA, with her roles, valid as long as the X.509 one; the proxy's host
+    // certificate from the SSH host CA, for the server names; init printed the known_hosts line.
+    let keygen = |args: &[&str]| {
+        let o = std::process::Command::new("ssh-keygen").args(args).output().unwrap();
+        assert!(
+            o.status.success(),
+            "ssh-keygen {args:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    let fingerprint = |pubkey: &std::path::Path| {
+        keygen(&["-l", "-f", pubkey.to_str().unwrap()])
+            .split_whitespace()
+            .nth(1)
+            .unwrap()
+            .to_owned()
+    };
+    let user_cert = keygen(&["-L", "-f", out.join("carol-cert.pub").to_str().unwrap()]);
+    assert!(
+        user_cert.contains("Type: ssh-ed25519-cert-v01@openssh.com user certificate"),
+        "{user_cert}"
+    );
+    assert!(user_cert.contains("Key ID: \"carol\""), "{user_cert}");
+    assert!(
+        user_cert.contains(&format!(
+            "Signing CA: ED25519 {}",
+            fingerprint(&dir.join("ssh_user_ca.pub"))
+        )),
+        "{user_cert}"
+    );
+    // The roles extension's data is an SSH string, "dev,oncall" (ssh-keygen shows it as hex).
+    assert!(
+        user_cert.contains("roles@jitgate UNKNOWN OPTION: 0000000a6465762c6f6e63616c6c"),
+        "{user_cert}"
+    );
+    let principals = user_cert
+        .split("Principals:")
+        .nth(1)
+        .unwrap()
+        .split("Critical")
+        .next()
+        .unwrap();
+    assert_eq!(
+        principals.split_whitespace().collect::<Vec<_>>(),
+        ["carol"],
+        "{user_cert}"
+    );
+    assert_eq!(
+        fingerprint(&out.join("carol.pub")),
+        fingerprint(&out.join("carol-cert.pub"))
+    );
+    assert_eq!(
+        std::fs::metadata(out.join("carol")).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    let host_cert = keygen(&["-L", "-f", dir.join("ssh_host_ed25519_key-cert.pub").to_str().unwrap()]);
+    assert!(host_cert.contains("host certificate"), "{host_cert}");
+    assert!(
+        host_cert.contains(&format!(
+            "Signing CA: ED25519 {}",
+            fingerprint(&dir.join("ssh_host_ca.pub"))
+        )),
+        "{host_cert}"
+    );
+    for name in ["proxy.example", "10.1.2.3", "localhost", "127.0.0.1"] {
+        assert!(host_cert.contains(name), "{name}: {host_cert}");
+    }
+    let host_ca = std::fs::read_to_string(dir.join("ssh_host_ca.pub")).unwrap();
+    assert!(
+        init_out.contains(&format!("@cert-authority proxy.example,[proxy.example]:*,10.1.2.3,[10.1.2.3]:*,localhost,[localhost]:*,127.0.0.1,[127.0.0.1]:* {}", host_ca.trim())),
+        "{init_out}"
+    );
 
     // The generated config is valid as written.
     let config = dir.join("jitgate.toml");
