@@ -75,6 +75,7 @@ struct RawListen {
     #[serde(default = "default_metrics_listen")]
     metrics: String,
     agents: Option<String>,
+    ssh: Option<String>,
 }
 
 impl Default for RawListen {
@@ -84,6 +85,7 @@ impl Default for RawListen {
             api: default_api_listen(),
             metrics: default_metrics_listen(),
             agents: None,
+            ssh: None,
         }
     }
 }
@@ -152,7 +154,9 @@ struct RawTarget {
     kind: String,
     address: Option<String>,
     via: Option<String>,
-    database: String,
+    database: Option<String>,
+    host_key: Option<String>,
+    known_hosts: Option<PathBuf>,
     #[serde(default)]
     labels: BTreeMap<String, String>,
     #[serde(default)]
@@ -185,6 +189,8 @@ struct RawCredential {
     user: String,
     password_env: Option<String>,
     password_file: Option<PathBuf>,
+    key_env: Option<String>,
+    key_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -241,6 +247,8 @@ pub struct Listen {
     pub metrics: SocketAddr,
     /// Where agents connect (`listen.agents`); no agent listener when absent.
     pub agents: Option<SocketAddr>,
+    /// Where `ssh` clients connect (`listen.ssh`); no SSH listener when absent.
+    pub ssh: Option<SocketAddr>,
 }
 
 /// Certificate files the proxy serves with and trusts.
@@ -327,10 +335,31 @@ pub struct AuditConfig {
     pub redact_params_matching: Vec<String>,
 }
 
-/// A PostgreSQL server reachable by the proxy.
+/// What a target speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TargetKind {
+    Postgres,
+    Ssh,
+}
+
+impl TargetKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Postgres => "postgres",
+            Self::Ssh => "ssh",
+        }
+    }
+}
+
+/// A PostgreSQL server or SSH host reachable by the proxy.
 #[derive(Debug)]
 pub struct Target {
     pub name: TargetName,
+    /// What the target speaks.
+    pub kind: TargetKind,
+    /// SSH targets: the pinned host keys (OpenSSH `type base64`), from `host_key` or
+    /// `known_hosts`; empty for PostgreSQL.
+    pub host_keys: Vec<String>,
     /// The agent that reaches this target (`via`), or `None` for a direct connection.
     pub via: Option<crate::model::AgentName>,
     /// `host:port` of the server; for a target behind an agent, `agent NAME` (for messages:
@@ -367,6 +396,8 @@ pub struct Credential {
     pub user: String,
     /// `None` for `trust` authentication.
     pub password: Option<String>,
+    /// The OpenSSH private key an SSH target is logged in with (`key_file` / `key_env`).
+    pub ssh_key: Option<String>,
 }
 
 impl std::fmt::Debug for Credential {
@@ -374,6 +405,7 @@ impl std::fmt::Debug for Credential {
         f.debug_struct("Credential")
             .field("user", &self.user)
             .field("password", &"<redacted>")
+            .field("ssh_key", &self.ssh_key.as_ref().map(|_| "<redacted>"))
             .finish()
     }
 }
@@ -527,6 +559,12 @@ impl RawConfig {
                 .agents
                 .as_deref()
                 .map(|a| socket("listen.agents", a))
+                .transpose()?,
+            ssh: self
+                .listen
+                .ssh
+                .as_deref()
+                .map(|a| socket("listen.ssh", a))
                 .transpose()?,
         };
         let tls = TlsPaths {
@@ -725,12 +763,16 @@ impl RawTarget {
     fn validate(self, i: usize, secrets: Secrets) -> Result<Target, ConfigError> {
         let key = |k: &str| format!("targets[{i}].{k}");
         let name = TargetName::new(self.name).map_err(|e| invalid(key("name"), e.to_string()))?;
-        if self.kind != "postgres" {
-            return Err(invalid(
-                key("kind"),
-                format!("unsupported kind {:?}: only \"postgres\" for now", self.kind),
-            ));
-        }
+        let kind = match self.kind.as_str() {
+            "postgres" => TargetKind::Postgres,
+            "ssh" => TargetKind::Ssh,
+            other => {
+                return Err(invalid(
+                    key("kind"),
+                    format!("unsupported kind {other:?}: \"postgres\" or \"ssh\""),
+                ))
+            }
+        };
         let via = match self.via {
             None => None,
             Some(v) => Some(crate::model::AgentName::new(v).map_err(|e| invalid(key("via"), e.to_string()))?),
@@ -756,24 +798,89 @@ impl RawTarget {
                 ))
             }
         };
-        if self.database.is_empty() {
-            return Err(invalid(key("database"), "must not be empty"));
-        }
+        let database = match (kind, self.database) {
+            (TargetKind::Postgres, Some(d)) if !d.is_empty() => d,
+            (TargetKind::Postgres, _) => return Err(invalid(key("database"), "must not be empty")),
+            (TargetKind::Ssh, None) => String::new(),
+            (TargetKind::Ssh, Some(_)) => return Err(invalid(key("database"), "not for kind = \"ssh\"")),
+        };
+        let host_keys = match kind {
+            TargetKind::Postgres => {
+                if self.host_key.is_some() || self.known_hosts.is_some() {
+                    return Err(invalid(key("host_key"), "only for kind = \"ssh\""));
+                }
+                Vec::new()
+            }
+            TargetKind::Ssh => crate::ssh::host_keys(
+                &key("host_key"),
+                &address,
+                self.host_key.as_deref(),
+                self.known_hosts.as_deref(),
+                secrets,
+            )?,
+        };
         let mut credentials = HashMap::new();
         for (level, c) in self.credentials {
             let ckey = key(&format!("credentials.{level}"));
             let access: AccessLevel = level.parse().map_err(|e: String| invalid(&ckey, e))?;
-            let keys = SecretKeys {
-                table: &ckey,
-                env: "password_env",
-                file: "password_file",
-                both: &ckey,
-            };
-            let password = resolve_secret(&keys, c.password_env, c.password_file, secrets)?;
             if c.user.is_empty() {
                 return Err(invalid(format!("{ckey}.user"), "must not be empty"));
             }
-            credentials.insert(access, Credential { user: c.user, password });
+            let credential = match kind {
+                TargetKind::Postgres => {
+                    if c.key_env.is_some() || c.key_file.is_some() {
+                        return Err(invalid(format!("{ckey}.key_file"), "only for kind = \"ssh\""));
+                    }
+                    let keys = SecretKeys {
+                        table: &ckey,
+                        env: "password_env",
+                        file: "password_file",
+                        both: &ckey,
+                    };
+                    let password = resolve_secret(&keys, c.password_env, c.password_file, secrets)?;
+                    Credential {
+                        user: c.user,
+                        password,
+                        ssh_key: None,
+                    }
+                }
+                TargetKind::Ssh => {
+                    if access == AccessLevel::Read {
+                        // A shell cannot be read-only, and there is no command allowlist yet:
+                        // SSH targets have no read level at all (fail closed).
+                        return Err(invalid(
+                            &ckey,
+                            "SSH targets have no read level (a shell cannot be read-only): use write or admin",
+                        ));
+                    }
+                    if c.password_env.is_some() || c.password_file.is_some() {
+                        return Err(invalid(
+                            format!("{ckey}.password_file"),
+                            "SSH targets log in with a key: key_file or key_env",
+                        ));
+                    }
+                    let keys = SecretKeys {
+                        table: &ckey,
+                        env: "key_env",
+                        file: "key_file",
+                        both: &ckey,
+                    };
+                    let text = resolve_secret(&keys, c.key_env, c.key_file, secrets)?;
+                    let ssh_key = match text {
+                        Some(t) => Some(crate::ssh::check_private_key(&format!("{ckey}.key_file"), &t)?),
+                        None if secrets == Secrets::Skip => None,
+                        None => {
+                            return Err(invalid(&ckey, "an SSH target needs key_file or key_env"));
+                        }
+                    };
+                    Credential {
+                        user: c.user,
+                        password: None,
+                        ssh_key,
+                    }
+                }
+            };
+            credentials.insert(access, credential);
         }
         let tls = match self.tls.mode.as_deref().unwrap_or("disable") {
             "disable" => UpstreamTls::Disable,
@@ -833,11 +940,16 @@ impl RawTarget {
                 "required with `via` and mode = \"verify-full\"",
             ));
         }
+        if kind == TargetKind::Ssh && (!matches!(tls, UpstreamTls::Disable) || !guardrails.is_empty()) {
+            return Err(invalid(key("tls"), "tls and guardrails are for PostgreSQL targets"));
+        }
         Ok(Target {
             name,
+            kind,
+            host_keys,
             via,
             address,
-            database: self.database,
+            database,
             labels: self.labels,
             credentials,
             tls,
@@ -931,6 +1043,91 @@ password_env = "JITGATE_TEST_CONFIG_PW"
         assert!(agents("keepalive_interval = \"10s\"\nkeepalive_timeout = \"1s\"").is_err());
         assert!(agents("keepalive_interval = \"1ms\"").is_err());
         assert!(agents("surprise = 1").is_err());
+    }
+
+    #[test]
+    fn ssh_targets_pin_a_host_key_and_log_in_with_a_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = ssh_key::PrivateKey::random(&mut rand::rngs::OsRng, ssh_key::Algorithm::Ed25519).unwrap();
+        let key_file = dir.path().join("web.key");
+        std::fs::write(&key_file, key.to_openssh(ssh_key::LineEnding::LF).unwrap().as_bytes()).unwrap();
+        let host = ssh_key::PrivateKey::random(&mut rand::rngs::OsRng, ssh_key::Algorithm::Ed25519).unwrap();
+        let host_line = host.public_key().to_openssh().unwrap();
+        let base = "data_dir = \"/var/lib/jitgate\"\n[listen]\nssh = \"127.0.0.1:2222\"\n[[targets]]\nname = \"web-1\"\nkind = \"ssh\"\naddress = \"10.0.0.9:22\"\n@HOST@\n[targets.credentials.write]\nuser = \"deploy\"\n@CRED@\n".to_string();
+        let cfg = |host: &str, cred: &str| parse(&base.replace("@HOST@", host).replace("@CRED@", cred));
+        let key_line = format!("key_file = \"{}\"", key_file.display());
+        let c = cfg(&format!("host_key = \"{host_line}\""), &key_line).unwrap();
+        let t = &c.targets[&TargetName::new("web-1").unwrap()];
+        assert_eq!(t.kind, TargetKind::Ssh);
+        assert_eq!(t.host_keys, std::slice::from_ref(&host_line));
+        assert!(t.credentials[&AccessLevel::Write]
+            .ssh_key
+            .as_deref()
+            .unwrap()
+            .contains("OPENSSH PRIVATE KEY"));
+        assert!(!format!("{t:?}").contains("OPENSSH PRIVATE KEY"), "Debug shows no key");
+        assert_eq!(c.listen.ssh, Some("127.0.0.1:2222".parse().unwrap()));
+        // known_hosts: the lines naming the target's host.
+        let known = dir.path().join("known_hosts");
+        let other = ssh_key::PrivateKey::random(&mut rand::rngs::OsRng, ssh_key::Algorithm::Ed25519).unwrap();
+        std::fs::write(
+            &known,
+            format!(
+                "# comment\n10.0.0.8 {}\n10.0.0.9,web-1 {host_line}\n@cert-authority * {}\n",
+                other.public_key().to_openssh().unwrap(),
+                other.public_key().to_openssh().unwrap()
+            ),
+        )
+        .unwrap();
+        let c = cfg(&format!("known_hosts = \"{}\"", known.display()), &key_line).unwrap();
+        assert_eq!(
+            c.targets[&TargetName::new("web-1").unwrap()].host_keys,
+            std::slice::from_ref(&host_line)
+        );
+        let host_ok = format!("host_key = \"{host_line}\"");
+        for (host, cred, says) in [
+            ("", key_line.as_str(), "host key pinned"),
+            (
+                &format!("{host_ok}\nknown_hosts = \"{}\"", known.display()),
+                key_line.as_str(),
+                "not both",
+            ),
+            (
+                "host_key = \"ssh-ed25519 nonsense\"",
+                key_line.as_str(),
+                "not an OpenSSH public key",
+            ),
+            (host_ok.as_str(), "", "needs key_file or key_env"),
+            (
+                &format!("{host_ok}\n[targets.credentials.read]\nuser = \"viewer\"\n{key_line}"),
+                key_line.as_str(),
+                "no read level",
+            ),
+            (host_ok.as_str(), "password_env = \"X\"", "log in with a key"),
+            (
+                host_ok.as_str(),
+                "key_env = \"JITGATE_TEST_NOT_A_KEY\"",
+                "not an OpenSSH private key",
+            ),
+            (
+                &format!("{host_ok}\ndatabase = \"app\""),
+                key_line.as_str(),
+                "not for kind",
+            ),
+        ] {
+            std::env::set_var("JITGATE_TEST_NOT_A_KEY", "garbage");
+            let err = cfg(host, cred).unwrap_err().to_string();
+            assert!(err.contains(says), "{host} / {cred}: {err}");
+        }
+        // A PostgreSQL target takes no SSH keys.
+        std::env::set_var("JITGATE_TEST_CONFIG_PW", "pw");
+        let err = parse(&MINIMAL.replace(
+            "password_env = \"JITGATE_TEST_CONFIG_PW\"",
+            &format!("key_file = \"{}\"", key_file.display()),
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("only for kind"), "{err}");
     }
 
     #[test]

@@ -28,6 +28,7 @@ pub mod requests;
 pub mod sandbox;
 pub mod server;
 pub mod sessions;
+pub mod ssh;
 pub mod sshca;
 pub mod store;
 pub mod timefmt;

@@ -54,6 +54,8 @@ pub enum ServerError {
     Upstream(#[from] crate::pg::upstream::UpstreamError),
     #[error("cannot start the session threads: {0}")]
     Lanes(std::io::Error),
+    #[error("SSH listener: {0}")]
+    Ssh(String),
 }
 
 /// The bound listening sockets.
@@ -63,6 +65,8 @@ pub struct Listeners {
     pub metrics: TcpListener,
     /// `listen.agents`, when set.
     pub agents: Option<TcpListener>,
+    /// `listen.ssh`, when set.
+    pub ssh: Option<TcpListener>,
 }
 
 /// Addresses the listeners actually bound (port 0 resolved).
@@ -72,6 +76,7 @@ pub struct BoundAddrs {
     pub api: SocketAddr,
     pub metrics: SocketAddr,
     pub agents: Option<SocketAddr>,
+    pub ssh: Option<SocketAddr>,
 }
 
 impl Listeners {
@@ -90,6 +95,10 @@ impl Listeners {
                 Some(addr) => Some(one("agents", addr).await?),
                 None => None,
             },
+            ssh: match listen.ssh {
+                Some(addr) => Some(one("ssh", addr).await?),
+                None => None,
+            },
         })
     }
 
@@ -101,6 +110,7 @@ impl Listeners {
             api: addr(&self.api),
             metrics: addr(&self.metrics),
             agents: self.agents.as_ref().map(addr),
+            ssh: self.ssh.as_ref().map(addr),
         }
     }
 }
@@ -157,6 +167,10 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: impl Future<Out
         dialer,
         wave: CutWave::new(),
     });
+    let ssh = match listeners.ssh.is_some() {
+        true => Some(ssh_context(&config, &admission, &audit, &metrics).inspect_err(|_| cancel.cancel())?),
+        false => None,
+    };
     let pg = Arc::new(PgContext {
         config: config.clone(),
         tls: Arc::clone(&tls.postgres),
@@ -261,6 +275,19 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: impl Future<Out
             },
         ));
     }
+    if let (Some(listener), Some(ssh)) = (listeners.ssh, ssh) {
+        let ssh_tracker = tracker.clone();
+        tracker.spawn(accept_loop(
+            "ssh",
+            listener,
+            Unauthenticated::new("ssh", unauthenticated, &metrics),
+            cancel.clone(),
+            move |tcp, peer, ticket, span| {
+                let serve = crate::ssh::serve_connection(Arc::clone(&ssh), tcp, peer, ticket);
+                ssh_tracker.spawn(serve.instrument(span));
+            },
+        ));
+    }
     tracker.spawn(metrics::serve(listeners.metrics, Arc::clone(&metrics), cancel.clone()));
     metrics.set_ready(true);
     tracing::info!(postgres = %addrs.postgres, api = %addrs.api, metrics = %addrs.metrics, agents = ?addrs.agents, "jitgate serving");
@@ -287,6 +314,37 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: impl Future<Out
         tracing::error!("closing the audit log failed");
     }
     Ok(())
+}
+
+/// The SSH listener's context: the host key and the user CA from the data directory.
+fn ssh_context(
+    config: &Config,
+    admission: &Arc<Admission>,
+    audit: &Arc<AuditLog>,
+    metrics: &Arc<Metrics>,
+) -> Result<Arc<crate::ssh::SshContext>, ServerError> {
+    use crate::sshca::files;
+    let read = |name: &str| {
+        let path = config.data_dir.join(name);
+        std::fs::read_to_string(&path).map_err(|e| {
+            ServerError::Ssh(format!(
+                "{}: {e} (made by jitgate init; a data directory from before SSH needs them)",
+                path.display()
+            ))
+        })
+    };
+    let host_key = russh::keys::PrivateKey::from_openssh(read(files::HOST_KEY)?)
+        .map_err(|e| ServerError::Ssh(format!("{}: {e}", files::HOST_KEY)))?;
+    let user_ca = russh::keys::PublicKey::from_openssh(read(&format!("{}.pub", files::USER_CA))?.trim())
+        .map_err(|e| ServerError::Ssh(format!("{}.pub: {e}", files::USER_CA)))?;
+    Ok(Arc::new(crate::ssh::SshContext {
+        config: config.clone(),
+        admission: Arc::clone(admission),
+        audit: Arc::clone(audit),
+        metrics: Arc::clone(metrics),
+        server: Arc::new(crate::ssh::SshContext::server_config(host_key)),
+        user_ca: user_ca.fingerprint(russh::keys::HashAlg::Sha256),
+    }))
 }
 
 /// SIGHUP reopens the audit log (logrotate's postrotate), until shutdown.

@@ -4,8 +4,8 @@
 //! `jitgate init` makes both and the host key; `jitgate cert issue` writes a user key and its
 //! certificate beside the X.509 pair, valid for the same time.
 //!
-//! This is the identity groundwork of SSH access (issue 13); the SSH listener that checks these
-//! certificates is not built yet.
+//! The SSH listener (`crate::ssh`) accepts only certificates from the user CA. It cannot present
+//! the host certificate yet: russh 0.54 serves plain host keys.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};

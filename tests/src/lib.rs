@@ -6,6 +6,7 @@
 
 pub mod agent;
 pub mod raw;
+pub mod ssh;
 
 use std::path::{Path, PathBuf};
 use std::process::{Output, Stdio};
@@ -64,6 +65,9 @@ pub struct Options {
     pub agents_listen: Option<String>,
     /// Lines of `[agents]` (e.g. short keepalives), with `agents_listen`.
     pub agents: &'static str,
+    /// Start a real sshd, open the SSH listener and add SSH targets `web-1` (pinned to the
+    /// sshd's host key) and `web-bad` (pinned to another key).
+    pub ssh: bool,
 }
 
 /// A client identity on disk.
@@ -84,6 +88,8 @@ struct Running {
 /// One test's world.
 pub struct Harness {
     pub pg: LocalPostgres,
+    /// The SSH target's server, with `Options::ssh`.
+    pub sshd: Option<ssh::LocalSshd>,
     data: tempfile::TempDir,
     config_path: PathBuf,
     running: Option<Running>,
@@ -243,9 +249,37 @@ password_file = "{d}/writer.password"
                 agents = opts.agents,
             ));
         }
+        let sshd = opts.ssh.then(ssh::LocalSshd::start);
+        if let Some(sshd) = &sshd {
+            config = config.replacen(
+                "metrics = \"127.0.0.1:0\"\n",
+                "metrics = \"127.0.0.1:0\"\nssh = \"127.0.0.1:0\"\n",
+                1,
+            );
+            let user = ssh::UPSTREAM_USER;
+            let wrong = std::fs::read_to_string(sshd.dir.path().join("upstream_key.pub")).unwrap();
+            for (name, host_key) in [("web-1", sshd.host_key()), ("web-bad", wrong.trim().to_owned())] {
+                config.push_str(&format!(
+                    r#"
+[[targets]]
+name = "{name}"
+kind = "ssh"
+address = "{addr}"
+host_key = "{host_key}"
+labels = {{ env = "prod-hosts" }}
+[targets.credentials.write]
+user = "{user}"
+key_file = "{key}"
+"#,
+                    addr = sshd.address(),
+                    key = sshd.upstream_key().display(),
+                ));
+            }
+        }
         let config_path = data.path().join("test.toml");
         std::fs::write(&config_path, config).unwrap();
         let mut h = Harness {
+            sshd,
             pg,
             data,
             config_path,
@@ -674,7 +708,7 @@ pub fn jitgate_bin() -> PathBuf {
     bin
 }
 
-fn rand_suffix() -> String {
+pub(crate) fn rand_suffix() -> String {
     format!("{:08x}", rand_u32())
 }
 

@@ -200,6 +200,13 @@ async fn cli_init_issue_and_config_check() {
         {
             std::fs::write(file, "secret\n").unwrap();
         }
+        if let Some(file) = line.strip_prefix("key_file = \"").and_then(|v| v.strip_suffix('"')) {
+            let key = std::process::Command::new("ssh-keygen")
+                .args(["-q", "-t", "ed25519", "-N", "", "-f", file])
+                .status()
+                .unwrap();
+            assert!(key.success());
+        }
         if let Some(file) = line.strip_prefix("ca_file = \"").and_then(|v| v.strip_suffix('"')) {
             std::fs::copy(dir.join("ca.crt"), file).unwrap();
         }
@@ -209,7 +216,7 @@ async fn cli_init_issue_and_config_check() {
     let env: Vec<(&str, &str)> = env.iter().map(|(a, b)| (a.as_str(), b.as_str())).collect();
     let r = jitgate(&["config", "check", example_copy.to_str().unwrap()], &env).await;
     assert!(r.ok, "deploy/examples/jitgate.toml: {}", r.stderr);
-    assert!(r.stdout.contains("ok (3 targets)"), "{}", r.stdout);
+    assert!(r.stdout.contains("ok (4 targets)"), "{}", r.stdout);
     // Without its secret the same file is refused, naming the key.
     let r = jitgate(&["config", "check", example_copy.to_str().unwrap()], &[]).await;
     assert!(!r.ok && r.stderr.contains("password_env"), "{}", r.stderr);

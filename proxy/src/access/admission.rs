@@ -23,6 +23,7 @@ use crate::sessions::{NewSession, Sessions};
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Protocol {
     Postgres,
+    Ssh,
 }
 
 impl Protocol {
@@ -30,6 +31,7 @@ impl Protocol {
     pub fn as_str(self) -> &'static str {
         match self {
             Protocol::Postgres => "postgres",
+            Protocol::Ssh => "ssh",
         }
     }
 }
@@ -81,6 +83,29 @@ impl Admission {
             )
             .hint("set dbname to a configured target, e.g. dbname=prod-db"));
         };
+        let serves = match ask.protocol {
+            Protocol::Postgres => crate::config::TargetKind::Postgres,
+            Protocol::Ssh => crate::config::TargetKind::Ssh,
+        };
+        if target.kind != serves {
+            return Err(Refusal::new(
+                Reason::UnknownTarget,
+                format!(
+                    "\"{target_name}\" is a{} {} target, not {}",
+                    if target.kind == crate::config::TargetKind::Ssh {
+                        "n"
+                    } else {
+                        ""
+                    },
+                    target.kind.as_str(),
+                    serves.as_str()
+                ),
+            )
+            .hint(match target.kind {
+                crate::config::TargetKind::Ssh => format!("connect with ssh: ssh -p PORT {target_name}@PROXY"),
+                crate::config::TargetKind::Postgres => format!("connect with psql: dbname={target_name}"),
+            }));
+        }
         let Some(permit) = self.grants.lookup(user, target_name) else {
             return Err(
                 Refusal::new(Reason::NoGrant, format!("no active grant for {user} on {target_name}")).hint(format!(

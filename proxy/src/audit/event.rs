@@ -266,6 +266,20 @@ pub enum AuditEvent {
         bytes_to_client: u64,
         duration_ms: u64,
     },
+    /// One command run over SSH (`ssh host command`, scp's remote side): the command line,
+    /// its exit status (none when the channel ended without one), how long it ran and the
+    /// bytes each way; `cut` when the session was cut under it.
+    #[serde(rename = "ssh.exec")]
+    SshExec {
+        #[serde(flatten)]
+        session: SessionMeta,
+        command: String,
+        exit_status: Option<u32>,
+        duration_ms: u64,
+        bytes_in: u64,
+        bytes_out: u64,
+        cut: bool,
+    },
     /// An admin created a join token for an agent (the token itself is never recorded).
     #[serde(rename = "agent.token_created")]
     AgentTokenCreated {
@@ -361,6 +375,7 @@ impl AuditEvent {
             Self::StatementEnd { .. } => "statement.end",
             Self::SessionEnd { .. } => "session.end",
             Self::AuditReopened { .. } => "audit.reopened",
+            Self::SshExec { .. } => "ssh.exec",
             Self::AgentTokenCreated { .. } => "agent.token_created",
             Self::AgentJoined { .. } => "agent.joined",
             Self::AgentRenewed { .. } => "agent.renewed",

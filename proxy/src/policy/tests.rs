@@ -13,6 +13,8 @@ fn target(name: &str, labels: &[(&str, &str)], levels: &[AccessLevel]) -> Target
     Target {
         name: TargetName::new(name).unwrap(),
         via: None,
+        kind: crate::config::TargetKind::Postgres,
+        host_keys: Vec::new(),
         address: "127.0.0.1:5432".into(),
         database: "app".into(),
         labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
@@ -24,6 +26,7 @@ fn target(name: &str, labels: &[(&str, &str)], levels: &[AccessLevel]) -> Target
                     Credential {
                         user: "u".into(),
                         password: None,
+                        ssh_key: None,
                     },
                 )
             })

@@ -43,6 +43,8 @@ fn target(name: &str, address: &str) -> Arc<Target> {
     Arc::new(Target {
         name: TargetName::new(name).unwrap(),
         via: None,
+        kind: crate::config::TargetKind::Postgres,
+        host_keys: Vec::new(),
         address: address.into(),
         database: "app".into(),
         labels: Default::default(),

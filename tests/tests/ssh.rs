@@ -1,0 +1,210 @@
+//! SSH through the proxy with the real OpenSSH client and server: certificate authentication,
+//! the target from the login name, admission, exec audited with its exit status, an
+//! interactive shell with a pty, the cut at expiry with a line on the terminal, and a target
+//! whose host key does not match.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::{Duration, Instant, SystemTime};
+
+use jitgate_tests::jitgate::model::AccessLevel;
+use jitgate_tests::ssh::{spawn_ssh, ssh, ssh_user, ssh_user_between};
+use jitgate_tests::{eventually, Harness, Options};
+use tokio::io::AsyncWriteExt;
+
+const HOUR: Duration = Duration::from_secs(3600);
+
+async fn harness() -> Harness {
+    Harness::start_with(Options {
+        ssh: true,
+        ..Options::default()
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn exec_runs_on_the_target_and_is_audited_with_its_exit_status() {
+    let h = harness().await;
+    let alice = ssh_user(&h, "alice", &["dev"]);
+    h.grant("alice", "web-1", AccessLevel::Write, HOUR).await;
+    let (ok, out, err) = ssh(
+        &h,
+        &alice,
+        "web-1",
+        &["echo", "hello from $(hostname -s 2>/dev/null || echo web)"],
+    )
+    .await;
+    assert!(ok, "{err}");
+    assert!(out.starts_with("hello from"), "{out}");
+    // user@target works too; the exit status comes back and is audited.
+    let (ok, out, _) = ssh(&h, &alice, "alice@web-1", &["sh", "-c", "'echo out; exit 3'"]).await;
+    assert!(!ok);
+    assert_eq!(out.trim(), "out");
+    eventually("ssh.exec records", Duration::from_secs(10), || async {
+        h.audit_events("ssh.exec").len() == 2
+    })
+    .await;
+    let execs = h.audit_events("ssh.exec");
+    assert_eq!(execs[1]["command"], "sh -c 'echo out; exit 3'");
+    assert_eq!(execs[1]["exit_status"], 3);
+    assert_eq!(execs[1]["user"], "alice");
+    assert_eq!(execs[1]["target"], "web-1");
+    assert!(execs[1]["bytes_out"].as_u64().unwrap() >= 4);
+    assert_eq!(execs[0]["exit_status"], 0);
+    let starts = h.audit_events("session.start");
+    assert!(starts.iter().any(|s| s["target"] == "web-1"), "{starts:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_interactive_shell_with_a_pty_works() {
+    let h = harness().await;
+    let alice = ssh_user(&h, "alice", &["dev"]);
+    h.grant("alice", "web-1", AccessLevel::Write, HOUR).await;
+    let mut child = jitgate_tests::ssh::ssh_command(&h, &alice, "web-1", &["-tt"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(b"echo $((6*7)) $TERM; tty; exit\n").await.unwrap();
+    let out = tokio::time::timeout(Duration::from_secs(30), child.wait_with_output())
+        .await
+        .expect("the shell exits")
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("42"), "{text}");
+    assert!(text.contains("/dev/pts/"), "a pty upstream: {text}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn without_a_grant_the_user_is_told_how_to_ask() {
+    let h = harness().await;
+    let bob = ssh_user(&h, "bob", &["dev"]);
+    let (ok, _, err) = ssh(&h, &bob, "web-1", &["true"]).await;
+    assert!(!ok);
+    assert!(err.contains("no active grant for bob on web-1"), "{err}");
+    assert!(err.contains("jitgate request web-1"), "{err}");
+    let denied = h.audit_events("session.denied");
+    assert!(
+        denied.iter().any(|d| d["code"] == "no_grant" && d["target"] == "web-1"),
+        "{denied:?}"
+    );
+    // A PostgreSQL target is not an SSH target.
+    h.grant("bob", "prod-db", AccessLevel::Read, HOUR).await;
+    let (ok, _, err) = ssh(&h, &bob, "prod-db", &["true"]).await;
+    assert!(!ok);
+    assert!(err.contains("not ssh"), "{err}");
+    // Nor an SSH target a PostgreSQL one.
+    h.grant("bob", "web-1", AccessLevel::Write, HOUR).await;
+    let bob_pg = h.user("bob", &["dev"]);
+    let out = h.psql(&bob_pg, "web-1", "SELECT 1").await;
+    assert!(!out.success);
+    assert!(out.stderr.contains("is an ssh target, not postgres"), "{}", out.stderr);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn plain_keys_foreign_cas_expired_certificates_and_other_users_are_refused() {
+    let h = harness().await;
+    h.grant("alice", "web-1", AccessLevel::Write, HOUR).await;
+    let alice = ssh_user(&h, "alice", &["dev"]);
+    // The same key without its certificate.
+    let plain = jitgate_tests::ssh::SshUser {
+        cert: alice.key.with_extension("nonexistent"),
+        ..alice.clone()
+    };
+    let (ok, _, err) = ssh(&h, &plain, "web-1", &["true"]).await;
+    assert!(!ok);
+    assert!(err.contains("Permission denied"), "{err}");
+    // A certificate of another CA: a second data directory's.
+    let other = tempfile::tempdir().unwrap();
+    jitgate_tests::jitgate::cli::init_data_dir(other.path(), &[], HOUR).unwrap();
+    let now = SystemTime::now();
+    let files = jitgate_tests::jitgate::sshca::issue_user(
+        other.path(),
+        &jitgate_tests::jitgate::model::UserName::new("alice").unwrap(),
+        &[],
+        now - Duration::from_secs(60),
+        now + HOUR,
+        other.path(),
+    )
+    .unwrap()
+    .unwrap();
+    let foreign = jitgate_tests::ssh::SshUser {
+        user: "alice".into(),
+        key: files.key,
+        cert: files.cert,
+    };
+    let (ok, _, err) = ssh(&h, &foreign, "web-1", &["true"]).await;
+    assert!(!ok && err.contains("Permission denied"), "{err}");
+    // An expired certificate from the right CA.
+    let expired = ssh_user_between(&h, "alice", &[], now - HOUR, now - Duration::from_secs(60));
+    let (ok, _, err) = ssh(&h, &expired, "web-1", &["true"]).await;
+    assert!(!ok && err.contains("Permission denied"), "{err}");
+    // Alice's certificate cannot log in as bob.
+    let (ok, _, err) = ssh(&h, &alice, "bob@web-1", &["true"]).await;
+    assert!(!ok && err.contains("Permission denied"), "{err}");
+    // And the real one works.
+    let (ok, _, err) = ssh(&h, &alice, "web-1", &["true"]).await;
+    assert!(ok, "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_running_command_is_cut_at_expiry_with_a_line_on_the_terminal() {
+    let h = harness().await;
+    let alice = ssh_user(&h, "alice", &["dev"]);
+    let grant = h
+        .grant("alice", "web-1", AccessLevel::Write, Duration::from_secs(4))
+        .await;
+    let started = Instant::now();
+    let child = spawn_ssh(&h, &alice, "web-1", &["sleep", "600"]);
+    let out = tokio::time::timeout(Duration::from_secs(30), child.wait_with_output())
+        .await
+        .expect("cut at expiry")
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains(&format!("jitgate: access to web-1 ended: grant {} expired", grant.id)),
+        "{err}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(30));
+    eventually("the upstream sleep is gone", Duration::from_secs(20), || async {
+        let ps = std::process::Command::new("pgrep")
+            .args(["-f", "^sleep 600$"])
+            .output()
+            .unwrap();
+        ps.stdout.is_empty()
+    })
+    .await;
+    let execs = h.audit_events("ssh.exec");
+    assert_eq!(execs[0]["cut"], true, "{execs:?}");
+    let ends = h.audit_events("session.end");
+    assert!(ends.iter().any(|e| e["reason"] == "grant_expired"), "{ends:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_target_whose_host_key_does_not_match_is_refused_naming_both_fingerprints() {
+    let h = harness().await;
+    let alice = ssh_user(&h, "alice", &["dev"]);
+    h.grant("alice", "web-bad", AccessLevel::Write, HOUR).await;
+    let (ok, _, err) = ssh(&h, &alice, "web-bad", &["true"]).await;
+    assert!(!ok);
+    assert!(err.contains("the host key of web-bad does not match"), "{err}");
+    let presented = String::from_utf8(
+        std::process::Command::new("ssh-keygen")
+            .arg("-lf")
+            .arg(h.sshd.as_ref().unwrap().dir.path().join("host_key.pub"))
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .unwrap();
+    let presented = presented.split_whitespace().nth(1).unwrap().to_owned();
+    assert!(err.contains(&presented), "names the presented key {presented}: {err}");
+    let denied = h.audit_events("session.denied");
+    let mismatch = denied
+        .iter()
+        .find(|d| d["code"] == "host_key_mismatch")
+        .expect("audited");
+    assert!(mismatch["reason"].as_str().unwrap().contains(&presented), "{mismatch}");
+}
