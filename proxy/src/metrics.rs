@@ -73,6 +73,13 @@ pub struct Metrics {
     pub webhook_deliveries_total: IntCounterVec,
     /// Notifications waiting in a webhook's queue, by webhook.
     pub webhook_queue_depth: IntGaugeVec,
+    /// SSH channels relayed, by kind (`shell`, `exec`).
+    pub ssh_channels_total: IntCounterVec,
+    /// SSH refusals, by reason: authentication (`plain_key`, `unknown_ca`,
+    /// `not_user_certificate`, `bad_key_id`, `principal`, `login_user`, `login_target`), or a
+    /// request jitgate does not serve (`subsystem`, `port_forwarding`, `x11`,
+    /// `agent_forwarding`).
+    pub ssh_refusals_total: IntCounterVec,
     /// Agents with a live link.
     pub agents_connected: IntGauge,
     /// Streams open on agent links (one per session or cancel through an agent).
@@ -203,6 +210,16 @@ impl Metrics {
                 HistogramOpts::new("jitgate_audit_fsync_seconds", "Time of one fsync of the audit file").buckets(vec![
                     0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0
                 ])
+            )
+            .expect("valid metric")),
+            ssh_channels_total: reg!(IntCounterVec::new(
+                Opts::new("jitgate_ssh_channels_total", "SSH channels relayed"),
+                &["kind"]
+            )
+            .expect("valid metric")),
+            ssh_refusals_total: reg!(IntCounterVec::new(
+                Opts::new("jitgate_ssh_refusals_total", "SSH authentications and requests refused"),
+                &["reason"]
             )
             .expect("valid metric")),
             agents_connected: reg!(

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use jitgate_tests::jitgate::model::AccessLevel;
 use jitgate_tests::ssh::{spawn_ssh, ssh, ssh_user, ssh_user_between};
-use jitgate_tests::{eventually, Harness, Options};
+use jitgate_tests::{eventually, metric, Harness, Options};
 use tokio::io::AsyncWriteExt;
 
 const HOUR: Duration = Duration::from_secs(3600);
@@ -52,6 +52,18 @@ async fn exec_runs_on_the_target_and_is_audited_with_its_exit_status() {
     assert_eq!(execs[0]["exit_status"], 0);
     let starts = h.audit_events("session.start");
     assert!(starts.iter().any(|s| s["target"] == "web-1"), "{starts:?}");
+    eventually("session.end with bytes", Duration::from_secs(10), || async {
+        h.audit_events("session.end")
+            .iter()
+            .any(|e| e["target"] == "web-1" && e["bytes_to_client"].as_u64().unwrap_or(0) >= 4)
+    })
+    .await;
+    let (_, m) = h.metrics_get("/metrics").await;
+    assert_eq!(metric(&m, "jitgate_ssh_channels_total{kind=\"exec\"}"), 2.0);
+    assert_eq!(
+        metric(&m, "jitgate_sessions_total{protocol=\"ssh\",target=\"web-1\"}"),
+        2.0
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -146,6 +158,91 @@ async fn plain_keys_foreign_cas_expired_certificates_and_other_users_are_refused
     // And the real one works.
     let (ok, _, err) = ssh(&h, &alice, "web-1", &["true"]).await;
     assert!(ok, "{err}");
+    let (_, m) = h.metrics_get("/metrics").await;
+    assert!(
+        metric(&m, "jitgate_ssh_refusals_total{reason=\"plain_key\"}") >= 1.0,
+        "{m}"
+    );
+    assert!(
+        metric(&m, "jitgate_ssh_refusals_total{reason=\"unknown_ca\"}") >= 1.0,
+        "{m}"
+    );
+    assert!(
+        metric(&m, "jitgate_ssh_refusals_total{reason=\"login_user\"}") >= 1.0,
+        "{m}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_notice_reaches_the_terminal_and_an_extension_keeps_the_command_going() {
+    let h = Harness::start_with(Options {
+        ssh: true,
+        limits: "\n[sessions]\nexpiry_notice = \"3s\"",
+        ..Options::default()
+    })
+    .await;
+    let alice = ssh_user(&h, "alice", &["dev"]);
+    let grant = h
+        .grant("alice", "web-1", AccessLevel::Write, Duration::from_secs(6))
+        .await;
+    let started = Instant::now();
+    let child = spawn_ssh(&h, &alice, "web-1", &["sh", "-c", "'sleep 9; echo survived'"]);
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    h.admin()
+        .extend_grant(grant.id.as_str(), Duration::from_secs(10))
+        .await
+        .unwrap();
+    let out = tokio::time::timeout(Duration::from_secs(40), child.wait_with_output())
+        .await
+        .expect("the command finishes")
+        .unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(out.status.success(), "{stderr}");
+    assert_eq!(stdout.trim(), "survived");
+    assert!(stderr.contains("jitgate: access to web-1 ends in"), "{stderr}");
+    assert!(stderr.contains(&format!("jitgate extend {}", grant.id)), "{stderr}");
+    assert!(started.elapsed() >= Duration::from_secs(9));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn revoke_and_kill_cut_ssh_sessions_with_their_reasons() {
+    let h = harness().await;
+    let alice = ssh_user(&h, "alice", &["dev"]);
+    let bob = ssh_user(&h, "bob", &["dev"]);
+    let g = h.grant("alice", "web-1", AccessLevel::Write, HOUR).await;
+    h.grant("bob", "web-1", AccessLevel::Write, HOUR).await;
+    let revoked = spawn_ssh(&h, &alice, "web-1", &["sleep", "300"]);
+    let killed = spawn_ssh(&h, &bob, "web-1", &["sleep", "300"]);
+    eventually("two SSH sessions", Duration::from_secs(20), || async {
+        h.admin().list_sessions().await.unwrap().len() == 2
+    })
+    .await;
+    h.admin().revoke_grant(g.id.as_str()).await.unwrap();
+    let bobs = h
+        .admin()
+        .list_sessions()
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|s| s.user.as_str() == "bob")
+        .unwrap();
+    h.admin().kill_session(bobs.id.as_str()).await.unwrap();
+    let (r, k) = tokio::join!(revoked.wait_with_output(), killed.wait_with_output());
+    let r = String::from_utf8_lossy(&r.unwrap().stderr).into_owned();
+    let k = String::from_utf8_lossy(&k.unwrap().stderr).into_owned();
+    assert!(r.contains(&format!("grant {} was revoked", g.id)), "{r}");
+    assert!(k.contains("was terminated by an administrator"), "{k}");
+    eventually("the sleeps are gone", Duration::from_secs(20), || async {
+        let ps = std::process::Command::new("pgrep")
+            .args(["-f", "^sleep 300$"])
+            .output()
+            .unwrap();
+        ps.stdout.is_empty()
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread")]

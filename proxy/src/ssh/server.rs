@@ -2,8 +2,9 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Instant, SystemTime};
 
 use russh::keys::ssh_key::{self, certificate::CertType, Certificate, HashAlg, PublicKey};
 use russh::keys::{PrivateKey, PrivateKeyWithHashAlg};
@@ -81,6 +82,8 @@ struct Conn {
     upstream: Option<russh::client::Handle<Upstream>>,
     cut: Arc<Cut>,
     channels: HashMap<ChannelId, Channel<Msg>>,
+    /// Pre-expiry notices, for every channel's stderr.
+    notices: Arc<tokio::sync::broadcast::Sender<String>>,
     started: Instant,
 }
 
@@ -99,6 +102,7 @@ pub async fn serve_connection(ctx: Arc<SshContext>, tcp: TcpStream, peer: Socket
             why: Mutex::new(None),
         }),
         channels: HashMap::new(),
+        notices: Arc::new(tokio::sync::broadcast::channel(4).0),
         started: Instant::now(),
     };
     let deadline = ctx.config.limits.handshake_timeout;
@@ -122,8 +126,9 @@ fn login_name(login: &str) -> (Option<&str>, &str) {
 }
 
 impl Conn {
-    fn refuse_auth(&self, why: &str) -> Auth {
+    fn refuse_auth(&self, code: &'static str, why: &str) -> Auth {
         tracing::info!(client.addr = %self.peer, reason = why, "SSH authentication refused");
+        self.ctx.metrics.ssh_refusals_total.with_label_values(&[code]).inc();
         Auth::reject()
     }
 
@@ -131,23 +136,23 @@ impl Conn {
     /// first channel.
     fn authenticate(&mut self, login: &str, cert: &Certificate) -> Auth {
         if cert.cert_type() != CertType::User {
-            return self.refuse_auth("not a user certificate");
+            return self.refuse_auth("not_user_certificate", "not a user certificate");
         }
         if cert.signature_key().fingerprint(HashAlg::Sha256) != self.ctx.user_ca {
-            return self.refuse_auth("certificate not signed by the jitgate SSH user CA");
+            return self.refuse_auth("unknown_ca", "certificate not signed by the jitgate SSH user CA");
         }
         let Ok(user) = UserName::new(cert.key_id()) else {
-            return self.refuse_auth("certificate key id is not a user name");
+            return self.refuse_auth("bad_key_id", "certificate key id is not a user name");
         };
         if !cert.valid_principals().iter().any(|p| p == user.as_str()) {
-            return self.refuse_auth("certificate does not list its user as a principal");
+            return self.refuse_auth("principal", "certificate does not list its user as a principal");
         }
         let (asked_user, target) = login_name(login);
         if asked_user.is_some_and(|u| u != user.as_str()) {
-            return self.refuse_auth("login user is not the certificate's user");
+            return self.refuse_auth("login_user", "login user is not the certificate's user");
         }
         let Ok(target) = TargetName::new(target) else {
-            return self.refuse_auth("login names no target");
+            return self.refuse_auth("login_target", "login names no target");
         };
         let roles = cert
             .extensions()
@@ -314,11 +319,10 @@ impl russh::server::Handler for Conn {
     }
 
     async fn auth_publickey(&mut self, _user: &str, _key: &PublicKey) -> Result<Auth, Self::Error> {
-        Ok(
-            self.refuse_auth(
-                "a plain key: jitgate accepts only certificates from its SSH user CA (jitgate cert issue)",
-            ),
-        )
+        Ok(self.refuse_auth(
+            "plain_key",
+            "a plain key: jitgate accepts only certificates from its SSH user CA (jitgate cert issue)",
+        ))
     }
 
     async fn auth_openssh_certificate(&mut self, user: &str, cert: &Certificate) -> Result<Auth, Self::Error> {
@@ -333,6 +337,8 @@ impl russh::server::Handler for Conn {
         self.ctx.audit.submit(AuditEvent::SessionStart {
             session: lease.session().meta.clone(),
         });
+        // Listed (and killable) from now on; the upstream login follows on the first channel.
+        lease.session().set_established();
         let target = lease.target().name.to_string();
         self.ctx
             .metrics
@@ -344,7 +350,31 @@ impl russh::server::Handler for Conn {
             .sessions_active
             .with_label_values(&[&target, "ssh"])
             .inc();
-        // One watcher per connection: when the lease ends, every channel hears why.
+        // One watcher per connection: when the lease ends, every channel hears why. Before
+        // that, the pre-expiry notice goes to every channel's stderr (again after extensions).
+        if let Some(mut notice) = lease.notice(self.ctx.config.sessions.expiry_notice) {
+            let (notices, target, grant) = (
+                Arc::clone(&self.notices),
+                lease.target().name.to_string(),
+                lease.grant().id.to_string(),
+            );
+            let stop = self.cut.token.clone();
+            tokio::spawn(async move {
+                loop {
+                    let due = tokio::select! {
+                        d = std::future::poll_fn(|cx| notice.poll_due(cx)) => d,
+                        () = stop.cancelled() => return,
+                    };
+                    let left = due.at.duration_since(SystemTime::now()).unwrap_or_default();
+                    let line = format!(
+                        "\r\njitgate: access to {target} ends in {} (at {}); to keep working: jitgate extend {grant} --for 30m --reason TEXT\r\n",
+                        humantime::format_duration(std::time::Duration::from_secs(left.as_secs())),
+                        humantime::format_rfc3339_seconds(due.at)
+                    );
+                    let _ = notices.send(line);
+                }
+            });
+        }
         let cut = Arc::clone(&self.cut);
         let handle = session.handle();
         tokio::spawn(async move {
@@ -425,6 +455,11 @@ impl russh::server::Handler for Conn {
         name: &str,
         session: &mut Session,
     ) -> Result<(), Self::Error> {
+        self.ctx
+            .metrics
+            .ssh_refusals_total
+            .with_label_values(&["subsystem"])
+            .inc();
         tracing::info!(client.addr = %self.peer, subsystem = name, "SSH subsystem refused (not supported yet)");
         session.channel_failure(channel)
     }
@@ -442,6 +477,11 @@ impl russh::server::Handler for Conn {
     }
 
     async fn agent_request(&mut self, channel: ChannelId, session: &mut Session) -> Result<bool, Self::Error> {
+        self.ctx
+            .metrics
+            .ssh_refusals_total
+            .with_label_values(&["agent_forwarding"])
+            .inc();
         session.channel_failure(channel)?;
         Ok(false)
     }
@@ -456,6 +496,11 @@ impl russh::server::Handler for Conn {
         _session: &mut Session,
     ) -> Result<bool, Self::Error> {
         tracing::info!(client.addr = %self.peer, "SSH port forwarding refused");
+        self.ctx
+            .metrics
+            .ssh_refusals_total
+            .with_label_values(&["port_forwarding"])
+            .inc();
         Ok(false)
     }
 
@@ -511,6 +556,7 @@ impl Conn {
             ctx: Arc::clone(&self.ctx),
             lease,
             cut: Arc::clone(&self.cut),
+            notices: self.notices.subscribe(),
         };
         tokio::spawn(relay.run(client, up));
         Ok(())
@@ -558,10 +604,11 @@ struct Relay {
     ctx: Arc<SshContext>,
     lease: Arc<Lease>,
     cut: Arc<Cut>,
+    notices: tokio::sync::broadcast::Receiver<String>,
 }
 
 impl Relay {
-    async fn run(self, mut client: Channel<Msg>, mut up: Channel<russh::client::Msg>) {
+    async fn run(mut self, mut client: Channel<Msg>, mut up: Channel<russh::client::Msg>) {
         let started = Instant::now();
         let (mut bytes_in, mut bytes_out) = (0u64, 0u64);
         let mut exit_status = None;
@@ -596,6 +643,7 @@ impl Relay {
                     let _ = up.window_change(col_width, row_height, pix_width, pix_height).await;
                 }
                 Some(ChannelMsg::RequestShell { .. }) => {
+                    self.ctx.metrics.ssh_channels_total.with_label_values(&["shell"]).inc();
                     if up.request_shell(true).await.is_err() {
                         let _ = client.close().await;
                         return;
@@ -603,6 +651,7 @@ impl Relay {
                     break None;
                 }
                 Some(ChannelMsg::Exec { command, .. }) => {
+                    self.ctx.metrics.ssh_channels_total.with_label_values(&["exec"]).inc();
                     if up.exec(true, command.clone()).await.is_err() {
                         let _ = client.close().await;
                         return;
@@ -621,6 +670,7 @@ impl Relay {
                 m = client.wait() => match m {
                     Some(ChannelMsg::Data { data }) => {
                         bytes_in += data.len() as u64;
+                        self.lease.session().bytes_from_client.fetch_add(data.len() as u64, Ordering::Relaxed);
                         if up.data(&data[..]).await.is_err() { break; }
                     }
                     Some(ChannelMsg::Eof) => { let _ = up.eof().await; }
@@ -633,10 +683,12 @@ impl Relay {
                 m = up.wait() => match m {
                     Some(ChannelMsg::Data { data }) => {
                         bytes_out += data.len() as u64;
+                        self.lease.session().bytes_to_client.fetch_add(data.len() as u64, Ordering::Relaxed);
                         if client.data(&data[..]).await.is_err() { break; }
                     }
                     Some(ChannelMsg::ExtendedData { data, ext }) => {
                         bytes_out += data.len() as u64;
+                        self.lease.session().bytes_to_client.fetch_add(data.len() as u64, Ordering::Relaxed);
                         let _ = client.extended_data(ext, &data[..]).await;
                     }
                     Some(ChannelMsg::ExitStatus { exit_status: s }) => {
@@ -647,6 +699,9 @@ impl Relay {
                     Some(ChannelMsg::Close) | None => break,
                     _ => {}
                 },
+                Ok(line) = self.notices.recv() => {
+                    let _ = client.extended_data(1, line.as_bytes()).await;
+                }
                 () = self.cut.token.cancelled() => {
                     // A command without a pty outlives its channel on the server: end it.
                     let _ = up.signal(russh::Sig::TERM).await;
@@ -690,8 +745,8 @@ impl Drop for Conn {
         self.ctx.audit.submit(AuditEvent::SessionEnd {
             session: lease.session().meta.clone(),
             reason,
-            bytes_from_client: 0,
-            bytes_to_client: 0,
+            bytes_from_client: lease.session().bytes_from_client.load(Ordering::Relaxed),
+            bytes_to_client: lease.session().bytes_to_client.load(Ordering::Relaxed),
             duration_ms: u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX),
         });
     }
