@@ -79,7 +79,9 @@ struct Conn {
     ticket: Option<Ticket>,
     admitted: Option<Result<Arc<Lease>, Refusal>>,
     target: Option<TargetName>,
-    upstream: Option<russh::client::Handle<Upstream>>,
+    /// Shared with the relays, so the connection outlives the last one (a cut's signals must
+    /// leave before it closes).
+    upstream: Option<Arc<russh::client::Handle<Upstream>>>,
     cut: Arc<Cut>,
     channels: HashMap<ChannelId, Channel<Msg>>,
     /// Pre-expiry notices, for every channel's stderr.
@@ -198,12 +200,12 @@ impl Conn {
     }
 
     /// The upstream connection, opened on the first channel.
-    async fn upstream(&mut self, lease: &Arc<Lease>) -> Result<&russh::client::Handle<Upstream>, String> {
+    async fn upstream(&mut self, lease: &Arc<Lease>) -> Result<Arc<russh::client::Handle<Upstream>>, String> {
         if self.upstream.is_none() {
             let handle = connect_upstream(&self.ctx, lease).await?;
-            self.upstream = Some(handle);
+            self.upstream = Some(Arc::new(handle));
         }
-        self.upstream.as_ref().ok_or_else(|| "no upstream".to_owned())
+        self.upstream.clone().ok_or_else(|| "no upstream".to_owned())
     }
 }
 
@@ -557,6 +559,7 @@ impl Conn {
             lease,
             cut: Arc::clone(&self.cut),
             notices: self.notices.subscribe(),
+            _upstream: Arc::clone(&upstream),
         };
         tokio::spawn(relay.run(client, up));
         Ok(())
@@ -605,6 +608,7 @@ struct Relay {
     lease: Arc<Lease>,
     cut: Arc<Cut>,
     notices: tokio::sync::broadcast::Receiver<String>,
+    _upstream: Arc<russh::client::Handle<Upstream>>,
 }
 
 impl Relay {
@@ -665,8 +669,38 @@ impl Relay {
                 _ => {}
             }
         };
+        // The server answers the shell or exec request once the process runs: from then on a
+        // cut's signals reach it (sent earlier, they would find no process yet).
+        let mut early = Vec::new();
+        loop {
+            match up.wait().await {
+                Some(ChannelMsg::Success) => break,
+                Some(ChannelMsg::Failure) | Some(ChannelMsg::Close) | None => {
+                    let text = format!("jitgate: {} refused the request\r\n", self.lease.target().name);
+                    let _ = client.extended_data(1, text.as_bytes()).await;
+                    let _ = client.exit_status(1).await;
+                    let _ = client.close().await;
+                    let _ = up.close().await;
+                    return;
+                }
+                Some(other) => early.push(other),
+            }
+        }
+        for m in early {
+            if let ChannelMsg::Data { data } = m {
+                bytes_out += data.len() as u64;
+                let _ = client.data(&data[..]).await;
+            }
+        }
         loop {
             tokio::select! {
+                biased;
+                () = self.cut.token.cancelled() => {
+                    let message = self.cut.message();
+                    let _ = client.extended_data(1, format!("\r\n{message}\r\n").as_bytes()).await;
+                    let _ = client.eof().await;
+                    break;
+                }
                 m = client.wait() => match m {
                     Some(ChannelMsg::Data { data }) => {
                         bytes_in += data.len() as u64;
@@ -702,16 +736,13 @@ impl Relay {
                 Ok(line) = self.notices.recv() => {
                     let _ = client.extended_data(1, line.as_bytes()).await;
                 }
-                () = self.cut.token.cancelled() => {
-                    // A command without a pty outlives its channel on the server: end it.
-                    let _ = up.signal(russh::Sig::TERM).await;
-                    let _ = up.signal(russh::Sig::KILL).await;
-                    let message = self.cut.message();
-                    let _ = client.extended_data(1, format!("\r\n{message}\r\n").as_bytes()).await;
-                    let _ = client.eof().await;
-                    break;
-                }
             }
+        }
+        if self.cut.token.is_cancelled() {
+            // Whichever way the loop ended under a cut (the client's side may have closed
+            // first), the command on the host ends too.
+            let _ = up.signal(russh::Sig::TERM).await;
+            let _ = up.signal(russh::Sig::KILL).await;
         }
         let _ = up.close().await;
         let _ = client.close().await;
