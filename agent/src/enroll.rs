@@ -182,7 +182,7 @@ pub async fn join(proxy: &str, server_name: Option<&str>, token: &str, data_dir:
     if ca_der.iter().all(|c| tunnel::fingerprint(c) != token.ca_sha256) {
         bail!("the CA the proxy sent does not match the token's fingerprint");
     }
-    write_identity(data_dir, &key, &cert)?;
+    write_identity(data_dir, &key.serialize_pem(), &cert)?;
     config::write_atomic(&data_dir.join(config::CA), &ca, false)?;
     let joined = Joined {
         name,
@@ -206,7 +206,9 @@ pub async fn renew(proxy: &str, server_name: &str, data_dir: &Path) -> Result<Sy
         csr,
         version: env!("CARGO_PKG_VERSION").to_owned(),
     };
-    let (_, answer) = hello(proxy, server_name, client_config(data_dir)?, &request).await?;
+    let dir = data_dir.to_owned();
+    let tls = tokio::task::spawn_blocking(move || client_config(&dir)).await??;
+    let (_, answer) = hello(proxy, server_name, tls, &request).await?;
     if let Some(error) = answer.error {
         bail!("the proxy refused the renewal: {error}");
     }
@@ -214,14 +216,15 @@ pub async fn renew(proxy: &str, server_name: &str, data_dir: &Path) -> Result<Sy
         .cert
         .ok_or_else(|| anyhow!("the proxy's answer lacks the certificate"))?;
     let (_, not_after) = validity(&cert)?;
-    write_identity(data_dir, &key, &cert)?;
+    // The write syncs the file: off the agent's one thread, which drives the link.
+    let (dir, key_pem) = (data_dir.to_owned(), key.serialize_pem());
+    tokio::task::spawn_blocking(move || write_identity(&dir, &key_pem, &cert)).await??;
     Ok(not_after)
 }
 
 /// Key and certificate in one file, replaced in one rename.
-fn write_identity(data_dir: &Path, key: &rcgen::KeyPair, cert: &str) -> Result<()> {
-    let both = format!("{}{}", key.serialize_pem(), cert);
-    config::write_atomic(&data_dir.join(config::IDENTITY), &both, true)
+fn write_identity(data_dir: &Path, key_pem: &str, cert: &str) -> Result<()> {
+    config::write_atomic(&data_dir.join(config::IDENTITY), &format!("{key_pem}{cert}"), true)
 }
 
 /// When the agent's current certificate ends, and when it began.

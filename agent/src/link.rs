@@ -107,7 +107,12 @@ impl Backoff {
 }
 
 async fn link_once(config: &Arc<Config>, proxy: &str, server_name: &str, name: &str) -> Ended {
-    let tls = match enroll::client_config(&config.data_dir) {
+    let dir = config.data_dir.clone();
+    let tls = match tokio::task::spawn_blocking(move || enroll::client_config(&dir))
+        .await
+        .map_err(anyhow::Error::from)
+        .and_then(|r| r)
+    {
         Ok(t) => t,
         Err(e) => return Ended::Refused(format!("{e:#}")),
     };

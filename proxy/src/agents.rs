@@ -85,7 +85,10 @@ pub async fn create_token(
     if ttl.is_zero() || ttl > MAX_TOKEN_TTL {
         return Err(TokenError::Invalid("ttl must be between 1s and 7d".into()));
     }
-    let ca_pem = std::fs::read_to_string(&config.tls.ca_cert).map_err(|e| TokenError::Ca(e.to_string()))?;
+    // On tokio's blocking pool: the API handler runs on a worker.
+    let ca_pem = tokio::fs::read_to_string(&config.tls.ca_cert)
+        .await
+        .map_err(|e| TokenError::Ca(e.to_string()))?;
     let ca_sha256 = crate::pki::cert_fingerprint(&ca_pem).map_err(|e| TokenError::Ca(e.to_string()))?;
     let id = format!("at-{}", hex(&rand::random::<[u8; 6]>()));
     let secret = base64::Engine::encode(

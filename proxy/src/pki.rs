@@ -71,32 +71,25 @@ impl Identity {
     }
 }
 
-/// Reads the identity from a DER client certificate that rustls has already verified against
-/// the jitgate CA. Refuses certificates without client-auth usage or without a user URI.
-pub fn identity_from_der(der: &[u8]) -> Result<Identity, PkiError> {
+/// What both kinds of client certificate are read from (after their client-auth usage is
+/// checked): the URI subject-alternative names and the end of validity.
+struct ClientCert {
+    uris: Vec<String>,
+    not_after: SystemTime,
+}
+
+fn client_cert(der: &[u8]) -> Result<ClientCert, PkiError> {
     let (_, cert) =
         X509Certificate::from_der(der).map_err(|e| PkiError::Invalid(format!("unparseable certificate: {e}")))?;
     let mut client_auth = false;
-    let mut user = None;
-    let mut roles = Vec::new();
+    let mut uris = Vec::new();
     for ext in cert.extensions() {
         match ext.parsed_extension() {
             ParsedExtension::ExtendedKeyUsage(eku) => client_auth = eku.client_auth,
             ParsedExtension::SubjectAlternativeName(san) => {
                 for name in &san.general_names {
-                    let GeneralName::URI(uri) = name else { continue };
-                    if uri.starts_with(AGENT_URI) {
-                        return Err(PkiError::Invalid(
-                            "an agent certificate identifies no user (agents connect to the agent listener)".into(),
-                        ));
-                    }
-                    if let Some(u) = uri.strip_prefix(USER_URI) {
-                        if user.is_some() {
-                            return Err(PkiError::Invalid("certificate names more than one user".into()));
-                        }
-                        user = Some(UserName::new(u).map_err(|e| PkiError::Invalid(e.to_string()))?);
-                    } else if let Some(r) = uri.strip_prefix(ROLE_URI) {
-                        roles.push(Role::new(r).map_err(|e| PkiError::Invalid(e.to_string()))?);
+                    if let GeneralName::URI(uri) = name {
+                        uris.push((*uri).to_owned());
                     }
                 }
             }
@@ -108,10 +101,39 @@ pub fn identity_from_der(der: &[u8]) -> Result<Identity, PkiError> {
             "certificate lacks client-auth extended key usage".into(),
         ));
     }
-    let user = user.ok_or_else(|| PkiError::Invalid("certificate names no jitgate user".into()))?;
     let not_after =
         SystemTime::UNIX_EPOCH + Duration::from_secs(u64::try_from(cert.validity().not_after.timestamp()).unwrap_or(0));
-    Ok(Identity { user, roles, not_after })
+    Ok(ClientCert { uris, not_after })
+}
+
+/// Reads the identity from a DER client certificate that rustls has already verified against
+/// the jitgate CA. Refuses certificates without client-auth usage or without a user URI, and
+/// agent certificates.
+pub fn identity_from_der(der: &[u8]) -> Result<Identity, PkiError> {
+    let cert = client_cert(der)?;
+    let mut user = None;
+    let mut roles = Vec::new();
+    for uri in &cert.uris {
+        if uri.starts_with(AGENT_URI) {
+            return Err(PkiError::Invalid(
+                "an agent certificate identifies no user (agents connect to the agent listener)".into(),
+            ));
+        }
+        if let Some(u) = uri.strip_prefix(USER_URI) {
+            if user.is_some() {
+                return Err(PkiError::Invalid("certificate names more than one user".into()));
+            }
+            user = Some(UserName::new(u).map_err(|e| PkiError::Invalid(e.to_string()))?);
+        } else if let Some(r) = uri.strip_prefix(ROLE_URI) {
+            roles.push(Role::new(r).map_err(|e| PkiError::Invalid(e.to_string()))?);
+        }
+    }
+    let user = user.ok_or_else(|| PkiError::Invalid("certificate names no jitgate user".into()))?;
+    Ok(Identity {
+        user,
+        roles,
+        not_after: cert.not_after,
+    })
 }
 
 /// Who an agent certificate identifies.
@@ -125,41 +147,26 @@ pub struct AgentIdentity {
 /// jitgate CA. Refuses certificates that name a user, none or several agents, or lack
 /// client-auth usage.
 pub fn agent_from_der(der: &[u8]) -> Result<AgentIdentity, PkiError> {
-    let (_, cert) =
-        X509Certificate::from_der(der).map_err(|e| PkiError::Invalid(format!("unparseable certificate: {e}")))?;
-    let mut client_auth = false;
+    let cert = client_cert(der)?;
     let mut name = None;
-    for ext in cert.extensions() {
-        match ext.parsed_extension() {
-            ParsedExtension::ExtendedKeyUsage(eku) => client_auth = eku.client_auth,
-            ParsedExtension::SubjectAlternativeName(san) => {
-                for general in &san.general_names {
-                    let GeneralName::URI(uri) = general else { continue };
-                    if uri.starts_with(USER_URI) || uri.starts_with(ROLE_URI) {
-                        return Err(PkiError::Invalid(
-                            "a user certificate is not an agent certificate".into(),
-                        ));
-                    }
-                    if let Some(a) = uri.strip_prefix(AGENT_URI) {
-                        if name.is_some() {
-                            return Err(PkiError::Invalid("certificate names more than one agent".into()));
-                        }
-                        name = Some(AgentName::new(a).map_err(|e| PkiError::Invalid(e.to_string()))?);
-                    }
-                }
+    for uri in &cert.uris {
+        if uri.starts_with(USER_URI) || uri.starts_with(ROLE_URI) {
+            return Err(PkiError::Invalid(
+                "a user certificate is not an agent certificate".into(),
+            ));
+        }
+        if let Some(a) = uri.strip_prefix(AGENT_URI) {
+            if name.is_some() {
+                return Err(PkiError::Invalid("certificate names more than one agent".into()));
             }
-            _ => {}
+            name = Some(AgentName::new(a).map_err(|e| PkiError::Invalid(e.to_string()))?);
         }
     }
-    if !client_auth {
-        return Err(PkiError::Invalid(
-            "certificate lacks client-auth extended key usage".into(),
-        ));
-    }
     let name = name.ok_or_else(|| PkiError::Invalid("certificate names no jitgate agent".into()))?;
-    let not_after =
-        SystemTime::UNIX_EPOCH + Duration::from_secs(u64::try_from(cert.validity().not_after.timestamp()).unwrap_or(0));
-    Ok(AgentIdentity { name, not_after })
+    Ok(AgentIdentity {
+        name,
+        not_after: cert.not_after,
+    })
 }
 
 /// SHA-256 of a PEM certificate's DER, lower-case hex (what a join token pins).

@@ -604,6 +604,29 @@ pub fn client_command(program: &str) -> Command {
     c
 }
 
+/// Statements in `pg_sleep` running on the cluster right now.
+pub fn sleeping(h: &Harness) -> usize {
+    h.pg.sql(
+        "postgres",
+        "SELECT count(*) FROM pg_stat_activity WHERE state = 'active' AND query LIKE 'SELECT pg_sleep%'",
+    )
+    .unwrap()
+    .parse()
+    .unwrap()
+}
+
+/// Sends one statement to an idle interactive psql, closes stdin and collects its stderr.
+pub async fn poke_and_collect(mut psql: Child) -> String {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut stdin = psql.stdin.take().unwrap();
+    let _ = stdin.write_all(b"SELECT 1;\n").await;
+    drop(stdin);
+    let mut stderr = String::new();
+    psql.stderr.take().unwrap().read_to_string(&mut stderr).await.unwrap();
+    let _ = tokio::time::timeout(Duration::from_secs(10), psql.wait()).await;
+    stderr
+}
+
 /// Polls `check` every 50 ms until it is true; panics naming `what` after `limit`.
 pub async fn eventually<F, Fut>(what: &str, limit: Duration, mut check: F)
 where

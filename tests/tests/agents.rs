@@ -9,7 +9,9 @@ use std::time::{Duration, Instant};
 use jitgate_protocol::tunnel::{self, Hello};
 use jitgate_tests::agent::{run_agent, token, wait_connected, Agent, Netns};
 use jitgate_tests::jitgate::model::AccessLevel;
-use jitgate_tests::{client_command, eventually, metric, run_jitgate, Harness, Options, UserCert};
+use jitgate_tests::{
+    client_command, eventually, metric, poke_and_collect, run_jitgate, sleeping, Harness, Options, UserCert,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const HOUR: Duration = Duration::from_secs(3600);
@@ -40,27 +42,6 @@ async fn running_agent(h: &Harness) -> Agent {
     agent.start();
     wait_connected(h, "db-east", Duration::from_secs(20)).await;
     agent
-}
-
-fn sleeping(h: &Harness) -> usize {
-    h.pg.sql(
-        "postgres",
-        "SELECT count(*) FROM pg_stat_activity WHERE state = 'active' AND query LIKE 'SELECT pg_sleep%'",
-    )
-    .unwrap()
-    .parse()
-    .unwrap()
-}
-
-/// Sends one statement to an idle interactive psql, closes stdin and collects its stderr.
-async fn poke_and_collect(mut psql: tokio::process::Child) -> String {
-    let mut stdin = psql.stdin.take().unwrap();
-    let _ = stdin.write_all(b"SELECT 1;\n").await;
-    drop(stdin);
-    let mut stderr = String::new();
-    psql.stderr.take().unwrap().read_to_string(&mut stderr).await.unwrap();
-    let _ = tokio::time::timeout(Duration::from_secs(10), psql.wait()).await;
-    stderr
 }
 
 /// The agent's key and certificate as separate files, for clients that want them so.

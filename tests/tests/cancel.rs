@@ -7,19 +7,9 @@ use jitgate_protocol::postgres::backend::BackendMessage;
 use jitgate_protocol::postgres::frontend::encode_cancel;
 use jitgate_tests::jitgate::model::AccessLevel;
 use jitgate_tests::raw::{self, error_of, read_until_ready, send_query, send_startup};
-use jitgate_tests::{client_command, eventually, metric, Harness};
+use jitgate_tests::{client_command, eventually, metric, sleeping, Harness};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
-
-fn sleeping(h: &Harness) -> usize {
-    h.pg.sql(
-        "postgres",
-        "SELECT count(*) FROM pg_stat_activity WHERE state = 'active' AND query LIKE 'SELECT pg_sleep%'",
-    )
-    .unwrap()
-    .parse()
-    .unwrap()
-}
 
 async fn send_cancel(h: &Harness, process_id: i32, secret_key: i32) {
     let mut tcp = TcpStream::connect(h.addrs().postgres).await.unwrap();

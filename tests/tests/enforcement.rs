@@ -6,9 +6,8 @@ use std::time::Duration;
 
 use jitgate_tests::jitgate::model::AccessLevel;
 use jitgate_tests::raw::{self, error_of, read_until_ready, send_query, send_startup};
-use jitgate_tests::{eventually, Harness};
+use jitgate_tests::{eventually, poke_and_collect, Harness};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::process::Child;
 
 const HOUR: Duration = Duration::from_secs(3600);
 
@@ -18,17 +17,6 @@ fn ends_of(h: &Harness, grant_id: &str) -> Vec<serde_json::Value> {
         .into_iter()
         .filter(|e| e["grant_id"] == grant_id)
         .collect()
-}
-
-/// Sends one statement to an idle interactive psql, closes stdin and collects its stderr.
-async fn poke_and_collect(mut psql: Child) -> String {
-    let mut stdin = psql.stdin.take().unwrap();
-    let _ = stdin.write_all(b"SELECT 1;\n").await;
-    drop(stdin);
-    let mut stderr = String::new();
-    psql.stderr.take().unwrap().read_to_string(&mut stderr).await.unwrap();
-    let _ = tokio::time::timeout(Duration::from_secs(10), psql.wait()).await;
-    stderr
 }
 
 /// Waits until `n` sessions are live for the grant.
