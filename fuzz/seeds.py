@@ -234,6 +234,62 @@ def agent_hello():
     write("agent_hello", token)
 
 
+def sftp():
+    """SFTP exchanges as the sftp target reads them: [u16 client length][client][server]."""
+
+    def pkt(kind, rid, *fields):
+        body = bytes([kind]) + (struct.pack(">I", rid) if rid is not None else b"") + b"".join(fields)
+        return struct.pack(">I", len(body)) + body
+
+    def s(b):
+        return struct.pack(">I", len(b)) + b
+
+    def u32(n):
+        return struct.pack(">I", n)
+
+    def u64(n):
+        return struct.pack(">Q", n)
+
+    def ok(rid):
+        return pkt(101, rid, u32(0), s(b"Success"), s(b""))
+
+    def seed(client, server):
+        write("sftp", struct.pack(">H", len(client)) + client + server)
+
+    init = pkt(1, None, u32(3))
+    version = pkt(2, None, u32(3), s(b"posix-rename@openssh.com"), s(b"1"))
+    # An upload: open for write, two writes, close.
+    seed(
+        init
+        + pkt(3, 1, s(b"/tmp/up.bin"), u32(0x1A), u32(0))
+        + pkt(6, 2, s(b"0"), u64(0), s(b"x" * 64))
+        + pkt(6, 3, s(b"0"), u64(64), s(b"y" * 32))
+        + pkt(4, 4, s(b"0")),
+        version + pkt(102, 1, s(b"0")) + ok(2) + ok(3) + ok(4),
+    )
+    # A download: open for read, a read answered with data, then EOF, close.
+    seed(
+        init
+        + pkt(3, 1, s(b"/etc/hosts"), u32(1), u32(0))
+        + pkt(5, 2, s(b"7"), u64(0), u32(32768))
+        + pkt(5, 3, s(b"7"), u64(100), u32(32768))
+        + pkt(4, 4, s(b"7")),
+        version + pkt(102, 1, s(b"7")) + pkt(103, 2, s(b"z" * 100)) + pkt(101, 3, u32(1), s(b"EOF"), s(b"")) + ok(4),
+    )
+    # Renames (plain and posix-rename), remove, mkdir, rmdir, symlink, an unknown extension.
+    seed(
+        pkt(18, 1, s(b"/a"), s(b"/b"))
+        + pkt(200, 2, s(b"posix-rename@openssh.com"), s(b"/b"), s(b"/c"))
+        + pkt(13, 3, s(b"/c"))
+        + pkt(14, 4, s(b"/d"), u32(0))
+        + pkt(15, 5, s(b"/d"))
+        + pkt(20, 6, s(b"/target"), s(b"/link"))
+        + pkt(200, 7, s(b"copy-data"), s(b"0"), u64(0), u64(0), s(b"1"), u64(0))
+        + pkt(200, 8, s(b"vendor@example.com"), s(b"/x")),
+        ok(1) + ok(2) + pkt(101, 3, u32(2), s(b"No such file"), s(b"")) + ok(4) + ok(5) + ok(6) + ok(7) + ok(8),
+    )
+
+
 def main():
     if "--record-startup" in sys.argv:
         record_startup()
@@ -245,6 +301,7 @@ def main():
     classify()
     config()
     agent_hello()
+    sftp()
     for t in sorted(os.listdir(SEEDS)):
         files = os.listdir(os.path.join(SEEDS, t))
         size = sum(os.path.getsize(os.path.join(SEEDS, t, f)) for f in files)

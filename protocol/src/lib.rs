@@ -7,8 +7,10 @@
 //! It contains no networking code: bytes in, typed values out, and back. The tokio adapters
 //! live in the `jitgate` crate, where the sockets are. The one exception is [`tunnel`], the
 //! agent link's hello and its HTTP/2 stream adapter, shared by the proxy and `jitgate-agent`
-//! (it wraps `h2` streams; the sockets stay with its callers).
+//! (it wraps `h2` streams; the sockets stay with its callers). [`sftp`] reads the SFTP packets
+//! relayed over SSH, for the audit.
 
 pub mod postgres;
+pub mod sftp;
 pub mod sql;
 pub mod tunnel;

@@ -29,7 +29,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 pub use event::{
-    AuditEvent, AuditRecord, Decision, Outcome, ReopenReason, SessionEndReason, StatementPath, SCHEMA_VERSION,
+    AuditEvent, AuditRecord, Decision, Outcome, RecordingRef, ReopenReason, SessionEndReason, StatementPath,
+    SCHEMA_VERSION,
 };
 pub use writer::{AuditLog, AuditTicket, Reopened, Written};
 

@@ -90,6 +90,18 @@ enum Command {
         #[command(subcommand)]
         command: crate::policy::command::PolicyCommand,
     },
+    /// SSH into TARGET through the proxy with the system `ssh` and the key and certificate
+    /// from `jitgate cert issue` (`jitgate ssh web-1`, `jitgate ssh web-1 -- uptime`).
+    Ssh(crate::ssh::command::SshArgs),
+    /// Print `Host` blocks for ~/.ssh/config, so plain `ssh`, `scp`, `sftp`, `rsync -e ssh`
+    /// and `ssh -L` reach TARGET through the proxy.
+    SshConfig(crate::ssh::command::SshConfigArgs),
+    /// List, show and export shell recordings (found through the audit log; work on the
+    /// files, no API needed).
+    Recording {
+        #[command(subcommand)]
+        command: crate::recordings::RecordingCommand,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -238,6 +250,9 @@ enum AuditCommand {
     /// ends at another hash), or exits 1 naming the file, line and seq of the first bad record
     /// and why (edited, removed, reordered, truncated). When the files start after seq 1
     /// (older files rotated away) it says so and still exits 0.
+    ///
+    /// Then checks every shell recording a `session.end` names: its file must still hash to
+    /// the SHA-256 the log holds (an edited or missing recording exits 1).
     Verify {
         /// Files to check as one log, in any order (e.g. audit.jsonl* or a directory of
         /// shipped files). With --file, --config or --data-dir as well, the files found next
@@ -246,6 +261,12 @@ enum AuditCommand {
         files: Vec<PathBuf>,
         #[command(flatten)]
         log: AuditLogArgs,
+        /// Look for recordings by name in DIR instead of where the log says they were written.
+        #[arg(long)]
+        recordings: Option<PathBuf>,
+        /// Check the chain only, not the recordings (a log shipped without them).
+        #[arg(long, conflicts_with = "recordings")]
+        skip_recordings: bool,
     },
     /// Make the running proxy reopen its audit log (admin, through the control API).
     ///
@@ -290,7 +311,7 @@ struct TailArgs {
 
 /// Where the audit log is. The first given of --file, --config and --data-dir wins.
 #[derive(Debug, Args)]
-struct AuditLogArgs {
+pub(crate) struct AuditLogArgs {
     /// The active audit file; its other files (FILE.<seq>, FILE.1, FILE.2.gz, ...) are found
     /// beside it.
     #[arg(long)]
@@ -309,6 +330,19 @@ impl AuditLogArgs {
     /// Whether a flag (or its environment variable) names the log.
     fn given(&self) -> bool {
         self.file.is_some() || self.config.is_some() || self.data_dir.is_some()
+    }
+
+    /// The log's files in chain order: the rotated ones, then the active file.
+    pub(crate) fn files(&self) -> Result<Vec<PathBuf>> {
+        let active = self.active()?;
+        let mut found = crate::audit::siblings::find(&active)?;
+        if active.exists() {
+            found.push(active.clone());
+        }
+        if found.is_empty() {
+            bail!("no audit log at {}", active.display());
+        }
+        Ok(crate::audit::siblings::chain_order(found))
     }
 
     /// The active audit file.
@@ -330,7 +364,12 @@ impl AuditLogArgs {
     }
 }
 
-fn audit_verify(mut files: Vec<PathBuf>, log: &AuditLogArgs) -> Result<()> {
+fn audit_verify(
+    mut files: Vec<PathBuf>,
+    log: &AuditLogArgs,
+    recordings: Option<&Path>,
+    skip_recordings: bool,
+) -> Result<()> {
     use crate::audit::siblings;
     if files.is_empty() || log.given() {
         let active = log.active()?;
@@ -369,6 +408,26 @@ fn audit_verify(mut files: Vec<PathBuf>, log: &AuditLogArgs) -> Result<()> {
             "starts at seq {first}: earlier records are not in these files (rotated away or removed \
              before {}); within the files given, nothing is edited, removed or out of order",
             files.first().map_or_else(String::new, |f| f.display().to_string())
+        );
+    }
+    if skip_recordings {
+        return Ok(());
+    }
+    let named = crate::recordings::from_log(&files)?;
+    let problems: Vec<String> = named
+        .iter()
+        .filter_map(|r| crate::recordings::problem(r, &crate::recordings::check(r, recordings), recordings))
+        .collect();
+    if let Some(first) = problems.first() {
+        for p in &problems[1..] {
+            eprintln!("{p}");
+        }
+        bail!("{first}");
+    }
+    if !named.is_empty() {
+        println!(
+            "recordings: {} checked, each matches its SHA-256 in the log",
+            named.len()
         );
     }
     Ok(())
@@ -495,12 +554,17 @@ async fn dispatch(cli: Cli) -> Result<()> {
             // The SSH certificate is valid as long as the X.509 one (with the same skew).
             let from = now - Duration::from_secs(300);
             match crate::sshca::issue_user(&data_dir, &user, &roles, from, now + ttl, &out)? {
-                Some(f) => println!(
-                    "wrote {}, {} and {} (SSH key and certificate)",
-                    f.key.display(),
-                    f.public.display(),
-                    f.cert.display()
-                ),
+                Some(f) => {
+                    println!(
+                        "wrote {}, {} and {} (SSH key and certificate)",
+                        f.key.display(),
+                        f.public.display(),
+                        f.cert.display()
+                    );
+                    if let Some(k) = f.known_hosts {
+                        println!("wrote {} (the proxy's SSH host key, for jitgate ssh)", k.display());
+                    }
+                }
                 None => println!("no SSH certificate: {} has no ssh_user_ca", data_dir.display()),
             }
             Ok(())
@@ -513,8 +577,14 @@ async fn dispatch(cli: Cli) -> Result<()> {
         Command::Session { command, api } => session(command, &api).await,
         Command::Agent { command, api } => agent(command, &api).await,
         Command::Audit {
-            command: AuditCommand::Verify { files, log },
-        } => audit_verify(files, &log),
+            command:
+                AuditCommand::Verify {
+                    files,
+                    log,
+                    recordings,
+                    skip_recordings,
+                },
+        } => audit_verify(files, &log, recordings.as_deref(), skip_recordings),
         Command::Audit {
             command: AuditCommand::Tail(args),
         } => audit_tail(args),
@@ -522,6 +592,9 @@ async fn dispatch(cli: Cli) -> Result<()> {
             command: AuditCommand::Reopen { api },
         } => audit_reopen(&api).await,
         Command::Policy { command } => crate::policy::command::run(command),
+        Command::Ssh(args) => crate::ssh::command::ssh(args),
+        Command::SshConfig(args) => crate::ssh::command::ssh_config(args),
+        Command::Recording { command } => crate::recordings::run(command),
     }
 }
 

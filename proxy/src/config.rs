@@ -55,6 +55,15 @@ struct RawConfig {
     policies: Vec<crate::policy::RawPolicy>,
     #[serde(default)]
     agents: RawAgents,
+    #[serde(default)]
+    ssh: RawSsh,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSsh {
+    #[serde(default)]
+    record_input: bool,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -167,6 +176,8 @@ struct RawTarget {
     guardrails: Vec<RawDenyRule>,
     #[serde(default)]
     allow_role_management: bool,
+    #[serde(default)]
+    allow_port_forwarding: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -225,6 +236,18 @@ pub struct Config {
     pub login_roles: Arc<[String]>,
     /// `[agents]`: the agent listener's settings.
     pub agents: AgentsConfig,
+    /// `[ssh]`: how SSH sessions are recorded.
+    pub ssh: SshConfig,
+}
+
+/// `[ssh]`.
+#[derive(Debug, Clone)]
+pub struct SshConfig {
+    /// Shell recordings' directory: always `DATA_DIR/recordings`.
+    pub recordings_dir: PathBuf,
+    /// Record keystrokes as well as output (`record_input`). Default `false`: input holds
+    /// passwords typed at prompts that do not echo.
+    pub record_input: bool,
 }
 
 /// How the proxy treats agents (`[agents]`; the listener is `listen.agents`).
@@ -376,6 +399,9 @@ pub struct Target {
     /// Admin grants on this target may change the roles jitgate logs in with (passwords,
     /// validity, login, settings, names, memberships). Default `false`: no grant may.
     pub allow_role_management: bool,
+    /// SSH targets: local port forwarding (`ssh -L`, `-W`, ProxyJump) through this target.
+    /// Default `false`: refused (and audited).
+    pub allow_port_forwarding: bool,
 }
 
 /// One `[[targets.guardrails]]` rule: statements it refuses for the access levels it names.
@@ -669,6 +695,10 @@ impl RawConfig {
         login_roles.sort();
         login_roles.dedup();
         Ok(Config {
+            ssh: SshConfig {
+                recordings_dir: data_dir.join("recordings"),
+                record_input: self.ssh.record_input,
+            },
             agents,
             login_roles: login_roles.into(),
             webhooks,
@@ -943,6 +973,9 @@ impl RawTarget {
         if kind == TargetKind::Ssh && (!matches!(tls, UpstreamTls::Disable) || !guardrails.is_empty()) {
             return Err(invalid(key("tls"), "tls and guardrails are for PostgreSQL targets"));
         }
+        if kind != TargetKind::Ssh && self.allow_port_forwarding {
+            return Err(invalid(key("allow_port_forwarding"), "only for kind = \"ssh\""));
+        }
         Ok(Target {
             name,
             kind,
@@ -955,6 +988,7 @@ impl RawTarget {
             tls,
             guardrails,
             allow_role_management: self.allow_role_management,
+            allow_port_forwarding: self.allow_port_forwarding,
         })
     }
 }

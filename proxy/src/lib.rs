@@ -24,6 +24,7 @@ pub mod notify;
 pub mod pg;
 pub mod pki;
 pub mod policy;
+pub mod recordings;
 pub mod requests;
 pub mod sandbox;
 pub mod server;

@@ -8,6 +8,7 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::os::unix::fs::DirBuilderExt as _;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -337,6 +338,13 @@ fn ssh_context(
         .map_err(|e| ServerError::Ssh(format!("{}: {e}", files::HOST_KEY)))?;
     let user_ca = russh::keys::PublicKey::from_openssh(read(&format!("{}.pub", files::USER_CA))?.trim())
         .map_err(|e| ServerError::Ssh(format!("{}.pub: {e}", files::USER_CA)))?;
+    // Shell recordings go here; a proxy that cannot record does not serve SSH (fail closed).
+    let recordings = &config.ssh.recordings_dir;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(recordings)
+        .map_err(|e| ServerError::Ssh(format!("{}: {e}", recordings.display())))?;
     Ok(Arc::new(crate::ssh::SshContext {
         config: config.clone(),
         admission: Arc::clone(admission),

@@ -1,13 +1,25 @@
-//! SSH access (issue 13, first part): the `listen.ssh` listener, certificate authentication
-//! against the SSH user CA, the target chosen by the login name, admission and the lease from
-//! the access core, an upstream connection (russh client) to the target with its pinned host
-//! key and the level's key, and `exec` and interactive shells relayed channel by channel,
-//! each command audited and every channel cut with a line on the terminal when the lease ends.
+//! SSH access: the `listen.ssh` listener, certificate authentication against the SSH user CA,
+//! the target chosen by the login name, admission and the lease from the access core, an
+//! upstream connection (russh client) to the target with its pinned host key and the level's
+//! key, and every channel relayed to a channel of that connection:
+//! - shells with a pty, each recorded as an asciicast (`recording`), named with its SHA-256 in
+//!   `session.end`;
+//! - `exec`, each command audited with its exit status, duration and bytes;
+//! - the `sftp` subsystem (which `scp` uses), read both ways to audit each file operation
+//!   (`sftp`);
+//! - `direct-tcpip` forwards (`ssh -L`, `-W`) where the target allows them, each audited.
 //!
-//! Not built yet: recordings, the `sftp` subsystem (refused), port forwarding (refused), the
-//! proxy presenting its host certificate (russh 0.54 serves plain host keys only).
+//! Agent forwarding, X11, remote forwarding and other subsystems are refused. Every channel is
+//! cut with a line on the terminal when the lease ends. `command` is the client side:
+//! `jitgate ssh` and `jitgate ssh-config`.
+//!
+//! Not built: the proxy presenting its host certificate (russh 0.54 serves plain host keys
+//! only), so clients pin the proxy's host key (`jitgate_known_hosts`).
 
+pub mod command;
+mod recording;
 mod server;
+pub mod sftp;
 
 use std::path::Path;
 

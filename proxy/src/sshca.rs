@@ -21,7 +21,13 @@ pub mod files {
     pub const USER_CA: &str = "ssh_user_ca";
     pub const HOST_CA: &str = "ssh_host_ca";
     pub const HOST_KEY: &str = "ssh_host_ed25519_key";
+    /// Written by `cert issue` beside the user's key: the proxy's host key under the alias
+    /// [`super::HOST_ALIAS`], for `jitgate ssh` and `jitgate ssh-config`.
+    pub const KNOWN_HOSTS: &str = "jitgate_known_hosts";
 }
+
+/// The name the proxy's host key is pinned under (`HostKeyAlias`), whatever address reaches it.
+pub const HOST_ALIAS: &str = "jitgate";
 
 /// The certificate extension that carries a user's roles, comma-separated.
 pub const ROLES_EXTENSION: &str = "roles@jitgate";
@@ -119,11 +125,14 @@ pub struct UserKeyFiles {
     pub key: PathBuf,
     pub public: PathBuf,
     pub cert: PathBuf,
+    /// `OUT/jitgate_known_hosts`, when the data directory has the proxy's host key.
+    pub known_hosts: Option<PathBuf>,
 }
 
 /// Issues an SSH key for `user` and its certificate from the data directory's SSH user CA:
 /// key id and only principal the user, roles in [`ROLES_EXTENSION`], valid from
-/// `not_before` to `not_after`. Writes `OUT/NAME` (0600), `OUT/NAME.pub`, `OUT/NAME-cert.pub`.
+/// `not_before` to `not_after`. Writes `OUT/NAME` (0600), `OUT/NAME.pub`, `OUT/NAME-cert.pub`,
+/// and `OUT/jitgate_known_hosts` with the proxy's host key (when the data directory has it).
 /// `None` when the data directory has no SSH user CA (made before SSH identities existed).
 pub fn issue_user(
     data_dir: &Path,
@@ -163,10 +172,21 @@ pub fn issue_user(
         &format!("{}\n", cert.to_openssh().map_err(invalid("user certificate"))?),
         false,
     )?;
+    let host_pub = data_dir.join(format!("{}.pub", files::HOST_KEY));
+    let known_hosts = match std::fs::read_to_string(&host_pub) {
+        Ok(line) => {
+            let path = out.join(files::KNOWN_HOSTS);
+            let key = line.split_whitespace().take(2).collect::<Vec<_>>().join(" ");
+            write_file(&path, &format!("{HOST_ALIAS} {key}\n"), false)?;
+            Some(path)
+        }
+        Err(_) => None,
+    };
     Ok(Some(UserKeyFiles {
         key: key_path,
         public,
         cert: cert_path,
+        known_hosts,
     }))
 }
 

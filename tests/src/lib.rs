@@ -66,7 +66,8 @@ pub struct Options {
     /// Lines of `[agents]` (e.g. short keepalives), with `agents_listen`.
     pub agents: &'static str,
     /// Start a real sshd, open the SSH listener and add SSH targets `web-1` (pinned to the
-    /// sshd's host key) and `web-bad` (pinned to another key).
+    /// sshd's host key), `web-bad` (pinned to another key) and `web-fwd` (web-1's host, with
+    /// port forwarding allowed).
     pub ssh: bool,
 }
 
@@ -258,7 +259,11 @@ password_file = "{d}/writer.password"
             );
             let user = ssh::UPSTREAM_USER;
             let wrong = std::fs::read_to_string(sshd.dir.path().join("upstream_key.pub")).unwrap();
-            for (name, host_key) in [("web-1", sshd.host_key()), ("web-bad", wrong.trim().to_owned())] {
+            for (name, host_key, extra) in [
+                ("web-1", sshd.host_key(), ""),
+                ("web-bad", wrong.trim().to_owned(), ""),
+                ("web-fwd", sshd.host_key(), "allow_port_forwarding = true"),
+            ] {
                 config.push_str(&format!(
                     r#"
 [[targets]]
@@ -266,6 +271,7 @@ name = "{name}"
 kind = "ssh"
 address = "{addr}"
 host_key = "{host_key}"
+{extra}
 labels = {{ env = "prod-hosts" }}
 [targets.credentials.write]
 user = "{user}"

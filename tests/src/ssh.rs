@@ -160,22 +160,30 @@ pub fn ssh_user(h: &Harness, name: &str, roles: &[&str]) -> SshUser {
     )
 }
 
-/// `ssh` to the proxy's SSH listener as `login` (`target` or `user@target`), trusting the
-/// proxy's host key, with the user's key and certificate; `args` follow (a command, or
-/// `-tt` options before it).
-pub fn ssh_command(h: &Harness, user: &SshUser, login: &str, args: &[&str]) -> Command {
+/// The options every OpenSSH client (`ssh`, `scp`, `sftp`) needs to reach the proxy's SSH
+/// listener as `login` (`target` or `user@target`): the user's key and certificate, the
+/// proxy's host key pinned, no config file, no prompts. The port is the caller's (`-p` for
+/// ssh, `-P` for scp and sftp).
+pub fn client_options(h: &Harness, user: &SshUser, login: &str) -> Vec<String> {
     let port = h.addrs().ssh.expect("ssh listener").port();
     let known = h.data_dir().join("ssh-known-hosts");
     let host_key = std::fs::read_to_string(h.data_dir().join("ssh_host_ed25519_key.pub")).unwrap();
     std::fs::write(&known, format!("[127.0.0.1]:{port} {host_key}")).unwrap();
-    let mut c = Command::new("ssh");
-    c.args(["-F", "/dev/null", "-p", &port.to_string(), "-i"])
-        .arg(&user.key)
-        .arg("-o")
-        .arg(format!("CertificateFile={}", user.cert.display()))
-        .arg("-o")
-        .arg(format!("UserKnownHostsFile={}", known.display()))
-        .args([
+    [
+        "-F".to_owned(),
+        "/dev/null".to_owned(),
+        "-i".to_owned(),
+        user.key.display().to_string(),
+        "-o".to_owned(),
+        format!("CertificateFile={}", user.cert.display()),
+        "-o".to_owned(),
+        format!("UserKnownHostsFile={}", known.display()),
+        "-o".to_owned(),
+        format!("User={login}"),
+    ]
+    .into_iter()
+    .chain(
+        [
             "-o",
             "StrictHostKeyChecking=yes",
             "-o",
@@ -184,27 +192,55 @@ pub fn ssh_command(h: &Harness, user: &SshUser, login: &str, args: &[&str]) -> C
             "BatchMode=yes",
             "-o",
             "ConnectTimeout=10",
-            "-l",
-            login,
-            "127.0.0.1",
-        ])
+        ]
+        .map(str::to_owned),
+    )
+    .collect()
+}
+
+/// `ssh` to the proxy's SSH listener as `login`; `args` follow (a command, or `-tt` options
+/// before it).
+pub fn ssh_command(h: &Harness, user: &SshUser, login: &str, args: &[&str]) -> Command {
+    let port = h.addrs().ssh.expect("ssh listener").port();
+    let mut c = Command::new("ssh");
+    c.args(["-p", &port.to_string()])
+        .args(client_options(h, user, login))
+        .arg("127.0.0.1")
         .args(args)
         .stdin(Stdio::null())
         .kill_on_drop(true);
     c
 }
 
-/// Runs `ssh` to completion: (success, stdout, stderr).
-pub async fn ssh(h: &Harness, user: &SshUser, login: &str, args: &[&str]) -> (bool, String, String) {
-    let out = tokio::time::timeout(Duration::from_secs(60), ssh_command(h, user, login, args).output())
+/// `program` (`scp` or `sftp`) to the proxy as `login`; `args` follow. The remote host is
+/// `127.0.0.1` (`127.0.0.1:PATH` for scp).
+pub fn file_command(program: &str, h: &Harness, user: &SshUser, login: &str, args: &[&str]) -> Command {
+    let port = h.addrs().ssh.expect("ssh listener").port();
+    let mut c = Command::new(program);
+    c.args(["-P", &port.to_string()])
+        .args(client_options(h, user, login))
+        .args(args)
+        .stdin(Stdio::null())
+        .kill_on_drop(true);
+    c
+}
+
+/// Runs `command` to completion within a minute: (success, stdout, stderr).
+pub async fn run(mut command: Command) -> (bool, String, String) {
+    let out = tokio::time::timeout(Duration::from_secs(60), command.output())
         .await
-        .expect("ssh finished")
+        .expect("finished within a minute")
         .unwrap();
     (
         out.status.success(),
         String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
+}
+
+/// Runs `ssh` to completion: (success, stdout, stderr).
+pub async fn ssh(h: &Harness, user: &SshUser, login: &str, args: &[&str]) -> (bool, String, String) {
+    run(ssh_command(h, user, login, args)).await
 }
 
 /// Spawns `ssh` with piped output.

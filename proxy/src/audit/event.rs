@@ -132,6 +132,14 @@ pub enum Outcome {
     Interrupted,
 }
 
+/// A shell recording named by `session.end`: its file, the SHA-256 of its bytes and their count.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecordingRef {
+    pub file: String,
+    pub sha256: String,
+    pub bytes: u64,
+}
+
 /// One audit event. The `event` field names the variant.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "event")]
@@ -265,6 +273,46 @@ pub enum AuditEvent {
         bytes_from_client: u64,
         bytes_to_client: u64,
         duration_ms: u64,
+        /// SSH shells: the recordings of the session, each with its SHA-256, so the chain
+        /// covers them (`jitgate audit verify` checks them).
+        #[serde(skip_serializing_if = "Vec::is_empty", default)]
+        recordings: Vec<RecordingRef>,
+    },
+    /// One file operation over SFTP (`sftp`, `scp`): `open` (with its mode), `close` (with the
+    /// bytes read and written through the handle; `not_closed` when the channel ended with
+    /// the file open), `remove`, `rename`, `mkdir`, `rmdir`, `setstat`, `symlink`,
+    /// `hardlink`, `copy`, or `extended` for an extension the proxy does not know (its name
+    /// in `path`), with the server's status.
+    #[serde(rename = "ssh.sftp")]
+    SshSftp {
+        #[serde(flatten)]
+        session: SessionMeta,
+        op: String,
+        path: String,
+        #[serde(skip_serializing_if = "Option::is_none", default)]
+        to: Option<String>,
+        #[serde(skip_serializing_if = "Option::is_none", default)]
+        mode: Option<String>,
+        status: String,
+        #[serde(skip_serializing_if = "Option::is_none", default)]
+        bytes_read: Option<u64>,
+        #[serde(skip_serializing_if = "Option::is_none", default)]
+        bytes_written: Option<u64>,
+    },
+    /// A port forward over SSH (`ssh -L`, `ssh -W`, ProxyJump): where to, and either how it
+    /// ended (bytes each way, duration) or why it was refused.
+    #[serde(rename = "ssh.forward")]
+    SshForward {
+        #[serde(flatten)]
+        session: SessionMeta,
+        host: String,
+        port: u32,
+        allowed: bool,
+        #[serde(skip_serializing_if = "Option::is_none", default)]
+        refused: Option<String>,
+        duration_ms: u64,
+        bytes_in: u64,
+        bytes_out: u64,
     },
     /// One command run over SSH (`ssh host command`, scp's remote side): the command line,
     /// its exit status (none when the channel ended without one), how long it ran and the
@@ -376,6 +424,8 @@ impl AuditEvent {
             Self::SessionEnd { .. } => "session.end",
             Self::AuditReopened { .. } => "audit.reopened",
             Self::SshExec { .. } => "ssh.exec",
+            Self::SshSftp { .. } => "ssh.sftp",
+            Self::SshForward { .. } => "ssh.forward",
             Self::AgentTokenCreated { .. } => "agent.token_created",
             Self::AgentJoined { .. } => "agent.joined",
             Self::AgentRenewed { .. } => "agent.renewed",

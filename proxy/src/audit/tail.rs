@@ -156,16 +156,25 @@ pub fn text(v: &Value) -> String {
             s("grant_id"),
             s("client_addr")
         ),
-        "session.end" => format!(
-            "{} {} {} {} in {}B out {}B {}ms",
-            s("user"),
-            s("target"),
-            s("session_id"),
-            s("reason"),
-            s("bytes_from_client"),
-            s("bytes_to_client"),
-            s("duration_ms")
-        ),
+        "session.end" => {
+            let recordings: String = v
+                .get("recordings")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+                .map(|r| format!(" recording {}", show(r, "file")))
+                .collect();
+            format!(
+                "{} {} {} {} in {}B out {}B {}ms{recordings}",
+                s("user"),
+                s("target"),
+                s("session_id"),
+                s("reason"),
+                s("bytes_from_client"),
+                s("bytes_to_client"),
+                s("duration_ms")
+            )
+        }
         "session.denied" => format!(
             "{} {} from {}: {}: {}",
             s("user"),

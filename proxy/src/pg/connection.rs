@@ -299,6 +299,7 @@ pub(super) async fn run_session(ctx: &Arc<PgContext>, mut n: Negotiated, peer: S
         bytes_from_client,
         bytes_to_client,
         duration_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+        recordings: Vec::new(),
     });
     tracing::info!(
         reason = reason.as_str(),

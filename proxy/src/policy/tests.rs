@@ -33,6 +33,7 @@ fn target(name: &str, labels: &[(&str, &str)], levels: &[AccessLevel]) -> Target
             .collect(),
         tls: UpstreamTls::Disable,
         allow_role_management: false,
+        allow_port_forwarding: false,
         guardrails: Vec::new(),
     }
 }

@@ -13,8 +13,10 @@ use russh::{Channel, ChannelId, ChannelMsg, Disconnect};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
+use super::recording::{Header, Recorder};
+use super::sftp::{FileOp, Tracker};
 use crate::access::{Admission, Ask, Lease, Protocol, Reason, Refusal};
-use crate::audit::{AuditEvent, AuditLog, SessionEndReason};
+use crate::audit::{AuditEvent, AuditLog, RecordingRef, SessionEndReason};
 use crate::budget::Ticket;
 use crate::config::Config;
 use crate::metrics::Metrics;
@@ -86,7 +88,46 @@ struct Conn {
     channels: HashMap<ChannelId, Channel<Msg>>,
     /// Pre-expiry notices, for every channel's stderr.
     notices: Arc<tokio::sync::broadcast::Sender<String>>,
+    /// Writes `session.end` once the connection and every relay of it are done.
+    ending: Option<Arc<Ending>>,
     started: Instant,
+}
+
+/// The end of an admitted session: dropped by the last of the connection and its relays, it
+/// writes `session.end`, naming the recordings the relays finished.
+struct Ending {
+    ctx: Arc<SshContext>,
+    lease: Arc<Lease>,
+    cut: Arc<Cut>,
+    started: Instant,
+    recordings: Mutex<Vec<RecordingRef>>,
+}
+
+impl Drop for Ending {
+    fn drop(&mut self) {
+        let lease = &self.lease;
+        let target = lease.target().name.to_string();
+        self.ctx
+            .metrics
+            .sessions_active
+            .with_label_values(&[&target, "ssh"])
+            .dec();
+        let reason = self.cut.reason().unwrap_or(SessionEndReason::ClientClosed);
+        let recordings = std::mem::take(
+            &mut *self
+                .recordings
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        );
+        self.ctx.audit.submit(AuditEvent::SessionEnd {
+            session: lease.session().meta.clone(),
+            reason,
+            bytes_from_client: lease.session().bytes_from_client.load(Ordering::Relaxed),
+            bytes_to_client: lease.session().bytes_to_client.load(Ordering::Relaxed),
+            duration_ms: u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX),
+            recordings,
+        });
+    }
 }
 
 /// Serves one accepted TCP connection on the SSH listener.
@@ -105,6 +146,7 @@ pub async fn serve_connection(ctx: Arc<SshContext>, tcp: TcpStream, peer: Socket
         }),
         channels: HashMap::new(),
         notices: Arc::new(tokio::sync::broadcast::channel(4).0),
+        ending: None,
         started: Instant::now(),
     };
     let deadline = ctx.config.limits.handshake_timeout;
@@ -339,6 +381,13 @@ impl russh::server::Handler for Conn {
         self.ctx.audit.submit(AuditEvent::SessionStart {
             session: lease.session().meta.clone(),
         });
+        self.ending = Some(Arc::new(Ending {
+            ctx: Arc::clone(&self.ctx),
+            lease: Arc::clone(&lease),
+            cut: Arc::clone(&self.cut),
+            started: self.started,
+            recordings: Mutex::new(Vec::new()),
+        }));
         // Listed (and killable) from now on; the upstream login follows on the first channel.
         lease.session().set_established();
         let target = lease.target().name.to_string();
@@ -457,12 +506,15 @@ impl russh::server::Handler for Conn {
         name: &str,
         session: &mut Session,
     ) -> Result<(), Self::Error> {
+        if name == "sftp" {
+            return self.start(channel, session).await;
+        }
         self.ctx
             .metrics
             .ssh_refusals_total
             .with_label_values(&["subsystem"])
             .inc();
-        tracing::info!(client.addr = %self.peer, subsystem = name, "SSH subsystem refused (not supported yet)");
+        tracing::info!(client.addr = %self.peer, subsystem = name, "SSH subsystem refused (only sftp is relayed)");
         session.channel_failure(channel)
     }
 
@@ -490,20 +542,69 @@ impl russh::server::Handler for Conn {
 
     async fn channel_open_direct_tcpip(
         &mut self,
-        _channel: Channel<Msg>,
-        _host: &str,
-        _port: u32,
-        _origin: &str,
-        _originator_port: u32,
+        channel: Channel<Msg>,
+        host: &str,
+        port: u32,
+        origin: &str,
+        originator_port: u32,
         _session: &mut Session,
     ) -> Result<bool, Self::Error> {
-        tracing::info!(client.addr = %self.peer, "SSH port forwarding refused");
+        let (Some(Ok(lease)), Some(ending)) = (&self.admitted, &self.ending) else {
+            return Ok(false);
+        };
+        let (lease, ending) = (Arc::clone(lease), Arc::clone(ending));
+        let refuse = |conn: &Self, why: String| {
+            tracing::info!(client.addr = %conn.peer, %host, port, reason = %why, "SSH port forward refused");
+            conn.ctx
+                .metrics
+                .ssh_refusals_total
+                .with_label_values(&["port_forwarding"])
+                .inc();
+            conn.ctx.audit.submit(AuditEvent::SshForward {
+                session: lease.session().meta.clone(),
+                host: host.to_owned(),
+                port,
+                allowed: false,
+                refused: Some(why),
+                duration_ms: 0,
+                bytes_in: 0,
+                bytes_out: 0,
+            });
+            Ok(false)
+        };
+        if !lease.target().allow_port_forwarding {
+            let why = format!(
+                "port forwarding is not allowed on {} (allow_port_forwarding)",
+                lease.target().name
+            );
+            return refuse(self, why);
+        }
+        let upstream = match self.upstream(&lease).await {
+            Ok(u) => u,
+            Err(message) => return refuse(self, message),
+        };
+        let up = match upstream
+            .channel_open_direct_tcpip(host, port, origin, originator_port)
+            .await
+        {
+            Ok(c) => c,
+            Err(e) => return refuse(self, format!("{} refused the forward: {e}", lease.target().name)),
+        };
         self.ctx
             .metrics
-            .ssh_refusals_total
-            .with_label_values(&["port_forwarding"])
+            .ssh_channels_total
+            .with_label_values(&["direct-tcpip"])
             .inc();
-        Ok(false)
+        let forward = Forward {
+            ctx: Arc::clone(&self.ctx),
+            cut: Arc::clone(&self.cut),
+            ending,
+            _upstream: upstream,
+            host: host.to_owned(),
+            port,
+        };
+        tokio::spawn(forward.run(channel, up));
+        Ok(true)
     }
 
     async fn tcpip_forward(
@@ -517,7 +618,7 @@ impl russh::server::Handler for Conn {
 }
 
 impl Conn {
-    /// A shell (`command` None) or an exec on `channel`: relayed to a channel of the upstream
+    /// A shell, an exec or the sftp subsystem on `channel`: relayed to a channel of the upstream
     /// connection, or refused with a message on the channel.
     ///
     /// The relay reads the channel's requests in the order the client sent them (pty, then
@@ -554,9 +655,13 @@ impl Conn {
                 return Ok(());
             }
         };
+        let Some(ending) = self.ending.clone() else {
+            return session.channel_failure(channel);
+        };
         let relay = Relay {
             ctx: Arc::clone(&self.ctx),
             lease,
+            ending,
             cut: Arc::clone(&self.cut),
             notices: self.notices.subscribe(),
             _upstream: Arc::clone(&upstream),
@@ -606,18 +711,93 @@ fn cut_message(reason: SessionEndReason, lease: &Lease) -> String {
 struct Relay {
     ctx: Arc<SshContext>,
     lease: Arc<Lease>,
+    ending: Arc<Ending>,
     cut: Arc<Cut>,
     notices: tokio::sync::broadcast::Receiver<String>,
     _upstream: Arc<russh::client::Handle<Upstream>>,
 }
 
+/// What a relayed session channel runs.
+enum Mode {
+    /// A shell, recorded.
+    Shell(Box<Recorder>),
+    /// A command, audited when it ends.
+    Exec(String),
+    /// The sftp subsystem, its file operations audited as they complete.
+    Sftp(Box<Tracker>),
+}
+
+/// The terminal a pty request asked for, for the recording's header.
+struct Terminal {
+    term: String,
+    cols: u32,
+    rows: u32,
+}
+
+/// Tells the client why its channel is refused, and closes it.
+async fn refuse(client: &Channel<Msg>, text: &str) {
+    let _ = client.extended_data(1, text.as_bytes()).await;
+    let _ = client.exit_status(1).await;
+    let _ = client.close().await;
+}
+
+/// The relay cannot go on: what the client is told.
+struct Stop(String);
+
 impl Relay {
-    async fn run(mut self, mut client: Channel<Msg>, mut up: Channel<russh::client::Msg>) {
-        let started = Instant::now();
-        let (mut bytes_in, mut bytes_out) = (0u64, 0u64);
-        let mut exit_status = None;
-        // The requests queued before the shell or exec, in their order.
-        let command = loop {
+    fn sftp_audit(&self, ops: Vec<FileOp>) {
+        let meta = &self.lease.session().meta;
+        for op in ops {
+            self.ctx.audit.submit(AuditEvent::SshSftp {
+                session: meta.clone(),
+                op: op.op.to_owned(),
+                path: op.path,
+                to: op.to,
+                mode: op.mode,
+                status: op.status,
+                bytes_read: op.bytes_read,
+                bytes_written: op.bytes_written,
+            });
+        }
+    }
+
+    /// Bytes from the client, on their way up.
+    async fn upward(&mut self, mode: &mut Mode, data: &[u8]) -> Result<(), Stop> {
+        match mode {
+            Mode::Shell(rec) => rec
+                .input(data)
+                .await
+                .map_err(|e| Stop(format!("jitgate: cannot write the recording: {e}"))),
+            Mode::Sftp(tracker) => tracker
+                .client(data)
+                .map_err(|e| Stop(format!("jitgate: SFTP stream cannot be audited: {e}"))),
+            Mode::Exec(_) => Ok(()),
+        }
+    }
+
+    /// Bytes for the client's terminal (the target's, or the proxy's own lines).
+    async fn downward(&mut self, mode: &mut Mode, data: &[u8], stderr: bool) -> Result<(), Stop> {
+        match mode {
+            Mode::Shell(rec) => rec
+                .output(data)
+                .await
+                .map_err(|e| Stop(format!("jitgate: cannot write the recording: {e}"))),
+            Mode::Sftp(tracker) if !stderr => {
+                let ops = tracker
+                    .server(data)
+                    .map_err(|e| Stop(format!("jitgate: SFTP stream cannot be audited: {e}")))?;
+                self.sftp_audit(ops);
+                Ok(())
+            }
+            Mode::Sftp(_) | Mode::Exec(_) => Ok(()),
+        }
+    }
+
+    /// Reads the channel's requests up to the shell, exec or subsystem, relaying them up;
+    /// `None` when the channel ended first or the request failed.
+    async fn open(&mut self, client: &mut Channel<Msg>, up: &mut Channel<russh::client::Msg>) -> Option<Mode> {
+        let mut terminal = None;
+        loop {
             match client.wait().await {
                 Some(ChannelMsg::RequestPty {
                     term,
@@ -637,6 +817,11 @@ impl Relay {
                     let _ = up
                         .request_pty(false, &term, col_width, row_height, pix_width, pix_height, &modes)
                         .await;
+                    terminal = Some(Terminal {
+                        term,
+                        cols: col_width,
+                        rows: row_height,
+                    });
                 }
                 Some(ChannelMsg::WindowChange {
                     col_width,
@@ -644,33 +829,114 @@ impl Relay {
                     pix_width,
                     pix_height,
                 }) => {
+                    if let Some(t) = terminal.as_mut() {
+                        (t.cols, t.rows) = (col_width, row_height);
+                    }
                     let _ = up.window_change(col_width, row_height, pix_width, pix_height).await;
                 }
                 Some(ChannelMsg::RequestShell { .. }) => {
                     self.ctx.metrics.ssh_channels_total.with_label_values(&["shell"]).inc();
+                    let rec = match self.recorder(terminal.as_ref()).await {
+                        Ok(rec) => rec,
+                        Err(e) => {
+                            tracing::error!(error = %e, "cannot create the shell's recording: shell refused");
+                            self.ctx
+                                .metrics
+                                .ssh_refusals_total
+                                .with_label_values(&["recording"])
+                                .inc();
+                            let text = format!("jitgate: cannot record the session ({e}); the shell is refused\r\n");
+                            refuse(client, &text).await;
+                            let _ = up.close().await;
+                            return None;
+                        }
+                    };
                     if up.request_shell(true).await.is_err() {
                         let _ = client.close().await;
-                        return;
+                        let _ = self.keep(*rec).await;
+                        return None;
                     }
-                    break None;
+                    return Some(Mode::Shell(rec));
                 }
                 Some(ChannelMsg::Exec { command, .. }) => {
                     self.ctx.metrics.ssh_channels_total.with_label_values(&["exec"]).inc();
                     if up.exec(true, command.clone()).await.is_err() {
                         let _ = client.close().await;
-                        return;
+                        return None;
                     }
-                    break Some(String::from_utf8_lossy(&command).into_owned());
+                    return Some(Mode::Exec(String::from_utf8_lossy(&command).into_owned()));
+                }
+                Some(ChannelMsg::RequestSubsystem { name, .. }) => {
+                    if name != "sftp" {
+                        refuse(client, &format!("jitgate: subsystem {name:?} is not relayed\r\n")).await;
+                        let _ = up.close().await;
+                        return None;
+                    }
+                    self.ctx.metrics.ssh_channels_total.with_label_values(&["sftp"]).inc();
+                    if up.request_subsystem(true, "sftp").await.is_err() {
+                        let _ = client.close().await;
+                        return None;
+                    }
+                    return Some(Mode::Sftp(Box::default()));
                 }
                 Some(ChannelMsg::Close | ChannelMsg::Eof) | None => {
                     let _ = up.close().await;
-                    return;
+                    return None;
                 }
                 _ => {}
             }
+        }
+    }
+
+    /// The recording of a shell: `DATA_DIR/recordings/SESSION-N.cast`.
+    async fn recorder(&self, terminal: Option<&Terminal>) -> std::io::Result<Box<Recorder>> {
+        let meta = &self.lease.session().meta;
+        let dir = &self.ctx.config.ssh.recordings_dir;
+        let header = |term| Header {
+            width: terminal.map_or(80, |t| t.cols),
+            height: terminal.map_or(24, |t| t.rows),
+            term,
+            title: format!("{}@{} {} grant {}", meta.user, meta.target, meta.id, meta.grant_id),
         };
-        // The server answers the shell or exec request once the process runs: from then on a
-        // cut's signals reach it (sent earlier, they would find no process yet).
+        let term = terminal.map_or("", |t| t.term.as_str());
+        let mut n = 1;
+        loop {
+            let name = format!("{}-{n}.cast", meta.id);
+            match Recorder::create(dir, &name, header(term), self.ctx.config.ssh.record_input).await {
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && n < 1000 => n += 1,
+                r => return r.map(Box::new),
+            }
+        }
+    }
+
+    /// Finishes a recording and names it in the session's `session.end`.
+    async fn keep(&self, rec: Recorder) -> std::io::Result<()> {
+        let path = rec.path().to_owned();
+        match rec.finish().await {
+            Ok(done) => {
+                self.ending
+                    .recordings
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .push(done);
+                Ok(())
+            }
+            Err(e) => {
+                tracing::error!(file = %path.display(), error = %e, "the shell's recording could not be finished");
+                Err(e)
+            }
+        }
+    }
+
+    async fn run(mut self, mut client: Channel<Msg>, mut up: Channel<russh::client::Msg>) {
+        let started = Instant::now();
+        let (mut bytes_in, mut bytes_out) = (0u64, 0u64);
+        let mut exit_status = None;
+        let Some(mut mode) = self.open(&mut client, &mut up).await else {
+            return;
+        };
+        // The server answers the shell, exec or subsystem request once the process runs:
+        // from then on a cut's signals reach it (sent earlier, they would find no process).
         let mut early = Vec::new();
         loop {
             match up.wait().await {
@@ -681,23 +947,31 @@ impl Relay {
                     let _ = client.exit_status(1).await;
                     let _ = client.close().await;
                     let _ = up.close().await;
+                    if let Mode::Shell(rec) = mode {
+                        let _ = self.keep(*rec).await;
+                    }
                     return;
                 }
                 Some(other) => early.push(other),
             }
         }
+        let mut stopped = None;
         for m in early {
             if let ChannelMsg::Data { data } = m {
                 bytes_out += data.len() as u64;
+                if let Err(stop) = self.downward(&mut mode, &data, false).await {
+                    stopped = Some(stop);
+                }
                 let _ = client.data(&data[..]).await;
             }
         }
-        loop {
+        while stopped.is_none() {
             tokio::select! {
                 biased;
                 () = self.cut.token.cancelled() => {
-                    let message = self.cut.message();
-                    let _ = client.extended_data(1, format!("\r\n{message}\r\n").as_bytes()).await;
+                    let line = format!("\r\n{}\r\n", self.cut.message());
+                    let _ = self.downward(&mut mode, line.as_bytes(), true).await;
+                    let _ = client.extended_data(1, line.as_bytes()).await;
                     let _ = client.eof().await;
                     break;
                 }
@@ -705,10 +979,19 @@ impl Relay {
                     Some(ChannelMsg::Data { data }) => {
                         bytes_in += data.len() as u64;
                         self.lease.session().bytes_from_client.fetch_add(data.len() as u64, Ordering::Relaxed);
+                        if let Err(stop) = self.upward(&mut mode, &data).await {
+                            stopped = Some(stop);
+                            break;
+                        }
                         if up.data(&data[..]).await.is_err() { break; }
                     }
                     Some(ChannelMsg::Eof) => { let _ = up.eof().await; }
                     Some(ChannelMsg::WindowChange { col_width, row_height, pix_width, pix_height }) => {
+                        if let Mode::Shell(rec) = &mut mode {
+                            if let Err(e) = rec.resize(col_width, row_height).await {
+                                stopped = Some(Stop(format!("jitgate: cannot write the recording: {e}")));
+                            }
+                        }
                         let _ = up.window_change(col_width, row_height, pix_width, pix_height).await;
                     }
                     Some(ChannelMsg::Close) | None => break,
@@ -718,11 +1001,18 @@ impl Relay {
                     Some(ChannelMsg::Data { data }) => {
                         bytes_out += data.len() as u64;
                         self.lease.session().bytes_to_client.fetch_add(data.len() as u64, Ordering::Relaxed);
+                        if let Err(stop) = self.downward(&mut mode, &data, false).await {
+                            stopped = Some(stop);
+                            break;
+                        }
                         if client.data(&data[..]).await.is_err() { break; }
                     }
                     Some(ChannelMsg::ExtendedData { data, ext }) => {
                         bytes_out += data.len() as u64;
                         self.lease.session().bytes_to_client.fetch_add(data.len() as u64, Ordering::Relaxed);
+                        if let Err(stop) = self.downward(&mut mode, &data, true).await {
+                            stopped = Some(stop);
+                        }
                         let _ = client.extended_data(ext, &data[..]).await;
                     }
                     Some(ChannelMsg::ExitStatus { exit_status: s }) => {
@@ -734,11 +1024,20 @@ impl Relay {
                     _ => {}
                 },
                 Ok(line) = self.notices.recv() => {
+                    if let Err(stop) = self.downward(&mut mode, line.as_bytes(), true).await {
+                        stopped = Some(stop);
+                    }
                     let _ = client.extended_data(1, line.as_bytes()).await;
                 }
             }
         }
-        if self.cut.token.is_cancelled() {
+        if let Some(Stop(text)) = &stopped {
+            // Fail closed: what cannot be recorded or audited does not go on.
+            tracing::error!(reason = %text, "SSH channel ended: it could not be recorded or audited");
+            let _ = client.extended_data(1, format!("\r\n{text}\r\n").as_bytes()).await;
+            let _ = client.eof().await;
+        }
+        if self.cut.token.is_cancelled() || stopped.is_some() {
             // Whichever way the loop ended under a cut (the client's side may have closed
             // first), the command on the host ends too.
             let _ = up.signal(russh::Sig::TERM).await;
@@ -746,39 +1045,85 @@ impl Relay {
         }
         let _ = up.close().await;
         let _ = client.close().await;
-        if let Some(command) = command {
-            let meta = &self.lease.session().meta;
-            self.ctx.audit.submit(AuditEvent::SshExec {
-                session: meta.clone(),
-                command,
-                exit_status,
-                duration_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
-                bytes_in,
-                bytes_out,
-                cut: self.cut.token.is_cancelled(),
-            });
+        match mode {
+            Mode::Exec(command) => {
+                let meta = &self.lease.session().meta;
+                self.ctx.audit.submit(AuditEvent::SshExec {
+                    session: meta.clone(),
+                    command,
+                    exit_status,
+                    duration_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+                    bytes_in,
+                    bytes_out,
+                    cut: self.cut.token.is_cancelled(),
+                });
+            }
+            Mode::Shell(rec) => {
+                let _ = self.keep(*rec).await;
+            }
+            Mode::Sftp(mut tracker) => {
+                let left = tracker.finish();
+                self.sftp_audit(left);
+            }
         }
     }
 }
 
-impl Drop for Conn {
-    fn drop(&mut self) {
-        let Some(Ok(lease)) = self.admitted.take() else {
-            return;
-        };
-        let target = lease.target().name.to_string();
-        self.ctx
-            .metrics
-            .sessions_active
-            .with_label_values(&[&target, "ssh"])
-            .dec();
-        let reason = self.cut.reason().unwrap_or(SessionEndReason::ClientClosed);
-        self.ctx.audit.submit(AuditEvent::SessionEnd {
-            session: lease.session().meta.clone(),
-            reason,
-            bytes_from_client: lease.session().bytes_from_client.load(Ordering::Relaxed),
-            bytes_to_client: lease.session().bytes_to_client.load(Ordering::Relaxed),
-            duration_ms: u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX),
+/// One forwarded TCP connection (`direct-tcpip`), relayed until either side closes or the
+/// lease is cut; audited when it ends.
+struct Forward {
+    ctx: Arc<SshContext>,
+    cut: Arc<Cut>,
+    ending: Arc<Ending>,
+    _upstream: Arc<russh::client::Handle<Upstream>>,
+    host: String,
+    port: u32,
+}
+
+impl Forward {
+    async fn run(self, mut client: Channel<Msg>, mut up: Channel<russh::client::Msg>) {
+        let started = Instant::now();
+        let (mut bytes_in, mut bytes_out) = (0u64, 0u64);
+        let session = self.ending.lease.session();
+        let (mut client_eof, mut up_eof) = (false, false);
+        loop {
+            tokio::select! {
+                biased;
+                () = self.cut.token.cancelled() => break,
+                m = client.wait(), if !client_eof => match m {
+                    Some(ChannelMsg::Data { data }) => {
+                        bytes_in += data.len() as u64;
+                        session.bytes_from_client.fetch_add(data.len() as u64, Ordering::Relaxed);
+                        if up.data(&data[..]).await.is_err() { break; }
+                    }
+                    Some(ChannelMsg::Eof) => { client_eof = true; let _ = up.eof().await; }
+                    Some(ChannelMsg::Close) | None => break,
+                    _ => {}
+                },
+                m = up.wait(), if !up_eof => match m {
+                    Some(ChannelMsg::Data { data }) => {
+                        bytes_out += data.len() as u64;
+                        session.bytes_to_client.fetch_add(data.len() as u64, Ordering::Relaxed);
+                        if client.data(&data[..]).await.is_err() { break; }
+                    }
+                    Some(ChannelMsg::Eof) => { up_eof = true; let _ = client.eof().await; }
+                    Some(ChannelMsg::Close) | None => break,
+                    _ => {}
+                },
+                else => break,
+            }
+        }
+        let _ = up.close().await;
+        let _ = client.close().await;
+        self.ctx.audit.submit(AuditEvent::SshForward {
+            session: session.meta.clone(),
+            host: self.host,
+            port: self.port,
+            allowed: true,
+            refused: None,
+            duration_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+            bytes_in,
+            bytes_out,
         });
     }
 }

@@ -51,6 +51,7 @@ fn target(name: &str, address: &str) -> Arc<Target> {
         credentials: HashMap::new(),
         tls: UpstreamTls::Disable,
         allow_role_management: false,
+        allow_port_forwarding: false,
         guardrails: Vec::new(),
     })
 }
