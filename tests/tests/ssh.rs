@@ -1,7 +1,8 @@
-//! SSH through the proxy with the real OpenSSH client and server: certificate authentication,
-//! the target from the login name, admission, exec audited with its exit status, an
-//! interactive shell with a pty, the cut at expiry with a line on the terminal, and a target
-//! whose host key does not match.
+//! SSH through the proxy with the real OpenSSH client and server: certificate authentication
+//! (and what it refuses), the target from the login name, admission, exec audited with its
+//! exit status, an interactive shell with a pty, the notice and an extension, revoke, kill and
+//! the cut at expiry with a line on the terminal, and a target whose host key does not match.
+//! Recordings, files, forwards and the client commands are in `ssh_files.rs`.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::time::{Duration, Instant, SystemTime};
@@ -152,6 +153,34 @@ async fn plain_keys_foreign_cas_expired_certificates_and_other_users_are_refused
     let expired = ssh_user_between(&h, "alice", &[], now - HOUR, now - Duration::from_secs(60));
     let (ok, _, err) = ssh(&h, &expired, "web-1", &["true"]).await;
     assert!(!ok && err.contains("Permission denied"), "{err}");
+    // A certificate signed by a certificate holder: alice's key as a CA, for bob.
+    let chained_dir = tempfile::tempdir().unwrap();
+    let bob_key = chained_dir.path().join("bob");
+    let made = std::process::Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+        .arg(&bob_key)
+        .output()
+        .unwrap();
+    assert!(made.status.success());
+    let signed = std::process::Command::new("ssh-keygen")
+        .arg("-s")
+        .arg(&alice.key)
+        .args(["-I", "bob", "-n", "bob", "-V", "-1m:+1h"])
+        .arg(bob_key.with_extension("pub"))
+        .output()
+        .unwrap();
+    assert!(signed.status.success(), "{}", String::from_utf8_lossy(&signed.stderr));
+    h.grant("bob", "web-1", AccessLevel::Write, HOUR).await;
+    let chained = jitgate_tests::ssh::SshUser {
+        user: "bob".into(),
+        key: bob_key.clone(),
+        cert: chained_dir.path().join("bob-cert.pub"),
+    };
+    let (ok, _, err) = ssh(&h, &chained, "web-1", &["true"]).await;
+    assert!(
+        !ok && err.contains("Permission denied"),
+        "signed by alice's certificate key: {err}"
+    );
     // Alice's certificate cannot log in as bob.
     let (ok, _, err) = ssh(&h, &alice, "bob@web-1", &["true"]).await;
     assert!(!ok && err.contains("Permission denied"), "{err}");

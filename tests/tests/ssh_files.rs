@@ -441,3 +441,103 @@ async fn jitgate_ssh_and_ssh_config_use_the_files_cert_issue_wrote() {
     let none = run_jitgate(&["ssh", "web-1"], &[("JITGATE_SSH", proxy.as_str())]).await;
     assert!(!none.ok && none.stderr.contains("--identity"), "{none:?}");
 }
+
+/// A tmux server of the test's own (its own socket), killed when dropped.
+struct Tmux(String);
+
+impl Tmux {
+    fn run(&self, args: &[&str]) -> String {
+        let out = std::process::Command::new("tmux")
+            .args(["-L", &self.0, "-f", "/dev/null"])
+            .args(args)
+            .env("TERM", "xterm")
+            .output()
+            .expect("tmux (scripts/test installs it)");
+        assert!(
+            out.status.success(),
+            "tmux {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    async fn screen_shows(&self, what: &str) {
+        eventually(what, Duration::from_secs(20), || async {
+            self.run(&["capture-pane", "-p", "-t", "t"]).contains(what)
+        })
+        .await;
+    }
+}
+
+impl Drop for Tmux {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("tmux")
+            .args(["-L", &self.0, "kill-server"])
+            .output();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_terminal_resized_mid_session_resizes_the_shell_and_the_recording() {
+    let h = harness().await;
+    let alice = ssh_user(&h, "alice", &["dev"]);
+    h.grant("alice", "web-1", AccessLevel::Write, HOUR).await;
+    let port = h.addrs().ssh.unwrap().port().to_string();
+    let mut argv = vec!["ssh".to_owned(), "-p".into(), port];
+    argv.extend(jitgate_tests::ssh::client_options(&h, &alice, "web-1"));
+    argv.push("127.0.0.1".into());
+    let tmux = Tmux(format!("jitgate-{}", std::process::id()));
+    tmux.run(&["new-session", "-d", "-s", "t", "-x", "80", "-y", "24", &argv.join(" ")]);
+    tmux.run(&["send-keys", "-t", "t", "stty size", "Enter"]);
+    tmux.screen_shows("24 80").await;
+    tmux.run(&["resize-window", "-t", "t", "-x", "100", "-y", "30"]);
+    tmux.run(&["send-keys", "-t", "t", "clear; stty size", "Enter"]);
+    tmux.screen_shows("30 100").await;
+    tmux.run(&["send-keys", "-t", "t", "exit", "Enter"]);
+    eventually("session.end naming the recording", Duration::from_secs(20), || async {
+        h.audit_events("session.end").iter().any(|e| e["recordings"].is_array())
+    })
+    .await;
+    let end = h
+        .audit_events("session.end")
+        .into_iter()
+        .find(|e| e["recordings"].is_array())
+        .unwrap();
+    let text = std::fs::read_to_string(end["recordings"][0]["file"].as_str().unwrap()).unwrap();
+    let header: serde_json::Value = serde_json::from_str(text.lines().next().unwrap()).unwrap();
+    assert_eq!(
+        (header["width"].as_u64(), header["height"].as_u64()),
+        (Some(80), Some(24))
+    );
+    assert!(text.contains(r#""r", "100x30"]"#), "{text}");
+    assert!(text.contains("30 100"), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_sftp_stream_that_cannot_be_audited_ends_the_channel_with_a_reason() {
+    let h = harness().await;
+    let alice = ssh_user(&h, "alice", &["dev"]);
+    h.grant("alice", "web-1", AccessLevel::Write, HOUR).await;
+    // Raw bytes on the sftp subsystem (ssh -s): an INIT, then a packet claiming 4 GiB.
+    let mut child = ssh_command(&h, &alice, "web-1", &["-s", "sftp"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(&[0, 0, 0, 5, 1, 0, 0, 0, 3]).await.unwrap();
+    stdin.write_all(&[0xff, 0xff, 0xff, 0xff, 3, 0, 0, 0, 1]).await.unwrap();
+    stdin.flush().await.unwrap();
+    let out = tokio::time::timeout(Duration::from_secs(30), child.wait_with_output())
+        .await
+        .expect("the channel ends, no hang")
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("SFTP stream cannot be audited"), "{err}");
+    assert!(err.contains("longer than"), "{err}");
+    assert!(!out.status.success());
+    // The proxy is fine: the next session works.
+    let (ok, o, e) = ssh(&h, &alice, "web-1", &["echo", "still-up"]).await;
+    assert!(ok && o.contains("still-up"), "{e}");
+}
