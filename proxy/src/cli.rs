@@ -120,7 +120,8 @@ struct InitArgs {
 
 #[derive(Debug, Subcommand)]
 enum ConfigCommand {
-    /// Validate FILE; exits non-zero naming the offending key.
+    /// Validate FILE; exits non-zero naming the offending key. With a `[store]`, also checks
+    /// that the shared store answers.
     Check { file: PathBuf },
 }
 
@@ -527,6 +528,12 @@ async fn dispatch(cli: Cli) -> Result<()> {
         } => {
             let config = Config::load(&file)?;
             config.check_files()?;
+            if let Some(store) = &config.store {
+                let version = crate::store::PgStore::ping(store)
+                    .await
+                    .with_context(|| format!("store {}", store.url))?;
+                println!("store {}: answers ({version})", store.url);
+            }
             println!("{}: ok ({} targets)", file.display(), config.targets.len());
             Ok(())
         }

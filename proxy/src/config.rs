@@ -57,6 +57,18 @@ struct RawConfig {
     agents: RawAgents,
     #[serde(default)]
     ssh: RawSsh,
+    #[serde(default)]
+    store: RawStore,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawStore {
+    url: Option<String>,
+    password_env: Option<String>,
+    password_file: Option<PathBuf>,
+    #[serde(default)]
+    tls: RawUpstreamTls,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -238,6 +250,30 @@ pub struct Config {
     pub agents: AgentsConfig,
     /// `[ssh]`: how SSH sessions are recorded.
     pub ssh: SshConfig,
+    /// `[store]`: the shared PostgreSQL store, or `None` for SQLite.
+    pub store: Option<StoreConfig>,
+}
+
+/// `[store]`: a shared PostgreSQL store for several replicas. Absent: the embedded SQLite
+/// file `DATA_DIR/jitgate.db`.
+#[derive(Clone)]
+pub struct StoreConfig {
+    /// `postgresql://USER@HOST:PORT/DB` (a libpq-style URL; no password in it).
+    pub url: String,
+    pub password: Option<String>,
+    /// `tls.mode`: `disable` or `verify-full` (with `tls.ca_file` and optionally
+    /// `tls.server_name`).
+    pub tls: UpstreamTls,
+}
+
+impl std::fmt::Debug for StoreConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StoreConfig")
+            .field("url", &self.url)
+            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .field("tls", &self.tls)
+            .finish()
+    }
 }
 
 /// `[ssh]`.
@@ -694,7 +730,9 @@ impl RawConfig {
             .collect();
         login_roles.sort();
         login_roles.dedup();
+        let store = self.store.validate(secrets)?;
         Ok(Config {
+            store,
             ssh: SshConfig {
                 recordings_dir: data_dir.join("recordings"),
                 record_input: self.ssh.record_input,
@@ -713,6 +751,60 @@ impl RawConfig {
             limits,
             targets: Arc::new(targets),
         })
+    }
+}
+
+impl RawStore {
+    fn validate(self, secrets: Secrets) -> Result<Option<StoreConfig>, ConfigError> {
+        let Some(url) = self.url else {
+            if self.password_env.is_some() || self.password_file.is_some() || self.tls.mode.is_some() {
+                return Err(invalid("store.url", "required with the other [store] keys"));
+            }
+            return Ok(None);
+        };
+        let parsed: tokio_postgres::Config = url
+            .parse()
+            .map_err(|e| invalid("store.url", format!("not a PostgreSQL URL: {e}")))?;
+        if parsed.get_password().is_some() {
+            return Err(invalid(
+                "store.url",
+                "must not carry the password: use store.password_env or store.password_file",
+            ));
+        }
+        if parsed.get_hosts().is_empty() {
+            return Err(invalid("store.url", "names no host"));
+        }
+        let keys = SecretKeys {
+            table: "store",
+            env: "password_env",
+            file: "password_file",
+            both: "store",
+        };
+        let password = resolve_secret(&keys, self.password_env, self.password_file, secrets)?;
+        let tls = match self.tls.mode.as_deref().unwrap_or("disable") {
+            "disable" => UpstreamTls::Disable,
+            "verify-full" => {
+                let ca_file = self
+                    .tls
+                    .ca_file
+                    .ok_or_else(|| invalid("store.tls.ca_file", "required with mode = \"verify-full\""))?;
+                let server_name = match self.tls.server_name {
+                    Some(n) => n,
+                    None => match parsed.get_hosts().first() {
+                        Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
+                        _ => return Err(invalid("store.tls.server_name", "required for this host")),
+                    },
+                };
+                UpstreamTls::VerifyFull { ca_file, server_name }
+            }
+            other => {
+                return Err(invalid(
+                    "store.tls.mode",
+                    format!("{other:?}: \"disable\" or \"verify-full\""),
+                ))
+            }
+        };
+        Ok(Some(StoreConfig { url, password, tls }))
     }
 }
 

@@ -336,23 +336,47 @@ impl Grants {
                 () = stop.cancelled() => return,
             };
             match change {
+                Ok(Change::Resync) => {
+                    tracing::warn!("the store's change log has a gap; re-reading live grants");
+                    self.resync().await;
+                }
                 Ok(change) => {
                     self.table.apply(&change);
                 }
                 Err(RecvError::Lagged(missed)) => {
                     tracing::warn!(missed, "grant change feed fell behind; re-reading live grants");
-                    self.metrics.grant_resyncs_total.inc();
-                    if let Ok(live) = self.store.live_grants().await {
-                        for grant in live {
-                            let expires_at = grant.expires_at;
-                            let id = grant.id.clone();
-                            self.table.apply(&Change::GrantCreated(grant));
-                            self.table.apply(&Change::GrantExtended { id, expires_at });
-                        }
-                    }
+                    self.resync().await;
                 }
                 Err(RecvError::Closed) => return,
             }
+        }
+    }
+
+    /// Makes the table what the store holds: live grants created or moved, grants the store
+    /// no longer holds live ended (as expired when past their expiry, revoked otherwise).
+    async fn resync(&self) {
+        self.metrics.grant_resyncs_total.inc();
+        let live = match self.store.live_grants().await {
+            Ok(live) => live,
+            Err(error) => return tracing::error!(%error, "cannot re-read live grants"),
+        };
+        let ids: std::collections::HashSet<GrantId> = live.iter().map(|g| g.id.clone()).collect();
+        let now = self.clock.now();
+        for held in self.table.list() {
+            if !ids.contains(&held.id) {
+                let end = if held.expires_at <= now {
+                    GrantEnd::Expired
+                } else {
+                    GrantEnd::Revoked
+                };
+                self.table.apply(&Change::GrantEnded { id: held.id, end });
+            }
+        }
+        for grant in live {
+            let expires_at = grant.expires_at;
+            let id = grant.id.clone();
+            self.table.apply(&Change::GrantCreated(grant));
+            self.table.apply(&Change::GrantExtended { id, expires_at });
         }
     }
 }

@@ -122,13 +122,18 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: impl Future<Out
     let metrics = Metrics::new();
     let tls = ServerTls::load(&config.tls)?;
     let audit = AuditLog::open(&config.audit, Arc::clone(&metrics))?;
-    let path = config.store_path.clone();
-    let sqlite = tokio::task::spawn_blocking(move || SqliteStore::open(&path))
-        .await
-        .map_err(|e| crate::store::StoreError::Unavailable(e.to_string()))??;
-    let store: Arc<dyn Store> = Arc::new(sqlite);
-    let clock = clock::system();
     let cancel = CancellationToken::new();
+    let store: Arc<dyn Store> = match &config.store {
+        Some(shared) => crate::store::PgStore::connect(shared, cancel.clone()).await?,
+        None => {
+            let path = config.store_path.clone();
+            let sqlite = tokio::task::spawn_blocking(move || SqliteStore::open(&path))
+                .await
+                .map_err(|e| crate::store::StoreError::Unavailable(e.to_string()))??;
+            Arc::new(sqlite)
+        }
+    };
+    let clock = clock::system();
     let tracker = TaskTracker::new();
     let notifier = Notifier::start(&config.webhooks, &metrics, &tracker, cancel.clone());
     let grants = Grants::start(GrantsDeps {

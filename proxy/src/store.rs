@@ -6,9 +6,11 @@
 //! caller read. With several writers exactly one wins; the others get [`StoreError::Conflict`]
 //! and re-read (or give up). Each committed change is also published on [`Store::changes`],
 //! which the grant table applies, so changes from any writer (another replica later) reach
-//! the in-memory table the same way. Errors say what the caller does next: retry or degrade
+//! the in-memory table the same way ([`PgStore`]: through its change log, on every replica).
+//! Errors say what the caller does next: retry or degrade
 //! (`Unavailable`), re-read (`Conflict`), or report (`NotFound`).
 
+mod postgres;
 mod sqlite;
 
 use std::time::SystemTime;
@@ -16,6 +18,7 @@ use std::time::SystemTime;
 use async_trait::async_trait;
 use tokio::sync::broadcast;
 
+pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
 
 use crate::model::{
@@ -42,9 +45,20 @@ pub enum StoreError {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Change {
     GrantCreated(Grant),
-    GrantExtended { id: GrantId, expires_at: SystemTime },
-    GrantEnded { id: GrantId, end: GrantEnd },
-    RequestChanged { id: RequestId, version: u64 },
+    GrantExtended {
+        id: GrantId,
+        expires_at: SystemTime,
+    },
+    GrantEnded {
+        id: GrantId,
+        end: GrantEnd,
+    },
+    RequestChanged {
+        id: RequestId,
+        version: u64,
+    },
+    /// Changes may have been missed (the shared store's log had a gap): re-read everything.
+    Resync,
 }
 
 /// A stored value and the version a compare-and-set must name.

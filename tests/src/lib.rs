@@ -69,6 +69,8 @@ pub struct Options {
     /// sshd's host key), `web-bad` (pinned to another key) and `web-fwd` (web-1's host, with
     /// port forwarding allowed).
     pub ssh: bool,
+    /// A `[store]` table (the shared PostgreSQL store), verbatim.
+    pub store: Option<String>,
 }
 
 /// A client identity on disk.
@@ -151,6 +153,7 @@ impl Harness {
         let d = data.path().display();
         let mut config = format!(
             r#"data_dir = "{d}"
+{store}
 [listen]
 postgres = "127.0.0.1:0"
 api = "127.0.0.1:0"
@@ -205,6 +208,7 @@ password_file = "{d}/md5.password"
 "#,
             handshake = opts.handshake_timeout.unwrap_or("10s"),
             limits = opts.limits,
+            store = opts.store.as_deref().unwrap_or(""),
             addr = pg.address(),
         );
         if opts.upstream_tls {

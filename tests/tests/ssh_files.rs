@@ -4,7 +4,7 @@
 //! target; a key offered but never signed; `jitgate ssh` and `jitgate ssh-config`.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use jitgate_tests::jitgate::model::AccessLevel;
 use jitgate_tests::ssh::{file_command, run, ssh, ssh_command, ssh_user};
@@ -256,17 +256,19 @@ async fn echo_server() -> u16 {
 }
 
 /// Runs `ssh -N -L` and sends a line through the forward: what came back (empty when the
-/// proxy refused the forward and the client closed the connection).
+/// proxy refused the forward and the client closed the connection). The local end is a Unix
+/// socket in a directory of the test's own, so no other process can be listening there.
 async fn through_forward(h: &Harness, user: &jitgate_tests::ssh::SshUser, target: &str, to: u16) -> String {
-    let local = jitgate_tests::jitgate::sandbox::free_port().unwrap();
-    let spec = format!("127.0.0.1:{local}:127.0.0.1:{to}");
-    let _ssh = ssh_command(h, user, target, &["-N", "-L", &spec])
+    let dir = tempfile::tempdir().unwrap();
+    let local = dir.path().join("fwd.sock");
+    let spec = format!("{}:127.0.0.1:{to}", local.display());
+    let _ssh = ssh_command(h, user, target, &["-N", "-o", "ExitOnForwardFailure=yes", "-L", &spec])
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
     let mut conn = None;
     for _ in 0..200 {
-        if let Ok(c) = tokio::net::TcpStream::connect(("127.0.0.1", local)).await {
+        if let Ok(c) = tokio::net::UnixStream::connect(&local).await {
             conn = Some(c);
             break;
         }
@@ -297,10 +299,19 @@ async fn local_forwards_are_refused_unless_the_target_allows_them_and_both_are_a
         through_forward(&h, &alice, "web-fwd", port).await,
         "ping through the forward\n"
     );
-    eventually("ssh.forward records", Duration::from_secs(15), || async {
-        h.audit_events("ssh.forward").len() >= 2
-    })
-    .await;
+    let waited = Instant::now();
+    while h.audit_events("ssh.forward").len() < 2 {
+        assert!(
+            waited.elapsed() < Duration::from_secs(15),
+            "ssh.forward records: {:#?}\nsessions: {:#?}",
+            h.audit_events("ssh.forward"),
+            h.audit()
+                .into_iter()
+                .filter(|e| e["event"].as_str().is_some_and(|k| k.starts_with("session")))
+                .collect::<Vec<_>>()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let fw = h.audit_events("ssh.forward");
     let refused = fw.iter().find(|e| e["target"] == "web-1").unwrap();
     assert_eq!(refused["allowed"], false);

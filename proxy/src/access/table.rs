@@ -13,6 +13,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, OnceLock};
+use std::time::SystemTime;
 
 use dashmap::DashMap;
 use tokio::sync::{mpsc, watch};
@@ -133,6 +134,10 @@ struct Arm {
 /// The live grants.
 pub struct GrantTable {
     by_id: DashMap<GrantId, Arc<LiveGrant>>,
+    /// Grants that ended, with their last expiry: a `GrantCreated` that arrives after the
+    /// grant's end (a feed behind the local revoke) never brings it back. Pruned once past
+    /// their expiry.
+    ended: DashMap<GrantId, SystemTime>,
     by_key: DashMap<Key, Vec<Arc<LiveGrant>>>,
     clock: SharedClock,
     /// Parent of every grant's token: the proxy's shutdown.
@@ -155,6 +160,7 @@ impl GrantTable {
         let (expired_tx, expired) = mpsc::unbounded_channel();
         let table = Arc::new(Self {
             by_id: DashMap::new(),
+            ended: DashMap::new(),
             by_key: DashMap::new(),
             clock,
             root,
@@ -182,12 +188,12 @@ impl GrantTable {
             Change::GrantCreated(grant) => self.create(grant),
             Change::GrantExtended { id, expires_at } => self.extend(id, *expires_at),
             Change::GrantEnded { id, end } => self.end(id, *end),
-            Change::RequestChanged { .. } => Applied::Unchanged,
+            Change::RequestChanged { .. } | Change::Resync => Applied::Unchanged,
         }
     }
 
     fn create(&self, grant: &Grant) -> Applied {
-        if self.by_id.contains_key(&grant.id) {
+        if self.by_id.contains_key(&grant.id) || self.ended.contains_key(&grant.id) {
             return Applied::Unchanged;
         }
         let deadline = Deadline {
@@ -244,6 +250,11 @@ impl GrantTable {
     /// Takes a grant whose end is set out of both indexes and cuts its sessions.
     fn remove(&self, live: &Arc<LiveGrant>) {
         live.cut.cancel();
+        if self.ended.len() >= 4096 {
+            let now = self.clock.now();
+            self.ended.retain(|_, expires_at| *expires_at > now);
+        }
+        self.ended.insert(live.grant.id.clone(), live.current().expires_at);
         if self.by_id.remove(&live.grant.id).is_some() {
             self.metrics.grants_active.dec();
         }

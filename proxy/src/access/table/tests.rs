@@ -184,3 +184,22 @@ async fn a_grant_already_past_due_is_cut_at_once() {
     settle().await;
     assert_eq!(expired.try_recv().unwrap().id, g.id);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_creation_that_arrives_after_the_end_does_not_bring_the_grant_back() {
+    // The shared store's feed may deliver a grant's creation after this replica applied its
+    // revocation (the revoke applies locally first).
+    let (t, _expired, clock, _root) = table();
+    let g = grant(&clock, "alice", AccessLevel::Read, 60);
+    assert_eq!(t.apply(&Change::GrantCreated(g.clone())), Applied::Created);
+    assert!(matches!(
+        t.apply(&Change::GrantEnded {
+            id: g.id.clone(),
+            end: GrantEnd::Revoked
+        }),
+        Applied::Ended(_)
+    ));
+    assert_eq!(t.apply(&Change::GrantCreated(g.clone())), Applied::Unchanged);
+    assert!(t.lookup(&alice(), &prod()).is_none());
+    assert!(t.get(&g.id).is_none());
+}

@@ -1,0 +1,896 @@
+//! The shared store: one PostgreSQL database for several replicas (`[store] url`).
+//!
+//! Same tables and the same compare-and-set statements as the SQLite store, plus a `changes`
+//! log: every write inserts its [`Change`] into `changes` in the same transaction, under a
+//! transaction-level advisory lock so `seq` order is commit order, and `NOTIFY`s
+//! `jitgate_changes`. Each replica's follower (one connection of its own, `LISTEN`ing) reads
+//! the log past the last `seq` it applied, on every notification, every
+//! [`POLL`] (in case notifications stop) and after every reconnect, and publishes the changes
+//! on [`Store::changes`] in `seq` order. Writers do not publish their own changes directly:
+//! every replica, the writer included, sees one ordered feed. A follower that finds `seq`s
+//! missing (the log was trimmed past it) publishes [`Change::Resync`]: re-read everything.
+//!
+//! Migrations are numbered and applied at start under a session advisory lock, so replicas
+//! starting together apply each once.
+
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{broadcast, Mutex};
+use tokio_postgres::{AsyncMessage, Client};
+use tokio_util::sync::CancellationToken;
+
+use super::{Change, GrantWrite, RequestQuery, Store, StoreError, Versioned};
+use crate::config::{StoreConfig, UpstreamTls};
+use crate::model::{
+    AgentName, AgentRecord, AgentToken, Grant, GrantEnd, GrantId, Request, RequestId, TargetName, TokenRefusal,
+    UserName,
+};
+use crate::timefmt::{from_millis, to_millis};
+
+/// How often the follower reads the log without a notification.
+pub const POLL: Duration = Duration::from_secs(1);
+/// Changes older than this are trimmed from the log at start.
+const KEEP_CHANGES: &str = "7 days";
+/// Advisory lock keys: migrations (session lock) and change order (transaction lock).
+const MIGRATE_LOCK: i64 = 0x6a69_7467_6d69_6772;
+const CHANGE_LOCK: i64 = 0x6a69_7467_6368_6e67;
+/// How many changes a slow follower of [`Store::changes`] may fall behind.
+const CHANGES: usize = 4096;
+
+/// Schema versions, applied in order; each runs once, in a transaction.
+const MIGRATIONS: &[&str] = &["
+CREATE TABLE grants (
+    id          TEXT PRIMARY KEY,
+    \"user\"    TEXT NOT NULL,
+    target      TEXT NOT NULL,
+    access      TEXT NOT NULL,
+    reason      TEXT NOT NULL,
+    created_by  TEXT NOT NULL,
+    created_at  BIGINT NOT NULL,
+    expires_at  BIGINT NOT NULL,
+    ended_at    BIGINT,
+    end_reason  TEXT
+);
+CREATE INDEX grants_active ON grants (created_at) WHERE ended_at IS NULL;
+CREATE TABLE requests (
+    id          TEXT PRIMARY KEY,
+    \"user\"    TEXT NOT NULL,
+    state       TEXT NOT NULL,
+    break_glass BOOLEAN NOT NULL,
+    created_at  BIGINT NOT NULL,
+    lapses_at   BIGINT NOT NULL,
+    body        TEXT NOT NULL,
+    version     BIGINT NOT NULL
+);
+CREATE INDEX requests_state ON requests (state, lapses_at);
+CREATE INDEX requests_created ON requests (created_at);
+CREATE TABLE agent_tokens (
+    id            TEXT PRIMARY KEY,
+    agent         TEXT NOT NULL,
+    targets       TEXT NOT NULL,
+    secret_sha256 TEXT NOT NULL,
+    created_by    TEXT NOT NULL,
+    created_at    BIGINT NOT NULL,
+    expires_at    BIGINT NOT NULL,
+    used_at       BIGINT
+);
+CREATE TABLE agents (
+    name      TEXT PRIMARY KEY,
+    targets   TEXT NOT NULL,
+    joined_at BIGINT NOT NULL,
+    token     TEXT NOT NULL
+);
+CREATE TABLE changes (
+    seq  BIGINT PRIMARY KEY,
+    at   TIMESTAMPTZ NOT NULL DEFAULT now(),
+    body TEXT NOT NULL
+);
+"];
+
+/// A change as the log stores it.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+enum Logged {
+    GrantCreated { grant: Grant },
+    GrantExtended { id: GrantId, expires_at_ms: i64 },
+    GrantEnded { id: GrantId, end: GrantEnd },
+    RequestChanged { id: RequestId, version: u64 },
+}
+
+impl Logged {
+    fn of(change: &Change) -> Option<Self> {
+        Some(match change {
+            Change::GrantCreated(g) => Self::GrantCreated { grant: g.clone() },
+            Change::GrantExtended { id, expires_at } => Self::GrantExtended {
+                id: id.clone(),
+                expires_at_ms: to_millis(*expires_at),
+            },
+            Change::GrantEnded { id, end } => Self::GrantEnded {
+                id: id.clone(),
+                end: *end,
+            },
+            Change::RequestChanged { id, version } => Self::RequestChanged {
+                id: id.clone(),
+                version: *version,
+            },
+            Change::Resync => return None,
+        })
+    }
+
+    fn change(self) -> Change {
+        match self {
+            Self::GrantCreated { grant } => Change::GrantCreated(grant),
+            Self::GrantExtended { id, expires_at_ms } => Change::GrantExtended {
+                id,
+                expires_at: from_millis(expires_at_ms),
+            },
+            Self::GrantEnded { id, end } => Change::GrantEnded { id, end },
+            Self::RequestChanged { id, version } => Change::RequestChanged { id, version },
+        }
+    }
+}
+
+fn err(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Unavailable(e.to_string())
+}
+
+/// How to open a connection to the store.
+#[derive(Clone)]
+struct Connector {
+    config: tokio_postgres::Config,
+    tls: Option<tokio_postgres_rustls::MakeRustlsConnect>,
+}
+
+impl Connector {
+    fn new(store: &StoreConfig) -> Result<Self, StoreError> {
+        let mut config: tokio_postgres::Config = store.url.parse().map_err(err)?;
+        if let Some(p) = &store.password {
+            config.password(p.as_bytes());
+        }
+        config.application_name("jitgate");
+        config.connect_timeout(Duration::from_secs(5));
+        let tls = match &store.tls {
+            UpstreamTls::Disable => None,
+            UpstreamTls::Require | UpstreamTls::VerifyFull { .. } => {
+                let UpstreamTls::VerifyFull { ca_file, .. } = &store.tls else {
+                    return Err(err("store.tls.mode = \"require\" is not supported: use verify-full"));
+                };
+                let roots = crate::tls::load_roots(ca_file).map_err(err)?;
+                let client = rustls::ClientConfig::builder_with_provider(crate::tls::provider())
+                    .with_safe_default_protocol_versions()
+                    .map_err(err)?
+                    .with_root_certificates(roots)
+                    .with_no_client_auth();
+                Some(tokio_postgres_rustls::MakeRustlsConnect::new(client))
+            }
+        };
+        Ok(Self { config, tls })
+    }
+
+    /// A connected client; its connection runs on a task that forwards notifications to
+    /// `notify` (when given).
+    async fn connect(&self, notify: Option<tokio::sync::mpsc::Sender<()>>) -> Result<Client, StoreError> {
+        fn drive<S, T>(mut conn: tokio_postgres::Connection<S, T>, notify: Option<tokio::sync::mpsc::Sender<()>>)
+        where
+            S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+            T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+        {
+            tokio::spawn(async move {
+                while let Some(m) = std::future::poll_fn(|cx| conn.poll_message(cx)).await {
+                    match m {
+                        Ok(AsyncMessage::Notification(_)) => {
+                            if let Some(n) = &notify {
+                                let _ = n.try_send(());
+                            }
+                        }
+                        Ok(_) => {}
+                        Err(error) => {
+                            tracing::warn!(%error, "store connection ended");
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+        let timeout = Duration::from_secs(10);
+        match &self.tls {
+            None => {
+                let (client, conn) = tokio::time::timeout(timeout, self.config.connect(tokio_postgres::NoTls))
+                    .await
+                    .map_err(|_| err("connecting to the store timed out"))?
+                    .map_err(err)?;
+                drive(conn, notify);
+                Ok(client)
+            }
+            Some(tls) => {
+                let (client, conn) = tokio::time::timeout(timeout, self.config.connect(tls.clone()))
+                    .await
+                    .map_err(|_| err("connecting to the store timed out"))?
+                    .map_err(err)?;
+                drive(conn, notify);
+                Ok(client)
+            }
+        }
+    }
+}
+
+/// PostgreSQL-backed [`Store`].
+pub struct PgStore {
+    connector: Connector,
+    /// The connection writes and reads go through (reconnected when it breaks).
+    conn: Mutex<Option<Client>>,
+    changes: broadcast::Sender<Change>,
+    /// The last `seq` the follower published.
+    applied: Arc<AtomicI64>,
+    /// Whether the last operation reached the store.
+    reachable: Arc<AtomicBool>,
+    stop: CancellationToken,
+}
+
+impl PgStore {
+    /// Connects, applies pending migrations, trims the change log and starts the follower
+    /// (stopped by `stop`). Changes committed from now on are published.
+    pub async fn connect(config: &StoreConfig, stop: CancellationToken) -> Result<Arc<Self>, StoreError> {
+        let connector = Connector::new(config)?;
+        let mut client = connector.connect(None).await?;
+        migrate(&mut client).await?;
+        client
+            .execute(
+                &format!("DELETE FROM changes WHERE at < now() - interval '{KEEP_CHANGES}'"),
+                &[],
+            )
+            .await
+            .map_err(err)?;
+        let last: i64 = client
+            .query_one("SELECT COALESCE(max(seq), 0) FROM changes", &[])
+            .await
+            .map_err(err)?
+            .get(0);
+        let (changes, _) = broadcast::channel(CHANGES);
+        let store = Arc::new(Self {
+            connector,
+            conn: Mutex::new(Some(client)),
+            changes,
+            applied: Arc::new(AtomicI64::new(last)),
+            reachable: Arc::new(AtomicBool::new(true)),
+            stop,
+        });
+        tokio::spawn(Arc::clone(&store).follow());
+        Ok(store)
+    }
+
+    /// Checks that the store answers (`jitgate config check`).
+    pub async fn ping(config: &StoreConfig) -> Result<String, StoreError> {
+        let client = Connector::new(config)?.connect(None).await?;
+        let row = client.query_one("SELECT version()", &[]).await.map_err(err)?;
+        Ok(row.get(0))
+    }
+
+    /// Whether the store answered the last time it was used.
+    pub fn reachable(&self) -> bool {
+        self.reachable.load(Ordering::Relaxed)
+    }
+
+    /// Runs `f` with the shared connection, reconnecting once if it had broken.
+    async fn with<T>(
+        &self,
+        f: impl for<'c> FnOnce(
+            &'c mut Client,
+        )
+            -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<T, StoreError>> + Send + 'c>>,
+    ) -> Result<T, StoreError> {
+        let mut guard = self.conn.lock().await;
+        if guard.as_ref().is_none_or(Client::is_closed) {
+            match self.connector.connect(None).await {
+                Ok(c) => *guard = Some(c),
+                Err(e) => {
+                    self.reachable.store(false, Ordering::Relaxed);
+                    return Err(e);
+                }
+            }
+        }
+        let Some(client) = guard.as_mut() else {
+            return Err(err("no store connection"));
+        };
+        let r = f(client).await;
+        let broken = client.is_closed();
+        self.reachable.store(!broken, Ordering::Relaxed);
+        if broken {
+            *guard = None;
+        }
+        r
+    }
+
+    /// Reads the log past what was published and publishes it; `Resync` on a gap.
+    async fn catch_up(&self, client: &Client) -> Result<(), StoreError> {
+        let after = self.applied.load(Ordering::Relaxed);
+        let rows = client
+            .query("SELECT seq, body FROM changes WHERE seq > $1 ORDER BY seq", &[&after])
+            .await
+            .map_err(err)?;
+        let mut last = after;
+        for row in rows {
+            let seq: i64 = row.get(0);
+            let body: String = row.get(1);
+            if seq != last + 1 {
+                tracing::warn!(
+                    expected = last + 1,
+                    found = seq,
+                    "store change log has a gap: resyncing"
+                );
+                let _ = self.changes.send(Change::Resync);
+            }
+            match serde_json::from_str::<Logged>(&body) {
+                Ok(logged) => {
+                    let _ = self.changes.send(logged.change());
+                }
+                Err(error) => {
+                    tracing::error!(seq, %error, "unreadable change in the store's log: resyncing");
+                    let _ = self.changes.send(Change::Resync);
+                }
+            }
+            last = seq;
+        }
+        self.applied.store(last, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Follows the log until `stop`: LISTEN on a connection of its own, read on every
+    /// notification and every [`POLL`]; reconnect (and catch up) when the connection breaks.
+    async fn follow(self: Arc<Self>) {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let (tx, mut rx) = tokio::sync::mpsc::channel(1);
+            let client = tokio::select! {
+                c = self.connector.connect(Some(tx)) => c,
+                () = self.stop.cancelled() => return,
+            };
+            let client = match client {
+                Ok(c) => c,
+                Err(error) => {
+                    self.reachable.store(false, Ordering::Relaxed);
+                    tracing::warn!(%error, "store follower cannot connect; retrying");
+                    tokio::select! {
+                        () = tokio::time::sleep(backoff) => {}
+                        () = self.stop.cancelled() => return,
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                    continue;
+                }
+            };
+            if let Err(error) = client.batch_execute("LISTEN jitgate_changes").await {
+                tracing::warn!(%error, "store follower cannot LISTEN; retrying");
+                continue;
+            }
+            backoff = Duration::from_millis(100);
+            loop {
+                if let Err(error) = self.catch_up(&client).await {
+                    self.reachable.store(false, Ordering::Relaxed);
+                    tracing::warn!(%error, "store follower lost its connection; reconnecting");
+                    break;
+                }
+                self.reachable.store(true, Ordering::Relaxed);
+                tokio::select! {
+                    _ = rx.recv() => {}
+                    () = tokio::time::sleep(POLL) => {}
+                    () = self.stop.cancelled() => return,
+                }
+                if client.is_closed() {
+                    break;
+                }
+            }
+        }
+    }
+}
+
+async fn migrate(client: &mut Client) -> Result<(), StoreError> {
+    client
+        .batch_execute("CREATE TABLE IF NOT EXISTS jitgate_schema (version INTEGER NOT NULL)")
+        .await
+        .map_err(err)?;
+    client
+        .execute("SELECT pg_advisory_lock($1)", &[&MIGRATE_LOCK])
+        .await
+        .map_err(err)?;
+    let result = async {
+        let current: i32 = client
+            .query_opt("SELECT version FROM jitgate_schema", &[])
+            .await
+            .map_err(err)?
+            .map_or(0, |r| r.get(0));
+        for (i, sql) in MIGRATIONS.iter().enumerate() {
+            let version = i32::try_from(i + 1).map_err(err)?;
+            if version <= current {
+                continue;
+            }
+            let tx = client.transaction().await.map_err(err)?;
+            tx.batch_execute(sql).await.map_err(err)?;
+            tx.execute("DELETE FROM jitgate_schema", &[]).await.map_err(err)?;
+            tx.execute("INSERT INTO jitgate_schema (version) VALUES ($1)", &[&version])
+                .await
+                .map_err(err)?;
+            tx.commit().await.map_err(err)?;
+            tracing::info!(version, "store schema migrated");
+        }
+        Ok(())
+    }
+    .await;
+    let _ = client.execute("SELECT pg_advisory_unlock($1)", &[&MIGRATE_LOCK]).await;
+    result
+}
+
+/// Appends `changes` to the log inside `tx` and notifies the followers at commit.
+async fn log(tx: &tokio_postgres::Transaction<'_>, changes: &[Change]) -> Result<(), StoreError> {
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&CHANGE_LOCK])
+        .await
+        .map_err(err)?;
+    for c in changes {
+        let Some(logged) = Logged::of(c) else { continue };
+        let body = serde_json::to_string(&logged).map_err(err)?;
+        tx.execute(
+            "INSERT INTO changes (seq, body) SELECT COALESCE(max(seq), 0) + 1, $1 FROM changes",
+            &[&body],
+        )
+        .await
+        .map_err(err)?;
+    }
+    tx.execute("SELECT pg_notify('jitgate_changes', '')", &[])
+        .await
+        .map_err(err)?;
+    Ok(())
+}
+
+async fn insert_grant(c: &impl tokio_postgres::GenericClient, g: &Grant) -> Result<(), StoreError> {
+    c.execute(
+        "INSERT INTO grants (id, \"user\", target, access, reason, created_by, created_at, expires_at)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+        &[
+            &g.id.as_str(),
+            &g.user.as_str(),
+            &g.target.as_str(),
+            &g.access.as_str(),
+            &g.reason,
+            &g.created_by.as_str(),
+            &to_millis(g.created_at),
+            &to_millis(g.expires_at),
+        ],
+    )
+    .await
+    .map_err(err)?;
+    Ok(())
+}
+
+async fn why_unchanged(c: &impl tokio_postgres::GenericClient, id: &GrantId) -> StoreError {
+    match c.query_opt("SELECT 1 FROM grants WHERE id = $1", &[&id.as_str()]).await {
+        Ok(Some(_)) => StoreError::Conflict,
+        Ok(None) => StoreError::NotFound,
+        Err(e) => err(e),
+    }
+}
+
+async fn extend_grant(
+    c: &impl tokio_postgres::GenericClient,
+    id: &GrantId,
+    from: SystemTime,
+    to: SystemTime,
+) -> Result<(), StoreError> {
+    let n = c
+        .execute(
+            "UPDATE grants SET expires_at = $3 WHERE id = $1 AND ended_at IS NULL AND expires_at = $2",
+            &[&id.as_str(), &to_millis(from), &to_millis(to)],
+        )
+        .await
+        .map_err(err)?;
+    if n == 1 {
+        Ok(())
+    } else {
+        Err(why_unchanged(c, id).await)
+    }
+}
+
+fn decode_request(body: &str) -> Result<Request, StoreError> {
+    serde_json::from_str(body).map_err(|e| err(format!("stored request: {e}")))
+}
+
+fn decode_targets(json: &str) -> Result<Vec<TargetName>, StoreError> {
+    serde_json::from_str(json).map_err(|e| err(format!("stored agent targets: {e}")))
+}
+
+fn version_of(v: i64) -> Result<u64, StoreError> {
+    u64::try_from(v).map_err(err)
+}
+
+/// Constant-time equality of two byte strings (false when the lengths differ).
+fn ct_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+#[async_trait]
+impl Store for PgStore {
+    async fn insert_grant(&self, grant: &Grant) -> Result<(), StoreError> {
+        let g = grant.clone();
+        self.with(move |c| {
+            Box::pin(async move {
+                let tx = c.transaction().await.map_err(err)?;
+                insert_grant(&tx, &g).await?;
+                log(&tx, &[Change::GrantCreated(g.clone())]).await?;
+                tx.commit().await.map_err(err)
+            })
+        })
+        .await
+    }
+
+    async fn end_grant(&self, id: &GrantId, end: GrantEnd, at: SystemTime) -> Result<(), StoreError> {
+        let id = id.clone();
+        self.with(move |c| {
+            Box::pin(async move {
+                let tx = c.transaction().await.map_err(err)?;
+                let n = tx
+                    .execute(
+                        "UPDATE grants SET ended_at = $2, end_reason = $3 WHERE id = $1 AND ended_at IS NULL",
+                        &[&id.as_str(), &to_millis(at), &end.as_str()],
+                    )
+                    .await
+                    .map_err(err)?;
+                if n != 1 {
+                    return Err(why_unchanged(&tx, &id).await);
+                }
+                log(&tx, &[Change::GrantEnded { id: id.clone(), end }]).await?;
+                tx.commit().await.map_err(err)
+            })
+        })
+        .await
+    }
+
+    async fn extend_grant(&self, id: &GrantId, from: SystemTime, to: SystemTime) -> Result<(), StoreError> {
+        let id = id.clone();
+        self.with(move |c| {
+            Box::pin(async move {
+                let tx = c.transaction().await.map_err(err)?;
+                extend_grant(&tx, &id, from, to).await?;
+                log(
+                    &tx,
+                    &[Change::GrantExtended {
+                        id: id.clone(),
+                        expires_at: to,
+                    }],
+                )
+                .await?;
+                tx.commit().await.map_err(err)
+            })
+        })
+        .await
+    }
+
+    async fn live_grants(&self) -> Result<Vec<Grant>, StoreError> {
+        self.with(|c| {
+            Box::pin(async move {
+                let rows = c
+                    .query(
+                        "SELECT id, \"user\", target, access, reason, created_by, created_at, expires_at
+                         FROM grants WHERE ended_at IS NULL ORDER BY created_at",
+                        &[],
+                    )
+                    .await
+                    .map_err(err)?;
+                rows.iter()
+                    .map(|r| {
+                        Ok(Grant {
+                            id: GrantId::from_string(r.get::<_, String>(0)),
+                            user: UserName::new(r.get::<_, String>(1)).map_err(err)?,
+                            target: TargetName::new(r.get::<_, String>(2)).map_err(err)?,
+                            access: r.get::<_, String>(3).parse().map_err(err)?,
+                            reason: r.get(4),
+                            created_by: UserName::new(r.get::<_, String>(5)).map_err(err)?,
+                            created_at: from_millis(r.get(6)),
+                            expires_at: from_millis(r.get(7)),
+                        })
+                    })
+                    .collect()
+            })
+        })
+        .await
+    }
+
+    async fn insert_request(&self, request: &Request) -> Result<(), StoreError> {
+        let r = request.clone();
+        let body = serde_json::to_string(request).map_err(err)?;
+        self.with(move |c| {
+            Box::pin(async move {
+                let tx = c.transaction().await.map_err(err)?;
+                tx.execute(
+                    "INSERT INTO requests (id, \"user\", state, break_glass, created_at, lapses_at, body, version)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, 1)",
+                    &[
+                        &r.id.as_str(),
+                        &r.user.as_str(),
+                        &r.state.as_str(),
+                        &r.break_glass,
+                        &to_millis(r.created_at),
+                        &to_millis(r.lapses_at),
+                        &body,
+                    ],
+                )
+                .await
+                .map_err(err)?;
+                log(
+                    &tx,
+                    &[Change::RequestChanged {
+                        id: r.id.clone(),
+                        version: 1,
+                    }],
+                )
+                .await?;
+                tx.commit().await.map_err(err)
+            })
+        })
+        .await
+    }
+
+    async fn update_request(
+        &self,
+        request: &Request,
+        version: u64,
+        grant: Option<GrantWrite<'_>>,
+    ) -> Result<u64, StoreError> {
+        let r = request.clone();
+        let body = serde_json::to_string(request).map_err(err)?;
+        let write = grant.map(|g| match g {
+            GrantWrite::Insert(g) => (Some(g.clone()), None),
+            GrantWrite::Extend { id, from, to } => (None, Some((id.clone(), from, to))),
+        });
+        let next = version + 1;
+        self.with(move |c| {
+            Box::pin(async move {
+                let tx = c.transaction().await.map_err(err)?;
+                let v = i64::try_from(version).map_err(err)?;
+                let n = tx
+                    .execute(
+                        "UPDATE requests SET state = $2, lapses_at = $3, body = $4, version = version + 1
+                         WHERE id = $1 AND version = $5",
+                        &[&r.id.as_str(), &r.state.as_str(), &to_millis(r.lapses_at), &body, &v],
+                    )
+                    .await
+                    .map_err(err)?;
+                if n != 1 {
+                    let exists = tx
+                        .query_opt("SELECT 1 FROM requests WHERE id = $1", &[&r.id.as_str()])
+                        .await
+                        .map_err(err)?;
+                    return Err(if exists.is_some() {
+                        StoreError::Conflict
+                    } else {
+                        StoreError::NotFound
+                    });
+                }
+                let mut changes = vec![Change::RequestChanged {
+                    id: r.id.clone(),
+                    version: next,
+                }];
+                match write {
+                    Some((Some(g), _)) => {
+                        insert_grant(&tx, &g).await?;
+                        changes.push(Change::GrantCreated(g));
+                    }
+                    Some((None, Some((id, from, to)))) => {
+                        extend_grant(&tx, &id, from, to).await?;
+                        changes.push(Change::GrantExtended { id, expires_at: to });
+                    }
+                    _ => {}
+                }
+                log(&tx, &changes).await?;
+                tx.commit().await.map_err(err)
+            })
+        })
+        .await?;
+        Ok(next)
+    }
+
+    async fn request(&self, id: &RequestId) -> Result<Option<Versioned<Request>>, StoreError> {
+        let id = id.clone();
+        self.with(move |c| {
+            Box::pin(async move {
+                let row = c
+                    .query_opt("SELECT body, version FROM requests WHERE id = $1", &[&id.as_str()])
+                    .await
+                    .map_err(err)?;
+                row.map(|r| {
+                    Ok(Versioned {
+                        value: decode_request(r.get(0))?,
+                        version: version_of(r.get(1))?,
+                    })
+                })
+                .transpose()
+            })
+        })
+        .await
+    }
+
+    async fn requests(&self, query: &RequestQuery) -> Result<Vec<Request>, StoreError> {
+        let q = query.clone();
+        self.with(move |c| {
+            Box::pin(async move {
+                let limit = if q.limit == 0 {
+                    i64::MAX
+                } else {
+                    i64::try_from(q.limit).unwrap_or(i64::MAX)
+                };
+                let user = q.user.as_ref().map(UserName::as_str);
+                let state = q.state.map(|s| s.as_str());
+                let rows = c
+                    .query(
+                        "SELECT body FROM requests
+                         WHERE ($1::TEXT IS NULL OR \"user\" = $1) AND ($2::TEXT IS NULL OR state = $2)
+                           AND (NOT $3 OR break_glass)
+                         ORDER BY created_at DESC, id LIMIT $4",
+                        &[&user, &state, &q.break_glass, &limit],
+                    )
+                    .await
+                    .map_err(err)?;
+                rows.iter().map(|r| decode_request(r.get(0))).collect()
+            })
+        })
+        .await
+    }
+
+    async fn pending_due(&self, now: SystemTime) -> Result<Vec<Versioned<Request>>, StoreError> {
+        self.with(move |c| {
+            Box::pin(async move {
+                let rows = c
+                    .query(
+                        "SELECT body, version FROM requests WHERE state = 'pending' AND lapses_at <= $1
+                         ORDER BY lapses_at",
+                        &[&to_millis(now)],
+                    )
+                    .await
+                    .map_err(err)?;
+                rows.iter()
+                    .map(|r| {
+                        Ok(Versioned {
+                            value: decode_request(r.get(0))?,
+                            version: version_of(r.get(1))?,
+                        })
+                    })
+                    .collect()
+            })
+        })
+        .await
+    }
+
+    async fn insert_agent_token(&self, token: &AgentToken) -> Result<(), StoreError> {
+        let t = token.clone();
+        let targets = serde_json::to_string(&t.targets).map_err(err)?;
+        self.with(move |c| {
+            Box::pin(async move {
+                c.execute(
+                    "INSERT INTO agent_tokens (id, agent, targets, secret_sha256, created_by, created_at, expires_at)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7)",
+                    &[
+                        &t.id,
+                        &t.agent.as_str(),
+                        &targets,
+                        &t.secret_sha256,
+                        &t.created_by.as_str(),
+                        &to_millis(t.created_at),
+                        &to_millis(t.expires_at),
+                    ],
+                )
+                .await
+                .map_err(err)?;
+                Ok(())
+            })
+        })
+        .await
+    }
+
+    async fn redeem_agent_token(
+        &self,
+        id: &str,
+        secret_sha256: &str,
+        now: SystemTime,
+    ) -> Result<Result<AgentRecord, TokenRefusal>, StoreError> {
+        let (id, secret) = (id.to_owned(), secret_sha256.to_owned());
+        self.with(move |c| {
+            Box::pin(async move {
+                let tx = c.transaction().await.map_err(err)?;
+                let row = tx
+                    .query_opt(
+                        "SELECT agent, targets, secret_sha256, expires_at, used_at FROM agent_tokens WHERE id = $1",
+                        &[&id],
+                    )
+                    .await
+                    .map_err(err)?;
+                let Some(row) = row else {
+                    return Ok(Err(TokenRefusal::Unknown));
+                };
+                let (agent, targets, stored, expires_at, used_at): (String, String, String, i64, Option<i64>) =
+                    (row.get(0), row.get(1), row.get(2), row.get(3), row.get(4));
+                if !ct_eq(stored.as_bytes(), secret.as_bytes()) {
+                    return Ok(Err(TokenRefusal::Unknown));
+                }
+                if used_at.is_some() {
+                    return Ok(Err(TokenRefusal::Used));
+                }
+                if from_millis(expires_at) <= now {
+                    return Ok(Err(TokenRefusal::Expired));
+                }
+                let n = tx
+                    .execute(
+                        "UPDATE agent_tokens SET used_at = $2 WHERE id = $1 AND used_at IS NULL",
+                        &[&id, &to_millis(now)],
+                    )
+                    .await
+                    .map_err(err)?;
+                if n != 1 {
+                    return Ok(Err(TokenRefusal::Used));
+                }
+                tx.execute(
+                    "INSERT INTO agents (name, targets, joined_at, token) VALUES ($1, $2, $3, $4)
+                     ON CONFLICT (name) DO UPDATE SET targets = excluded.targets, joined_at = excluded.joined_at,
+                         token = excluded.token",
+                    &[&agent, &targets, &to_millis(now), &id],
+                )
+                .await
+                .map_err(err)?;
+                tx.commit().await.map_err(err)?;
+                Ok(Ok(AgentRecord {
+                    name: AgentName::new(agent).map_err(err)?,
+                    targets: decode_targets(&targets)?,
+                    joined_at: now,
+                    token: id,
+                }))
+            })
+        })
+        .await
+    }
+
+    async fn agents(&self) -> Result<Vec<AgentRecord>, StoreError> {
+        self.with(|c| {
+            Box::pin(async move {
+                let rows = c
+                    .query("SELECT name, targets, joined_at, token FROM agents ORDER BY name", &[])
+                    .await
+                    .map_err(err)?;
+                rows.iter()
+                    .map(|r| {
+                        Ok(AgentRecord {
+                            name: AgentName::new(r.get::<_, String>(0)).map_err(err)?,
+                            targets: decode_targets(r.get(1))?,
+                            joined_at: from_millis(r.get(2)),
+                            token: r.get(3),
+                        })
+                    })
+                    .collect()
+            })
+        })
+        .await
+    }
+
+    async fn remove_agent(&self, name: &AgentName) -> Result<(), StoreError> {
+        let name = name.to_string();
+        self.with(move |c| {
+            Box::pin(async move {
+                match c
+                    .execute("DELETE FROM agents WHERE name = $1", &[&name])
+                    .await
+                    .map_err(err)?
+                {
+                    0 => Err(StoreError::NotFound),
+                    _ => Ok(()),
+                }
+            })
+        })
+        .await
+    }
+
+    fn changes(&self) -> broadcast::Receiver<Change> {
+        self.changes.subscribe()
+    }
+}
+
+#[cfg(test)]
+mod tests;
