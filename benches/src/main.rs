@@ -84,6 +84,14 @@ enum Command {
     },
     /// Print the Markdown results table of the raw lines in FILE.
     Report { file: PathBuf },
+    /// The shared PostgreSQL store on a throwaway cluster: change propagation between two
+    /// replicas' stores, and the resync time with RESYNC_GRANTS live grants (0 skips it).
+    Store {
+        #[arg(long, default_value_t = 1000)]
+        changes: usize,
+        #[arg(long, default_value_t = 1_000_000)]
+        resync_grants: usize,
+    },
 }
 
 fn main() -> Result<()> {
@@ -137,6 +145,7 @@ fn main() -> Result<()> {
             rounds,
             exchanges,
         } => replay(&trace, rounds, exchanges),
+        Command::Store { changes, resync_grants } => rt.block_on(jitgate_benches::store::run(changes, resync_grants)),
         Command::Report { file } => {
             print!("{}", report::render(&std::fs::read_to_string(file)?));
             Ok(())
