@@ -41,6 +41,7 @@ pub async fn run(changes: usize, resync_grants: usize) -> Result<()> {
         url: format!("postgresql://jitgate@{}/jitgate", pg.address()),
         password: Some("bench".into()),
         tls: UpstreamTls::Disable,
+        replica_id: "bench".into(),
     };
     let stop = CancellationToken::new();
     let a = PgStore::connect(&config, stop.clone()).await?;

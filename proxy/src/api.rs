@@ -384,9 +384,22 @@ async fn withdraw_request(
     Ok(Json(s.requests.withdraw(&id, &r).await?))
 }
 
+/// Every replica's sessions. While the store does not answer, `503` (code
+/// `store_unavailable`): a list of this replica's alone would pass for the cluster's.
 async fn list_sessions(State(s): Shared, Extension(id): Caller) -> Result<Json<Vec<SessionInfo>>, ApiError> {
     require_admin(&id)?;
-    Ok(Json(s.sessions.list()))
+    match crate::cluster::list_sessions(s.store.as_ref(), &s.sessions).await {
+        Ok(all) => Ok(Json(all)),
+        Err((here, e)) => Err(ApiError(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "store_unavailable",
+            format!(
+                "{e}; this replica ({}) alone holds {} session(s), the others cannot be listed",
+                s.store.replica().unwrap_or("-"),
+                here.len()
+            ),
+        )),
+    }
 }
 
 async fn list_agents(
@@ -450,6 +463,10 @@ async fn create_agent_token(
 pub struct Killed {
     pub id: SessionId,
     pub killed: bool,
+    /// The replica holding the session, when replicas share a store (the kill reaches it
+    /// through the store).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replica: Option<String>,
 }
 
 async fn kill_session(
@@ -459,15 +476,26 @@ async fn kill_session(
 ) -> Result<Json<Killed>, ApiError> {
     require_admin(&id)?;
     let sid = SessionId::from_string(session);
-    if !s.sessions.kill(&sid) {
-        return Err(ApiError(
-            StatusCode::NOT_FOUND,
-            "not_found",
-            format!("no live session {sid}"),
-        ));
-    }
-    tracing::info!(session.id = %sid, by = %id.user, "session killed");
-    Ok(Json(Killed { id: sid, killed: true }))
+    let outcome = crate::cluster::kill_session(s.store.as_ref(), &s.sessions, &sid)
+        .await
+        .map_err(|e| ApiError(StatusCode::SERVICE_UNAVAILABLE, "store_unavailable", e.to_string()))?;
+    let replica = match outcome {
+        crate::cluster::KillOutcome::Here => s.store.replica().map(str::to_owned),
+        crate::cluster::KillOutcome::Sent(replica) => Some(replica),
+        crate::cluster::KillOutcome::Unknown => {
+            return Err(ApiError(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                format!("no live session {sid}"),
+            ))
+        }
+    };
+    tracing::info!(session.id = %sid, by = %id.user, replica = ?replica, "session killed");
+    Ok(Json(Killed {
+        id: sid,
+        killed: true,
+        replica,
+    }))
 }
 
 /// Body of `POST /v1/audit/reopen`.

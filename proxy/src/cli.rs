@@ -234,9 +234,10 @@ enum AgentTokenCommand {
 
 #[derive(Debug, Subcommand)]
 enum SessionCommand {
-    /// List live sessions.
+    /// List live sessions (of every replica when replicas share a store, with a REPLICA
+    /// column; other replicas' byte counts are at most 5 s old).
     List,
-    /// Cut a live session.
+    /// Cut a live session, on whichever replica holds it.
     Kill { id: String },
 }
 
@@ -907,14 +908,34 @@ async fn session(cmd: SessionCommand, a: &ApiArgs) -> Result<()> {
             if a.json {
                 return print_json(&sessions);
             }
+            // The REPLICA column only when replicas share a store.
+            let cluster = sessions.iter().any(|s| s.replica.is_some());
+            let replica = |r: Option<&str>| match cluster {
+                true => format!("{:<16} ", r.unwrap_or("-")),
+                false => String::new(),
+            };
             println!(
-                "{:<20} {:<16} {:<16} {:<6} {:<22} {:>10} {:>10}",
-                "ID", "USER", "TARGET", "ACCESS", "CLIENT", "BYTES IN", "BYTES OUT"
+                "{:<20} {}{:<16} {:<16} {:<6} {:<22} {:>10} {:>10}",
+                "ID",
+                replica(Some("REPLICA")),
+                "USER",
+                "TARGET",
+                "ACCESS",
+                "CLIENT",
+                "BYTES IN",
+                "BYTES OUT"
             );
             for s in sessions {
                 println!(
-                    "{:<20} {:<16} {:<16} {:<6} {:<22} {:>10} {:>10}",
-                    s.id, s.user, s.target, s.access, s.client_addr, s.bytes_from_client, s.bytes_to_client
+                    "{:<20} {}{:<16} {:<16} {:<6} {:<22} {:>10} {:>10}",
+                    s.id,
+                    replica(s.replica.as_deref()),
+                    s.user,
+                    s.target,
+                    s.access,
+                    s.client_addr,
+                    s.bytes_from_client,
+                    s.bytes_to_client
                 );
             }
             Ok(())
@@ -924,7 +945,10 @@ async fn session(cmd: SessionCommand, a: &ApiArgs) -> Result<()> {
             if a.json {
                 print_json(&k)
             } else {
-                println!("killed {}", k.id);
+                match &k.replica {
+                    Some(r) => println!("killed {} (on replica {r})", k.id),
+                    None => println!("killed {}", k.id),
+                }
                 Ok(())
             }
         }

@@ -65,6 +65,7 @@ struct RawConfig {
 #[serde(deny_unknown_fields)]
 struct RawStore {
     url: Option<String>,
+    replica_id: Option<String>,
     password_env: Option<String>,
     password_file: Option<PathBuf>,
     #[serde(default)]
@@ -264,6 +265,9 @@ pub struct StoreConfig {
     /// `tls.mode`: `disable` or `verify-full` (with `tls.ca_file` and optionally
     /// `tls.server_name`).
     pub tls: UpstreamTls,
+    /// `replica_id`: this replica's name in the cluster (session listings, cancel routing,
+    /// audit records). 1 to 63 of `A-Za-z0-9._-`; unique per replica. Default: the host name.
+    pub replica_id: String,
 }
 
 impl std::fmt::Debug for StoreConfig {
@@ -272,6 +276,7 @@ impl std::fmt::Debug for StoreConfig {
             .field("url", &self.url)
             .field("password", &self.password.as_ref().map(|_| "<redacted>"))
             .field("tls", &self.tls)
+            .field("replica_id", &self.replica_id)
             .finish()
     }
 }
@@ -757,7 +762,11 @@ impl RawConfig {
 impl RawStore {
     fn validate(self, secrets: Secrets) -> Result<Option<StoreConfig>, ConfigError> {
         let Some(url) = self.url else {
-            if self.password_env.is_some() || self.password_file.is_some() || self.tls.mode.is_some() {
+            if self.password_env.is_some()
+                || self.password_file.is_some()
+                || self.tls.mode.is_some()
+                || self.replica_id.is_some()
+            {
                 return Err(invalid("store.url", "required with the other [store] keys"));
             }
             return Ok(None);
@@ -804,7 +813,45 @@ impl RawStore {
                 ))
             }
         };
-        Ok(Some(StoreConfig { url, password, tls }))
+        let replica_id = match self.replica_id {
+            Some(id) if valid_replica_id(&id) => id,
+            Some(id) => {
+                return Err(invalid(
+                    "store.replica_id",
+                    format!("{id:?}: 1 to 63 of A-Z, a-z, 0-9, '.', '_' and '-'"),
+                ))
+            }
+            None => default_replica_id(),
+        };
+        Ok(Some(StoreConfig {
+            url,
+            password,
+            tls,
+            replica_id,
+        }))
+    }
+}
+
+fn valid_replica_id(id: &str) -> bool {
+    (1..=63).contains(&id.len())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+/// The host name (what `hostname` prints), cut to a valid replica id.
+fn default_replica_id() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    let id: String = host
+        .trim()
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+        .take(63)
+        .collect();
+    if id.is_empty() {
+        "replica".to_owned()
+    } else {
+        id
     }
 }
 

@@ -354,11 +354,22 @@ impl Grants {
 
     /// Makes the table what the store holds: live grants created or moved, grants the store
     /// no longer holds live ended (as expired when past their expiry, revoked otherwise).
+    ///
+    /// New sessions are refused while it runs (`Reason::Resyncing`): the replica admits
+    /// nothing under a grant the store may have ended meanwhile. Grants the store still holds
+    /// live past their expiry (an expiry this replica or another could not store during an
+    /// outage) are expired now, once across the cluster (compare-and-set).
     async fn resync(&self) {
         self.metrics.grant_resyncs_total.inc();
-        let live = match self.store.live_grants().await {
+        self.table.set_resyncing(true);
+        let live = self.store.live_grants().await;
+        let live = match live {
             Ok(live) => live,
-            Err(error) => return tracing::error!(%error, "cannot re-read live grants"),
+            Err(error) => {
+                // Nothing better to admit from than what is held: the store is gone again.
+                self.table.set_resyncing(false);
+                return tracing::error!(%error, "cannot re-read live grants");
+            }
         };
         let ids: std::collections::HashSet<GrantId> = live.iter().map(|g| g.id.clone()).collect();
         let now = self.clock.now();
@@ -372,11 +383,24 @@ impl Grants {
                 self.table.apply(&Change::GrantEnded { id: held.id, end });
             }
         }
+        let mut overdue = Vec::new();
         for grant in live {
+            if grant.expires_at <= now {
+                self.table.apply(&Change::GrantEnded {
+                    id: grant.id.clone(),
+                    end: GrantEnd::Expired,
+                });
+                overdue.push(grant);
+                continue;
+            }
             let expires_at = grant.expires_at;
             let id = grant.id.clone();
             self.table.apply(&Change::GrantCreated(grant));
             self.table.apply(&Change::GrantExtended { id, expires_at });
+        }
+        self.table.set_resyncing(false);
+        for grant in overdue {
+            let _ = self.record_expiry(&grant, false).await;
         }
     }
 }

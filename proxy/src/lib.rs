@@ -14,6 +14,7 @@ pub mod budget;
 pub mod cli;
 pub mod client;
 pub mod clock;
+pub mod cluster;
 pub mod config;
 pub mod demo;
 pub mod grants;

@@ -30,6 +30,8 @@ pub struct Metrics {
     pub grants_active: IntGauge,
     /// Times the grant table re-read the store because its change feed fell behind.
     pub grant_resyncs_total: IntCounter,
+    /// 1 while the store answers, 0 while it does not (the replica is degraded).
+    pub store_up: IntGauge,
     /// Sessions cut by the proxy, by reason (grant_expired, grant_revoked, killed, cert_expired,
     /// shutdown).
     pub session_cuts_total: IntCounterVec,
@@ -89,6 +91,8 @@ pub struct Metrics {
     /// Agent links ended because a ping went unanswered for `agents.keepalive_timeout`.
     pub agent_keepalive_failures_total: IntCounter,
     ready: AtomicBool,
+    /// Why the replica is degraded, while it is.
+    degraded: std::sync::Mutex<Option<String>>,
 }
 
 impl Metrics {
@@ -129,6 +133,11 @@ impl Metrics {
             grant_resyncs_total: reg!(IntCounter::new(
                 "jitgate_grant_resyncs_total",
                 "Re-reads of the live grants after the store's change feed fell behind"
+            )
+            .expect("valid metric")),
+            store_up: reg!(IntGauge::new(
+                "jitgate_store_up",
+                "1 while the store answers, 0 while the replica runs degraded without it"
             )
             .expect("valid metric")),
             session_cuts_total: reg!(IntCounterVec::new(
@@ -278,8 +287,17 @@ impl Metrics {
             .expect("valid metric")),
             registry,
             ready: AtomicBool::new(false),
+            degraded: std::sync::Mutex::new(None),
         };
         Arc::new(m)
+    }
+
+    /// Marks the replica degraded, with the reason (its store does not answer), or not.
+    pub fn set_degraded(&self, reason: Option<String>) {
+        self.store_up.set(i64::from(reason.is_none()));
+        if let Ok(mut d) = self.degraded.lock() {
+            *d = reason;
+        }
     }
 
     /// Marks the proxy ready (listeners bound, grants restored) or not.
@@ -317,10 +335,14 @@ async fn render(State(m): State<Arc<Metrics>>) -> impl IntoResponse {
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], m.render())
 }
 
+/// `200 ready`, `200 degraded: REASON` (the store does not answer: sessions under the grants
+/// held go on, so a load balancer keeps sending them), or `503 not ready`.
 async fn ready(State(m): State<Arc<Metrics>>) -> impl IntoResponse {
-    if m.ready.load(Ordering::Acquire) {
-        (StatusCode::OK, "ready\n")
-    } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+    if !m.ready.load(Ordering::Acquire) {
+        return (StatusCode::SERVICE_UNAVAILABLE, "not ready\n".to_owned());
+    }
+    match m.degraded.lock().ok().and_then(|d| d.clone()) {
+        Some(reason) => (StatusCode::OK, format!("degraded: {reason}\n")),
+        None => (StatusCode::OK, "ready\n".to_owned()),
     }
 }

@@ -16,6 +16,7 @@ pub mod upstream;
 
 use std::sync::Arc;
 
+pub(crate) use admit::forward_cancel;
 pub use admit::serve_connection;
 
 /// Internals the criterion benches in `benches/` drive directly (the per-message statement
@@ -48,4 +49,7 @@ pub struct PgContext {
     pub shutdown: tokio_util::sync::CancellationToken,
     /// Connections past the TLS handshake (`limits.max_connections`).
     pub connections: Authenticated,
+    /// The shared store, when replicas share one: where CancelRequests for another
+    /// replica's keys go.
+    pub cluster: Option<Arc<dyn crate::store::Store>>,
 }

@@ -217,7 +217,12 @@ impl LocalPostgres {
     }
 
     fn launch(&mut self) -> Result<(), SandboxError> {
-        self.port = free_port()?;
+        let port = free_port()?;
+        self.launch_on(port)
+    }
+
+    fn launch_on(&mut self, port: u16) -> Result<(), SandboxError> {
+        self.port = port;
         let log = std::fs::File::create(self.dir.path().join("postgres.log")).map_err(|e| failed("log", e))?;
         let child = self
             .command("postgres")
@@ -273,14 +278,29 @@ impl LocalPostgres {
         Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
     }
 
-    /// The server log so far (for test failure messages).
-    pub fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("postgres.log")).unwrap_or_default()
+    /// Stops the server (a fast shutdown: clients are disconnected at once, committed data
+    /// kept; the sandbox runs with `synchronous_commit = off`, so an immediate shutdown could
+    /// lose the last commits): [`LocalPostgres::resume`] starts it again on the same port.
+    pub fn pause(&mut self) {
+        self.stop_postmaster("-INT");
     }
-}
 
-impl Drop for LocalPostgres {
-    fn drop(&mut self) {
+    /// Starts a paused server again, on the port it had.
+    pub fn resume(&mut self) -> Result<(), SandboxError> {
+        let port = self.port;
+        let mut last = None;
+        for _ in 0..20 {
+            match self.launch_on(port) {
+                Ok(()) => return Ok(()),
+                // The old postmaster's port may take a moment to be free.
+                Err(e) => last = Some(e),
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        }
+        Err(last.unwrap_or_else(|| failed("postgres", "did not start again")))
+    }
+
+    fn stop_postmaster(&mut self, signal: &str) {
         if let Some(mut child) = self.child.take() {
             // Signal the postmaster itself (the child may be `runuser`, which does not forward
             // signals). SIGQUIT: immediate shutdown; the postmaster takes its children with it.
@@ -288,7 +308,7 @@ impl Drop for LocalPostgres {
                 .ok()
                 .and_then(|s| s.lines().next().map(str::to_owned))
                 .unwrap_or_else(|| child.id().to_string());
-            let _ = Command::new("kill").args(["-QUIT", &pid]).status();
+            let _ = Command::new("kill").args([signal, &pid]).status();
             let deadline = Instant::now() + Duration::from_secs(5);
             while Instant::now() < deadline {
                 if let Ok(Some(_)) = child.try_wait() {
@@ -299,5 +319,16 @@ impl Drop for LocalPostgres {
             let _ = child.kill();
             let _ = child.wait();
         }
+    }
+
+    /// The server log so far (for test failure messages).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("postgres.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for LocalPostgres {
+    fn drop(&mut self) {
+        self.stop_postmaster("-QUIT");
     }
 }

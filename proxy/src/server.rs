@@ -157,7 +157,7 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: impl Future<Out
         clock,
     );
     tracker.spawn(Arc::clone(&requests).run_lapser(cancel.clone()));
-    let sessions = Arc::new(Sessions::default());
+    let sessions = Arc::new(Sessions::new(store.replica().map(str::to_owned)));
 
     let hub = Hub::new(Arc::clone(&metrics));
     let dialer: Arc<dyn Dialer> = Arc::new(RoutingDialer { hub: Arc::clone(&hub) });
@@ -187,7 +187,9 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: impl Future<Out
         metrics: Arc::clone(&metrics),
         shutdown: cancel.clone(),
         connections: Authenticated::new(config.limits.max_connections),
+        cluster: store.replica().is_some().then(|| Arc::clone(&store)),
     });
+    crate::cluster::start(&store, &pg, &metrics, &tracker, &cancel);
     let api_state = Arc::new(ApiState {
         store: Arc::clone(&store),
         hub: Arc::clone(&hub),

@@ -71,8 +71,8 @@ impl SessionHandle {
         self.kill_reason.get().copied()
     }
 
-    /// A snapshot for listings.
-    pub fn info(&self) -> SessionInfo {
+    /// A snapshot for listings; `replica` is this replica's id in a cluster.
+    pub fn info(&self, replica: Option<&str>) -> SessionInfo {
         let m = &self.meta;
         SessionInfo {
             id: m.id.clone(),
@@ -85,6 +85,7 @@ impl SessionHandle {
             started_at: self.started_at,
             bytes_from_client: self.bytes_from_client.load(Ordering::Relaxed),
             bytes_to_client: self.bytes_to_client.load(Ordering::Relaxed),
+            replica: replica.map(str::to_owned),
         }
     }
 }
@@ -103,6 +104,9 @@ pub struct SessionInfo {
     pub started_at: SystemTime,
     pub bytes_from_client: u64,
     pub bytes_to_client: u64,
+    /// The replica holding the session, when replicas share a store.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replica: Option<String>,
 }
 
 /// A new session: who it is, and the token that cuts it.
@@ -114,10 +118,35 @@ pub struct NewSession {
 
 /// Live sessions by id and by proxy-issued cancel key. A session deregisters itself when its
 /// guard drops.
+///
+/// In a cluster the cancel key names its replica: bits 23 to 30 of the process id are the
+/// replica's [`cancel_tag`], so a CancelRequest that reaches another replica is passed to
+/// the one that issued it.
 #[derive(Default)]
 pub struct Sessions {
     live: DashMap<SessionId, Arc<SessionHandle>>,
     by_cancel_pid: DashMap<i32, Arc<SessionHandle>>,
+    /// This replica's id, when replicas share a store.
+    replica: Option<String>,
+}
+
+/// Bits of a cancel key's process id below the replica tag.
+const TAG_SHIFT: u32 = 23;
+
+/// The 8-bit tag a replica's cancel keys carry (FNV-1a of its id). Two replicas may share a
+/// tag: a passed-on cancel is still matched by its whole key, so that only costs a lookup.
+pub fn cancel_tag(replica: &str) -> i32 {
+    let mut h: u32 = 0x811c_9dc5;
+    for b in replica.bytes() {
+        h ^= u32::from(b);
+        h = h.wrapping_mul(0x0100_0193);
+    }
+    i32::from((h ^ (h >> 8) ^ (h >> 16) ^ (h >> 24)) as u8)
+}
+
+/// The replica tag in a cancel key's process id.
+pub fn tag_of(key: CancelKey) -> i32 {
+    (key.process_id >> TAG_SHIFT) & 0xff
 }
 
 /// Removes the session from the registry when dropped.
@@ -141,11 +170,34 @@ impl Drop for Registration {
 }
 
 impl Sessions {
+    /// The registry of replica `replica` in a cluster (`None`: alone).
+    pub fn new(replica: Option<String>) -> Self {
+        Self {
+            replica,
+            ..Self::default()
+        }
+    }
+
+    /// This replica's id in a cluster.
+    pub fn replica(&self) -> Option<&str> {
+        self.replica.as_deref()
+    }
+
+    /// Whether `key` names this replica (always, alone).
+    pub fn issued_here(&self, key: CancelKey) -> bool {
+        self.replica.as_deref().is_none_or(|r| tag_of(key) == cancel_tag(r))
+    }
+
     /// Registers a session and returns the guard that keeps it listed.
     pub fn register(self: &Arc<Self>, s: NewSession) -> Registration {
-        // A fresh positive process id not in use, and an unguessable secret.
+        // A fresh positive process id not in use (carrying this replica's tag in a cluster),
+        // and an unguessable secret.
+        let tag = self.replica.as_deref().map(cancel_tag);
         let process_id = loop {
-            let pid = rand::random::<i32>() & i32::MAX;
+            let pid = match tag {
+                Some(tag) => (tag << TAG_SHIFT) | (rand::random::<i32>() & ((1 << TAG_SHIFT) - 1)),
+                None => rand::random::<i32>() & i32::MAX,
+            };
             if pid != 0 && !self.by_cancel_pid.contains_key(&pid) {
                 break pid;
             }
@@ -202,7 +254,7 @@ impl Sessions {
             .live
             .iter()
             .filter(|h| h.established.load(Ordering::Acquire))
-            .map(|h| h.info())
+            .map(|h| h.info(self.replica.as_deref()))
             .collect();
         v.sort_by_key(|s| s.started_at);
         v

@@ -22,15 +22,16 @@ pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
 
 use crate::model::{
-    AgentName, AgentRecord, AgentToken, Grant, GrantEnd, GrantId, Request, RequestId, RequestState, TokenRefusal,
-    UserName,
+    AgentName, AgentRecord, AgentToken, Grant, GrantEnd, GrantId, Request, RequestId, RequestState, SessionId,
+    TokenRefusal, UserName,
 };
+use crate::sessions::{CancelKey, SessionInfo};
 
 /// Why a store operation did not happen.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum StoreError {
     /// The store cannot be reached or failed; nothing changed. Retry later, or degrade.
-    #[error("store unavailable: {0}")]
+    #[error("the store is unreachable: {0}")]
     Unavailable(String),
     /// Someone else changed it first: the grant is no longer live or moved, or the request is
     /// not at the version read. Read it again.
@@ -56,6 +57,10 @@ pub enum Change {
     RequestChanged {
         id: RequestId,
         version: u64,
+    },
+    /// An admin killed this session on some replica: whichever replica holds it cuts it.
+    SessionKilled {
+        id: SessionId,
     },
     /// Changes may have been missed (the shared store's log had a gap): re-read everything.
     Resync,
@@ -144,4 +149,43 @@ pub trait Store: Send + Sync + 'static {
     /// Every change committed from now on, in commit order. A receiver that falls behind gets
     /// `Lagged` and must re-read what it follows.
     fn changes(&self) -> broadcast::Receiver<Change>;
+
+    // The cluster: what several replicas on one shared store tell each other. A store of one
+    // replica (SQLite) has no others, and these do nothing.
+
+    /// This replica's id when replicas share the store; `None` alone.
+    fn replica(&self) -> Option<&str> {
+        None
+    }
+    /// Why the store is degraded (it did not answer the last time it was used), or `None`.
+    fn degraded(&self) -> Option<String> {
+        None
+    }
+    /// Publishes this replica's established sessions for the others' listings; also says
+    /// that this replica is alive.
+    async fn publish_sessions(&self, _sessions: &[SessionInfo]) -> Result<(), StoreError> {
+        Ok(())
+    }
+    /// The sessions every other replica alive in the last [`PEER_SEEN`] published, by
+    /// replica id.
+    async fn peer_sessions(&self) -> Result<Vec<(String, Vec<SessionInfo>)>, StoreError> {
+        Ok(Vec::new())
+    }
+    /// Asks every replica to kill session `id`: a [`Change::SessionKilled`] in the log, so a
+    /// replica that reconnects later still applies it.
+    async fn kill_session(&self, _id: &SessionId) -> Result<(), StoreError> {
+        Ok(())
+    }
+    /// Passes a CancelRequest this replica cannot route to the others. Not logged: a cancel
+    /// is for the query running now, never for one a late replica would run into.
+    async fn send_cancel(&self, _key: CancelKey) -> Result<(), StoreError> {
+        Ok(())
+    }
+    /// CancelRequests other replicas passed on (`None` alone).
+    fn cancels(&self) -> Option<broadcast::Receiver<CancelKey>> {
+        None
+    }
 }
+
+/// How recently a replica must have published its sessions to be listed.
+pub const PEER_SEEN: std::time::Duration = std::time::Duration::from_secs(15);

@@ -106,6 +106,13 @@ impl Admission {
                 crate::config::TargetKind::Postgres => format!("connect with psql: dbname={target_name}"),
             }));
         }
+        if self.grants.resyncing() {
+            return Err(Refusal::new(
+                Reason::Resyncing,
+                "jitgate is re-reading its grants from the store (after an outage); no new sessions until it is done",
+            )
+            .hint("try again in a few seconds"));
+        }
         let Some(permit) = self.grants.lookup(user, target_name) else {
             return Err(
                 Refusal::new(Reason::NoGrant, format!("no active grant for {user} on {target_name}")).hint(format!(

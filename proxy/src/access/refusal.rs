@@ -19,6 +19,8 @@ pub enum Reason {
     NoGrant,
     CertExpired,
     AuditUnavailable,
+    /// The replica is re-reading its grants (after a store outage or a gap in the log).
+    Resyncing,
     // After admission, while logging in upstream.
     Upstream,
     UnsafeSetting,
@@ -44,6 +46,7 @@ impl Reason {
             Reason::NoGrant => "no_grant",
             Reason::CertExpired => "cert_expired",
             Reason::AuditUnavailable => "audit_unavailable",
+            Reason::Resyncing => "resyncing",
             Reason::Upstream => "upstream",
             Reason::UnsafeSetting => "unsafe_setting",
             Reason::ReadOnly => "read_only",

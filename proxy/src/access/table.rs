@@ -145,6 +145,9 @@ pub struct GrantTable {
     /// One message per grant change, so bounded by the number of changes applied.
     arm: mpsc::UnboundedSender<Arm>,
     metrics: Arc<Metrics>,
+    /// Set while the table is being made what the store holds (a resync): admission waits
+    /// for none, it refuses new sessions until the resync is done.
+    resyncing: std::sync::atomic::AtomicBool,
 }
 
 impl GrantTable {
@@ -166,6 +169,7 @@ impl GrantTable {
             root,
             arm,
             metrics,
+            resyncing: std::sync::atomic::AtomicBool::new(false),
         });
         tokio::spawn(expiry_loop(
             Arc::downgrade(&table),
@@ -174,6 +178,16 @@ impl GrantTable {
             table.root.clone(),
         ));
         (table, expired)
+    }
+
+    /// Marks a resync begun (`true`) or done.
+    pub fn set_resyncing(&self, on: bool) {
+        self.resyncing.store(on, std::sync::atomic::Ordering::Release);
+    }
+
+    /// Whether a resync is under way: new sessions wait for it to end (they are refused).
+    pub fn resyncing(&self) -> bool {
+        self.resyncing.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// The clock the table computes deadlines with.
@@ -188,7 +202,7 @@ impl GrantTable {
             Change::GrantCreated(grant) => self.create(grant),
             Change::GrantExtended { id, expires_at } => self.extend(id, *expires_at),
             Change::GrantEnded { id, end } => self.end(id, *end),
-            Change::RequestChanged { .. } | Change::Resync => Applied::Unchanged,
+            Change::RequestChanged { .. } | Change::SessionKilled { .. } | Change::Resync => Applied::Unchanged,
         }
     }
 

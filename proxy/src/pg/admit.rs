@@ -56,7 +56,7 @@ pub async fn serve_connection(ctx: Arc<PgContext>, tcp: TcpStream, peer: SocketA
             return;
         }
         Ok(Err(NegotiateError::Cancel { process_id, secret_key })) => {
-            forward_cancel(&ctx, CancelKey { process_id, secret_key }).await;
+            forward_cancel(&ctx, CancelKey { process_id, secret_key }, true).await;
             return;
         }
         Ok(Err(NegotiateError::Client(reason))) => {
@@ -85,7 +85,7 @@ pub async fn serve_connection(ctx: Arc<PgContext>, tcp: TcpStream, peer: SocketA
         }
         Ok(Ok(Startup::Session { params, leftover })) => (params, leftover),
         Ok(Ok(Startup::Cancel { process_id, secret_key })) => {
-            forward_cancel(&ctx, CancelKey { process_id, secret_key }).await;
+            forward_cancel(&ctx, CancelKey { process_id, secret_key }, true).await;
             close(&mut tls, &[], Instant::now() + CLOSE_BOUND).await;
             return;
         }
@@ -136,10 +136,32 @@ async fn evicted(ticket: Option<&Ticket>) {
     }
 }
 
-/// Forwards a client's CancelRequest to the backend of the session it names, if any. The
-/// client gets no answer either way, as with PostgreSQL.
-async fn forward_cancel(ctx: &PgContext, key: CancelKey) {
+/// Forwards a CancelRequest to the backend of the session it names, if any. The client gets
+/// no answer either way, as with PostgreSQL. A key another replica issued (`from_client`: it
+/// came from a client, not passed on by a replica) goes to the other replicas through the
+/// store; the one that issued it forwards it.
+pub(crate) async fn forward_cancel(ctx: &PgContext, key: CancelKey, from_client: bool) {
     let Some((target, upstream_key)) = ctx.sessions.cancel_route(key) else {
+        if let Some(cluster) = ctx
+            .cluster
+            .as_ref()
+            .filter(|_| from_client && !ctx.sessions.issued_here(key))
+        {
+            match cluster.send_cancel(key).await {
+                Ok(()) => {
+                    ctx.metrics
+                        .cancel_requests_total
+                        .with_label_values(&["passed_on"])
+                        .inc();
+                    tracing::debug!("cancel request passed to the replica that issued its key");
+                }
+                Err(error) => {
+                    ctx.metrics.cancel_requests_total.with_label_values(&["failed"]).inc();
+                    tracing::warn!(%error, "cancel request for another replica could not be passed on");
+                }
+            }
+            return;
+        }
         ctx.metrics.cancel_requests_total.with_label_values(&["unknown"]).inc();
         tracing::debug!("cancel request for an unknown key ignored");
         return;

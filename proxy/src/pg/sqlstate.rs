@@ -15,6 +15,7 @@ impl Sqlstate {
     pub const INSUFFICIENT_PRIVILEGE: Self = Self("42501");
     pub const TOO_MANY_CONNECTIONS: Self = Self("53300");
     pub const ADMIN_SHUTDOWN: Self = Self("57P01");
+    pub const CANNOT_CONNECT_NOW: Self = Self("57P03");
     pub const IO_ERROR: Self = Self("58030");
 
     pub fn as_str(self) -> &'static str {
@@ -28,6 +29,7 @@ impl Sqlstate {
             Reason::UserMismatch | Reason::NoGrant | Reason::CertExpired => Self::INVALID_AUTHORIZATION,
             Reason::UnknownTarget => Self::INVALID_CATALOG_NAME,
             Reason::AuditUnavailable => Self::IO_ERROR,
+            Reason::Resyncing => Self::CANNOT_CONNECT_NOW,
             Reason::Upstream => Self::CONNECTION_FAILURE,
             Reason::StartupParam
             | Reason::UnsafeSetting

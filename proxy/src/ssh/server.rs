@@ -674,9 +674,11 @@ impl Conn {
 /// The message a refused session sees before the disconnect.
 fn refusal_text(r: &Refusal) -> String {
     let hint = match r.reason {
-        Reason::NoGrant | Reason::UnknownTarget | Reason::CertExpired | Reason::MaxSessionsPerUser => {
-            r.hint.as_deref().map(|h| format!("\r\n{h}")).unwrap_or_default()
-        }
+        Reason::NoGrant
+        | Reason::UnknownTarget
+        | Reason::CertExpired
+        | Reason::MaxSessionsPerUser
+        | Reason::Resyncing => r.hint.as_deref().map(|h| format!("\r\n{h}")).unwrap_or_default(),
         _ => String::new(),
     };
     format!("jitgate: {}{hint}\r\n", r.message)

@@ -26,9 +26,10 @@ use tokio_util::sync::CancellationToken;
 use super::{Change, GrantWrite, RequestQuery, Store, StoreError, Versioned};
 use crate::config::{StoreConfig, UpstreamTls};
 use crate::model::{
-    AgentName, AgentRecord, AgentToken, Grant, GrantEnd, GrantId, Request, RequestId, TargetName, TokenRefusal,
-    UserName,
+    AgentName, AgentRecord, AgentToken, Grant, GrantEnd, GrantId, Request, RequestId, SessionId, TargetName,
+    TokenRefusal, UserName,
 };
+use crate::sessions::{CancelKey, SessionInfo};
 use crate::timefmt::{from_millis, to_millis};
 
 /// How often the follower reads the log without a notification.
@@ -40,9 +41,19 @@ const MIGRATE_LOCK: i64 = 0x6a69_7467_6d69_6772;
 const CHANGE_LOCK: i64 = 0x6a69_7467_6368_6e67;
 /// How many changes a slow follower of [`Store::changes`] may fall behind.
 const CHANGES: usize = 4096;
+/// Longest wait for one store operation: past it the connection is dropped and the operation
+/// fails as unreachable, so a store behind a partition never holds a caller.
+const OP_TIMEOUT: Duration = Duration::from_secs(5);
+/// The channel CancelRequests between replicas go on (not logged).
+const SIGNALS: &str = "jitgate_signals";
+/// At most this many CancelRequests a second are passed to the other replicas: the cancel
+/// port takes connections nobody authenticated, and must not turn them into store traffic
+/// without bound.
+const CANCELS_PER_SECOND: u32 = 50;
 
 /// Schema versions, applied in order; each runs once, in a transaction.
-const MIGRATIONS: &[&str] = &["
+const MIGRATIONS: &[&str] = &[
+    "
 CREATE TABLE grants (
     id          TEXT PRIMARY KEY,
     \"user\"    TEXT NOT NULL,
@@ -89,7 +100,15 @@ CREATE TABLE changes (
     at   TIMESTAMPTZ NOT NULL DEFAULT now(),
     body TEXT NOT NULL
 );
-"];
+",
+    "
+CREATE TABLE replicas (
+    id       TEXT PRIMARY KEY,
+    seen_at  BIGINT NOT NULL,
+    sessions TEXT NOT NULL
+);
+",
+];
 
 /// A change as the log stores it.
 #[derive(Debug, Serialize, Deserialize)]
@@ -99,6 +118,7 @@ enum Logged {
     GrantExtended { id: GrantId, expires_at_ms: i64 },
     GrantEnded { id: GrantId, end: GrantEnd },
     RequestChanged { id: RequestId, version: u64 },
+    SessionKilled { id: SessionId },
 }
 
 impl Logged {
@@ -117,6 +137,7 @@ impl Logged {
                 id: id.clone(),
                 version: *version,
             },
+            Change::SessionKilled { id } => Self::SessionKilled { id: id.clone() },
             Change::Resync => return None,
         })
     }
@@ -130,12 +151,48 @@ impl Logged {
             },
             Self::GrantEnded { id, end } => Change::GrantEnded { id, end },
             Self::RequestChanged { id, version } => Change::RequestChanged { id, version },
+            Self::SessionKilled { id } => Change::SessionKilled { id },
         }
     }
 }
 
 fn err(e: impl std::fmt::Display) -> StoreError {
     StoreError::Unavailable(e.to_string())
+}
+
+/// Where a follower connection's notifications go.
+#[derive(Clone)]
+struct Listener {
+    changes: tokio::sync::mpsc::Sender<()>,
+    cancels: broadcast::Sender<CancelKey>,
+}
+
+impl Listener {
+    fn notified(&self, n: &tokio_postgres::Notification) {
+        if n.channel() != SIGNALS {
+            let _ = self.changes.try_send(());
+            return;
+        }
+        match parse_cancel(n.payload()) {
+            Some(key) => {
+                let _ = self.cancels.send(key);
+            }
+            None => tracing::warn!(payload = n.payload(), "unreadable signal from another replica ignored"),
+        }
+    }
+}
+
+/// `cancel PID SECRET`, as [`Store::send_cancel`] sends it.
+fn parse_cancel(payload: &str) -> Option<CancelKey> {
+    let mut words = payload.split(' ');
+    let (Some("cancel"), Some(pid), Some(secret), None) = (words.next(), words.next(), words.next(), words.next())
+    else {
+        return None;
+    };
+    Some(CancelKey {
+        process_id: pid.parse().ok()?,
+        secret_key: secret.parse().ok()?,
+    })
 }
 
 /// How to open a connection to the store.
@@ -171,10 +228,10 @@ impl Connector {
         Ok(Self { config, tls })
     }
 
-    /// A connected client; its connection runs on a task that forwards notifications to
+    /// A connected client; its connection runs on a task that hands notifications to
     /// `notify` (when given).
-    async fn connect(&self, notify: Option<tokio::sync::mpsc::Sender<()>>) -> Result<Client, StoreError> {
-        fn drive<S, T>(mut conn: tokio_postgres::Connection<S, T>, notify: Option<tokio::sync::mpsc::Sender<()>>)
+    async fn connect(&self, notify: Option<Listener>) -> Result<Client, StoreError> {
+        fn drive<S, T>(mut conn: tokio_postgres::Connection<S, T>, notify: Option<Listener>)
         where
             S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
             T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
@@ -182,9 +239,9 @@ impl Connector {
             tokio::spawn(async move {
                 while let Some(m) = std::future::poll_fn(|cx| conn.poll_message(cx)).await {
                     match m {
-                        Ok(AsyncMessage::Notification(_)) => {
-                            if let Some(n) = &notify {
-                                let _ = n.try_send(());
+                        Ok(AsyncMessage::Notification(n)) => {
+                            if let Some(l) = &notify {
+                                l.notified(&n);
                             }
                         }
                         Ok(_) => {}
@@ -196,7 +253,7 @@ impl Connector {
                 }
             });
         }
-        let timeout = Duration::from_secs(10);
+        let timeout = OP_TIMEOUT;
         match &self.tls {
             None => {
                 let (client, conn) = tokio::time::timeout(timeout, self.config.connect(tokio_postgres::NoTls))
@@ -228,6 +285,13 @@ pub struct PgStore {
     applied: Arc<AtomicI64>,
     /// Whether the last operation reached the store.
     reachable: Arc<AtomicBool>,
+    /// Why the last operation did not.
+    last_error: std::sync::Mutex<String>,
+    /// `store.replica_id`.
+    replica: String,
+    cancels: broadcast::Sender<CancelKey>,
+    /// CancelRequests passed on in the current second: (its start, how many).
+    cancel_budget: std::sync::Mutex<(std::time::Instant, u32)>,
     stop: CancellationToken,
 }
 
@@ -251,12 +315,17 @@ impl PgStore {
             .map_err(err)?
             .get(0);
         let (changes, _) = broadcast::channel(CHANGES);
+        let (cancels, _) = broadcast::channel(256);
         let store = Arc::new(Self {
             connector,
             conn: Mutex::new(Some(client)),
             changes,
             applied: Arc::new(AtomicI64::new(last)),
             reachable: Arc::new(AtomicBool::new(true)),
+            last_error: std::sync::Mutex::new(String::new()),
+            replica: config.replica_id.clone(),
+            cancels,
+            cancel_budget: std::sync::Mutex::new((std::time::Instant::now(), 0)),
             stop,
         });
         tokio::spawn(Arc::clone(&store).follow());
@@ -275,6 +344,16 @@ impl PgStore {
         self.reachable.load(Ordering::Relaxed)
     }
 
+    /// Records whether the store answered, and why not.
+    fn answered(&self, result: Result<(), &StoreError>) {
+        self.reachable.store(result.is_ok(), Ordering::Relaxed);
+        if let Err(e) = result {
+            if let Ok(mut last) = self.last_error.lock() {
+                *last = e.to_string();
+            }
+        }
+    }
+
     /// Runs `f` with the shared connection, reconnecting once if it had broken.
     async fn with<T>(
         &self,
@@ -283,12 +362,16 @@ impl PgStore {
         )
             -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<T, StoreError>> + Send + 'c>>,
     ) -> Result<T, StoreError> {
-        let mut guard = self.conn.lock().await;
+        let Ok(mut guard) = tokio::time::timeout(OP_TIMEOUT, self.conn.lock()).await else {
+            let e = err(format!("no answer within {}s", OP_TIMEOUT.as_secs()));
+            self.answered(Err(&e));
+            return Err(e);
+        };
         if guard.as_ref().is_none_or(Client::is_closed) {
             match self.connector.connect(None).await {
                 Ok(c) => *guard = Some(c),
                 Err(e) => {
-                    self.reachable.store(false, Ordering::Relaxed);
+                    self.answered(Err(&e));
                     return Err(e);
                 }
             }
@@ -296,11 +379,26 @@ impl PgStore {
         let Some(client) = guard.as_mut() else {
             return Err(err("no store connection"));
         };
-        let r = f(client).await;
-        let broken = client.is_closed();
-        self.reachable.store(!broken, Ordering::Relaxed);
+        let r = match tokio::time::timeout(OP_TIMEOUT, f(client)).await {
+            Ok(r) => r,
+            Err(_) => {
+                // A connection that does not answer is dropped: the next call reconnects.
+                *guard = None;
+                let e = err(format!("no answer within {}s", OP_TIMEOUT.as_secs()));
+                self.answered(Err(&e));
+                return Err(e);
+            }
+        };
+        let broken = guard.as_ref().is_none_or(Client::is_closed);
         if broken {
             *guard = None;
+            let e = match &r {
+                Err(e) => e.clone(),
+                Ok(_) => err("the connection closed"),
+            };
+            self.answered(Err(&e));
+        } else {
+            self.answered(Ok(()));
         }
         r
     }
@@ -343,16 +441,24 @@ impl PgStore {
     /// notification and every [`POLL`]; reconnect (and catch up) when the connection breaks.
     async fn follow(self: Arc<Self>) {
         let mut backoff = Duration::from_millis(100);
+        // After a lost connection the replica re-reads every live grant (`Resync`), not only
+        // the log: the log may have been trimmed past what it applied meanwhile.
+        let mut lost = false;
         loop {
             let (tx, mut rx) = tokio::sync::mpsc::channel(1);
+            let listener = Listener {
+                changes: tx,
+                cancels: self.cancels.clone(),
+            };
             let client = tokio::select! {
-                c = self.connector.connect(Some(tx)) => c,
+                c = self.connector.connect(Some(listener)) => c,
                 () = self.stop.cancelled() => return,
             };
             let client = match client {
                 Ok(c) => c,
                 Err(error) => {
-                    self.reachable.store(false, Ordering::Relaxed);
+                    self.answered(Err(&error));
+                    lost = true;
                     tracing::warn!(%error, "store follower cannot connect; retrying");
                     tokio::select! {
                         () = tokio::time::sleep(backoff) => {}
@@ -362,18 +468,28 @@ impl PgStore {
                     continue;
                 }
             };
-            if let Err(error) = client.batch_execute("LISTEN jitgate_changes").await {
+            let listen = format!("LISTEN jitgate_changes; LISTEN {SIGNALS}");
+            if let Err(error) = client.batch_execute(&listen).await {
                 tracing::warn!(%error, "store follower cannot LISTEN; retrying");
                 continue;
             }
             backoff = Duration::from_millis(100);
             loop {
-                if let Err(error) = self.catch_up(&client).await {
-                    self.reachable.store(false, Ordering::Relaxed);
+                let caught_up = match tokio::time::timeout(OP_TIMEOUT, self.catch_up(&client)).await {
+                    Ok(r) => r,
+                    Err(_) => Err(err(format!("no answer within {}s", OP_TIMEOUT.as_secs()))),
+                };
+                if let Err(error) = caught_up {
+                    self.answered(Err(&error));
+                    lost = true;
                     tracing::warn!(%error, "store follower lost its connection; reconnecting");
                     break;
                 }
-                self.reachable.store(true, Ordering::Relaxed);
+                if std::mem::take(&mut lost) {
+                    tracing::info!("store reachable again: re-reading live grants");
+                    let _ = self.changes.send(Change::Resync);
+                }
+                self.answered(Ok(()));
                 tokio::select! {
                     _ = rx.recv() => {}
                     () = tokio::time::sleep(POLL) => {}
@@ -889,6 +1005,111 @@ impl Store for PgStore {
 
     fn changes(&self) -> broadcast::Receiver<Change> {
         self.changes.subscribe()
+    }
+
+    fn replica(&self) -> Option<&str> {
+        Some(&self.replica)
+    }
+
+    fn degraded(&self) -> Option<String> {
+        if self.reachable() {
+            return None;
+        }
+        let why = self.last_error.lock().map(|e| e.clone()).unwrap_or_default();
+        Some(if why.is_empty() {
+            "the store is unreachable".to_owned()
+        } else {
+            why
+        })
+    }
+
+    async fn publish_sessions(&self, sessions: &[SessionInfo]) -> Result<(), StoreError> {
+        let body = serde_json::to_string(sessions).map_err(err)?;
+        let replica = self.replica.clone();
+        let now = to_millis(SystemTime::now());
+        self.with(move |c| {
+            Box::pin(async move {
+                c.execute(
+                    "INSERT INTO replicas (id, seen_at, sessions) VALUES ($1, $2, $3)
+                     ON CONFLICT (id) DO UPDATE SET seen_at = EXCLUDED.seen_at, sessions = EXCLUDED.sessions",
+                    &[&replica, &now, &body],
+                )
+                .await
+                .map_err(err)?;
+                Ok(())
+            })
+        })
+        .await
+    }
+
+    async fn peer_sessions(&self) -> Result<Vec<(String, Vec<SessionInfo>)>, StoreError> {
+        let replica = self.replica.clone();
+        let since = to_millis(SystemTime::now() - super::PEER_SEEN);
+        let rows = self
+            .with(move |c| {
+                Box::pin(async move {
+                    c.query(
+                        "SELECT id, sessions FROM replicas WHERE id <> $1 AND seen_at >= $2 ORDER BY id",
+                        &[&replica, &since],
+                    )
+                    .await
+                    .map_err(err)
+                })
+            })
+            .await?;
+        let mut peers = Vec::with_capacity(rows.len());
+        for row in rows {
+            let id: String = row.get(0);
+            let body: String = row.get(1);
+            match serde_json::from_str::<Vec<SessionInfo>>(&body) {
+                Ok(sessions) => peers.push((id, sessions)),
+                Err(error) => tracing::warn!(replica = %id, %error, "unreadable session list of a replica skipped"),
+            }
+        }
+        Ok(peers)
+    }
+
+    async fn kill_session(&self, id: &SessionId) -> Result<(), StoreError> {
+        let id = id.clone();
+        self.with(move |c| {
+            Box::pin(async move {
+                let tx = c.transaction().await.map_err(err)?;
+                log(&tx, &[Change::SessionKilled { id: id.clone() }]).await?;
+                tx.commit().await.map_err(err)
+            })
+        })
+        .await
+    }
+
+    async fn send_cancel(&self, key: CancelKey) -> Result<(), StoreError> {
+        {
+            let Ok(mut budget) = self.cancel_budget.lock() else {
+                return Ok(());
+            };
+            let now = std::time::Instant::now();
+            if now.duration_since(budget.0) >= Duration::from_secs(1) {
+                *budget = (now, 0);
+            }
+            if budget.1 >= CANCELS_PER_SECOND {
+                tracing::warn!("too many cancel requests to pass to other replicas; dropped");
+                return Ok(());
+            }
+            budget.1 += 1;
+        }
+        let payload = format!("cancel {} {}", key.process_id, key.secret_key);
+        self.with(move |c| {
+            Box::pin(async move {
+                c.execute("SELECT pg_notify($1, $2)", &[&SIGNALS, &payload])
+                    .await
+                    .map_err(err)?;
+                Ok(())
+            })
+        })
+        .await
+    }
+
+    fn cancels(&self) -> Option<broadcast::Receiver<CancelKey>> {
+        Some(self.cancels.subscribe())
     }
 }
 

@@ -159,6 +159,50 @@ async fn refusals_name_their_reason_in_order() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn no_session_is_admitted_while_the_table_resyncs() {
+    let c = core(4);
+    c.grant("alice", "prod-db", 600);
+    let alice = c.identity("alice", 3600);
+    c.admission.grants.set_resyncing(true);
+    let r = c.admit(&alice, "prod-db").unwrap_err();
+    assert_eq!(r.reason, Reason::Resyncing);
+    assert_eq!(crate::pg::sqlstate::Sqlstate::of(r.reason).as_str(), "57P03");
+    c.admission.grants.set_resyncing(false);
+    assert!(c.admit(&alice, "prod-db").is_ok());
+}
+
+#[test]
+fn a_cancel_key_names_its_replica() {
+    let sessions = Arc::new(Sessions::new(Some("replica-b".into())));
+    let tag = crate::sessions::cancel_tag("replica-b");
+    for _ in 0..200 {
+        let reg = sessions.register(crate::sessions::NewSession {
+            meta: crate::model::SessionMeta {
+                id: crate::model::SessionId::generate(),
+                grant_id: GrantId::generate(),
+                user: UserName::new("alice").unwrap(),
+                roles: Vec::new(),
+                target: TargetName::new("prod-db").unwrap(),
+                database: "app".into(),
+                access: AccessLevel::Read,
+                client_addr: "127.0.0.1:40000".parse().unwrap(),
+            },
+            cut_parent: CancellationToken::new(),
+        });
+        let key = reg.handle().cancel_key;
+        assert!(key.process_id > 0);
+        assert_eq!(crate::sessions::tag_of(key), tag);
+        assert!(sessions.issued_here(key));
+    }
+    // Alone, every key is this proxy's.
+    let alone = Sessions::default();
+    assert!(alone.issued_here(crate::sessions::CancelKey {
+        process_id: 12345,
+        secret_key: 1
+    }));
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_lease_registers_its_session_until_dropped() {
     let c = core(4);
     c.grant("alice", "prod-db", 600);
