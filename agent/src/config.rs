@@ -1,6 +1,7 @@
 //! The agent's files: what `join` wrote to the data directory (`agent.json`, the key and
-//! certificates), and the config `run` reads (`agent.toml`: which local address serves each
-//! target, keepalives, the orphan grace).
+//! certificates), the replica list learnt since (`replicas.json`), and the config `run`
+//! reads (`agent.toml`: which local address serves each target, keepalives, the orphan
+//! grace).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -14,6 +15,9 @@ pub const IDENTITY: &str = "agent.pem";
 pub const CA: &str = "ca.crt";
 pub const STATE: &str = "agent.json";
 pub const CONFIG: &str = "agent.toml";
+/// Where the agent reaches every replica of the proxy, as last learnt (join, renewals, the
+/// lists its links carry), so a restart links to all of them at once.
+pub const REPLICAS: &str = "replicas.json";
 
 /// What `join` learnt, kept in `DATA_DIR/agent.json`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -34,6 +38,59 @@ impl Joined {
             .with_context(|| format!("{}: run `jitgate-agent join` first", path.display()))?;
         serde_json::from_str(&text).with_context(|| format!("{}: not an agent state file", path.display()))
     }
+}
+
+/// `replicas.json`.
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct SavedReplicas {
+    /// `host:port` of each replica's agent listener.
+    replicas: Vec<String>,
+}
+
+/// The replica list saved in `data_dir`; empty when there is none yet (an agent that joined
+/// a lone proxy, or one from before replicas) or it cannot be read (logged).
+pub fn load_replicas(data_dir: &Path) -> Vec<String> {
+    let path = data_dir.join(REPLICAS);
+    let text = match std::fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Vec::new(),
+        Err(e) => {
+            tracing::warn!(path = %path.display(), error = %e, "replica list not read");
+            return Vec::new();
+        }
+    };
+    match serde_json::from_str::<SavedReplicas>(&text) {
+        Ok(saved) => clean_replicas(saved.replicas),
+        Err(e) => {
+            tracing::warn!(path = %path.display(), error = %e, "replica list unreadable; ignored");
+            Vec::new()
+        }
+    }
+}
+
+/// Saves the replica list in `data_dir` (one rename).
+pub fn save_replicas(data_dir: &Path, replicas: &[String]) -> Result<()> {
+    let saved = SavedReplicas {
+        replicas: replicas.to_vec(),
+    };
+    write_atomic(&data_dir.join(REPLICAS), &serde_json::to_string_pretty(&saved)?, false)
+}
+
+/// The addresses of a list from the proxy that an agent can dial, sorted, each once, at most
+/// [`tunnel::MAX_REPLICAS`]; the others are dropped (logged).
+///
+/// [`tunnel::MAX_REPLICAS`]: jitgate_protocol::tunnel::MAX_REPLICAS
+pub fn clean_replicas(list: Vec<String>) -> Vec<String> {
+    use jitgate_protocol::tunnel;
+    let mut kept = std::collections::BTreeSet::new();
+    for addr in list {
+        if !tunnel::is_host_port(&addr) {
+            tracing::warn!(replica = %addr, "replica address is not host:port; ignored");
+        } else if kept.len() < tunnel::MAX_REPLICAS {
+            kept.insert(addr);
+        }
+    }
+    kept.into_iter().collect()
 }
 
 /// Where a target is, seen from the agent.
@@ -71,7 +128,8 @@ struct RawConfig {
 #[derive(Debug, Clone)]
 pub struct Config {
     pub data_dir: PathBuf,
-    /// Overrides the proxy address from `join`.
+    /// The proxy address always linked to, instead of the one `join` used; the replicas
+    /// learnt are linked to as well.
     pub proxy: Option<String>,
     pub server_name: Option<String>,
     pub keepalive_interval: Duration,
@@ -206,6 +264,26 @@ stage-db = "unix:/run/postgresql/.s.PGSQL.5432"
             assert!(err.contains(says), "{bad}: {err}");
         }
         assert!(toml::from_str::<RawConfig>("surprise = 1").is_err());
+    }
+
+    #[test]
+    fn the_replica_list_survives_a_restart_and_only_dialable_addresses_are_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(load_replicas(dir.path()).is_empty(), "none before the first list");
+        let list = clean_replicas(vec![
+            "jg-2.internal:8444".into(),
+            "http://jg-3:8444".into(),
+            "jg-1.internal:8444".into(),
+            "jg-2.internal:8444".into(),
+            "[fd00::1]:8444".into(),
+        ]);
+        assert_eq!(list, ["[fd00::1]:8444", "jg-1.internal:8444", "jg-2.internal:8444"]);
+        save_replicas(dir.path(), &list).unwrap();
+        assert_eq!(load_replicas(dir.path()), list);
+        let many: Vec<String> = (1..=100).map(|p| format!("h:{p}")).collect();
+        assert_eq!(clean_replicas(many).len(), jitgate_protocol::tunnel::MAX_REPLICAS);
+        std::fs::write(dir.path().join(REPLICAS), "not json").unwrap();
+        assert!(load_replicas(dir.path()).is_empty(), "an unreadable file is ignored");
     }
 
     #[test]

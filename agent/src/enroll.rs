@@ -105,8 +105,14 @@ pub fn client_config(data_dir: &Path) -> Result<ClientConfig> {
         .with_safe_default_protocol_versions()?
         .with_root_certificates(roots)
         .with_client_auth_cert(certs(&identity)?, key(&identity)?)?;
-    cfg.alpn_protocols = vec![tunnel::ALPN.to_vec()];
+    cfg.alpn_protocols = alpn();
     Ok(cfg)
+}
+
+/// The ALPN ids offered: the replica list first (a proxy that knows it picks it), then the
+/// plain link protocol (an older proxy knows only that).
+fn alpn() -> Vec<Vec<u8>> {
+    vec![tunnel::ALPN_REPLICAS.to_vec(), tunnel::ALPN.to_vec()]
 }
 
 /// TLS to the proxy's agent listener, then one hello and its answer. Returns the stream
@@ -149,8 +155,13 @@ fn new_key() -> Result<(rcgen::KeyPair, String)> {
     Ok((key, csr))
 }
 
-/// `jitgate-agent join`.
-pub async fn join(proxy: &str, server_name: Option<&str>, token: &str, data_dir: &Path) -> Result<Joined> {
+/// `jitgate-agent join`: the state it wrote, and the replicas the proxy named (saved too).
+pub async fn join(
+    proxy: &str,
+    server_name: Option<&str>,
+    token: &str,
+    data_dir: &Path,
+) -> Result<(Joined, Vec<String>)> {
     let token: JoinToken = token.parse().map_err(|e: String| anyhow!(e))?;
     std::fs::create_dir_all(data_dir).with_context(|| format!("cannot create {}", data_dir.display()))?;
     let server_name = server_name.map_or_else(|| host_of(proxy), str::to_owned);
@@ -164,7 +175,7 @@ pub async fn join(proxy: &str, server_name: Option<&str>, token: &str, data_dir:
             provider,
         }))
         .with_no_client_auth();
-    tls.alpn_protocols = vec![tunnel::ALPN.to_vec()];
+    tls.alpn_protocols = alpn();
     let request = Hello::Join {
         v: tunnel::VERSION,
         token: token.to_string(),
@@ -195,11 +206,22 @@ pub async fn join(proxy: &str, server_name: Option<&str>, token: &str, data_dir:
         &serde_json::to_string_pretty(&joined)?,
         false,
     )?;
-    Ok(joined)
+    // Written even when empty: a list left by an earlier join names another cluster's
+    // replicas.
+    let replicas = config::clean_replicas(answer.replicas);
+    config::save_replicas(data_dir, &replicas)?;
+    Ok((joined, replicas))
+}
+
+/// What a renewal brought: the new certificate's end, and the replicas the proxy named
+/// (empty: it named none, keep the list held).
+pub struct Renewed {
+    pub not_after: SystemTime,
+    pub replicas: Vec<String>,
 }
 
 /// A new certificate for a new key, while the current one is still valid.
-pub async fn renew(proxy: &str, server_name: &str, data_dir: &Path) -> Result<SystemTime> {
+pub async fn renew(proxy: &str, server_name: &str, data_dir: &Path) -> Result<Renewed> {
     let (key, csr) = new_key()?;
     let request = Hello::Renew {
         v: tunnel::VERSION,
@@ -219,7 +241,10 @@ pub async fn renew(proxy: &str, server_name: &str, data_dir: &Path) -> Result<Sy
     // The write syncs the file: off the agent's one thread, which drives the link.
     let (dir, key_pem) = (data_dir.to_owned(), key.serialize_pem());
     tokio::task::spawn_blocking(move || write_identity(&dir, &key_pem, &cert)).await??;
-    Ok(not_after)
+    Ok(Renewed {
+        not_after,
+        replicas: config::clean_replicas(answer.replicas),
+    })
 }
 
 /// Key and certificate in one file, replaced in one rename.

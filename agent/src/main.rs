@@ -1,7 +1,8 @@
 //! `jitgate-agent`: runs beside databases in a private network and reaches them for a jitgate
-//! proxy, over one mTLS link it dials out to the proxy's agent listener. The proxy does the
-//! access decisions, the audit and the cuts; the agent only carries bytes to the targets its
-//! config names, and only those it was admitted for.
+//! proxy, over mTLS links it dials out to the proxy's agent listener: one to each replica of
+//! the proxy, so any replica reaches its targets. The proxy does the access decisions, the
+//! audit and the cuts; the agent only carries bytes to the targets its config names, and only
+//! those it was admitted for.
 
 mod config;
 mod enroll;
@@ -25,10 +26,12 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Join a proxy with a one-time token (`jitgate agent token create`): makes the agent's key
-    /// in DIR, sends a CSR, and writes DIR/agent.pem (key and certificate), DIR/ca.crt and
-    /// DIR/agent.json.
+    /// in DIR, sends a CSR, and writes DIR/agent.pem (key and certificate), DIR/ca.crt,
+    /// DIR/agent.json and DIR/replicas.json (where the proxy's replicas are, when it has several).
     Join {
-        /// The proxy's agent listener, HOST:PORT (`listen.agents`).
+        /// The proxy's agent listener, HOST:PORT (`listen.agents`). With several replicas, one
+        /// replica's address (its `[agents] advertise`), not a load balancer's: the agent links
+        /// to it and to every replica it learns of.
         #[arg(long)]
         proxy: String,
         /// The join token (or set JITGATE_AGENT_TOKEN).
@@ -37,12 +40,14 @@ enum Command {
         /// Where the agent keeps its key, certificates and state.
         #[arg(long)]
         data_dir: PathBuf,
-        /// The name the proxy's certificate is checked against (default: HOST of --proxy).
+        /// The name the proxy's certificate is checked against (default: HOST of --proxy), on
+        /// every replica's link.
         #[arg(long)]
         server_name: Option<String>,
     },
     /// Serve the targets of the config (`--config FILE`, or DIR/agent.toml with --data-dir)
-    /// until SIGTERM or Ctrl-C.
+    /// until SIGTERM or Ctrl-C, over one link to each replica: the proxy it joined and every
+    /// replica the proxy names (saved in DIR/replicas.json).
     Run {
         /// Data directory written by `join`; its agent.toml is the config.
         #[arg(long, conflicts_with = "config")]
@@ -59,7 +64,7 @@ fn main() -> ExitCode {
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("JITGATE_LOG").unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
         .init();
-    // One thread: the link is one connection driven by one task, which every stream's bytes
+    // One thread: each link is one connection driven by one task, which its streams' bytes
     // pass through; more threads would only add wake-ups between them.
     let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,
@@ -85,13 +90,16 @@ async fn dispatch(cli: Cli) -> Result<()> {
             data_dir,
             server_name,
         } => {
-            let joined = enroll::join(&proxy, server_name.as_deref(), &token, &data_dir).await?;
+            let (joined, replicas) = enroll::join(&proxy, server_name.as_deref(), &token, &data_dir).await?;
             println!(
                 "joined {proxy} as agent {} for {}; wrote {}",
                 joined.name,
                 joined.targets.join(","),
                 data_dir.display()
             );
+            if !replicas.is_empty() {
+                println!("replicas it will link to: {}", replicas.join(", "));
+            }
             println!(
                 "next: write {} with a [targets] table (see deploy/examples/jitgate-agent.toml), then: jitgate-agent run --data-dir {}",
                 data_dir.join(config::CONFIG).display(),

@@ -113,6 +113,7 @@ fn bench(c: &mut Criterion) {
             max_statement_bytes: 65_536,
             max_param_bytes: 256,
             redact_params_matching: Vec::new(),
+            replica: None,
         },
         Metrics::new(),
     )

@@ -10,6 +10,11 @@
 //!
 //! A join token ([`JoinToken`]) carries the CA's SHA-256 fingerprint, so the agent pins the
 //! proxy on its first contact, before it has any certificate.
+//!
+//! Replicas: an agent links to every replica of a cluster. It learns their agent listener
+//! addresses from the `replicas` of the join and renewal answers, and from the list the proxy
+//! sends on a live link (`POST /replicas`, [`encode_replicas`]). Only an agent that offers
+//! [`ALPN_REPLICAS`] gets either: an older agent refuses answers with fields it does not know.
 
 use std::fmt;
 use std::io;
@@ -25,10 +30,18 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 pub const VERSION: u32 = 1;
 /// ALPN protocol id of the agent listener.
 pub const ALPN: &[u8] = b"jitgate-agent/1";
+/// ALPN protocol id an agent offers before [`ALPN`] when it takes the replica list: answers
+/// with `replicas`, and `POST /replicas` streams on its link. A proxy that picks it may send
+/// both; one that picks [`ALPN`] (or an older proxy, which knows only that) sends neither.
+pub const ALPN_REPLICAS: &[u8] = b"jitgate-agent/1.1";
+/// Most replica addresses an agent takes from one list; the rest are ignored.
+pub const MAX_REPLICAS: usize = 64;
 /// Longest hello line either side reads, newline included.
 pub const MAX_HELLO: usize = 64 * 1024;
 /// HTTP/2 path prefix of a stream to a target.
 pub const CONNECT_PATH: &str = "/connect/";
+/// HTTP/2 path of a stream that carries the replica list to the agent ([`encode_replicas`]).
+pub const REPLICAS_PATH: &str = "/replicas";
 
 /// What the agent asks for, first thing on the connection.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -83,6 +96,12 @@ pub struct Answer {
     /// The CA certificate, PEM (join).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ca: Option<String>,
+    /// Where agents reach the replicas alive now (`host:port`, each replica's `[agents]
+    /// advertise`), the answering one included (join, renew; only with [`ALPN_REPLICAS`]).
+    /// Empty when the proxy is alone, older, or could not read its store: the agent then
+    /// keeps the list it has.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub replicas: Vec<String>,
 }
 
 impl Answer {
@@ -161,6 +180,49 @@ pub fn decode_answer(line: &[u8]) -> Result<Answer, HelloError> {
         return Err(HelloError::Version(answer.v));
     }
     Ok(answer)
+}
+
+/// The body of a `POST /replicas` stream: the replica list as JSON.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ReplicaList {
+    replicas: Vec<String>,
+}
+
+/// The body of a `POST /replicas` stream.
+pub fn encode_replicas(replicas: &[String]) -> Vec<u8> {
+    encode(&ReplicaList {
+        replicas: replicas.to_vec(),
+    })
+}
+
+/// Parses a `POST /replicas` body (at most [`MAX_HELLO`] bytes, trailing newline allowed).
+pub fn decode_replicas(body: &[u8]) -> Result<Vec<String>, HelloError> {
+    if body.len() > MAX_HELLO {
+        return Err(HelloError::TooLong);
+    }
+    let list: ReplicaList = serde_json::from_slice(body).map_err(|e| HelloError::Malformed(e.to_string()))?;
+    Ok(list.replicas)
+}
+
+/// Whether `addr` is a `host:port` an agent can dial: a host name, an IPv4 address or a
+/// bracketed IPv6 address, and a port from 1 to 65535. No scheme, path or whitespace.
+pub fn is_host_port(addr: &str) -> bool {
+    let Some((host, port)) = addr.rsplit_once(':') else {
+        return false;
+    };
+    let port_ok = port.parse::<u16>().is_ok_and(|p| p != 0) && port.bytes().all(|b| b.is_ascii_digit());
+    let host_ok = match host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+        Some(v6) => v6.parse::<std::net::Ipv6Addr>().is_ok(),
+        None => {
+            !host.is_empty()
+                && host.len() <= 253
+                && host
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_'))
+        }
+    };
+    port_ok && host_ok
 }
 
 /// A one-time join token: `jgj1.ID.SECRET.CA_SHA256`. The id finds the token in the store, the
@@ -427,6 +489,59 @@ mod tests {
         let a = Answer::refused("no", true);
         let line = encode(&a);
         assert_eq!(decode_answer(&line[..line.len() - 1]).unwrap(), a);
+    }
+
+    #[test]
+    fn answers_carry_the_replicas_and_answers_without_them_still_parse() {
+        let a = Answer {
+            v: VERSION,
+            name: Some("db-east".into()),
+            cert: Some("PEM".into()),
+            replicas: vec!["jg-1.internal:8444".into(), "10.0.0.2:8444".into()],
+            ..Answer::default()
+        };
+        let line = encode(&a);
+        assert!(String::from_utf8_lossy(&line).contains(r#""replicas":["jg-1.internal:8444","10.0.0.2:8444"]"#));
+        assert_eq!(decode_answer(&line[..line.len() - 1]).unwrap(), a);
+        // An answer of a proxy from before replicas (or alone): no field, an empty list.
+        let old = decode_answer(br#"{"v":1,"name":"db-east","targets":["prod-db"],"cert":"PEM"}"#).unwrap();
+        assert!(old.replicas.is_empty());
+        assert_eq!(old.name.as_deref(), Some("db-east"));
+        // And an empty list is not sent, so such an answer is what an older agent expects.
+        let alone = encode(&Answer {
+            v: VERSION,
+            name: Some("db-east".into()),
+            ..Answer::default()
+        });
+        assert!(!String::from_utf8_lossy(&alone).contains("replicas"));
+    }
+
+    #[test]
+    fn replica_lists_round_trip_and_bad_addresses_are_told_apart() {
+        let list = vec!["a.internal:8444".to_owned(), "[::1]:8444".to_owned()];
+        let body = encode_replicas(&list);
+        assert_eq!(decode_replicas(&body).unwrap(), list);
+        assert!(decode_replicas(br#"{"replicas":[],"more":1}"#).is_err());
+        assert!(decode_replicas(&vec![b' '; MAX_HELLO + 1]).is_err());
+        for good in ["a.internal:8444", "10.0.0.2:1", "[fe80::1]:65535", "jg_1:8444"] {
+            assert!(is_host_port(good), "{good}");
+        }
+        for bad in [
+            "",
+            "a",
+            "a:",
+            ":8444",
+            "a:0",
+            "a:65536",
+            "a:+1",
+            "a b:1",
+            "http://a:1",
+            "a/b:1",
+            "[zz]:1",
+            "::1:8444",
+        ] {
+            assert!(!is_host_port(bad), "{bad}");
+        }
     }
 
     #[tokio::test]

@@ -12,9 +12,13 @@
 //! - One name, two connections: the live link keeps the name and the second connection is
 //!   refused (audited), retrying with backoff until the live link ends; see [`Hub`] and
 //!   ARCHITECTURE.md.
+//! - Several replicas: each holds its own link to every agent. Agents learn where the
+//!   replicas are (`[agents] advertise`) from the answers and from their links (`replicas`);
+//!   a removal reaches every replica through the store's change log (`cluster`).
 
 mod hub;
 mod listener;
+mod replicas;
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -141,7 +145,10 @@ fn hex(bytes: &[u8]) -> String {
     })
 }
 
-/// Forgets an agent and ends its live link; audited as `agent.removed`.
+/// Forgets an agent and ends its live link here; the store's [`Change::AgentRemoved`] ends
+/// its links on the other replicas. Audited as `agent.removed`.
+///
+/// [`Change::AgentRemoved`]: crate::store::Change::AgentRemoved
 pub async fn remove(
     store: &dyn Store,
     hub: &Hub,

@@ -15,8 +15,10 @@
 
 mod active;
 pub mod chain;
+pub(crate) mod command;
 mod event;
 pub mod files;
+pub mod replica;
 pub mod siblings;
 pub mod tail;
 mod tip;

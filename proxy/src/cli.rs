@@ -1,7 +1,7 @@
 //! The `jitgate` command line: server commands (`init`, `serve`, `config check`, `demo`,
 //! `cert issue`), admin commands over the control API (`grant ...`, `session ...`,
 //! `audit reopen`) and the audit log readers that work on the files (`audit verify`,
-//! `audit tail`).
+//! `audit tail`); the `audit` commands themselves are in `audit/command`.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -11,6 +11,7 @@ use clap::{Args, Parser, Subcommand};
 use serde::Serialize;
 use tracing_subscriber::fmt::writer::BoxMakeWriter;
 
+pub(crate) use crate::audit::command::AuditLogArgs;
 use crate::client::ApiClient;
 use crate::config::Config;
 use crate::model::{AccessLevel, NewGrant, Role, TargetName, UserName};
@@ -83,7 +84,7 @@ enum Command {
     /// or make the running proxy reopen it (admin, through the API).
     Audit {
         #[command(subcommand)]
-        command: AuditCommand,
+        command: crate::audit::command::AuditCommand,
     },
     /// Explain access policies (works on the config file; no API, no secrets needed).
     Policy {
@@ -241,240 +242,6 @@ enum SessionCommand {
     Kill { id: String },
 }
 
-#[derive(Debug, Subcommand)]
-enum AuditCommand {
-    /// Prove the audit log unedited, or name its first bad record.
-    ///
-    /// Checks every record's hash and that each record follows the one before it, across
-    /// all the files of the log, put in chain order by their first record (whatever they are
-    /// named, gzip-compressed or not). Exits 0 printing `ok: N records, seq A..B` and the last
-    /// record's hash (keep a copy elsewhere: a log cut short at its end still verifies, but
-    /// ends at another hash), or exits 1 naming the file, line and seq of the first bad record
-    /// and why (edited, removed, reordered, truncated). When the files start after seq 1
-    /// (older files rotated away) it says so and still exits 0.
-    ///
-    /// Then checks every shell recording a `session.end` names: its file must still hash to
-    /// the SHA-256 the log holds (an edited or missing recording exits 1).
-    Verify {
-        /// Files to check as one log, in any order (e.g. audit.jsonl* or a directory of
-        /// shipped files). With --file, --config or --data-dir as well, the files found next
-        /// to that log are added. Default: the configured log's files: the active file and
-        /// every file next to it named after it (FILE.<seq>, FILE.1, FILE.2.gz, FILE-DATE.gz).
-        files: Vec<PathBuf>,
-        #[command(flatten)]
-        log: AuditLogArgs,
-        /// Look for recordings by name in DIR instead of where the log says they were written.
-        #[arg(long)]
-        recordings: Option<PathBuf>,
-        /// Check the chain only, not the recordings (a log shipped without them).
-        #[arg(long, conflicts_with = "recordings")]
-        skip_recordings: bool,
-    },
-    /// Make the running proxy reopen its audit log (admin, through the control API).
-    ///
-    /// For logrotate's postrotate (deploy/logrotate/jitgate): the proxy continues the hash
-    /// chain in the file the path names now (creating it if needed), after an
-    /// `audit.reopened` record, so no statement is refused for the rotation. SIGHUP to
-    /// `jitgate serve` does the same without a certificate. Prints the path, whether it
-    /// named a new file and the seq of the `audit.reopened` record.
-    Reopen {
-        #[command(flatten)]
-        api: ApiArgs,
-    },
-    /// Print audit records, one readable line each (or --json), optionally following.
-    ///
-    /// Reads the rotated files oldest first, then the active file.
-    Tail(TailArgs),
-}
-
-#[derive(Debug, Args)]
-struct TailArgs {
-    /// Keep printing records as they are written, across rotations (Ctrl-C to stop).
-    #[arg(short = 'f', long)]
-    follow: bool,
-    /// Only records of this user. `statement.end` records match when their session did.
-    #[arg(long)]
-    user: Option<String>,
-    /// Only records for this target. `statement.end` records match when their session did.
-    #[arg(long)]
-    target: Option<String>,
-    /// Only records of this session id (s-...).
-    #[arg(long)]
-    session: Option<String>,
-    /// Only records from the last DURATION, e.g. 15m or 2h.
-    #[arg(long, value_parser = humantime::parse_duration)]
-    since: Option<Duration>,
-    /// Print the records' JSON lines as written, instead of text.
-    #[arg(long)]
-    json: bool,
-    #[command(flatten)]
-    log: AuditLogArgs,
-}
-
-/// Where the audit log is. The first given of --file, --config and --data-dir wins.
-#[derive(Debug, Args)]
-pub(crate) struct AuditLogArgs {
-    /// The active audit file; its other files (FILE.<seq>, FILE.1, FILE.2.gz, ...) are found
-    /// beside it.
-    #[arg(long)]
-    file: Option<PathBuf>,
-    /// Config file to take `audit.path` (default DATA_DIR/audit.jsonl) from. Its secrets are
-    /// not resolved.
-    #[arg(long, short, env = "JITGATE_CONFIG")]
-    config: Option<PathBuf>,
-    /// Data directory: the log is `audit.path` from DIR/jitgate.toml when that sets one,
-    /// otherwise DIR/audit.jsonl.
-    #[arg(long, env = "JITGATE_DATA_DIR")]
-    data_dir: Option<PathBuf>,
-}
-
-impl AuditLogArgs {
-    /// Whether a flag (or its environment variable) names the log.
-    fn given(&self) -> bool {
-        self.file.is_some() || self.config.is_some() || self.data_dir.is_some()
-    }
-
-    /// The log's files in chain order: the rotated ones, then the active file.
-    pub(crate) fn files(&self) -> Result<Vec<PathBuf>> {
-        let active = self.active()?;
-        let mut found = crate::audit::siblings::find(&active)?;
-        if active.exists() {
-            found.push(active.clone());
-        }
-        if found.is_empty() {
-            bail!("no audit log at {}", active.display());
-        }
-        Ok(crate::audit::siblings::chain_order(found))
-    }
-
-    /// The active audit file.
-    fn active(&self) -> Result<PathBuf> {
-        if let Some(file) = &self.file {
-            return Ok(file.clone());
-        }
-        if let Some(config) = &self.config {
-            return Ok(Config::load_without_secrets(config)?.audit.path);
-        }
-        if let Some(dir) = &self.data_dir {
-            let config = dir.join("jitgate.toml");
-            if config.exists() {
-                return Ok(Config::load_without_secrets(&config)?.audit.path);
-            }
-            return Ok(dir.join("audit.jsonl"));
-        }
-        bail!("no audit log: pass --file FILE, --config FILE (or JITGATE_CONFIG) or --data-dir DIR")
-    }
-}
-
-fn audit_verify(
-    mut files: Vec<PathBuf>,
-    log: &AuditLogArgs,
-    recordings: Option<&Path>,
-    skip_recordings: bool,
-) -> Result<()> {
-    use crate::audit::siblings;
-    if files.is_empty() || log.given() {
-        let active = log.active()?;
-        let mut found = siblings::find(&active)?;
-        if active.exists() {
-            found.push(active.clone());
-        }
-        if found.is_empty() && files.is_empty() {
-            bail!("no audit log at {}", active.display());
-        }
-        // A file given (or a copy of one: same first record) is not added twice.
-        let given: Vec<PathBuf> = files.iter().filter_map(|f| f.canonicalize().ok()).collect();
-        let starts: Vec<u64> = files
-            .iter()
-            .filter_map(|f| siblings::first_seq(f).ok().flatten())
-            .collect();
-        for f in found {
-            let same = f.canonicalize().is_ok_and(|c| given.contains(&c));
-            let copy = siblings::first_seq(&f)
-                .ok()
-                .flatten()
-                .is_some_and(|s| starts.contains(&s));
-            if !same && !copy {
-                files.push(f);
-            }
-        }
-    }
-    let files = siblings::chain_order(files);
-    let summary = crate::audit::chain::verify_files(&files)?;
-    println!("{summary}");
-    if let Some(hash) = summary.last_hash {
-        println!("last hash: {}", crate::audit::chain::hex(&hash));
-    }
-    if let Some((first, _)) = summary.seqs.filter(|(first, _)| *first > 1) {
-        println!(
-            "starts at seq {first}: earlier records are not in these files (rotated away or removed \
-             before {}); within the files given, nothing is edited, removed or out of order",
-            files.first().map_or_else(String::new, |f| f.display().to_string())
-        );
-    }
-    if skip_recordings {
-        return Ok(());
-    }
-    let named = crate::recordings::from_log(&files)?;
-    let problems: Vec<String> = named
-        .iter()
-        .filter_map(|r| crate::recordings::problem(r, &crate::recordings::check(r, recordings), recordings))
-        .collect();
-    if let Some(first) = problems.first() {
-        for p in &problems[1..] {
-            eprintln!("{p}");
-        }
-        bail!("{first}");
-    }
-    if !named.is_empty() {
-        println!(
-            "recordings: {} checked, each matches its SHA-256 in the log",
-            named.len()
-        );
-    }
-    Ok(())
-}
-
-async fn audit_reopen(a: &ApiArgs) -> Result<()> {
-    let r = api_client(a)?.reopen_audit().await?;
-    if a.json {
-        return print_json(&r);
-    }
-    let file = if r.new_file { "new file" } else { "same file" };
-    match r.seq {
-        Some(seq) => println!("reopened {}: {file}; audit.reopened is seq {seq}", r.path),
-        None => println!("reopened {}: {file}", r.path),
-    }
-    Ok(())
-}
-
-fn audit_tail(a: TailArgs) -> Result<()> {
-    use crate::audit::tail::{self, Filter, Printer};
-    use std::io::Write as _;
-    let active = a.log.active()?;
-    let since = match a.since {
-        Some(d) => Some(
-            std::time::SystemTime::now()
-                .checked_sub(d)
-                .context("--since reaches before 1970")?,
-        ),
-        None => None,
-    };
-    let filter = Filter {
-        user: a.user,
-        target: a.target,
-        session: a.session,
-        since,
-    };
-    let mut printer = Printer::new(filter, a.json);
-    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
-    match tail::print_log(&active, &mut printer, a.follow, &mut out).and_then(|()| out.flush()) {
-        // The reader went away (`| head`): that is the end, not an error.
-        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
-        r => r.with_context(|| format!("audit log {}", active.display())),
-    }
-}
-
 /// Parses the command line and runs it.
 pub fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
@@ -584,21 +351,7 @@ async fn dispatch(cli: Cli) -> Result<()> {
         Command::Grant { command, api } => grant(command, &api).await,
         Command::Session { command, api } => session(command, &api).await,
         Command::Agent { command, api } => agent(command, &api).await,
-        Command::Audit {
-            command:
-                AuditCommand::Verify {
-                    files,
-                    log,
-                    recordings,
-                    skip_recordings,
-                },
-        } => audit_verify(files, &log, recordings.as_deref(), skip_recordings),
-        Command::Audit {
-            command: AuditCommand::Tail(args),
-        } => audit_tail(args),
-        Command::Audit {
-            command: AuditCommand::Reopen { api },
-        } => audit_reopen(&api).await,
+        Command::Audit { command } => crate::audit::command::run(command).await,
         Command::Policy { command } => crate::policy::command::run(command),
         Command::Ssh(args) => crate::ssh::command::ssh(args),
         Command::SshConfig(args) => crate::ssh::command::ssh_config(args),

@@ -1,7 +1,9 @@
 //! What the replicas on one shared store do for each other, besides following its grants
 //! (`grants`): each publishes its session list (so any replica lists them all), kills the
 //! sessions a kill on another replica named, answers CancelRequests other replicas passed on,
-//! and tells `/readyz` and `jitgate_store_up` whether the store answers.
+//! ends the links of agents removed on any replica, reads where agents reach the replicas
+//! (for the agents' replica lists), and tells `/readyz` and `jitgate_store_up` whether the
+//! store answers.
 //!
 //! A store of one replica (SQLite) has no cluster: nothing here runs but the health watch,
 //! which then never reports degraded.
@@ -14,6 +16,7 @@ use tokio::sync::broadcast::error::RecvError;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::agents::Hub;
 use crate::metrics::Metrics;
 use crate::model::SessionId;
 use crate::pg::PgContext;
@@ -29,6 +32,7 @@ const HEARTBEAT: Duration = Duration::from_secs(5);
 pub fn start(
     store: &Arc<dyn Store>,
     pg: &Arc<PgContext>,
+    hub: &Arc<Hub>,
     metrics: &Arc<Metrics>,
     tracker: &TaskTracker,
     stop: &CancellationToken,
@@ -43,6 +47,13 @@ pub fn start(
         stop.clone(),
     ));
     tracker.spawn(apply_kills(store.changes(), Arc::clone(&pg.sessions), stop.clone()));
+    tracker.spawn(end_removed_agents(
+        store.changes(),
+        Arc::clone(store),
+        Arc::clone(hub),
+        stop.clone(),
+    ));
+    tracker.spawn(read_agent_addresses(Arc::clone(store), Arc::clone(hub), stop.clone()));
     if let Some(cancels) = store.cancels() {
         tracker.spawn(answer_cancels(cancels, Arc::clone(pg), stop.clone()));
     }
@@ -160,6 +171,69 @@ async fn apply_kills(
                 tracing::warn!(missed, "kill feed fell behind: kills in the missed changes are lost");
             }
             Err(RecvError::Closed) => return,
+        }
+    }
+}
+
+/// Ends the link of an agent removed on any replica (the removal made here ends it twice: the
+/// second does nothing). Its record is gone from the store, so its reconnection is refused.
+/// When changes may have been missed (the feed fell behind, or the log had a gap), the links
+/// of agents the store no longer holds end.
+async fn end_removed_agents(
+    mut changes: tokio::sync::broadcast::Receiver<Change>,
+    store: Arc<dyn Store>,
+    hub: Arc<Hub>,
+    stop: CancellationToken,
+) {
+    loop {
+        let change = tokio::select! {
+            c = changes.recv() => c,
+            () = stop.cancelled() => return,
+        };
+        match change {
+            Ok(Change::AgentRemoved { name }) => {
+                if hub.get(&name).is_some() {
+                    tracing::info!(agent = %name, "agent removed (on some replica): ending its link");
+                    hub.end(&name);
+                }
+            }
+            Ok(Change::Resync) => end_unknown_agents(store.as_ref(), &hub).await,
+            Ok(_) => {}
+            Err(RecvError::Lagged(missed)) => {
+                tracing::warn!(missed, "agent removal feed fell behind: re-reading the agents");
+                end_unknown_agents(store.as_ref(), &hub).await;
+            }
+            Err(RecvError::Closed) => return,
+        }
+    }
+}
+
+/// Ends the links of agents the store no longer holds. A store that does not answer ends
+/// nothing: the removals are in its log, read when it answers again.
+async fn end_unknown_agents(store: &dyn Store, hub: &Hub) {
+    let joined = match store.agents().await {
+        Ok(all) => all.into_iter().map(|a| a.name).collect::<BTreeSet<_>>(),
+        Err(error) => return tracing::debug!(%error, "agents not re-read"),
+    };
+    for name in hub.linked() {
+        if !joined.contains(&name) {
+            tracing::info!(agent = %name, "agent no longer in the store: ending its link");
+            hub.end(&name);
+        }
+    }
+}
+
+/// Reads where agents reach the replicas alive now, every [`HEARTBEAT`], into the hub, which
+/// tells the agents linked here when the list changes. A failed read keeps the last list.
+async fn read_agent_addresses(store: Arc<dyn Store>, hub: Arc<Hub>, stop: CancellationToken) {
+    loop {
+        match store.agent_addresses().await {
+            Ok(list) => hub.set_replicas(list),
+            Err(error) => tracing::debug!(%error, "replica list not read; keeping the last one"),
+        }
+        tokio::select! {
+            () = tokio::time::sleep(HEARTBEAT) => {}
+            () = stop.cancelled() => return,
         }
     }
 }

@@ -85,6 +85,7 @@ struct RawAgents {
     cert_ttl: Option<String>,
     keepalive_interval: Option<String>,
     keepalive_timeout: Option<String>,
+    advertise: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -301,6 +302,11 @@ pub struct AgentsConfig {
     pub keepalive_interval: Duration,
     /// A ping unanswered this long ends the link and its sessions. Default 30s.
     pub keepalive_timeout: Duration,
+    /// `advertise`: where agents reach this replica's agent listener, `host:port`, told to
+    /// every agent so each links to every replica on the shared store. Default:
+    /// `listen.agents`, unless that is an unspecified address (`0.0.0.0`, `[::]`): then
+    /// none, and agents learn of this replica only if they joined it.
+    pub advertise: Option<String>,
 }
 
 /// Listener addresses.
@@ -397,6 +403,11 @@ pub struct AuditConfig {
     /// has its bound parameter values redacted in its `statement` record. Default
     /// `["password", "secret", "token"]`.
     pub redact_params_matching: Vec<String>,
+    /// This replica's id (`store.replica_id`) when replicas share a `[store]`: every record
+    /// then carries `"replica":"<id>"` after `ts`, so each replica's log is a chain of its
+    /// own that `jitgate audit verify` tells apart from the others'. `None` without a
+    /// `[store]` (records carry no `replica` field). Not an `[audit]` key.
+    pub replica: Option<String>,
 }
 
 /// What a target speaks.
@@ -718,7 +729,7 @@ impl RawConfig {
             return Err(invalid("requests.lapse_after", "must be between 1s and 7d"));
         }
         let requests = RequestsConfig { lapse_after };
-        let agents = self.agents.validate()?;
+        let agents = self.agents.validate(listen.agents)?;
         for t in targets.values() {
             if let (Some(via), None) = (&t.via, listen.agents) {
                 return Err(invalid(
@@ -736,6 +747,10 @@ impl RawConfig {
         login_roles.sort();
         login_roles.dedup();
         let store = self.store.validate(secrets)?;
+        let audit = AuditConfig {
+            replica: store.as_ref().map(|s| s.replica_id.clone()),
+            ..audit
+        };
         Ok(Config {
             store,
             ssh: SshConfig {
@@ -856,7 +871,7 @@ fn default_replica_id() -> String {
 }
 
 impl RawAgents {
-    fn validate(self) -> Result<AgentsConfig, ConfigError> {
+    fn validate(self, listen: Option<SocketAddr>) -> Result<AgentsConfig, ConfigError> {
         let cert_ttl = duration("agents.cert_ttl", self.cert_ttl.as_deref(), Duration::from_secs(86_400))?;
         if !(Duration::from_secs(10)..=Duration::from_secs(30 * 86_400)).contains(&cert_ttl) {
             return Err(invalid("agents.cert_ttl", "must be between 10s and 30d"));
@@ -880,10 +895,23 @@ impl RawAgents {
                 "must be at least agents.keepalive_interval",
             ));
         }
+        let advertise = match (self.advertise, listen) {
+            (Some(_), None) => return Err(invalid("agents.advertise", "requires listen.agents")),
+            (Some(a), Some(_)) if jitgate_protocol::tunnel::is_host_port(&a) => Some(a),
+            (Some(a), Some(_)) => {
+                return Err(invalid(
+                    "agents.advertise",
+                    format!("{a:?} is not host:port (a name or an IP address, and a port from 1 to 65535)"),
+                ))
+            }
+            (None, Some(l)) if !l.ip().is_unspecified() => Some(l.to_string()),
+            (None, _) => None,
+        };
         Ok(AgentsConfig {
             cert_ttl,
             keepalive_interval,
             keepalive_timeout,
+            advertise,
         })
     }
 }
@@ -905,6 +933,8 @@ impl RawAudit {
             redact_params_matching: self
                 .redact_params_matching
                 .unwrap_or_else(|| ["password", "secret", "token"].map(String::from).to_vec()),
+            // Set from `[store]` once that is read (`RawConfig::validate`).
+            replica: None,
         };
         if audit.max_file_bytes < 4096 {
             return Err(invalid("audit.max_file_bytes", "must be at least 4096"));
@@ -1158,6 +1188,16 @@ password_env = "JITGATE_TEST_CONFIG_PW"
     }
 
     #[test]
+    fn audit_records_name_the_replica_only_with_a_store() {
+        std::env::set_var("JITGATE_TEST_CONFIG_PW", "pw");
+        let text = format!(
+            "{MINIMAL}[store]\nurl = \"postgresql://jitgate@db.internal:5432/jitgate\"\nreplica_id = \"east-1\"\n"
+        );
+        assert_eq!(parse(&text).unwrap().audit.replica.as_deref(), Some("east-1"));
+        assert_eq!(parse(MINIMAL).unwrap().audit.replica, None);
+    }
+
+    #[test]
     fn minimal_file_from_the_issue_is_enough() {
         std::env::set_var("JITGATE_TEST_CONFIG_PW", "pw");
         let c = parse(MINIMAL).unwrap();
@@ -1169,6 +1209,7 @@ password_env = "JITGATE_TEST_CONFIG_PW"
         assert_eq!(c.audit.max_statement_bytes, 65_536);
         assert_eq!(c.audit.max_param_bytes, 256);
         assert_eq!(c.audit.redact_params_matching, ["password", "secret", "token"]);
+        assert_eq!(c.audit.replica, None);
         let t = &c.targets[&TargetName::new("prod-db").unwrap()];
         assert_eq!(t.credentials[&AccessLevel::Read].password.as_deref(), Some("pw"));
         assert_eq!(t.tls, UpstreamTls::Disable);
@@ -1216,6 +1257,47 @@ password_env = "JITGATE_TEST_CONFIG_PW"
         assert!(agents("keepalive_interval = \"10s\"\nkeepalive_timeout = \"1s\"").is_err());
         assert!(agents("keepalive_interval = \"1ms\"").is_err());
         assert!(agents("surprise = 1").is_err());
+    }
+
+    #[test]
+    fn agents_reach_a_replica_at_its_advertised_address_by_default_its_listener() {
+        std::env::set_var("JITGATE_TEST_CONFIG_PW", "pw");
+        let at = |listen: &str, lines: &str| {
+            parse(&format!(
+                "{}\n[agents]\n{lines}\n",
+                MINIMAL.replace(
+                    "metrics = \"127.0.0.1:9187\"",
+                    &format!("metrics = \"127.0.0.1:9187\"\nagents = \"{listen}\""),
+                )
+            ))
+        };
+        let advertised = |listen: &str, lines: &str| at(listen, lines).unwrap().agents.advertise;
+        assert_eq!(advertised("10.0.0.1:8444", "").as_deref(), Some("10.0.0.1:8444"));
+        // A wildcard listener says nothing agents could dial.
+        assert_eq!(advertised("0.0.0.0:8444", ""), None);
+        assert_eq!(advertised("[::]:8444", ""), None);
+        for good in ["jg-1.internal:8444", "10.0.0.1:9000", "[fd00::1]:8444"] {
+            let line = format!("advertise = \"{good}\"");
+            assert_eq!(advertised("0.0.0.0:8444", &line).as_deref(), Some(good));
+        }
+        for bad in [
+            "jg-1.internal",
+            "jg-1.internal:0",
+            "https://jg-1:8444",
+            "jg 1:8444",
+            "::1:8444",
+        ] {
+            let err = at("0.0.0.0:8444", &format!("advertise = \"{bad}\""))
+                .unwrap_err()
+                .to_string();
+            assert!(err.starts_with("agents.advertise"), "{bad}: {err}");
+        }
+        // Without a listener there is nothing to advertise.
+        let err = parse(&format!("{MINIMAL}\n[agents]\nadvertise = \"jg-1:8444\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("requires listen.agents"), "{err}");
+        assert_eq!(parse(MINIMAL).unwrap().agents.advertise, None);
     }
 
     #[test]

@@ -124,7 +124,13 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: impl Future<Out
     let audit = AuditLog::open(&config.audit, Arc::clone(&metrics))?;
     let cancel = CancellationToken::new();
     let store: Arc<dyn Store> = match &config.store {
-        Some(shared) => crate::store::PgStore::connect(shared, cancel.clone()).await?,
+        Some(shared) => {
+            let pg = crate::store::PgStore::connect(shared, cancel.clone()).await?;
+            if let Some(addr) = advertised_agents(&config, listeners.addrs().agents) {
+                pg.advertise_agents(addr);
+            }
+            pg
+        }
         None => {
             let path = config.store_path.clone();
             let sqlite = tokio::task::spawn_blocking(move || SqliteStore::open(&path))
@@ -189,7 +195,7 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: impl Future<Out
         connections: Authenticated::new(config.limits.max_connections),
         cluster: store.replica().is_some().then(|| Arc::clone(&store)),
     });
-    crate::cluster::start(&store, &pg, &metrics, &tracker, &cancel);
+    crate::cluster::start(&store, &pg, &hub, &metrics, &tracker, &cancel);
     let api_state = Arc::new(ApiState {
         store: Arc::clone(&store),
         hub: Arc::clone(&hub),
@@ -322,6 +328,18 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: impl Future<Out
         tracing::error!("closing the audit log failed");
     }
     Ok(())
+}
+
+/// Where agents reach this replica (`[agents] advertise`). The default, `listen.agents`,
+/// follows the port the listener was given when it asked for any (`:0`).
+fn advertised_agents(config: &Config, bound: Option<SocketAddr>) -> Option<String> {
+    let advertise = config.agents.advertise.clone()?;
+    match (config.listen.agents, bound) {
+        (Some(listen), Some(bound)) if listen.port() == 0 && advertise == listen.to_string() => {
+            Some(SocketAddr::new(listen.ip(), bound.port()).to_string())
+        }
+        _ => Some(advertise),
+    }
 }
 
 /// The SSH listener's context: the host key and the user CA from the data directory.

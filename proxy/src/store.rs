@@ -62,6 +62,10 @@ pub enum Change {
     SessionKilled {
         id: SessionId,
     },
+    /// An agent was removed on some replica: every replica ends its link.
+    AgentRemoved {
+        name: AgentName,
+    },
     /// Changes may have been missed (the shared store's log had a gap): re-read everything.
     Resync,
 }
@@ -142,8 +146,9 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<Result<AgentRecord, TokenRefusal>, StoreError>;
     /// Every agent that joined, by name.
     async fn agents(&self) -> Result<Vec<AgentRecord>, StoreError>;
-    /// Forgets an agent (its links and renewals are refused from then on); `NotFound` when
-    /// it had not joined.
+    /// Forgets an agent (its links and renewals are refused from then on) and publishes
+    /// [`Change::AgentRemoved`], so every replica ends its link; `NotFound` when it had not
+    /// joined.
     async fn remove_agent(&self, name: &AgentName) -> Result<(), StoreError>;
 
     /// Every change committed from now on, in commit order. A receiver that falls behind gets
@@ -184,6 +189,11 @@ pub trait Store: Send + Sync + 'static {
     /// CancelRequests other replicas passed on (`None` alone).
     fn cancels(&self) -> Option<broadcast::Receiver<CancelKey>> {
         None
+    }
+    /// Where agents reach the replicas alive in the last [`PEER_SEEN`] (each one's
+    /// `[agents] advertise`, this one's included), sorted, each once. Empty alone.
+    async fn agent_addresses(&self) -> Result<Vec<String>, StoreError> {
+        Ok(Vec::new())
     }
 }
 

@@ -110,7 +110,11 @@ impl ServerTls {
                 .with_safe_default_protocol_versions()?
                 .with_client_cert_verifier(verifier)
                 .with_single_cert(chain, key.clone_key())?;
-            cfg.alpn_protocols = vec![jitgate_protocol::tunnel::ALPN.to_vec()];
+            // In order of preference: an agent that offers the first takes the replica list.
+            cfg.alpn_protocols = vec![
+                jitgate_protocol::tunnel::ALPN_REPLICAS.to_vec(),
+                jitgate_protocol::tunnel::ALPN.to_vec(),
+            ];
             cfg.session_storage = Arc::new(NoServerSessionStorage {});
             cfg.send_tls13_tickets = 0;
             Arc::new(cfg)

@@ -159,6 +159,11 @@ impl Agent {
     pub fn data_dir(&self) -> &Path {
         self.dir.path()
     }
+
+    /// The running process's id (to stop and continue it with signals).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().and_then(Child::id)
+    }
 }
 
 /// Waits until the proxy lists `name` as connected.

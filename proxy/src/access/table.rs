@@ -202,7 +202,10 @@ impl GrantTable {
             Change::GrantCreated(grant) => self.create(grant),
             Change::GrantExtended { id, expires_at } => self.extend(id, *expires_at),
             Change::GrantEnded { id, end } => self.end(id, *end),
-            Change::RequestChanged { .. } | Change::SessionKilled { .. } | Change::Resync => Applied::Unchanged,
+            Change::RequestChanged { .. }
+            | Change::SessionKilled { .. }
+            | Change::AgentRemoved { .. }
+            | Change::Resync => Applied::Unchanged,
         }
     }
 

@@ -1,4 +1,6 @@
-//! The live agent links, one per agent name, and the dialer that opens streams on them.
+//! The live agent links, one per agent name, and the dialer that opens streams on them; and
+//! the replica list this replica tells its agents (every replica holds a link of its own to
+//! each agent, so the list is what lets any replica reach any agent's targets).
 
 use std::collections::{HashMap, HashSet};
 use std::io;
@@ -75,6 +77,9 @@ pub struct Hub {
     links: Mutex<HashMap<AgentName, Slot>>,
     /// Names that had a link before (a new link for one of them is a reconnect).
     seen: Mutex<HashSet<AgentName>>,
+    /// Where agents reach the replicas alive now (`[agents] advertise` of each), as last read
+    /// from the store; empty alone. Each live link sends it to its agent when it changes.
+    replicas: watch::Sender<Vec<String>>,
     metrics: Arc<Metrics>,
 }
 
@@ -94,8 +99,26 @@ impl Hub {
         Arc::new(Self {
             links: Mutex::new(HashMap::new()),
             seen: Mutex::new(HashSet::new()),
+            replicas: watch::Sender::new(Vec::new()),
             metrics,
         })
+    }
+
+    /// Records the replicas' advertised agent addresses (read from the store); the live links
+    /// pass a changed list on to their agents.
+    pub fn set_replicas(&self, list: Vec<String>) {
+        self.replicas.send_if_modified(|held| {
+            let changed = *held != list;
+            if changed {
+                *held = list;
+            }
+            changed
+        });
+    }
+
+    /// The replica list as last read, and its changes.
+    pub(super) fn replicas(&self) -> watch::Receiver<Vec<String>> {
+        self.replicas.subscribe()
     }
 
     /// Claims `agent`'s name for a connection from `remote`, or says who holds it.
@@ -121,6 +144,15 @@ impl Hub {
             Some(Slot::Live(l)) => Some(Arc::clone(l)),
             _ => None,
         }
+    }
+
+    /// The agents with a live link here.
+    pub fn linked(&self) -> Vec<AgentName> {
+        locked(&self.links)
+            .iter()
+            .filter(|(_, slot)| matches!(slot, Slot::Live(_)))
+            .map(|(name, _)| name.clone())
+            .collect()
     }
 
     /// Ends the agent's live link, if it has one (its sessions end with it).

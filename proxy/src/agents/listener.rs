@@ -1,5 +1,6 @@
 //! The agent listener: TLS, the hello, then a join, a renewal, or a link that carries
-//! HTTP/2 until it ends.
+//! HTTP/2 until it ends. A replica that did not perform an agent's join serves its link the
+//! same way: the certificate is the shared CA's, the record is in the shared store.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -63,13 +64,15 @@ pub async fn serve_connection(ctx: Arc<AgentsContext>, tcp: TcpStream, peer: Soc
             .peer_certificates()
             .and_then(|c| c.first())
             .map(|der| agent_from_der(der).map_err(|e| e.to_string()));
+        // Whether the agent takes the replica list (see `replicas`).
+        let told = tls.get_ref().1.alpn_protocol() == Some(tunnel::ALPN_REPLICAS);
         let mut stream = BufReader::new(tls);
         let line = tunnel::read_line(&mut stream)
             .await
             .map_err(|e| format!("reading the hello: {e}"));
-        Ok::<_, String>((stream, identity, line))
+        Ok::<_, String>((stream, identity, told, line))
     };
-    let (mut stream, identity, line) = tokio::select! {
+    let (mut stream, identity, told, line) = tokio::select! {
         r = timeout_at(deadline, hello) => match r {
             Err(_) => {
                 tracing::debug!(client.addr = %peer, "agent hello timed out");
@@ -100,9 +103,9 @@ pub async fn serve_connection(ctx: Arc<AgentsContext>, tcp: TcpStream, peer: Soc
     };
     drop(ticket);
     match (hello, identity) {
-        (Hello::Join { token, csr, .. }, _) => join(&ctx, &mut stream, peer, &token, &csr).await,
-        (Hello::Renew { csr, .. }, Some(id)) => renew(&ctx, &mut stream, peer, id, &csr).await,
-        (Hello::Run { targets, version, .. }, Some(id)) => run(ctx, stream, peer, id, targets, version).await,
+        (Hello::Join { token, csr, .. }, _) => join(&ctx, &mut stream, peer, &token, &csr, told).await,
+        (Hello::Renew { csr, .. }, Some(id)) => renew(&ctx, &mut stream, peer, id, &csr, told).await,
+        (Hello::Run { targets, version, .. }, Some(id)) => run(ctx, stream, peer, id, targets, version, told).await,
         (Hello::Renew { .. } | Hello::Run { .. }, None) => {
             let why = "an agent certificate is required (join first: jitgate-agent join)";
             refuse(&ctx, &mut stream, peer, None, why, true).await;
@@ -145,7 +148,7 @@ fn authority(ctx: &AgentsContext) -> Result<&Authority, &'static str> {
         .ok_or("this proxy holds no CA key (ca.key) and cannot sign agent certificates")
 }
 
-async fn join(ctx: &AgentsContext, stream: &mut Stream, peer: SocketAddr, token: &str, csr: &str) {
+async fn join(ctx: &AgentsContext, stream: &mut Stream, peer: SocketAddr, token: &str, csr: &str, told: bool) {
     let token: JoinToken = match token.parse() {
         Ok(t) => t,
         Err(why) => return refuse(ctx, stream, peer, None, &why, true).await,
@@ -189,6 +192,7 @@ async fn join(ctx: &AgentsContext, stream: &mut Stream, peer: SocketAddr, token:
         targets: record.targets.iter().map(ToString::to_string).collect(),
         cert: Some(cert),
         ca: Some(ca.cert_pem().to_owned()),
+        replicas: super::replicas::for_answer(ctx, told).await,
         ..Answer::default()
     };
     answer(stream, &reply).await;
@@ -206,7 +210,7 @@ async fn admitted(ctx: &AgentsContext, agent: &AgentName) -> Result<Vec<TargetNa
     }
 }
 
-async fn renew(ctx: &AgentsContext, stream: &mut Stream, peer: SocketAddr, id: AgentIdentity, csr: &str) {
+async fn renew(ctx: &AgentsContext, stream: &mut Stream, peer: SocketAddr, id: AgentIdentity, csr: &str, told: bool) {
     let targets = match admitted(ctx, &id.name).await {
         Ok(t) => t,
         Err((why, permanent)) => return refuse(ctx, stream, peer, Some(id.name), &why, permanent).await,
@@ -232,6 +236,7 @@ async fn renew(ctx: &AgentsContext, stream: &mut Stream, peer: SocketAddr, id: A
         name: Some(id.name.to_string()),
         targets: targets.iter().map(ToString::to_string).collect(),
         cert: Some(cert),
+        replicas: super::replicas::for_answer(ctx, told).await,
         ..Answer::default()
     };
     answer(stream, &reply).await;
@@ -244,6 +249,7 @@ async fn run(
     id: AgentIdentity,
     claimed: Vec<String>,
     version: String,
+    told: bool,
 ) {
     let agent = id.name;
     let admitted = match admitted(&ctx, &agent).await {
@@ -337,7 +343,15 @@ async fn run(
             }
         }
     };
+    let replicas = async {
+        if told {
+            super::replicas::push(link.send.clone(), ctx.hub.replicas(), &agent).await
+        } else {
+            std::future::pending().await
+        }
+    };
     let reason = tokio::select! {
+        never = replicas => match never {},
         r = &mut conn => match r {
             Ok(()) => "closed",
             Err(e) if e.is_io() || e.is_go_away() => "closed",

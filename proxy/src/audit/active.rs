@@ -152,6 +152,15 @@ impl ActiveFile {
         Ok(None)
     }
 
+    /// The file's last complete line, without its newline (`None` for an empty file or a
+    /// device).
+    pub fn last_line(&self) -> std::io::Result<Option<Vec<u8>>> {
+        if !self.is_regular() || self.len == 0 {
+            return Ok(None);
+        }
+        Ok(files::last_line(&self.file, self.len)?.1)
+    }
+
     /// Whether this is a regular file (its chain can be read back).
     pub fn is_regular(&self) -> bool {
         self.ident.is_some()

@@ -8,6 +8,7 @@
 //! This module does no file I/O of its own beyond reading what it is handed; the writer and
 //! the CLI decide which files make up the log ([`super::siblings`] finds and orders them).
 
+use std::borrow::Cow;
 use std::fmt;
 use std::io::BufRead;
 use std::path::{Path, PathBuf};
@@ -183,6 +184,12 @@ pub enum Problem {
     PrevMismatch,
     /// The first record of the log (`seq` 1) has a `prev` other than zeros.
     NotGenesis,
+    /// The record names another replica than the records before it (`None`: no replica):
+    /// each replica's records are a chain of their own, in files of their own.
+    OtherReplica {
+        before: Option<String>,
+        this: Option<String>,
+    },
     /// The file ends in the middle of a line.
     Truncated,
     /// The file could not be read.
@@ -209,6 +216,12 @@ impl fmt::Display for Problem {
             Self::Backwards { expected } => write!(f, "reordered: seq goes backwards (expected {expected})"),
             Self::PrevMismatch => write!(f, "removed or reordered: prev is not the hash of the record before it"),
             Self::NotGenesis => write!(f, "edited: the first record (seq 1) must have a prev of zeros"),
+            Self::OtherReplica { before, this } => write!(
+                f,
+                "mixed replicas: this record is of {}, the records before it of {}",
+                super::replica::label(this.as_deref()),
+                super::replica::label(before.as_deref())
+            ),
             Self::Truncated => write!(f, "truncated: the last line is incomplete"),
             Self::Io(e) => write!(f, "cannot read: {e}"),
         }
@@ -262,10 +275,13 @@ impl fmt::Display for Summary {
 }
 
 /// Checks lines in order, file after file. A log whose oldest files were removed may start
-/// at any `seq`; from there on every record must follow the one before it.
+/// at any `seq`; from there on every record must follow the one before it, and name the same
+/// replica as the first (or, like it, none).
 #[derive(Debug, Default)]
 pub struct Verifier {
     last: Option<(u64, Hash)>,
+    /// The replica the chain's first record names (`Some(None)`: none).
+    replica: Option<Option<String>>,
     first: Option<u64>,
     records: u64,
     previous_file: Option<PathBuf>,
@@ -313,6 +329,19 @@ impl Verifier {
             let seq = Some(link.seq);
             if !link.intact {
                 return Err(fail(line_no, seq, Problem::Edited));
+            }
+            let replica = super::replica::of_line(line)
+                .map_err(|_| fail(line_no, seq, Problem::Malformed("not a JSON object")))?;
+            match &self.replica {
+                None => self.replica = Some(replica.map(Cow::into_owned)),
+                Some(before) if before.as_deref() != replica.as_deref() => {
+                    let problem = Problem::OtherReplica {
+                        before: before.clone(),
+                        this: replica.map(Cow::into_owned),
+                    };
+                    return Err(fail(line_no, seq, problem));
+                }
+                Some(_) => {}
             }
             match self.last {
                 None if link.seq == 1 && link.prev != GENESIS => {

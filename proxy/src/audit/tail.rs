@@ -1,10 +1,11 @@
 //! `jitgate audit tail`: audit records for people. Reads the rotated files and the active file
-//! in chain order, filters by user, target, session and age, prints one readable line per
-//! record (or the raw JSON line), and with `--follow` keeps reading as records are added,
-//! across rotations. Records are read as JSON values, not typed events, so records of newer
-//! versions still print.
+//! of each log in chain order, filters by user, target, session and age, prints one readable
+//! line per record (or the raw JSON line), and with `--follow` keeps reading as records are
+//! added, across rotations. Several logs (one per replica) are merged by the records' `ts`,
+//! each log's records keeping their own order. Records are read as JSON values, not typed
+//! events, so records of newer versions still print.
 
-use std::collections::HashSet;
+use std::collections::{HashSet, VecDeque};
 use std::fs::File;
 use std::io::{BufRead as _, BufReader, Write};
 use std::os::unix::fs::MetadataExt as _;
@@ -55,7 +56,13 @@ impl Printer {
 
     /// Prints `line` (one record, without its newline) if it matches the filter.
     pub fn line(&mut self, line: &[u8], out: &mut impl Write) -> std::io::Result<()> {
-        let Ok(value) = serde_json::from_slice::<Value>(line) else {
+        let value = serde_json::from_slice::<Value>(line).ok();
+        self.record(line, value, out)
+    }
+
+    /// [`Printer::line`] for a line already parsed (`None`: not JSON).
+    fn record(&mut self, line: &[u8], value: Option<Value>, out: &mut impl Write) -> std::io::Result<()> {
+        let Some(value) = value else {
             // Not a record (a damaged line): shown only when nothing is filtered.
             if !self.filtering() {
                 if self.json {
@@ -143,7 +150,8 @@ fn show(v: &Value, name: &str) -> String {
     }
 }
 
-/// One readable line for a record.
+/// One readable line for a record: its time, `[replica]` when it names one, the event and
+/// what matters of it.
 pub fn text(v: &Value) -> String {
     let s = |name: &str| show(v, name);
     let event = s("event");
@@ -272,7 +280,7 @@ pub fn text(v: &Value) -> String {
         _ => match v.as_object() {
             Some(fields) => fields
                 .iter()
-                .filter(|(k, _)| !matches!(k.as_str(), "seq" | "prev" | "hash" | "v" | "ts" | "event"))
+                .filter(|(k, _)| !matches!(k.as_str(), "seq" | "prev" | "hash" | "v" | "ts" | "replica" | "event"))
                 .map(|(k, val)| match val {
                     Value::String(s) => format!("{k}={s}"),
                     other => format!("{k}={other}"),
@@ -282,7 +290,10 @@ pub fn text(v: &Value) -> String {
             None => String::new(),
         },
     };
-    clean(&format!("{} {event} {rest}", s("ts")))
+    match v.get("replica").and_then(Value::as_str) {
+        Some(replica) => clean(&format!("{} [{replica}] {event} {rest}", s("ts"))),
+        None => clean(&format!("{} {event} {rest}", s("ts"))),
+    }
 }
 
 /// Control characters escaped, so a record is one line and cannot drive the terminal.
@@ -357,8 +368,13 @@ impl Follower {
 
     /// Prints the complete lines added since the last call.
     pub fn poll(&mut self, printer: &mut Printer, out: &mut impl Write) -> std::io::Result<()> {
+        self.poll_lines(&mut |line| printer.line(line, out))
+    }
+
+    /// Hands the complete lines added since the last call to `sink`, in order.
+    fn poll_lines(&mut self, sink: &mut impl FnMut(&[u8]) -> std::io::Result<()>) -> std::io::Result<()> {
         loop {
-            self.read_new(printer, out)?;
+            self.read_new(sink)?;
             let current = match std::fs::metadata(&self.path) {
                 Ok(m) => Some(file_id(&m)),
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
@@ -369,12 +385,12 @@ impl Follower {
             }
             // Rotated: every write to the old file happened before the rename, so one more
             // read gets the rest of it. A cut line at its end was never acknowledged.
-            self.read_new(printer, out)?;
+            self.read_new(sink)?;
             self.reopen()?;
         }
     }
 
-    fn read_new(&mut self, printer: &mut Printer, out: &mut impl Write) -> std::io::Result<()> {
+    fn read_new(&mut self, sink: &mut impl FnMut(&[u8]) -> std::io::Result<()>) -> std::io::Result<()> {
         let Some((file, _)) = self.file.as_mut() else {
             return Ok(());
         };
@@ -394,25 +410,10 @@ impl Follower {
         };
         let rest = self.partial.split_off(end + 1);
         for line in self.partial.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
-            printer.line(line, out)?;
+            sink(line)?;
         }
         self.partial = rest;
         Ok(())
-    }
-}
-
-/// Prints every complete line of `path`.
-fn print_file(path: &Path, printer: &mut Printer, out: &mut impl Write) -> std::io::Result<()> {
-    let mut reader = BufReader::with_capacity(1 << 16, File::open(path)?);
-    let mut buf = Vec::new();
-    loop {
-        buf.clear();
-        if reader.read_until(b'\n', &mut buf)? == 0 {
-            return Ok(());
-        }
-        if let Some(line) = buf.strip_suffix(b"\n") {
-            printer.line(line, out)?;
-        }
     }
 }
 
@@ -420,31 +421,173 @@ fn print_file(path: &Path, printer: &mut Printer, out: &mut impl Write) -> std::
 /// file. With `follow`, keeps printing new records every [`FOLLOW_POLL`] and never returns
 /// `Ok`.
 pub fn print_log(active: &Path, printer: &mut Printer, follow: bool, out: &mut impl Write) -> std::io::Result<()> {
-    let mut follower = Follower::open(active)?;
-    let rotated = files::rotated_files(active)?;
-    if rotated.is_empty() && follower.file.is_none() && !follow {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::NotFound,
-            "neither the file nor rotated files of it exist",
-        ));
-    }
-    for (_, path) in rotated {
-        // Rotated after the follower opened it: the follower reads it.
-        let same = follower
-            .id()
-            .is_some_and(|id| std::fs::metadata(&path).is_ok_and(|m| file_id(&m) == id));
-        if !same {
-            print_file(&path, printer, out)?;
-        }
-    }
-    follower.poll(printer, out)?;
+    print_logs(std::slice::from_ref(&active.to_path_buf()), printer, follow, out)
+}
+
+/// Prints the logs whose active files are `actives` (one per replica; an error names the log
+/// when there are several), merged by the records' `ts`, oldest first; each log's records keep their chain order (a record stamped a little
+/// before the one written ahead of it stays after it), and records stamped at the same
+/// moment come in the order the logs are given. With `follow`, every [`FOLLOW_POLL`] prints
+/// what all the logs gained, merged the same way, and never returns `Ok`.
+pub fn print_logs(
+    actives: &[PathBuf],
+    printer: &mut Printer,
+    follow: bool,
+    out: &mut impl Write,
+) -> std::io::Result<()> {
+    let mut logs = actives
+        .iter()
+        .map(|active| {
+            Log::open(active, follow).map_err(|e| match actives.len() {
+                1 => e,
+                _ => std::io::Error::new(e.kind(), format!("{}: {e}", active.display())),
+            })
+        })
+        .collect::<std::io::Result<Vec<_>>>()?;
+    merge(&mut logs, printer, out)?;
     out.flush()?;
     if !follow {
         return Ok(());
     }
     loop {
         std::thread::sleep(FOLLOW_POLL);
-        follower.poll(printer, out)?;
+        for log in &mut logs {
+            log.poll()?;
+        }
+        merge(&mut logs, printer, out)?;
         out.flush()?;
+    }
+}
+
+/// Prints the records the logs hold now, the oldest next record of any log first.
+fn merge(logs: &mut [Log], printer: &mut Printer, out: &mut impl Write) -> std::io::Result<()> {
+    for log in logs.iter_mut() {
+        log.fill()?;
+    }
+    loop {
+        let oldest = logs
+            .iter()
+            .enumerate()
+            .filter_map(|(i, log)| log.next.as_ref().map(|next| (next.ts, i)))
+            .min();
+        let Some((_, i)) = oldest else {
+            return Ok(());
+        };
+        if let Some(next) = logs[i].next.take() {
+            printer.record(&next.line, next.value, out)?;
+        }
+        logs[i].fill()?;
+    }
+}
+
+/// A record read and not yet printed.
+struct Next {
+    /// Its `ts`; for a line without one (damaged), that of the record before it, so it keeps
+    /// its place.
+    ts: SystemTime,
+    line: Vec<u8>,
+    value: Option<Value>,
+}
+
+/// One log being read in chain order: its rotated files oldest first, then the active file
+/// through its [`Follower`], a line at a time.
+struct Log {
+    follower: Follower,
+    /// Rotated files not read yet.
+    rotated: std::vec::IntoIter<PathBuf>,
+    reading: Option<BufReader<File>>,
+    /// Whether the active file was read once the rotated files were.
+    polled: bool,
+    /// Lines of the active file read and not yet taken.
+    ready: VecDeque<Vec<u8>>,
+    next: Option<Next>,
+    last_ts: SystemTime,
+}
+
+impl Log {
+    /// Opens the active file before listing the rotated files, so that a rotation in between
+    /// is not missed: the follower reads a file rotated after it opened it.
+    fn open(active: &Path, follow: bool) -> std::io::Result<Log> {
+        let follower = Follower::open(active)?;
+        let rotated = files::rotated_files(active)?;
+        if rotated.is_empty() && follower.file.is_none() && !follow {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                "neither the file nor rotated files of it exist",
+            ));
+        }
+        let rotated: Vec<PathBuf> = rotated
+            .into_iter()
+            .map(|(_, path)| path)
+            .filter(|path| {
+                !follower
+                    .id()
+                    .is_some_and(|id| std::fs::metadata(path).is_ok_and(|m| file_id(&m) == id))
+            })
+            .collect();
+        Ok(Log {
+            follower,
+            rotated: rotated.into_iter(),
+            reading: None,
+            polled: false,
+            ready: VecDeque::new(),
+            next: None,
+            last_ts: SystemTime::UNIX_EPOCH,
+        })
+    }
+
+    /// Reads what the active file gained.
+    fn poll(&mut self) -> std::io::Result<()> {
+        let ready = &mut self.ready;
+        self.follower.poll_lines(&mut |line| {
+            ready.push_back(line.to_vec());
+            Ok(())
+        })
+    }
+
+    /// Reads the next record, if there is one now and none is waiting.
+    fn fill(&mut self) -> std::io::Result<()> {
+        if self.next.is_some() {
+            return Ok(());
+        }
+        let Some(line) = self.next_line()? else {
+            return Ok(());
+        };
+        let value = serde_json::from_slice::<Value>(&line).ok();
+        let ts = value
+            .as_ref()
+            .and_then(|v| v.get("ts"))
+            .and_then(Value::as_str)
+            .and_then(|t| humantime::parse_rfc3339_weak(t).ok())
+            .unwrap_or(self.last_ts);
+        self.last_ts = ts;
+        self.next = Some(Next { ts, line, value });
+        Ok(())
+    }
+
+    /// The next complete line in chain order (an incomplete last line of a rotated file was
+    /// never acknowledged and is skipped).
+    fn next_line(&mut self) -> std::io::Result<Option<Vec<u8>>> {
+        loop {
+            if let Some(reader) = self.reading.as_mut() {
+                let mut buf = Vec::new();
+                if reader.read_until(b'\n', &mut buf)? > 0 {
+                    if buf.pop_if(|b| *b == b'\n').is_some() {
+                        return Ok(Some(buf));
+                    }
+                    continue;
+                }
+                self.reading = None;
+            }
+            if let Some(path) = self.rotated.next() {
+                self.reading = Some(BufReader::with_capacity(1 << 16, File::open(path)?));
+                continue;
+            }
+            if !self.polled {
+                self.polled = true;
+                self.poll()?;
+            }
+            return Ok(self.ready.pop_front());
+        }
     }
 }

@@ -1,9 +1,11 @@
 //! Unit tests of the audit log: the chain format and verifier, the writer (group commit,
-//! rotation, restart, failures, files moved from outside and reopening) and `audit tail`.
+//! rotation, restart, failures, files moved from outside and reopening), replicas' logs and
+//! `audit tail`.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod chain;
 mod reopen;
+mod replicas;
 mod tail;
 mod writer;
 
@@ -35,5 +37,6 @@ fn config(dir: &Path) -> AuditConfig {
         max_statement_bytes: 65_536,
         max_param_bytes: 256,
         redact_params_matching: vec!["password".into()],
+        replica: None,
     }
 }

@@ -43,9 +43,9 @@ use tokio::sync::oneshot;
 
 use super::active::{ActiveFile, AppendError, Ident};
 use super::chain;
-use super::event::{AuditEvent, AuditRecord, ReopenReason, SCHEMA_VERSION};
+use super::event::{encode_record, record_head, AuditEvent, ReopenReason};
 use super::tip::{Tip, TipFile};
-use super::{siblings, AuditError};
+use super::{replica, siblings, AuditError};
 use crate::config::AuditConfig;
 use crate::metrics::Metrics;
 use crate::model::UserName;
@@ -69,6 +69,8 @@ const HELPS: usize = 4;
 /// writes what is queued, syncs and stops the writer thread.
 pub struct AuditLog {
     path: PathBuf,
+    /// `,"replica":"<id>"` after `ts` in every record (empty without replicas).
+    replica: Arc<[u8]>,
     queue_depth: usize,
     core: Arc<Mutex<Core>>,
     waiting: Arc<Waiting>,
@@ -118,7 +120,7 @@ pub struct Reopened {
     pub new_file: bool,
 }
 
-/// One serialized record (`{"v":1,"ts":...}`), not yet chained.
+/// One serialized record (`{"v":1,"ts":...,"event":...}`), not yet chained.
 struct Encoded {
     kind: &'static str,
     body: Vec<u8>,
@@ -198,7 +200,14 @@ impl AuditLog {
         tick: Duration,
     ) -> Result<Arc<AuditLog>, AuditError> {
         let path = config.path.clone();
-        let (file, own_tip) = ActiveFile::open(&path).map_err(|e| AuditError::io(&path, e))?;
+        let replica = replica::field(config.replica.as_deref());
+        let (mut file, own_tip) = ActiveFile::open(&path).map_err(|e| AuditError::io(&path, e))?;
+        if own_tip.is_some() {
+            // A file holds one replica's records (`audit verify` refuses a mix): after a
+            // change of `store.replica_id`, or to or from a `[store]`, the chain goes on in a
+            // new file.
+            rotate_other_replica(&mut file, config.replica.as_deref()).map_err(|e| AuditError::io(&path, e))?;
+        }
         let (tip, tip_file) = if file.is_regular() {
             let tip_file = TipFile::open(&config.tip_path).map_err(|e| AuditError::io(&config.tip_path, e))?;
             (start_tip(&path, own_tip, &tip_file)?, Some(tip_file))
@@ -209,6 +218,7 @@ impl AuditLog {
         let (tx, rx) = mpsc::sync_channel(config.queue_depth);
         let core = Arc::new(Mutex::new(Core {
             path: path.clone(),
+            replica: Arc::clone(&replica),
             ident: file.ident(),
             file: Some(file),
             tip,
@@ -242,6 +252,7 @@ impl AuditLog {
         tracing::debug!(path = %path.display(), next_seq = tip.next_seq, "audit log open");
         Ok(Arc::new(AuditLog {
             path,
+            replica,
             queue_depth: config.queue_depth,
             core,
             waiting,
@@ -537,20 +548,22 @@ impl AuditLog {
         self.send(Submission { records, ack })
     }
 
-    /// Serializes events stamped now; on failure counts them all as refused.
+    /// Serializes events stamped now; on failure counts them all as refused. The fields
+    /// every record starts with (`v`, `ts`, the replica) are encoded once for all of them.
     fn encode(&self, events: Vec<AuditEvent>) -> Result<Vec<Encoded>, AuditError> {
-        let ts = SystemTime::now();
+        let head = match record_head(SystemTime::now(), &self.replica) {
+            Ok(head) => head,
+            Err(e) => {
+                return Err(self.refuse(events.iter().map(AuditEvent::kind), AuditError::Encode(Arc::new(e))));
+            }
+        };
         let mut records = Vec::with_capacity(events.len());
         let mut events = events.into_iter();
         while let Some(event) = events.next() {
             let kind = event.kind();
-            let record = AuditRecord {
-                v: SCHEMA_VERSION,
-                ts,
-                event,
-            };
-            match serde_json::to_vec(&record) {
-                Ok(body) => records.push(Encoded { kind, body }),
+            let mut body = Vec::with_capacity(head.len() + 256);
+            match encode_record(&head, &event, &mut body) {
+                Ok(()) => records.push(Encoded { kind, body }),
                 Err(e) => {
                     let kinds = records
                         .iter()
@@ -629,12 +642,37 @@ fn start_tip(path: &std::path::Path, own: Option<Tip>, tip_file: &TipFile) -> Re
     Ok(tip)
 }
 
+/// Rotates `file` when its last record names another replica than `replica` (or one when
+/// `replica` is `None`, or none when it is not), so that no file mixes replicas.
+fn rotate_other_replica(file: &mut ActiveFile, replica: Option<&str>) -> std::io::Result<()> {
+    let Some(last) = file.last_line()? else {
+        return Ok(());
+    };
+    let Ok(theirs) = replica::of_line(&last) else {
+        // Not a record to tell by; `audit verify` names it.
+        return Ok(());
+    };
+    if theirs.as_deref() == replica {
+        return Ok(());
+    }
+    let to = file.rotate()?;
+    tracing::info!(
+        to = %to.display(),
+        was = theirs.as_deref().unwrap_or("none"),
+        replica = replica.unwrap_or("none"),
+        "audit log's records are of another replica; the chain continues in a new file"
+    );
+    Ok(())
+}
+
 /// Why an append failed, before it becomes an [`AuditError`] for the submitters.
 type Failure = AppendError;
 
 /// The file and the chain's tip: whoever holds the lock appends.
 struct Core {
     path: PathBuf,
+    /// As [`AuditLog`]'s, for the `audit.reopened` records written here.
+    replica: Arc<[u8]>,
     /// `None` after a failed write: the next append reopens (and repairs) the file.
     file: Option<ActiveFile>,
     /// (device, inode) of the last regular file opened: whether a reopen finds a new file.
@@ -774,16 +812,15 @@ impl Core {
         let Some(reason) = self.pending.or(new_file.then_some(ReopenReason::Renamed)) else {
             return Ok((file, Reopened { seq: None, new_file }));
         };
-        let record = AuditRecord {
-            v: SCHEMA_VERSION,
-            ts: SystemTime::now(),
-            event: AuditEvent::AuditReopened {
-                reason,
-                new_file,
-                by: self.pending_by.clone(),
-            },
+        let event = AuditEvent::AuditReopened {
+            reason,
+            new_file,
+            by: self.pending_by.clone(),
         };
-        let body = serde_json::to_vec(&record).map_err(|e| AppendError::Io(std::io::Error::other(e)))?;
+        let mut body = Vec::new();
+        record_head(SystemTime::now(), &self.replica)
+            .and_then(|head| encode_record(&head, &event, &mut body))
+            .map_err(|e| AppendError::Io(std::io::Error::other(e)))?;
         let mut buf = Vec::with_capacity(body.len() + CHAIN_BYTES);
         let seq = self.tip.next_seq;
         let hash = chain::encode(seq, &self.tip.prev, &body, &mut buf);

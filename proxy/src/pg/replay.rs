@@ -55,6 +55,7 @@ pub async fn replay(reads: &[Read], rounds: usize, limit: usize, dir: &Path) -> 
         max_statement_bytes: 65_536,
         max_param_bytes: 256,
         redact_params_matching: vec!["password".into()],
+        replica: None,
     };
     let audit = AuditLog::open(&config, Arc::clone(&metrics)).map_err(io::Error::other)?;
     let meta = SessionMeta {

@@ -108,6 +108,10 @@ CREATE TABLE replicas (
     sessions TEXT NOT NULL
 );
 ",
+    // Where agents reach the replica (`[agents] advertise`); NULL: nowhere.
+    "
+ALTER TABLE replicas ADD COLUMN agents_addr TEXT;
+",
 ];
 
 /// A change as the log stores it.
@@ -119,6 +123,7 @@ enum Logged {
     GrantEnded { id: GrantId, end: GrantEnd },
     RequestChanged { id: RequestId, version: u64 },
     SessionKilled { id: SessionId },
+    AgentRemoved { name: AgentName },
 }
 
 impl Logged {
@@ -138,6 +143,7 @@ impl Logged {
                 version: *version,
             },
             Change::SessionKilled { id } => Self::SessionKilled { id: id.clone() },
+            Change::AgentRemoved { name } => Self::AgentRemoved { name: name.clone() },
             Change::Resync => return None,
         })
     }
@@ -152,6 +158,7 @@ impl Logged {
             Self::GrantEnded { id, end } => Change::GrantEnded { id, end },
             Self::RequestChanged { id, version } => Change::RequestChanged { id, version },
             Self::SessionKilled { id } => Change::SessionKilled { id },
+            Self::AgentRemoved { name } => Change::AgentRemoved { name },
         }
     }
 }
@@ -289,6 +296,8 @@ pub struct PgStore {
     last_error: std::sync::Mutex<String>,
     /// `store.replica_id`.
     replica: String,
+    /// Where agents reach this replica (`[agents] advertise`), written with its sessions.
+    agents_addr: std::sync::OnceLock<String>,
     cancels: broadcast::Sender<CancelKey>,
     /// CancelRequests passed on in the current second: (its start, how many).
     cancel_budget: std::sync::Mutex<(std::time::Instant, u32)>,
@@ -324,12 +333,20 @@ impl PgStore {
             reachable: Arc::new(AtomicBool::new(true)),
             last_error: std::sync::Mutex::new(String::new()),
             replica: config.replica_id.clone(),
+            agents_addr: std::sync::OnceLock::new(),
             cancels,
             cancel_budget: std::sync::Mutex::new((std::time::Instant::now(), 0)),
             stop,
         });
         tokio::spawn(Arc::clone(&store).follow());
         Ok(store)
+    }
+
+    /// Says where agents reach this replica (`[agents] advertise`), in this replica's row
+    /// from the next [`Store::publish_sessions`] on. Set once, at start; later calls are
+    /// ignored.
+    pub fn advertise_agents(&self, addr: String) {
+        let _ = self.agents_addr.set(addr);
     }
 
     /// Checks that the store answers (`jitgate config check`).
@@ -987,17 +1004,19 @@ impl Store for PgStore {
     }
 
     async fn remove_agent(&self, name: &AgentName) -> Result<(), StoreError> {
-        let name = name.to_string();
+        let name = name.clone();
         self.with(move |c| {
             Box::pin(async move {
-                match c
-                    .execute("DELETE FROM agents WHERE name = $1", &[&name])
+                let tx = c.transaction().await.map_err(err)?;
+                let n = tx
+                    .execute("DELETE FROM agents WHERE name = $1", &[&name.as_str()])
                     .await
-                    .map_err(err)?
-                {
-                    0 => Err(StoreError::NotFound),
-                    _ => Ok(()),
+                    .map_err(err)?;
+                if n == 0 {
+                    return Err(StoreError::NotFound);
                 }
+                log(&tx, &[Change::AgentRemoved { name: name.clone() }]).await?;
+                tx.commit().await.map_err(err)
             })
         })
         .await
@@ -1026,13 +1045,15 @@ impl Store for PgStore {
     async fn publish_sessions(&self, sessions: &[SessionInfo]) -> Result<(), StoreError> {
         let body = serde_json::to_string(sessions).map_err(err)?;
         let replica = self.replica.clone();
+        let agents_addr = self.agents_addr.get().cloned();
         let now = to_millis(SystemTime::now());
         self.with(move |c| {
             Box::pin(async move {
                 c.execute(
-                    "INSERT INTO replicas (id, seen_at, sessions) VALUES ($1, $2, $3)
-                     ON CONFLICT (id) DO UPDATE SET seen_at = EXCLUDED.seen_at, sessions = EXCLUDED.sessions",
-                    &[&replica, &now, &body],
+                    "INSERT INTO replicas (id, seen_at, sessions, agents_addr) VALUES ($1, $2, $3, $4)
+                     ON CONFLICT (id) DO UPDATE SET seen_at = EXCLUDED.seen_at, sessions = EXCLUDED.sessions,
+                         agents_addr = EXCLUDED.agents_addr",
+                    &[&replica, &now, &body, &agents_addr],
                 )
                 .await
                 .map_err(err)?;
@@ -1110,6 +1131,24 @@ impl Store for PgStore {
 
     fn cancels(&self) -> Option<broadcast::Receiver<CancelKey>> {
         Some(self.cancels.subscribe())
+    }
+
+    async fn agent_addresses(&self) -> Result<Vec<String>, StoreError> {
+        let since = to_millis(SystemTime::now() - super::PEER_SEEN);
+        self.with(move |c| {
+            Box::pin(async move {
+                let rows = c
+                    .query(
+                        "SELECT DISTINCT agents_addr FROM replicas
+                         WHERE seen_at >= $1 AND agents_addr IS NOT NULL ORDER BY agents_addr",
+                        &[&since],
+                    )
+                    .await
+                    .map_err(err)?;
+                Ok(rows.iter().map(|r| r.get(0)).collect())
+            })
+        })
+        .await
     }
 }
 

@@ -318,17 +318,19 @@ impl Store for SqliteStore {
     }
 
     async fn remove_agent(&self, name: &AgentName) -> Result<(), StoreError> {
-        let name = name.to_string();
+        let key = name.to_string();
         self.call(move |conn| {
             match conn
-                .execute("DELETE FROM agents WHERE name = ?1", [&name])
+                .execute("DELETE FROM agents WHERE name = ?1", [&key])
                 .map_err(err)?
             {
                 0 => Err(StoreError::NotFound),
                 _ => Ok(()),
             }
         })
-        .await
+        .await?;
+        self.publish(Change::AgentRemoved { name: name.clone() });
+        Ok(())
     }
 
     async fn agents(&self) -> Result<Vec<AgentRecord>, StoreError> {

@@ -3,7 +3,7 @@
 use std::io::Write as _;
 
 use super::super::chain::{encode, GENESIS};
-use super::super::tail::{print_log, text, Filter, Follower, Printer};
+use super::super::tail::{print_log, print_logs, text, Filter, Follower, Printer};
 
 const RECORDS: &[&str] = &[
     r#"{"v":1,"ts":"2026-11-22T05:39:00.000Z","event":"grant.created","grant":{"id":"g-1","user":"alice","target":"prod-db","access":"read","reason":"INC-1","created_by":"admin","created_at":"2026-11-22T05:39:00.000Z","expires_at":"2026-11-22T06:09:00.000Z"}}"#,
@@ -194,4 +194,116 @@ fn no_log_is_an_error() {
     )
     .unwrap_err();
     assert_eq!(err.kind(), std::io::ErrorKind::NotFound);
+}
+
+/// Chained lines of `(ts, replica, grant id)` records, from seq 1.
+fn replica_log(records: &[(&str, &str, &str)]) -> Vec<u8> {
+    let mut prev = GENESIS;
+    let mut out = Vec::new();
+    for (i, (ts, replica, id)) in records.iter().enumerate() {
+        let body = format!(
+            r#"{{"v":1,"ts":"{ts}","replica":"{replica}","event":"grant.expired","grant_id":"{id}","user":"alice","target":"prod-db","access":"read"}}"#
+        );
+        prev = encode(i as u64 + 1, &prev, body.as_bytes(), &mut out);
+    }
+    out
+}
+
+#[test]
+fn several_logs_are_merged_by_time_each_in_its_own_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (dir.path().join("a.jsonl"), dir.path().join("b.jsonl"));
+    // a's third record is stamped before its second (written in another order than stamped):
+    // it stays after it.
+    std::fs::write(
+        &a,
+        replica_log(&[
+            ("2026-11-22T05:40:01.000Z", "a", "g-a1"),
+            ("2026-11-22T05:40:03.000Z", "a", "g-a2"),
+            ("2026-11-22T05:40:02.500Z", "a", "g-a3"),
+            ("2026-11-22T05:40:05.000Z", "a", "g-a4"),
+        ]),
+    )
+    .unwrap();
+    // b's first records sit in a rotated file.
+    let b_lines = replica_log(&[
+        ("2026-11-22T05:40:00.500Z", "b", "g-b1"),
+        ("2026-11-22T05:40:02.000Z", "b", "g-b2"),
+        ("2026-11-22T05:40:03.000Z", "b", "g-b3"),
+        ("2026-11-22T05:40:06.000Z", "b", "g-b4"),
+    ]);
+    let cut = b_lines
+        .iter()
+        .enumerate()
+        .filter(|(_, c)| **c == b'\n')
+        .nth(1)
+        .unwrap()
+        .0
+        + 1;
+    std::fs::write(super::super::files::rotated_path(&b, 1), &b_lines[..cut]).unwrap();
+    std::fs::write(&b, &b_lines[cut..]).unwrap();
+    let run = |filter: Filter, json: bool| {
+        let mut out = Vec::new();
+        print_logs(
+            &[a.clone(), b.clone()],
+            &mut Printer::new(filter, json),
+            false,
+            &mut out,
+        )
+        .unwrap();
+        String::from_utf8(out).unwrap()
+    };
+    let json = run(Filter::default(), true);
+    let ids: Vec<String> = json
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["grant_id"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        })
+        .collect();
+    // Equal stamps (a2, b3): in the order the logs are given.
+    assert_eq!(ids, ["g-b1", "g-a1", "g-b2", "g-a2", "g-a3", "g-b3", "g-a4", "g-b4"]);
+    // --json prints every line as written, once.
+    let a_text = std::fs::read_to_string(&a).unwrap();
+    let mut written: Vec<&str> = std::str::from_utf8(&b_lines).unwrap().lines().collect();
+    written.extend(a_text.lines());
+    let mut printed: Vec<&str> = json.lines().collect();
+    written.sort_unstable();
+    printed.sort_unstable();
+    assert_eq!(printed, written);
+    // Text names the replica; filters apply to every log.
+    let text = run(
+        Filter {
+            since: Some(humantime::parse_rfc3339("2026-11-22T05:40:05.000Z").unwrap()),
+            ..Filter::default()
+        },
+        false,
+    );
+    assert_eq!(
+        text.lines().collect::<Vec<_>>(),
+        [
+            "2026-11-22T05:40:05.000Z [a] grant.expired alice prod-db g-a4 read",
+            "2026-11-22T05:40:06.000Z [b] grant.expired alice prod-db g-b4 read"
+        ]
+    );
+}
+
+#[test]
+fn with_several_logs_a_missing_one_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = dir.path().join("a.jsonl");
+    std::fs::write(&a, replica_log(&[("2026-11-22T05:40:01.000Z", "a", "g-a1")])).unwrap();
+    let missing = dir.path().join("b.jsonl");
+    let mut out = Vec::new();
+    let err = print_logs(
+        &[a, missing.clone()],
+        &mut Printer::new(Filter::default(), true),
+        false,
+        &mut out,
+    )
+    .unwrap_err();
+    assert_eq!(err.kind(), std::io::ErrorKind::NotFound);
+    assert!(err.to_string().starts_with(&missing.display().to_string()), "{err}");
 }

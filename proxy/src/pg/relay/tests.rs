@@ -51,6 +51,7 @@ async fn a_cut_sends_the_fatal_and_closes_the_client_stream_before_the_relay_ret
         max_statement_bytes: 65_536,
         max_param_bytes: 256,
         redact_params_matching: Vec::new(),
+        replica: None,
     };
     let audit = AuditLog::open(&config, Arc::clone(&metrics)).unwrap();
     let meta = SessionMeta {

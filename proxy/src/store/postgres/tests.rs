@@ -195,3 +195,56 @@ async fn every_replica_sees_every_change_in_commit_order_and_a_gap_asks_for_a_re
     );
     stop.cancel();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn replicas_advertise_their_agent_listeners_and_an_agent_removal_reaches_every_replica() {
+    let (_pg, config) = cluster().await;
+    let stop = CancellationToken::new();
+    let with_id = |id: &str| StoreConfig {
+        replica_id: id.into(),
+        ..config.clone()
+    };
+    let a = PgStore::connect(&with_id("a"), stop.clone()).await.unwrap();
+    let b = PgStore::connect(&with_id("b"), stop.clone()).await.unwrap();
+    let c = PgStore::connect(&with_id("c"), stop.clone()).await.unwrap();
+    a.advertise_agents("jg-1.internal:8444".into());
+    b.advertise_agents("10.0.0.2:8444".into());
+    // Set once: a later call changes nothing.
+    b.advertise_agents("elsewhere:1".into());
+    // C advertises nothing; its row still says it is alive.
+    for s in [&a, &b, &c] {
+        s.publish_sessions(&[]).await.unwrap();
+    }
+    let want = vec!["10.0.0.2:8444".to_owned(), "jg-1.internal:8444".to_owned()];
+    assert_eq!(a.agent_addresses().await.unwrap(), want);
+    assert_eq!(
+        c.agent_addresses().await.unwrap(),
+        want,
+        "the same list on every replica"
+    );
+
+    // The agent's record goes, and every replica's feed says so.
+    let now = SystemTime::now();
+    let token = AgentToken {
+        id: "at-1".into(),
+        agent: AgentName::new("db-east").unwrap(),
+        targets: vec![TargetName::new("prod-db").unwrap()],
+        secret_sha256: "h".into(),
+        created_by: UserName::new("admin").unwrap(),
+        created_at: now,
+        expires_at: now + Duration::from_secs(60),
+    };
+    a.insert_agent_token(&token).await.unwrap();
+    a.redeem_agent_token("at-1", "h", now).await.unwrap().unwrap();
+    let mut at_c = c.changes();
+    b.remove_agent(&token.agent).await.unwrap();
+    assert_eq!(
+        next(&mut at_c).await,
+        Change::AgentRemoved {
+            name: token.agent.clone()
+        }
+    );
+    assert!(c.agents().await.unwrap().is_empty());
+    assert_eq!(b.remove_agent(&token.agent).await, Err(StoreError::NotFound));
+    stop.cancel();
+}
