@@ -167,6 +167,22 @@ fn err(e: impl std::fmt::Display) -> StoreError {
     StoreError::Unavailable(e.to_string())
 }
 
+/// A failed call, with its causes: tokio-postgres says only "db error" at the top, the
+/// server's message is in the source.
+fn db<E: std::error::Error>(e: E) -> StoreError {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    StoreError::Unavailable(text)
+}
+
 /// Where a follower connection's notifications go.
 #[derive(Clone)]
 struct Listener {
@@ -211,7 +227,7 @@ struct Connector {
 
 impl Connector {
     fn new(store: &StoreConfig) -> Result<Self, StoreError> {
-        let mut config: tokio_postgres::Config = store.url.parse().map_err(err)?;
+        let mut config: tokio_postgres::Config = store.url.parse().map_err(db)?;
         if let Some(p) = &store.password {
             config.password(p.as_bytes());
         }
@@ -223,10 +239,10 @@ impl Connector {
                 let UpstreamTls::VerifyFull { ca_file, .. } = &store.tls else {
                     return Err(err("store.tls.mode = \"require\" is not supported: use verify-full"));
                 };
-                let roots = crate::tls::load_roots(ca_file).map_err(err)?;
+                let roots = crate::tls::load_roots(ca_file).map_err(db)?;
                 let client = rustls::ClientConfig::builder_with_provider(crate::tls::provider())
                     .with_safe_default_protocol_versions()
-                    .map_err(err)?
+                    .map_err(db)?
                     .with_root_certificates(roots)
                     .with_no_client_auth();
                 Some(tokio_postgres_rustls::MakeRustlsConnect::new(client))
@@ -266,7 +282,7 @@ impl Connector {
                 let (client, conn) = tokio::time::timeout(timeout, self.config.connect(tokio_postgres::NoTls))
                     .await
                     .map_err(|_| err("connecting to the store timed out"))?
-                    .map_err(err)?;
+                    .map_err(db)?;
                 drive(conn, notify);
                 Ok(client)
             }
@@ -274,7 +290,7 @@ impl Connector {
                 let (client, conn) = tokio::time::timeout(timeout, self.config.connect(tls.clone()))
                     .await
                     .map_err(|_| err("connecting to the store timed out"))?
-                    .map_err(err)?;
+                    .map_err(db)?;
                 drive(conn, notify);
                 Ok(client)
             }
@@ -317,11 +333,11 @@ impl PgStore {
                 &[],
             )
             .await
-            .map_err(err)?;
+            .map_err(db)?;
         let last: i64 = client
             .query_one("SELECT COALESCE(max(seq), 0) FROM changes", &[])
             .await
-            .map_err(err)?
+            .map_err(db)?
             .get(0);
         let (changes, _) = broadcast::channel(CHANGES);
         let (cancels, _) = broadcast::channel(256);
@@ -352,7 +368,7 @@ impl PgStore {
     /// Checks that the store answers (`jitgate config check`).
     pub async fn ping(config: &StoreConfig) -> Result<String, StoreError> {
         let client = Connector::new(config)?.connect(None).await?;
-        let row = client.query_one("SELECT version()", &[]).await.map_err(err)?;
+        let row = client.query_one("SELECT version()", &[]).await.map_err(db)?;
         Ok(row.get(0))
     }
 
@@ -426,7 +442,7 @@ impl PgStore {
         let rows = client
             .query("SELECT seq, body FROM changes WHERE seq > $1 ORDER BY seq", &[&after])
             .await
-            .map_err(err)?;
+            .map_err(db)?;
         let mut last = after;
         for row in rows {
             let seq: i64 = row.get(0);
@@ -521,32 +537,34 @@ impl PgStore {
 }
 
 async fn migrate(client: &mut Client) -> Result<(), StoreError> {
-    client
-        .batch_execute("CREATE TABLE IF NOT EXISTS jitgate_schema (version INTEGER NOT NULL)")
-        .await
-        .map_err(err)?;
+    // The lock first: two `CREATE TABLE IF NOT EXISTS` at once can both miss the table and
+    // one fails on the catalog's unique index.
     client
         .execute("SELECT pg_advisory_lock($1)", &[&MIGRATE_LOCK])
         .await
-        .map_err(err)?;
+        .map_err(db)?;
     let result = async {
+        client
+            .batch_execute("CREATE TABLE IF NOT EXISTS jitgate_schema (version INTEGER NOT NULL)")
+            .await
+            .map_err(db)?;
         let current: i32 = client
             .query_opt("SELECT version FROM jitgate_schema", &[])
             .await
-            .map_err(err)?
+            .map_err(db)?
             .map_or(0, |r| r.get(0));
         for (i, sql) in MIGRATIONS.iter().enumerate() {
-            let version = i32::try_from(i + 1).map_err(err)?;
+            let version = i32::try_from(i + 1).map_err(db)?;
             if version <= current {
                 continue;
             }
-            let tx = client.transaction().await.map_err(err)?;
-            tx.batch_execute(sql).await.map_err(err)?;
-            tx.execute("DELETE FROM jitgate_schema", &[]).await.map_err(err)?;
+            let tx = client.transaction().await.map_err(db)?;
+            tx.batch_execute(sql).await.map_err(db)?;
+            tx.execute("DELETE FROM jitgate_schema", &[]).await.map_err(db)?;
             tx.execute("INSERT INTO jitgate_schema (version) VALUES ($1)", &[&version])
                 .await
-                .map_err(err)?;
-            tx.commit().await.map_err(err)?;
+                .map_err(db)?;
+            tx.commit().await.map_err(db)?;
             tracing::info!(version, "store schema migrated");
         }
         Ok(())
@@ -560,20 +578,20 @@ async fn migrate(client: &mut Client) -> Result<(), StoreError> {
 async fn log(tx: &tokio_postgres::Transaction<'_>, changes: &[Change]) -> Result<(), StoreError> {
     tx.execute("SELECT pg_advisory_xact_lock($1)", &[&CHANGE_LOCK])
         .await
-        .map_err(err)?;
+        .map_err(db)?;
     for c in changes {
         let Some(logged) = Logged::of(c) else { continue };
-        let body = serde_json::to_string(&logged).map_err(err)?;
+        let body = serde_json::to_string(&logged).map_err(db)?;
         tx.execute(
             "INSERT INTO changes (seq, body) SELECT COALESCE(max(seq), 0) + 1, $1 FROM changes",
             &[&body],
         )
         .await
-        .map_err(err)?;
+        .map_err(db)?;
     }
     tx.execute("SELECT pg_notify('jitgate_changes', '')", &[])
         .await
-        .map_err(err)?;
+        .map_err(db)?;
     Ok(())
 }
 
@@ -593,7 +611,7 @@ async fn insert_grant(c: &impl tokio_postgres::GenericClient, g: &Grant) -> Resu
         ],
     )
     .await
-    .map_err(err)?;
+    .map_err(db)?;
     Ok(())
 }
 
@@ -617,7 +635,7 @@ async fn extend_grant(
             &[&id.as_str(), &to_millis(from), &to_millis(to)],
         )
         .await
-        .map_err(err)?;
+        .map_err(db)?;
     if n == 1 {
         Ok(())
     } else {
@@ -634,7 +652,7 @@ fn decode_targets(json: &str) -> Result<Vec<TargetName>, StoreError> {
 }
 
 fn version_of(v: i64) -> Result<u64, StoreError> {
-    u64::try_from(v).map_err(err)
+    u64::try_from(v).map_err(db)
 }
 
 /// Constant-time equality of two byte strings (false when the lengths differ).
@@ -648,10 +666,10 @@ impl Store for PgStore {
         let g = grant.clone();
         self.with(move |c| {
             Box::pin(async move {
-                let tx = c.transaction().await.map_err(err)?;
+                let tx = c.transaction().await.map_err(db)?;
                 insert_grant(&tx, &g).await?;
                 log(&tx, &[Change::GrantCreated(g.clone())]).await?;
-                tx.commit().await.map_err(err)
+                tx.commit().await.map_err(db)
             })
         })
         .await
@@ -661,19 +679,19 @@ impl Store for PgStore {
         let id = id.clone();
         self.with(move |c| {
             Box::pin(async move {
-                let tx = c.transaction().await.map_err(err)?;
+                let tx = c.transaction().await.map_err(db)?;
                 let n = tx
                     .execute(
                         "UPDATE grants SET ended_at = $2, end_reason = $3 WHERE id = $1 AND ended_at IS NULL",
                         &[&id.as_str(), &to_millis(at), &end.as_str()],
                     )
                     .await
-                    .map_err(err)?;
+                    .map_err(db)?;
                 if n != 1 {
                     return Err(why_unchanged(&tx, &id).await);
                 }
                 log(&tx, &[Change::GrantEnded { id: id.clone(), end }]).await?;
-                tx.commit().await.map_err(err)
+                tx.commit().await.map_err(db)
             })
         })
         .await
@@ -683,7 +701,7 @@ impl Store for PgStore {
         let id = id.clone();
         self.with(move |c| {
             Box::pin(async move {
-                let tx = c.transaction().await.map_err(err)?;
+                let tx = c.transaction().await.map_err(db)?;
                 extend_grant(&tx, &id, from, to).await?;
                 log(
                     &tx,
@@ -693,7 +711,7 @@ impl Store for PgStore {
                     }],
                 )
                 .await?;
-                tx.commit().await.map_err(err)
+                tx.commit().await.map_err(db)
             })
         })
         .await
@@ -709,16 +727,16 @@ impl Store for PgStore {
                         &[],
                     )
                     .await
-                    .map_err(err)?;
+                    .map_err(db)?;
                 rows.iter()
                     .map(|r| {
                         Ok(Grant {
                             id: GrantId::from_string(r.get::<_, String>(0)),
-                            user: UserName::new(r.get::<_, String>(1)).map_err(err)?,
-                            target: TargetName::new(r.get::<_, String>(2)).map_err(err)?,
+                            user: UserName::new(r.get::<_, String>(1)).map_err(db)?,
+                            target: TargetName::new(r.get::<_, String>(2)).map_err(db)?,
                             access: r.get::<_, String>(3).parse().map_err(err)?,
                             reason: r.get(4),
-                            created_by: UserName::new(r.get::<_, String>(5)).map_err(err)?,
+                            created_by: UserName::new(r.get::<_, String>(5)).map_err(db)?,
                             created_at: from_millis(r.get(6)),
                             expires_at: from_millis(r.get(7)),
                         })
@@ -731,10 +749,10 @@ impl Store for PgStore {
 
     async fn insert_request(&self, request: &Request) -> Result<(), StoreError> {
         let r = request.clone();
-        let body = serde_json::to_string(request).map_err(err)?;
+        let body = serde_json::to_string(request).map_err(db)?;
         self.with(move |c| {
             Box::pin(async move {
-                let tx = c.transaction().await.map_err(err)?;
+                let tx = c.transaction().await.map_err(db)?;
                 tx.execute(
                     "INSERT INTO requests (id, \"user\", state, break_glass, created_at, lapses_at, body, version)
                      VALUES ($1, $2, $3, $4, $5, $6, $7, 1)",
@@ -749,7 +767,7 @@ impl Store for PgStore {
                     ],
                 )
                 .await
-                .map_err(err)?;
+                .map_err(db)?;
                 log(
                     &tx,
                     &[Change::RequestChanged {
@@ -758,7 +776,7 @@ impl Store for PgStore {
                     }],
                 )
                 .await?;
-                tx.commit().await.map_err(err)
+                tx.commit().await.map_err(db)
             })
         })
         .await
@@ -771,7 +789,7 @@ impl Store for PgStore {
         grant: Option<GrantWrite<'_>>,
     ) -> Result<u64, StoreError> {
         let r = request.clone();
-        let body = serde_json::to_string(request).map_err(err)?;
+        let body = serde_json::to_string(request).map_err(db)?;
         let write = grant.map(|g| match g {
             GrantWrite::Insert(g) => (Some(g.clone()), None),
             GrantWrite::Extend { id, from, to } => (None, Some((id.clone(), from, to))),
@@ -779,8 +797,8 @@ impl Store for PgStore {
         let next = version + 1;
         self.with(move |c| {
             Box::pin(async move {
-                let tx = c.transaction().await.map_err(err)?;
-                let v = i64::try_from(version).map_err(err)?;
+                let tx = c.transaction().await.map_err(db)?;
+                let v = i64::try_from(version).map_err(db)?;
                 let n = tx
                     .execute(
                         "UPDATE requests SET state = $2, lapses_at = $3, body = $4, version = version + 1
@@ -788,12 +806,12 @@ impl Store for PgStore {
                         &[&r.id.as_str(), &r.state.as_str(), &to_millis(r.lapses_at), &body, &v],
                     )
                     .await
-                    .map_err(err)?;
+                    .map_err(db)?;
                 if n != 1 {
                     let exists = tx
                         .query_opt("SELECT 1 FROM requests WHERE id = $1", &[&r.id.as_str()])
                         .await
-                        .map_err(err)?;
+                        .map_err(db)?;
                     return Err(if exists.is_some() {
                         StoreError::Conflict
                     } else {
@@ -816,7 +834,7 @@ impl Store for PgStore {
                     _ => {}
                 }
                 log(&tx, &changes).await?;
-                tx.commit().await.map_err(err)
+                tx.commit().await.map_err(db)
             })
         })
         .await?;
@@ -830,7 +848,7 @@ impl Store for PgStore {
                 let row = c
                     .query_opt("SELECT body, version FROM requests WHERE id = $1", &[&id.as_str()])
                     .await
-                    .map_err(err)?;
+                    .map_err(db)?;
                 row.map(|r| {
                     Ok(Versioned {
                         value: decode_request(r.get(0))?,
@@ -863,7 +881,7 @@ impl Store for PgStore {
                         &[&user, &state, &q.break_glass, &limit],
                     )
                     .await
-                    .map_err(err)?;
+                    .map_err(db)?;
                 rows.iter().map(|r| decode_request(r.get(0))).collect()
             })
         })
@@ -880,7 +898,7 @@ impl Store for PgStore {
                         &[&to_millis(now)],
                     )
                     .await
-                    .map_err(err)?;
+                    .map_err(db)?;
                 rows.iter()
                     .map(|r| {
                         Ok(Versioned {
@@ -896,7 +914,7 @@ impl Store for PgStore {
 
     async fn insert_agent_token(&self, token: &AgentToken) -> Result<(), StoreError> {
         let t = token.clone();
-        let targets = serde_json::to_string(&t.targets).map_err(err)?;
+        let targets = serde_json::to_string(&t.targets).map_err(db)?;
         self.with(move |c| {
             Box::pin(async move {
                 c.execute(
@@ -913,7 +931,7 @@ impl Store for PgStore {
                     ],
                 )
                 .await
-                .map_err(err)?;
+                .map_err(db)?;
                 Ok(())
             })
         })
@@ -929,14 +947,14 @@ impl Store for PgStore {
         let (id, secret) = (id.to_owned(), secret_sha256.to_owned());
         self.with(move |c| {
             Box::pin(async move {
-                let tx = c.transaction().await.map_err(err)?;
+                let tx = c.transaction().await.map_err(db)?;
                 let row = tx
                     .query_opt(
                         "SELECT agent, targets, secret_sha256, expires_at, used_at FROM agent_tokens WHERE id = $1",
                         &[&id],
                     )
                     .await
-                    .map_err(err)?;
+                    .map_err(db)?;
                 let Some(row) = row else {
                     return Ok(Err(TokenRefusal::Unknown));
                 };
@@ -957,7 +975,7 @@ impl Store for PgStore {
                         &[&id, &to_millis(now)],
                     )
                     .await
-                    .map_err(err)?;
+                    .map_err(db)?;
                 if n != 1 {
                     return Ok(Err(TokenRefusal::Used));
                 }
@@ -968,10 +986,10 @@ impl Store for PgStore {
                     &[&agent, &targets, &to_millis(now), &id],
                 )
                 .await
-                .map_err(err)?;
-                tx.commit().await.map_err(err)?;
+                .map_err(db)?;
+                tx.commit().await.map_err(db)?;
                 Ok(Ok(AgentRecord {
-                    name: AgentName::new(agent).map_err(err)?,
+                    name: AgentName::new(agent).map_err(db)?,
                     targets: decode_targets(&targets)?,
                     joined_at: now,
                     token: id,
@@ -987,11 +1005,11 @@ impl Store for PgStore {
                 let rows = c
                     .query("SELECT name, targets, joined_at, token FROM agents ORDER BY name", &[])
                     .await
-                    .map_err(err)?;
+                    .map_err(db)?;
                 rows.iter()
                     .map(|r| {
                         Ok(AgentRecord {
-                            name: AgentName::new(r.get::<_, String>(0)).map_err(err)?,
+                            name: AgentName::new(r.get::<_, String>(0)).map_err(db)?,
                             targets: decode_targets(r.get(1))?,
                             joined_at: from_millis(r.get(2)),
                             token: r.get(3),
@@ -1007,16 +1025,16 @@ impl Store for PgStore {
         let name = name.clone();
         self.with(move |c| {
             Box::pin(async move {
-                let tx = c.transaction().await.map_err(err)?;
+                let tx = c.transaction().await.map_err(db)?;
                 let n = tx
                     .execute("DELETE FROM agents WHERE name = $1", &[&name.as_str()])
                     .await
-                    .map_err(err)?;
+                    .map_err(db)?;
                 if n == 0 {
                     return Err(StoreError::NotFound);
                 }
                 log(&tx, &[Change::AgentRemoved { name: name.clone() }]).await?;
-                tx.commit().await.map_err(err)
+                tx.commit().await.map_err(db)
             })
         })
         .await
@@ -1043,7 +1061,7 @@ impl Store for PgStore {
     }
 
     async fn publish_sessions(&self, sessions: &[SessionInfo]) -> Result<(), StoreError> {
-        let body = serde_json::to_string(sessions).map_err(err)?;
+        let body = serde_json::to_string(sessions).map_err(db)?;
         let replica = self.replica.clone();
         let agents_addr = self.agents_addr.get().cloned();
         let now = to_millis(SystemTime::now());
@@ -1056,7 +1074,7 @@ impl Store for PgStore {
                     &[&replica, &now, &body, &agents_addr],
                 )
                 .await
-                .map_err(err)?;
+                .map_err(db)?;
                 Ok(())
             })
         })
@@ -1074,7 +1092,7 @@ impl Store for PgStore {
                         &[&replica, &since],
                     )
                     .await
-                    .map_err(err)
+                    .map_err(db)
                 })
             })
             .await?;
@@ -1094,9 +1112,9 @@ impl Store for PgStore {
         let id = id.clone();
         self.with(move |c| {
             Box::pin(async move {
-                let tx = c.transaction().await.map_err(err)?;
+                let tx = c.transaction().await.map_err(db)?;
                 log(&tx, &[Change::SessionKilled { id: id.clone() }]).await?;
-                tx.commit().await.map_err(err)
+                tx.commit().await.map_err(db)
             })
         })
         .await
@@ -1122,7 +1140,7 @@ impl Store for PgStore {
             Box::pin(async move {
                 c.execute("SELECT pg_notify($1, $2)", &[&SIGNALS, &payload])
                     .await
-                    .map_err(err)?;
+                    .map_err(db)?;
                 Ok(())
             })
         })
@@ -1144,7 +1162,7 @@ impl Store for PgStore {
                         &[&since],
                     )
                     .await
-                    .map_err(err)?;
+                    .map_err(db)?;
                 Ok(rows.iter().map(|r| r.get(0)).collect())
             })
         })
