@@ -843,3 +843,53 @@ async fn a_store_that_stops_answering_fails_writes_within_the_bound_and_recovers
         .expect("answered");
     assert!(made.is_ok(), "{made:?}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_extension_made_on_a_keeps_a_session_on_b_past_the_old_end() {
+    let (h, _store, _secrets) = cluster().await;
+    let b = Replica::start(&h, "b").await;
+    let alice = h.user("alice", &["dev"]);
+    let grant = h
+        .grant("alice", "prod-db", AccessLevel::Read, Duration::from_secs(6))
+        .await;
+    let at_b = h.conninfo_at(&alice, "prod-db", b.postgres);
+    eventually("B admits under A's grant", Duration::from_secs(10), || async {
+        h.psql_conninfo(&at_b, "SELECT 1").await.success
+    })
+    .await;
+    let started = Instant::now();
+    let long = {
+        let at_b = at_b.clone();
+        tokio::spawn(async move {
+            jitgate_tests::client_command("psql")
+                .arg(at_b)
+                .args(["-X", "-c", "SELECT pg_sleep(12)"])
+                .output()
+                .await
+                .unwrap()
+        })
+    };
+    eventually("the query runs on B", Duration::from_secs(10), || async {
+        sleeping(&h) == 1
+    })
+    .await;
+    h.admin().extend_grant(grant.id.as_str(), HOUR).await.unwrap();
+    let out = tokio::time::timeout(Duration::from_secs(40), long)
+        .await
+        .expect("the query ended")
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "cut at the old end after {:?}: {}",
+        started.elapsed(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(started.elapsed() >= Duration::from_secs(6), "ran past the old end");
+    // B holds the new end.
+    let on_b = b.api.list_grants().await.unwrap();
+    let held = on_b.iter().find(|g| g.id == grant.id).expect("B lists the grant");
+    assert!(
+        held.expires_at > grant.expires_at + Duration::from_secs(3000),
+        "{held:?}"
+    );
+}
