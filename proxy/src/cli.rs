@@ -210,10 +210,11 @@ enum AgentCommand {
         #[command(subcommand)]
         command: AgentTokenCommand,
     },
-    /// Forget an agent: its link ends (and its sessions with it), and it can connect again
-    /// only after a new join.
+    /// Forget an agent: its links end on every replica (and its sessions with them), and it
+    /// can connect again only after a new join.
     Remove { name: String },
-    /// List the agents that joined: targets, connected since, remote address, version.
+    /// List the agents that joined: targets, and this replica's link to each (connected
+    /// since, remote address, version).
     List,
 }
 

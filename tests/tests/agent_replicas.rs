@@ -225,11 +225,15 @@ async fn an_agent_joined_on_a_links_to_b_which_reaches_its_targets_and_a_removal
         1.0,
         "A keeps its own link"
     );
-    let mut saved = saved_replicas(&agent);
-    saved.sort();
     let mut both = vec![agents_addr(&h), b.agents.clone()];
     both.sort();
-    assert_eq!(saved, both, "the agent saved both replicas");
+    // Saved off the agent's thread, just after it took the list.
+    eventually("the agent saved both replicas", Duration::from_secs(10), || async {
+        let mut saved = saved_replicas(&agent);
+        saved.sort();
+        saved == both
+    })
+    .await;
     // B audits the link as any agent link.
     assert!(
         b.audit()
