@@ -46,10 +46,10 @@ pub fn start(
         Arc::clone(&pg.sessions),
         stop.clone(),
     ));
-    tracker.spawn(apply_kills(store.changes(), Arc::clone(&pg.sessions), stop.clone()));
-    tracker.spawn(end_removed_agents(
+    tracker.spawn(apply_changes(
         store.changes(),
         Arc::clone(store),
+        Arc::clone(&pg.sessions),
         Arc::clone(hub),
         stop.clone(),
     ));
@@ -148,11 +148,19 @@ async fn publish_sessions(store: Arc<dyn Store>, sessions: Arc<Sessions>, stop: 
     }
 }
 
-/// Cuts the sessions a kill made on any replica named (the kill made here is applied twice:
-/// the second does nothing).
-async fn apply_kills(
+/// Applies the changes made on any replica that act on this one's sessions and links (the
+/// grant table follows the grant changes itself, in `grants`):
+/// - a kill cuts the session if it runs here (the kill made here is applied twice: the second
+///   does nothing);
+/// - an agent's removal ends its link here; its record is gone from the store, so its
+///   reconnection is refused. When changes may have been missed (the feed fell behind, or the
+///   log had a gap), the links of agents the store no longer holds end. Kills in missed
+///   changes are lost: their sessions run on until their grant ends.
+async fn apply_changes(
     mut changes: tokio::sync::broadcast::Receiver<Change>,
+    store: Arc<dyn Store>,
     sessions: Arc<Sessions>,
+    hub: Arc<Hub>,
     stop: CancellationToken,
 ) {
     loop {
@@ -166,31 +174,6 @@ async fn apply_kills(
                     tracing::info!(session.id = %id, "session killed (from another replica)");
                 }
             }
-            Ok(_) => {}
-            Err(RecvError::Lagged(missed)) => {
-                tracing::warn!(missed, "kill feed fell behind: kills in the missed changes are lost");
-            }
-            Err(RecvError::Closed) => return,
-        }
-    }
-}
-
-/// Ends the link of an agent removed on any replica (the removal made here ends it twice: the
-/// second does nothing). Its record is gone from the store, so its reconnection is refused.
-/// When changes may have been missed (the feed fell behind, or the log had a gap), the links
-/// of agents the store no longer holds end.
-async fn end_removed_agents(
-    mut changes: tokio::sync::broadcast::Receiver<Change>,
-    store: Arc<dyn Store>,
-    hub: Arc<Hub>,
-    stop: CancellationToken,
-) {
-    loop {
-        let change = tokio::select! {
-            c = changes.recv() => c,
-            () = stop.cancelled() => return,
-        };
-        match change {
             Ok(Change::AgentRemoved { name }) => {
                 if hub.get(&name).is_some() {
                     tracing::info!(agent = %name, "agent removed (on some replica): ending its link");
@@ -200,7 +183,10 @@ async fn end_removed_agents(
             Ok(Change::Resync) => end_unknown_agents(store.as_ref(), &hub).await,
             Ok(_) => {}
             Err(RecvError::Lagged(missed)) => {
-                tracing::warn!(missed, "agent removal feed fell behind: re-reading the agents");
+                tracing::warn!(
+                    missed,
+                    "cluster change feed fell behind: kills in the missed changes are lost; re-reading the agents"
+                );
                 end_unknown_agents(store.as_ref(), &hub).await;
             }
             Err(RecvError::Closed) => return,

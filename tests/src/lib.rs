@@ -6,6 +6,7 @@
 
 pub mod agent;
 pub mod raw;
+pub mod replicas;
 pub mod ssh;
 
 use std::path::{Path, PathBuf};

@@ -12,42 +12,15 @@ use std::path::Path;
 use std::time::Duration;
 
 use jitgate_tests::agent::{wait_connected, Agent};
-use jitgate_tests::jitgate::client::ApiClient;
 use jitgate_tests::jitgate::model::{AccessLevel, NewGrant, TargetName, UserName};
-use jitgate_tests::jitgate::pki;
-use jitgate_tests::jitgate::sandbox::{free_port, LocalPostgres, PgOptions};
-use jitgate_tests::{eventually, jitgate_bin, metric, run_jitgate, Harness, Options};
+use jitgate_tests::jitgate::sandbox::LocalPostgres;
+use jitgate_tests::replicas::{store_cluster, store_table, Replica};
+use jitgate_tests::{eventually, metric, run_jitgate, Harness, Options};
 
 const HOUR: Duration = Duration::from_secs(3600);
-const STORE_PASSWORD: &str = "store-secret-1";
 /// The agent's side (`agent.toml`). The proxies keep their default keepalives (30 s), so an
 /// agent stopped for a moment does not lose its links to a timeout.
 const AGENT: &str = "keepalive_interval = \"200ms\"\nkeepalive_timeout = \"1s\"\nreconnect_max = \"1s\"";
-
-/// The store cluster, with database `jitgate` owned by role `jitgate`.
-async fn store_cluster() -> (LocalPostgres, tempfile::TempDir) {
-    let pg = tokio::task::spawn_blocking(|| LocalPostgres::start(&PgOptions { tls: None }))
-        .await
-        .unwrap()
-        .expect("start the store's PostgreSQL");
-    pg.sql(
-        "postgres",
-        &format!("CREATE ROLE jitgate LOGIN PASSWORD '{STORE_PASSWORD}'"),
-    )
-    .unwrap();
-    pg.sql("postgres", "CREATE DATABASE jitgate OWNER jitgate").unwrap();
-    let secrets = tempfile::tempdir().unwrap();
-    pki::write_file(&secrets.path().join("store.password"), STORE_PASSWORD, true).unwrap();
-    (pg, secrets)
-}
-
-fn store_table(pg: &LocalPostgres, secrets: &Path) -> String {
-    format!(
-        "[store]\nurl = \"postgresql://jitgate@{}/jitgate\"\npassword_file = \"{}\"\nreplica_id = \"a\"\n",
-        pg.address(),
-        secrets.join("store.password").display()
-    )
-}
 
 /// Replica `a`: the harness's proxy on the store, with an agent listener on `127.0.0.1:0`
 /// (advertised by default: its bound address) and target `agent-db` via agent `db-east`.
@@ -60,118 +33,20 @@ async fn replica_a(store: &LocalPostgres, secrets: &Path) -> Harness {
     .await
 }
 
-/// A `jitgate serve` process with its own data directory (a copy of the harness's keys) and
-/// its own agent listener, advertised as `agents`.
-struct Replica {
-    child: std::process::Child,
-    dir: tempfile::TempDir,
-    postgres: u16,
-    metrics: u16,
-    agents: String,
-    api: ApiClient,
+async fn agents_connected(r: &Replica) -> f64 {
+    metric(&r.metrics_get("/metrics").await.1, "jitgate_agents_connected")
 }
 
-impl Replica {
-    async fn start(h: &Harness, id: &str) -> Replica {
-        let dir = tempfile::Builder::new().prefix("jitgate-replica-").tempdir().unwrap();
-        for entry in std::fs::read_dir(h.data_dir()).unwrap() {
-            let entry = entry.unwrap();
-            let name = entry.file_name().to_string_lossy().into_owned();
-            if entry.file_type().unwrap().is_file() && !name.starts_with("audit") && !name.starts_with("jitgate.db") {
-                std::fs::copy(entry.path(), dir.path().join(&name)).unwrap();
-            }
-        }
-        let (postgres, api, metrics) = (free_port().unwrap(), free_port().unwrap(), free_port().unwrap());
-        let agents = format!("127.0.0.1:{}", free_port().unwrap());
-        let config = std::fs::read_to_string(h.config_path()).unwrap();
-        let replace = |text: String, from: &str, to: &str| {
-            assert!(text.contains(from), "the harness config has {from:?}");
-            text.replacen(from, to, 1)
-        };
-        let mut config = replace(
-            config,
-            &format!("data_dir = \"{}\"", h.data_dir().display()),
-            &format!("data_dir = \"{}\"", dir.path().display()),
-        );
-        for (from, to) in [
-            (
-                "postgres = \"127.0.0.1:0\"",
-                format!("postgres = \"127.0.0.1:{postgres}\""),
-            ),
-            ("api = \"127.0.0.1:0\"", format!("api = \"127.0.0.1:{api}\"")),
-            (
-                "metrics = \"127.0.0.1:0\"",
-                format!("metrics = \"127.0.0.1:{metrics}\""),
-            ),
-            ("agents = \"127.0.0.1:0\"", format!("agents = \"{agents}\"")),
-            ("[agents]\n", format!("[agents]\nadvertise = \"{agents}\"\n")),
-            ("replica_id = \"a\"", format!("replica_id = \"{id}\"")),
-        ] {
-            config = replace(config, from, &to);
-        }
-        let path = dir.path().join("replica.toml");
-        std::fs::write(&path, config).unwrap();
-        let child = std::process::Command::new(jitgate_bin())
-            .args(["serve", "--config"])
-            .arg(&path)
-            .stderr(std::fs::File::create(dir.path().join("serve.log")).unwrap())
-            .spawn()
-            .unwrap();
-        let d = dir.path();
-        let api = ApiClient::from_files(
-            &format!("127.0.0.1:{api}"),
-            &d.join("admin.crt"),
-            &d.join("admin.key"),
-            &d.join("ca.crt"),
-        )
-        .unwrap();
-        let r = Replica {
-            child,
-            dir,
-            postgres,
-            metrics,
-            agents,
-            api,
-        };
-        let probe = r.api.clone();
-        eventually("replica API up", Duration::from_secs(20), || {
-            let probe = probe.clone();
-            async move { probe.whoami().await.is_ok() }
-        })
-        .await;
-        r
-    }
-
-    fn audit(&self) -> Vec<serde_json::Value> {
-        std::fs::read_to_string(self.dir.path().join("audit.jsonl"))
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| serde_json::from_str(l).ok())
-            .collect()
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("serve.log")).unwrap_or_default()
-    }
-
-    async fn agents_connected(&self) -> f64 {
-        let (_, body) = jitgate_tests::http_get(([127, 0, 0, 1], self.metrics).into(), "/metrics").await;
-        metric(&body, "jitgate_agents_connected")
-    }
-
-    async fn lists_connected(&self, agent: &str) -> bool {
-        self.api
-            .list_agents()
-            .await
-            .is_ok_and(|all| all.iter().any(|a| a.name.as_str() == agent && a.connected))
-    }
+async fn lists_connected(r: &Replica, agent: &str) -> bool {
+    r.api
+        .list_agents()
+        .await
+        .is_ok_and(|all| all.iter().any(|a| a.name.as_str() == agent && a.connected))
 }
 
-impl Drop for Replica {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// The agent listener `b` advertises.
+fn advertised_by(r: &Replica) -> String {
+    r.agents.clone().expect("the replica has an agent listener")
 }
 
 fn agents_addr(h: &Harness) -> String {
@@ -215,17 +90,17 @@ async fn an_agent_joined_on_a_links_to_b_which_reaches_its_targets_and_a_removal
     // B comes up after the join: the agent learns of it over its link to A.
     let b = Replica::start(&h, "b").await;
     eventually("B holds a link from the agent", Duration::from_secs(30), || async {
-        b.agents_connected().await == 1.0
+        agents_connected(&b).await == 1.0
     })
     .await;
-    assert!(b.lists_connected("db-east").await, "B's agent list shows the link");
+    assert!(lists_connected(&b, "db-east").await, "B's agent list shows the link");
     let (_, a_metrics) = h.metrics_get("/metrics").await;
     assert_eq!(
         metric(&a_metrics, "jitgate_agents_connected"),
         1.0,
         "A keeps its own link"
     );
-    let mut both = vec![agents_addr(&h), b.agents.clone()];
+    let mut both = vec![agents_addr(&h), advertised_by(&b)];
     both.sort();
     // Saved off the agent's thread, just after it took the list.
     eventually("the agent saved both replicas", Duration::from_secs(10), || async {
@@ -267,7 +142,7 @@ async fn an_agent_joined_on_a_links_to_b_which_reaches_its_targets_and_a_removal
     let r = run_jitgate(&["agent", "remove", "db-east", "--data-dir", &d, "--api", &api], &[]).await;
     assert!(r.ok, "{}", r.stderr);
     eventually("B ended the link", Duration::from_secs(10), || async {
-        b.agents_connected().await == 0.0
+        agents_connected(&b).await == 0.0
     })
     .await;
     let ended: Vec<_> = b
@@ -308,13 +183,13 @@ async fn the_join_answer_names_every_replica_and_a_restarted_agent_links_to_them
             .to_owned()
     };
     eventually("both replicas advertise", Duration::from_secs(20), || async {
-        advertised("a") == agents_addr(&h) && advertised("b") == b.agents
+        advertised("a") == agents_addr(&h) && advertised("b") == advertised_by(&b)
     })
     .await;
     let mut agent = Agent::join(&h, "db-east", &["agent-db"], &agents_addr(&h)).await;
     let mut saved = saved_replicas(&agent);
     saved.sort();
-    let mut both = vec![agents_addr(&h), b.agents.clone()];
+    let mut both = vec![agents_addr(&h), advertised_by(&b)];
     both.sort();
     assert_eq!(saved, both, "the join answer named both replicas");
 
@@ -324,7 +199,7 @@ async fn the_join_answer_names_every_replica_and_a_restarted_agent_links_to_them
     configure(&agent, &h);
     agent.start();
     eventually("B holds a link from the agent", Duration::from_secs(30), || async {
-        b.lists_connected("db-east").await
+        lists_connected(&b, "db-east").await
     })
     .await;
     let grant = NewGrant {

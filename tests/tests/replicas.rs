@@ -4,150 +4,18 @@
 //! its own audit log.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use jitgate_tests::jitgate::client::ApiClient;
 use jitgate_tests::jitgate::model::AccessLevel;
 use jitgate_tests::jitgate::model::UserName;
 use jitgate_tests::jitgate::pki;
-use jitgate_tests::jitgate::sandbox::{free_port, LocalPostgres, PgOptions};
-use jitgate_tests::{eventually, jitgate_bin, metric, raw, sleeping, Harness, Options};
+use jitgate_tests::jitgate::sandbox::LocalPostgres;
+use jitgate_tests::replicas::{store_cluster, store_table, Replica};
+use jitgate_tests::{eventually, metric, raw, sleeping, Harness, Options};
 
 const HOUR: Duration = Duration::from_secs(3600);
-const STORE_PASSWORD: &str = "store-secret-1";
-
-/// The store cluster, with database `jitgate` owned by role `jitgate`.
-async fn store_cluster() -> (LocalPostgres, tempfile::TempDir) {
-    let pg = tokio::task::spawn_blocking(|| LocalPostgres::start(&PgOptions { tls: None }))
-        .await
-        .unwrap()
-        .expect("start the store's PostgreSQL");
-    pg.sql(
-        "postgres",
-        &format!("CREATE ROLE jitgate LOGIN PASSWORD '{STORE_PASSWORD}'"),
-    )
-    .unwrap();
-    pg.sql("postgres", "CREATE DATABASE jitgate OWNER jitgate").unwrap();
-    let secrets = tempfile::tempdir().unwrap();
-    pki::write_file(&secrets.path().join("store.password"), STORE_PASSWORD, true).unwrap();
-    (pg, secrets)
-}
-
-fn store_table(pg: &LocalPostgres, secrets: &Path) -> String {
-    format!(
-        "[store]\nurl = \"postgresql://jitgate@{}/jitgate\"\npassword_file = \"{}\"\nreplica_id = \"a\"\n",
-        pg.address(),
-        secrets.join("store.password").display()
-    )
-}
-
-/// A `jitgate serve` process with its own data directory (a copy of the harness's keys).
-struct Replica {
-    child: std::process::Child,
-    dir: tempfile::TempDir,
-    postgres: u16,
-    metrics: u16,
-    api_port: u16,
-    api: ApiClient,
-}
-
-impl Replica {
-    /// Replica `id` (`store.replica_id`), with the harness's config otherwise.
-    async fn start(h: &Harness, id: &str) -> Replica {
-        let dir = tempfile::Builder::new().prefix("jitgate-replica-").tempdir().unwrap();
-        for entry in std::fs::read_dir(h.data_dir()).unwrap() {
-            let entry = entry.unwrap();
-            let name = entry.file_name().to_string_lossy().into_owned();
-            if entry.file_type().unwrap().is_file() && !name.starts_with("audit") && !name.starts_with("jitgate.db") {
-                std::fs::copy(entry.path(), dir.path().join(&name)).unwrap();
-            }
-        }
-        let (postgres, api, metrics) = (free_port().unwrap(), free_port().unwrap(), free_port().unwrap());
-        let config = std::fs::read_to_string(h.config_path()).unwrap();
-        let config = config
-            .replacen(
-                &format!("data_dir = \"{}\"", h.data_dir().display()),
-                &format!("data_dir = \"{}\"", dir.path().display()),
-                1,
-            )
-            .replacen(
-                "postgres = \"127.0.0.1:0\"",
-                &format!("postgres = \"127.0.0.1:{postgres}\""),
-                1,
-            )
-            .replacen("api = \"127.0.0.1:0\"", &format!("api = \"127.0.0.1:{api}\""), 1)
-            .replacen(
-                "metrics = \"127.0.0.1:0\"",
-                &format!("metrics = \"127.0.0.1:{metrics}\""),
-                1,
-            )
-            .replacen("replica_id = \"a\"", &format!("replica_id = \"{id}\""), 1);
-        let path = dir.path().join("replica.toml");
-        std::fs::write(&path, config).unwrap();
-        let child = std::process::Command::new(jitgate_bin())
-            .args(["serve", "--config"])
-            .arg(&path)
-            .stderr(std::fs::File::create(dir.path().join("serve.log")).unwrap())
-            .spawn()
-            .unwrap();
-        let d = dir.path();
-        let api_client = ApiClient::from_files(
-            &format!("127.0.0.1:{api}"),
-            &d.join("admin.crt"),
-            &d.join("admin.key"),
-            &d.join("ca.crt"),
-        )
-        .unwrap();
-        let r = Replica {
-            child,
-            dir,
-            postgres,
-            metrics,
-            api_port: api,
-            api: api_client,
-        };
-        let probe = r.api.clone();
-        eventually("replica API up", Duration::from_secs(20), || {
-            let probe = probe.clone();
-            async move { probe.whoami().await.is_ok() }
-        })
-        .await;
-        r
-    }
-
-    fn audit(&self) -> Vec<serde_json::Value> {
-        audit_of(&self.dir.path().join("audit.jsonl"))
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("serve.log")).unwrap_or_default()
-    }
-
-    fn api_addr(&self) -> String {
-        format!("127.0.0.1:{}", self.api_port)
-    }
-
-    async fn metrics_get(&self, path: &str) -> (String, String) {
-        jitgate_tests::http_get(([127, 0, 0, 1], self.metrics).into(), path).await
-    }
-}
-
-impl Drop for Replica {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn audit_of(path: &PathBuf) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .collect()
-}
-
 async fn cluster() -> (Harness, LocalPostgres, tempfile::TempDir) {
     cluster_with("").await
 }
