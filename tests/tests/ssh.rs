@@ -97,11 +97,13 @@ async fn without_a_grant_the_user_is_told_how_to_ask() {
     assert!(!ok);
     assert!(err.contains("no active grant for bob on web-1"), "{err}");
     assert!(err.contains("jitgate request web-1"), "{err}");
-    let denied = h.audit_events("session.denied");
-    assert!(
-        denied.iter().any(|d| d["code"] == "no_grant" && d["target"] == "web-1"),
-        "{denied:?}"
-    );
+    // Submitted to the audit writer as the refusal is sent: it may land just after ssh exits.
+    jitgate_tests::eventually("the refusal audited", std::time::Duration::from_secs(10), || async {
+        h.audit_events("session.denied")
+            .iter()
+            .any(|d| d["code"] == "no_grant" && d["target"] == "web-1")
+    })
+    .await;
     // A PostgreSQL target is not an SSH target.
     h.grant("bob", "prod-db", AccessLevel::Read, HOUR).await;
     let (ok, _, err) = ssh(&h, &bob, "prod-db", &["true"]).await;
