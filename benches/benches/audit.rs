@@ -31,6 +31,7 @@ fn statement(n: u64) -> AuditEvent {
         class: "read".into(),
         kind: "select".into(),
         tables: vec!["pgbench_accounts".into()],
+        upstream_role: "jit_reader".into(),
         effective_role: None,
         decision: Decision::Allowed,
         denied_by: None,

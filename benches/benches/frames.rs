@@ -75,6 +75,7 @@ fn tracker() -> Tracker {
         database: "bench".into(),
         access: AccessLevel::Write,
         client_addr: "127.0.0.1:5555".parse().unwrap(),
+        upstream_role: "jit_reader".into(),
     };
     let guard = Guard::new(AccessLevel::Write, target.as_str(), &[]);
     let limits = TextLimits {

@@ -187,12 +187,14 @@ pub struct RolesNamed {
 }
 
 impl RolesNamed {
-    /// Whether the statement may change one of `roles` (names as the server stores them).
+    /// Whether the statement may change one of `roles` (names as the server stores them; a
+    /// name ending in `*` is a prefix: `jit_*` stands for every role starting with `jit_`).
     pub fn touches(&self, roles: &[String]) -> bool {
         self.any_role
-            || roles
-                .iter()
-                .any(|r| self.names.iter().any(|n| n == roles::truncate_identifier(r)))
+            || roles.iter().any(|r| match r.strip_suffix('*') {
+                Some(prefix) => self.names.iter().any(|n| n.starts_with(prefix)),
+                None => self.names.iter().any(|n| n == roles::truncate_identifier(r)),
+            })
     }
 }
 

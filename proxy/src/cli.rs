@@ -287,6 +287,40 @@ pub fn main() -> std::process::ExitCode {
     }
 }
 
+/// `config check`: every ephemeral target's manager role must log in, hold CREATEROLE and
+/// find the roles the config names (targets behind an agent cannot be reached from here).
+async fn check_managers(config: &Config) -> Result<()> {
+    let mut targets: Vec<_> = config
+        .targets
+        .values()
+        .filter(|t| matches!(t.mode, crate::config::CredentialsMode::Ephemeral(_)))
+        .collect();
+    targets.sort_by(|a, b| a.name.cmp(&b.name));
+    if targets.is_empty() {
+        return Ok(());
+    }
+    let connector =
+        crate::pg::upstream::Connector::new(&config.targets, std::sync::Arc::new(crate::access::TcpDialer))?;
+    for target in targets {
+        if target.via.is_some() {
+            println!(
+                "target {}: manager not checked (reached through agent {})",
+                target.name, target.address
+            );
+            continue;
+        }
+        let user = match &target.mode {
+            crate::config::CredentialsMode::Ephemeral(e) => e.manager.user.clone(),
+            crate::config::CredentialsMode::Static => continue,
+        };
+        crate::credentials::check(&connector, target)
+            .await
+            .with_context(|| format!("targets.{}.manager", target.name))?;
+        println!("target {}: manager {user} may create temporary roles", target.name);
+    }
+    Ok(())
+}
+
 async fn dispatch(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Init(args) => init(args),
@@ -303,6 +337,7 @@ async fn dispatch(cli: Cli) -> Result<()> {
                     .with_context(|| format!("store {}", store.url))?;
                 println!("store {}: answers ({version})", store.url);
             }
+            check_managers(&config).await?;
             println!("{}: ok ({} targets)", file.display(), config.targets.len());
             Ok(())
         }

@@ -183,7 +183,11 @@ struct RawTarget {
     #[serde(default)]
     labels: BTreeMap<String, String>,
     #[serde(default)]
-    credentials: BTreeMap<String, RawCredential>,
+    credentials: RawCredentials,
+    /// `[targets.manager]`: the role that creates and drops ephemeral roles.
+    manager: Option<RawCredential>,
+    /// `[targets.on_end]`: what happens to objects an ephemeral role owns when it is dropped.
+    on_end: Option<RawOnEnd>,
     #[serde(default)]
     tls: RawUpstreamTls,
     #[serde(default)]
@@ -218,6 +222,23 @@ struct RawCredential {
     key_file: Option<PathBuf>,
 }
 
+/// `[targets.credentials]`: the mode, and one table per access level.
+#[derive(Debug, Default, Deserialize)]
+struct RawCredentials {
+    mode: Option<String>,
+    connection_limit: Option<i64>,
+    #[serde(flatten)]
+    levels: BTreeMap<String, RawCredential>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawOnEnd {
+    reassign_to: Option<String>,
+    #[serde(default)]
+    drop_owned: bool,
+}
+
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawUpstreamTls {
@@ -246,7 +267,8 @@ pub struct Config {
     /// every request is refused.
     pub policies: Arc<crate::policy::Policies>,
     /// Every role jitgate logs in with, on any target: no statement may change them (see
-    /// `Target::allow_role_management`).
+    /// `Target::allow_role_management`). An entry ending in `*` stands for every role whose
+    /// name starts with what comes before it (the temporary roles of ephemeral targets).
     pub login_roles: Arc<[String]>,
     /// `[agents]`: the agent listener's settings.
     pub agents: AgentsConfig,
@@ -443,8 +465,12 @@ pub struct Target {
     /// Database used when the client's `dbname` names only the target.
     pub database: String,
     pub labels: BTreeMap<String, String>,
-    /// Upstream login per access level; a level without credentials cannot be used.
+    /// Upstream login per access level; a level without credentials cannot be used. With
+    /// `mode = "ephemeral"` the level's `user` is the role each temporary role is made a
+    /// member of, and there is no password.
     pub credentials: HashMap<AccessLevel, Credential>,
+    /// `credentials.mode`: one shared role per level (`static`) or a role per grant.
+    pub mode: CredentialsMode,
     pub tls: UpstreamTls,
     /// Statement deny rules, on top of the read-only rule of `read` grants.
     pub guardrails: Vec<DenyRule>,
@@ -455,6 +481,39 @@ pub struct Target {
     /// Default `false`: refused (and audited).
     pub allow_port_forwarding: bool,
 }
+
+/// How the proxy logs in to a PostgreSQL target.
+#[derive(Debug, Clone)]
+pub enum CredentialsMode {
+    /// Every grant of a level shares the level's configured role (the default).
+    Static,
+    /// A login role per grant, made by the manager and dropped when the grant ends
+    /// ([`crate::credentials`]).
+    Ephemeral(Arc<Ephemeral>),
+}
+
+/// `credentials.mode = "ephemeral"`: how temporary roles are made and ended.
+#[derive(Debug)]
+pub struct Ephemeral {
+    /// `[targets.manager]`: a role with CREATEROLE that may grant the access-level roles.
+    pub manager: Credential,
+    /// `CONNECTION LIMIT` of each temporary role. Default 10.
+    pub connection_limit: u32,
+    /// `[targets.on_end]`: objects the role owns when it is dropped.
+    pub on_end: OnEnd,
+}
+
+/// What becomes of the objects a temporary role owns when it is dropped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OnEnd {
+    /// `REASSIGN OWNED BY role TO name`, then `DROP OWNED` (its remaining privileges).
+    ReassignTo(String),
+    /// `DROP OWNED BY role`: the objects are dropped.
+    DropOwned,
+}
+
+/// Default `credentials.connection_limit`.
+pub const DEFAULT_CONNECTION_LIMIT: u32 = 10;
 
 /// One `[[targets.guardrails]]` rule: statements it refuses for the access levels it names.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -740,9 +799,18 @@ impl RawConfig {
         }
         let policies = Arc::new(crate::policy::validate(self.policies, &targets)?);
         let webhooks = crate::notify::validate_webhooks(self.webhooks, secrets)?;
+        // Ephemeral targets add their manager and every temporary role (`jit_*`, a prefix).
         let mut login_roles: Vec<String> = targets
             .values()
-            .flat_map(|t| t.credentials.values().map(|c| c.user.clone()))
+            .flat_map(|t| {
+                let ephemeral = match &t.mode {
+                    CredentialsMode::Static => Vec::new(),
+                    CredentialsMode::Ephemeral(e) => {
+                        vec![e.manager.user.clone(), format!("{}*", crate::credentials::ROLE_PREFIX)]
+                    }
+                };
+                t.credentials.values().map(|c| c.user.clone()).chain(ephemeral)
+            })
             .collect();
         login_roles.sort();
         login_roles.dedup();
@@ -1018,8 +1086,18 @@ impl RawTarget {
                 secrets,
             )?,
         };
+        let mode = ephemeral_mode(
+            &key,
+            kind,
+            self.credentials.mode.as_deref(),
+            self.credentials.connection_limit,
+            self.manager,
+            self.on_end,
+            secrets,
+        )?;
+        let ephemeral = matches!(mode, CredentialsMode::Ephemeral(_));
         let mut credentials = HashMap::new();
-        for (level, c) in self.credentials {
+        for (level, c) in self.credentials.levels {
             let ckey = key(&format!("credentials.{level}"));
             let access: AccessLevel = level.parse().map_err(|e: String| invalid(&ckey, e))?;
             if c.user.is_empty() {
@@ -1036,6 +1114,12 @@ impl RawTarget {
                         file: "password_file",
                         both: &ckey,
                     };
+                    if ephemeral && (c.password_env.is_some() || c.password_file.is_some()) {
+                        return Err(invalid(
+                            format!("{ckey}.password_file"),
+                            "with credentials.mode = \"ephemeral\" the proxy never logs in as the level's role, so it takes no password: `user` names the role each temporary role becomes a member of",
+                        ));
+                    }
                     let password = resolve_secret(&keys, c.password_env, c.password_file, secrets)?;
                     Credential {
                         user: c.user,
@@ -1154,11 +1238,104 @@ impl RawTarget {
             database,
             labels: self.labels,
             credentials,
+            mode,
             tls,
             guardrails,
             allow_role_management: self.allow_role_management,
             allow_port_forwarding: self.allow_port_forwarding,
         })
+    }
+}
+
+/// Reads `credentials.mode`, `connection_limit`, `[targets.manager]` and `[targets.on_end]`.
+fn ephemeral_mode(
+    key: &dyn Fn(&str) -> String,
+    kind: TargetKind,
+    mode: Option<&str>,
+    connection_limit: Option<i64>,
+    manager: Option<RawCredential>,
+    on_end: Option<RawOnEnd>,
+    secrets: Secrets,
+) -> Result<CredentialsMode, ConfigError> {
+    match mode.unwrap_or("static") {
+        "static" => {
+            let stray = [
+                (connection_limit.is_some(), "credentials.connection_limit"),
+                (manager.is_some(), "manager"),
+                (on_end.is_some(), "on_end"),
+            ];
+            if let Some((_, k)) = stray.iter().find(|(set, _)| *set) {
+                return Err(invalid(key(k), "only with credentials.mode = \"ephemeral\""));
+            }
+            Ok(CredentialsMode::Static)
+        }
+        "ephemeral" => {
+            if kind != TargetKind::Postgres {
+                return Err(invalid(
+                    key("credentials.mode"),
+                    "\"ephemeral\" is for PostgreSQL targets",
+                ));
+            }
+            let Some(m) = manager else {
+                return Err(invalid(
+                    key("manager"),
+                    "credentials.mode = \"ephemeral\" needs a [targets.manager] table: a role with CREATEROLE that may grant the access-level roles (README \"Temporary database roles\")",
+                ));
+            };
+            let mkey = key("manager");
+            if m.user.is_empty() {
+                return Err(invalid(format!("{mkey}.user"), "must not be empty"));
+            }
+            if m.key_env.is_some() || m.key_file.is_some() {
+                return Err(invalid(format!("{mkey}.key_file"), "only for kind = \"ssh\""));
+            }
+            let keys = SecretKeys {
+                table: &mkey,
+                env: "password_env",
+                file: "password_file",
+                both: &mkey,
+            };
+            let password = resolve_secret(&keys, m.password_env, m.password_file, secrets)?;
+            let connection_limit = match connection_limit {
+                None => DEFAULT_CONNECTION_LIMIT,
+                Some(n) if (1..=10_000).contains(&n) => n as u32,
+                Some(n) => {
+                    return Err(invalid(
+                        key("credentials.connection_limit"),
+                        format!("{n}: must be from 1 to 10000"),
+                    ))
+                }
+            };
+            let on_end = match on_end {
+                Some(RawOnEnd {
+                    reassign_to: Some(r),
+                    drop_owned: false,
+                }) if !r.is_empty() => OnEnd::ReassignTo(r),
+                Some(RawOnEnd {
+                    reassign_to: None,
+                    drop_owned: true,
+                }) => OnEnd::DropOwned,
+                _ => {
+                    return Err(invalid(
+                        key("on_end"),
+                        "say what becomes of the objects a temporary role owns when it is dropped: reassign_to = \"ROLE\" (REASSIGN OWNED) or drop_owned = true, one of them",
+                    ))
+                }
+            };
+            Ok(CredentialsMode::Ephemeral(Arc::new(Ephemeral {
+                manager: Credential {
+                    user: m.user,
+                    password,
+                    ssh_key: None,
+                },
+                connection_limit,
+                on_end,
+            })))
+        }
+        other => Err(invalid(
+            key("credentials.mode"),
+            format!("{other:?}: use \"static\" or \"ephemeral\""),
+        )),
     }
 }
 

@@ -42,6 +42,13 @@ pub struct Metrics {
     pub upstream_connect_seconds: HistogramVec,
     /// Upstream connect or login failures, by target.
     pub upstream_errors_total: IntCounterVec,
+    /// Temporary database roles created (`credentials.mode = "ephemeral"`), by target.
+    pub credentials_created_total: IntCounterVec,
+    /// Temporary database roles dropped, by target.
+    pub credentials_dropped_total: IntCounterVec,
+    /// Failed attempts of the manager role (create, drop, reconcile), by target and operation;
+    /// each is retried with backoff.
+    pub credential_failures_total: IntCounterVec,
     /// Failed client TLS handshakes, by reason.
     pub tls_handshake_failures_total: IntCounterVec,
     /// Connections that have not yet presented a valid certificate, by listener.
@@ -163,6 +170,24 @@ impl Metrics {
             upstream_errors_total: reg!(IntCounterVec::new(
                 Opts::new("jitgate_upstream_errors_total", "Upstream connect or login failures"),
                 &["target"]
+            )
+            .expect("valid metric")),
+            credentials_created_total: reg!(IntCounterVec::new(
+                Opts::new("jitgate_credentials_created_total", "Temporary database roles created"),
+                &["target"]
+            )
+            .expect("valid metric")),
+            credentials_dropped_total: reg!(IntCounterVec::new(
+                Opts::new("jitgate_credentials_dropped_total", "Temporary database roles dropped"),
+                &["target"]
+            )
+            .expect("valid metric")),
+            credential_failures_total: reg!(IntCounterVec::new(
+                Opts::new(
+                    "jitgate_credential_failures_total",
+                    "Failed attempts to create, drop or reconcile temporary database roles (retried)"
+                ),
+                &["target", "op"]
             )
             .expect("valid metric")),
             tls_handshake_failures_total: reg!(IntCounterVec::new(

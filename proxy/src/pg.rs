@@ -43,6 +43,8 @@ pub struct PgContext {
     pub admission: Arc<Admission>,
     /// Opens upstream connections, TLS built once per target.
     pub connector: upstream::Connector,
+    /// How sessions log in: the level's role, or the grant's temporary role.
+    pub credentials: Arc<crate::credentials::Credentials>,
     pub sessions: Arc<Sessions>,
     pub audit: Arc<AuditLog>,
     pub metrics: Arc<Metrics>,

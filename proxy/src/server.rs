@@ -57,6 +57,36 @@ pub enum ServerError {
     Lanes(std::io::Error),
     #[error("SSH listener: {0}")]
     Ssh(String),
+    #[error("{0}")]
+    Credentials(String),
+}
+
+/// Checks the manager role of every ephemeral target reached directly: one that answers but
+/// cannot log in, lacks CREATEROLE or misses a role the config names stops start-up; one that
+/// does not answer is logged, and the reconciler retries it. (Targets behind an agent are
+/// checked by the reconciler once the agent links.)
+async fn check_managers(config: &Config, connector: &crate::pg::upstream::Connector) -> Result<(), ServerError> {
+    let mut targets: Vec<_> = config
+        .targets
+        .values()
+        .filter(|t| matches!(t.mode, crate::config::CredentialsMode::Ephemeral(_)) && t.via.is_none())
+        .collect();
+    targets.sort_by(|a, b| a.name.cmp(&b.name));
+    for target in targets {
+        match crate::credentials::check(connector, target).await {
+            Ok(()) => {}
+            Err(e) if e.unreachable() => {
+                tracing::warn!(target = %target.name, error = %e, "cannot check the manager role now; retrying in the background");
+            }
+            Err(e) => {
+                return Err(ServerError::Credentials(format!(
+                    "targets.{}.manager: {e}",
+                    target.name
+                )))
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The bound listening sockets.
@@ -169,6 +199,19 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: impl Future<Out
     let dialer: Arc<dyn Dialer> = Arc::new(RoutingDialer { hub: Arc::clone(&hub) });
     let connector =
         crate::pg::upstream::Connector::new(&config.targets, Arc::clone(&dialer)).inspect_err(|_| cancel.cancel())?;
+    let credentials = crate::credentials::Credentials::new(crate::credentials::CredentialsDeps {
+        connector: connector.clone(),
+        targets: Arc::clone(&config.targets),
+        table: Arc::clone(grants.table()),
+        store: Arc::clone(&store),
+        audit: Arc::clone(&audit),
+        metrics: Arc::clone(&metrics),
+        ca_cert: std::fs::read(&config.tls.ca_cert).unwrap_or_default(),
+    });
+    check_managers(&config, &connector)
+        .await
+        .inspect_err(|_| cancel.cancel())?;
+    tracker.spawn(Arc::clone(&credentials).run(cancel.clone()));
     let admission = Arc::new(Admission {
         targets: Arc::clone(&config.targets),
         grants: Arc::clone(grants.table()),
@@ -188,6 +231,7 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: impl Future<Out
         tls: Arc::clone(&tls.postgres),
         admission,
         connector,
+        credentials,
         sessions: Arc::clone(&sessions),
         audit: Arc::clone(&audit),
         metrics: Arc::clone(&metrics),

@@ -108,6 +108,24 @@ impl ScramClient {
     }
 }
 
+/// The verifier PostgreSQL stores for `password` (`pg_authid.rolpassword`), as `psql
+/// \\password` sends it: `SCRAM-SHA-256$<iterations>:<salt>$<StoredKey>:<ServerKey>`, all
+/// base64. Sent in `CREATE ROLE ... PASSWORD '...'`, so the password itself never reaches the
+/// server, its statement log or `pg_stat_activity`.
+pub fn verifier(password: &str, salt: &[u8; 16], iterations: u32) -> String {
+    let mut salted = [0u8; 32];
+    // Infallible for HMAC (any key length) and a 32-byte output.
+    let _ = pbkdf2::pbkdf2::<HmacSha256>(password.as_bytes(), salt, iterations, &mut salted);
+    let stored_key: [u8; 32] = Sha256::digest(hmac(&salted, b"Client Key")).into();
+    let server_key = hmac(&salted, b"Server Key");
+    format!(
+        "{MECHANISM}${iterations}:{}${}:{}",
+        B64.encode(salt),
+        B64.encode(stored_key),
+        B64.encode(server_key)
+    )
+}
+
 impl ScramFinal {
     /// Checks the `server-final-message`: the server must prove it knows the password too.
     pub fn verify_server_final(self, data: &[u8]) -> Result<(), ProtocolError> {

@@ -82,7 +82,8 @@ fn top_level_on(tokens: &[TokenWithSpan]) -> bool {
     false
 }
 
-/// Whether `text` names one of `roles` (or a role alias) near a role-changing word, for code
+/// Whether `text` names one of `roles` (a name ending in `*` is a prefix, matched anywhere in
+/// the text) or a role alias near a role-changing word, for code
 /// the proxy cannot read as statements (a `DO` block, a function body). Words are compared
 /// without case, so a quoted `"Jit_Writer"` matches too: a false match only refuses.
 pub fn code_may_change(text: &str, roles: &[String]) -> bool {
@@ -95,7 +96,10 @@ pub fn code_may_change(text: &str, roles: &[String]) -> bool {
         .iter()
         .map(|s| (*s).to_owned())
         .chain(roles.iter().cloned())
-        .any(|r| has(&r) || (r.contains('$') && super::contains_ignore_ascii_case(text, &r)));
+        .any(|r| match r.strip_suffix('*') {
+            Some(prefix) => super::contains_ignore_ascii_case(text, prefix),
+            None => has(&r) || (r.contains('$') && super::contains_ignore_ascii_case(text, &r)),
+        });
     changes && names
 }
 

@@ -56,6 +56,11 @@ impl Lease {
         self.permit.grant()
     }
 
+    /// Whether the grant has ended (revoked, expired) or the proxy is shutting down.
+    pub fn grant_ended(&self) -> bool {
+        self.permit.cut_token().is_cancelled()
+    }
+
     pub fn access(&self) -> AccessLevel {
         self.permit.grant().access
     }

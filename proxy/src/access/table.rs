@@ -148,6 +148,8 @@ pub struct GrantTable {
     /// Set while the table is being made what the store holds (a resync): admission waits
     /// for none, it refuses new sessions until the resync is done.
     resyncing: std::sync::atomic::AtomicBool,
+    /// Woken when a grant ends or its deadline moves (the temporary-role reconciler waits on it).
+    moved: tokio::sync::Notify,
 }
 
 impl GrantTable {
@@ -170,6 +172,7 @@ impl GrantTable {
             arm,
             metrics,
             resyncing: std::sync::atomic::AtomicBool::new(false),
+            moved: tokio::sync::Notify::new(),
         });
         tokio::spawn(expiry_loop(
             Arc::downgrade(&table),
@@ -250,6 +253,7 @@ impl GrantTable {
             id: id.clone(),
             due: deadline.instant,
         });
+        self.moved.notify_one();
         Applied::Extended(live.current())
     }
 
@@ -267,6 +271,7 @@ impl GrantTable {
     /// Takes a grant whose end is set out of both indexes and cuts its sessions.
     fn remove(&self, live: &Arc<LiveGrant>) {
         live.cut.cancel();
+        self.moved.notify_one();
         if self.ended.len() >= 4096 {
             let now = self.clock.now();
             self.ended.retain(|_, expires_at| *expires_at > now);
@@ -323,6 +328,23 @@ impl GrantTable {
             .collect();
         v.sort_by_key(|g| g.expires_at);
         v
+    }
+
+    /// Whether `id` is known to have ended (revoked or expired while this process ran).
+    pub fn has_ended(&self, id: &GrantId) -> bool {
+        self.ended.contains_key(id)
+    }
+
+    /// Resolves after a grant ended or an extension moved a deadline (at least once since the
+    /// last time it resolved).
+    pub async fn moved(&self) {
+        self.moved.notified().await;
+    }
+
+    /// Wakes whoever waits in [`GrantTable::moved`] (a temporary role was made for a grant
+    /// that ended meanwhile).
+    pub fn touch(&self) {
+        self.moved.notify_one();
     }
 
     /// How many grants the table holds.

@@ -245,6 +245,10 @@ pub enum AuditEvent {
         kind: String,
         #[serde(skip_serializing_if = "Vec::is_empty", default)]
         tables: Vec<String>,
+        /// The role the proxy logged in to the target as: the level's role, or the grant's
+        /// temporary role (`credentials.mode = "ephemeral"`).
+        #[serde(skip_serializing_if = "String::is_empty", default)]
+        upstream_role: String,
         /// The role statements run as, when changed with SET ROLE / SET SESSION AUTHORIZATION.
         #[serde(skip_serializing_if = "Option::is_none", default)]
         effective_role: Option<String>,
@@ -386,6 +390,33 @@ pub enum AuditEvent {
         remote_addr: SocketAddr,
         reason: String,
     },
+    /// A temporary database role was made for a grant (`credentials.mode = "ephemeral"`). The
+    /// password is never recorded.
+    #[serde(rename = "credential.created")]
+    CredentialCreated {
+        role: String,
+        grant_id: GrantId,
+        user: UserName,
+        target: TargetName,
+        access: AccessLevel,
+        /// The role's `VALID UNTIL`: the grant's end.
+        #[serde(with = "crate::timefmt::serde_rfc3339")]
+        valid_until: SystemTime,
+    },
+    /// A temporary database role was dropped: its backends terminated, its objects dealt with
+    /// by the target's `on_end`.
+    #[serde(rename = "credential.dropped")]
+    CredentialDropped {
+        role: String,
+        grant_id: GrantId,
+        target: TargetName,
+        /// `reassigned to ROLE` or `dropped owned`.
+        objects: String,
+        /// Backends of the role that were still there and were terminated.
+        terminated: u64,
+        /// `grant ended` when the end was seen, `reconciled` when a later pass found it.
+        reason: String,
+    },
     /// The audit log continues in the file its path names now: the first record written
     /// there after the old file was renamed, removed or truncated from outside, or after a
     /// reopen on request. `seq` and `prev` carry on from the old file's last record.
@@ -423,6 +454,8 @@ impl AuditEvent {
             Self::StatementEnd { .. } => "statement.end",
             Self::SessionEnd { .. } => "session.end",
             Self::AuditReopened { .. } => "audit.reopened",
+            Self::CredentialCreated { .. } => "credential.created",
+            Self::CredentialDropped { .. } => "credential.dropped",
             Self::SshExec { .. } => "ssh.exec",
             Self::SshSftp { .. } => "ssh.sftp",
             Self::SshForward { .. } => "ssh.forward",

@@ -22,4 +22,8 @@ pub struct SessionMeta {
     pub database: String,
     pub access: AccessLevel,
     pub client_addr: SocketAddr,
+    /// The role the proxy logs in to the target as (PostgreSQL; the login user for SSH): the
+    /// access level's role, or the grant's temporary role in `credentials.mode = "ephemeral"`.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub upstream_role: String,
 }

@@ -127,7 +127,7 @@ async fn open(ctx: &PgContext, n: &Negotiated, peer: SocketAddr) -> Result<Opene
     let started = StdInstant::now();
     let login = timeout(
         ctx.config.limits.upstream_connect_timeout,
-        upstream::connect(&ctx.connector, &lease, &session.meta.database, &forward),
+        ctx.credentials.login(&lease, &session.meta.database, &forward),
     )
     .await;
     let up = match login {

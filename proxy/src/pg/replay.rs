@@ -67,6 +67,7 @@ pub async fn replay(reads: &[Read], rounds: usize, limit: usize, dir: &Path) -> 
         database: "bench".into(),
         access: AccessLevel::Write,
         client_addr: "127.0.0.1:5555".parse().map_err(io::Error::other)?,
+        upstream_role: "jit_reader".into(),
     };
     let sessions = Arc::new(Sessions::default());
     let registration = sessions.register(NewSession {

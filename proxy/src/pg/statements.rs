@@ -355,6 +355,7 @@ impl Tracker {
             class: class.as_str().to_owned(),
             kind: kind.to_owned(),
             tables,
+            upstream_role: f.upstream_role.clone(),
             effective_role: self.effective_role.clone(),
             decision: if denial.is_some() {
                 Decision::Denied

@@ -29,6 +29,9 @@ pub enum UpstreamError {
     Tls(String),
     #[error("target refused login: {0}")]
     Refused(String),
+    /// The server's `ErrorResponse` during login.
+    #[error("target refused login: {message} ({sqlstate})")]
+    Server { sqlstate: String, message: String },
     #[error("target has no credentials for {0} access")]
     NoCredentials(crate::model::AccessLevel),
     #[error("target protocol error: {0}")]
@@ -87,9 +90,10 @@ impl Connector {
         self.secure(target, io).await
     }
 
-    /// A connection to `target` for a CancelRequest (which carries no access, only a key the
-    /// target issued to one of the proxy's own sessions).
-    async fn open_for_cancel(&self, target: &Target) -> Result<UpstreamStream, UpstreamError> {
+    /// A connection to `target` without a lease: for a CancelRequest (which carries no access,
+    /// only a key the target issued to one of the proxy's own sessions), and for the manager
+    /// role of an ephemeral target ([`crate::credentials`]), which engineers never reach.
+    pub(crate) async fn open_unleased(&self, target: &Target) -> Result<UpstreamStream, UpstreamError> {
         let io = self
             .dialer
             .dial(target)
@@ -152,21 +156,76 @@ fn target_tls(target: &Target) -> Result<TargetTls, UpstreamError> {
     Ok(TargetTls::Tls { config, name })
 }
 
-/// Connects to the lease's target, logs in with the access level's credentials and reads up
-/// to the first `ReadyForQuery`.
+/// The role and password a session logs in with: the level's static credential, or the
+/// grant's temporary role ([`crate::credentials`]).
+#[derive(Clone)]
+pub struct Login {
+    pub user: String,
+    /// `None` for `trust` authentication.
+    pub password: Option<std::sync::Arc<str>>,
+}
+
+impl std::fmt::Debug for Login {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Login")
+            .field("user", &self.user)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Longest `application_name` the server keeps (`NAMEDATALEN - 1`).
+const MAX_APPLICATION_NAME: usize = 63;
+
+/// The upstream `application_name`: `jitgate:USER:SESSION`, after the client's own name when
+/// it sent one (cut so the jitgate part always fits), so a DBA sees who is behind a backend.
+pub fn application_name(client: Option<&str>, user: &str, session: &str) -> String {
+    let ours: String = format!("jitgate:{user}:{session}");
+    let ours = jitgate_protocol::sql::roles::truncate_identifier(&ours).to_owned();
+    match client.filter(|c| !c.is_empty()) {
+        None => ours,
+        Some(c) => {
+            let room = MAX_APPLICATION_NAME.saturating_sub(ours.len() + 1);
+            let mut end = c.len().min(room);
+            while !c.is_char_boundary(end) {
+                end -= 1;
+            }
+            if end == 0 {
+                ours
+            } else {
+                format!("{} {ours}", &c[..end])
+            }
+        }
+    }
+}
+
+/// Connects to the lease's target, logs in as `login` and reads up to the first
+/// `ReadyForQuery`. `application_name` replaces the client's (see [`application_name`]).
 pub async fn connect(
     connector: &Connector,
     lease: &Lease,
+    login: &Login,
     database: &str,
     forward: &[(String, String)],
 ) -> Result<Upstream, UpstreamError> {
-    let access = lease.access();
-    let cred = lease
-        .target()
-        .credentials
-        .get(&access)
-        .ok_or(UpstreamError::NoCredentials(access))?;
-    let mut stream = connector.open_leased(lease).await?;
+    let meta = &lease.session().meta;
+    let client_name = forward
+        .iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case("application_name"))
+        .map(|(_, v)| v.as_str());
+    let app = application_name(client_name, meta.user.as_str(), meta.id.as_str());
+    let stream = connector.open_leased(lease).await?;
+    login_on(stream, login, database, &app, forward).await
+}
+
+/// Logs in as `login` on an open stream (the session's or the manager's check).
+pub(crate) async fn login_on(
+    mut stream: UpstreamStream,
+    login: &Login,
+    database: &str,
+    app: &str,
+    forward: &[(String, String)],
+) -> Result<Upstream, UpstreamError> {
+    let cred = login;
 
     // The two settings that decide how the server reads statement text are pinned to the ones
     // the proxy reads with, so no role, database or server default can differ. (The client may
@@ -176,11 +235,15 @@ pub async fn connect(
         ("database", database),
         ("client_encoding", "UTF8"),
         ("standard_conforming_strings", "on"),
+        ("application_name", app),
     ];
     params.extend(
         forward
             .iter()
-            .filter(|(k, _)| !matches!(k.as_str(), "client_encoding" | "standard_conforming_strings"))
+            .filter(|(k, _)| {
+                !k.eq_ignore_ascii_case("application_name")
+                    && !matches!(k.as_str(), "client_encoding" | "standard_conforming_strings")
+            })
             .map(|(k, v)| (k.as_str(), v.as_str())),
     );
     write(&mut stream, &encode_startup(&params)).await?;
@@ -256,11 +319,10 @@ pub async fn connect(
                 });
             }
             BackendMessage::ErrorResponse(fields) => {
-                return Err(UpstreamError::Refused(format!(
-                    "{} ({})",
-                    fields.message(),
-                    fields.code()
-                )));
+                return Err(UpstreamError::Server {
+                    sqlstate: fields.code().to_owned(),
+                    message: fields.message().to_owned(),
+                });
             }
             BackendMessage::NoticeResponse(_) | BackendMessage::NegotiateProtocolVersion => {}
             BackendMessage::Other { tag } => {
@@ -346,11 +408,31 @@ impl rustls::client::danger::ServerCertVerifier for NoVerify {
 /// Asks the target to cancel whatever the backend with `key` is running. Used when a session
 /// is cut, so a statement in progress does not outlive the grant on the server.
 pub async fn cancel(connector: &Connector, target: &Target, key: (i32, i32)) -> Result<(), UpstreamError> {
-    let mut stream = connector.open_for_cancel(target).await?;
+    let mut stream = connector.open_unleased(target).await?;
     let msg = jitgate_protocol::postgres::frontend::encode_cancel(key.0, key.1);
     write(&mut stream, &msg).await?;
     // The server closes the connection after reading a CancelRequest.
     let mut sink = [0u8; 16];
     let _ = stream.read(&mut sink).await;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::application_name;
+
+    #[test]
+    fn application_name_keeps_the_jitgate_part() {
+        assert_eq!(application_name(None, "alice", "s-1"), "jitgate:alice:s-1");
+        assert_eq!(application_name(Some(""), "alice", "s-1"), "jitgate:alice:s-1");
+        assert_eq!(application_name(Some("psql"), "alice", "s-1"), "psql jitgate:alice:s-1");
+        let long = application_name(Some(&"é".repeat(40)), "alice", "s-0123456789abcdef");
+        assert!(
+            long.len() <= 63 && long.ends_with(" jitgate:alice:s-0123456789abcdef"),
+            "{long}"
+        );
+        let huge_user = application_name(Some("psql"), &"u".repeat(63), "s-1");
+        assert_eq!(huge_user.len(), 63);
+        assert!(huge_user.starts_with("jitgate:uuu"));
+    }
 }

@@ -18,6 +18,7 @@ fn target(name: &str, labels: &[(&str, &str)], levels: &[AccessLevel]) -> Target
         address: "127.0.0.1:5432".into(),
         database: "app".into(),
         labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+        mode: crate::config::CredentialsMode::Static,
         credentials: levels
             .iter()
             .map(|l| {

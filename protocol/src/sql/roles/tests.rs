@@ -80,3 +80,22 @@ fn code_that_may_change_a_role_is_found_by_its_words() {
     ));
     assert!(!super::code_may_change("DO $$BEGIN PERFORM 1; END$$", &roles));
 }
+
+#[test]
+fn a_prefix_protects_every_role_it_starts() {
+    assert!(touches("ALTER ROLE jit_alice_0123abcd PASSWORD 'x'", "jit_*"));
+    assert!(touches("ALTER USER JIT_Alice_0123 VALID UNTIL 'infinity'", "jit_*"));
+    assert!(touches("GRANT app_owner TO \"jit_bob_99\"", "jit_*"));
+    assert!(touches("ALTER ROLE current_user PASSWORD 'x'", "jit_*"));
+    assert!(!touches("ALTER ROLE \"JIT_alice\" PASSWORD 'x'", "jit_*"));
+    assert!(!touches("ALTER ROLE app PASSWORD 'x'", "jit_*"));
+    let roles = ["jit_*".to_owned()];
+    assert!(super::code_may_change(
+        "DO $$BEGIN EXECUTE 'ALTER ROLE JIT_alice_1 PASSWORD ''x'''; END$$",
+        &roles
+    ));
+    assert!(!super::code_may_change(
+        "DO $$BEGIN EXECUTE 'ALTER ROLE app PASSWORD ''x'''; END$$",
+        &roles
+    ));
+}

@@ -49,6 +49,7 @@ fn target(name: &str, address: &str) -> Arc<Target> {
         database: "app".into(),
         labels: Default::default(),
         credentials: HashMap::new(),
+        mode: crate::config::CredentialsMode::Static,
         tls: UpstreamTls::Disable,
         allow_role_management: false,
         allow_port_forwarding: false,
@@ -186,6 +187,7 @@ fn a_cancel_key_names_its_replica() {
                 database: "app".into(),
                 access: AccessLevel::Read,
                 client_addr: "127.0.0.1:40000".parse().unwrap(),
+                upstream_role: "jit_reader".into(),
             },
             cut_parent: CancellationToken::new(),
         });

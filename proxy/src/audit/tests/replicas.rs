@@ -33,6 +33,7 @@ fn meta() -> SessionMeta {
         database: "app".into(),
         access: AccessLevel::Read,
         client_addr: "127.0.0.1:5555".parse().unwrap(),
+        upstream_role: "jit_reader".into(),
     }
 }
 
@@ -55,6 +56,7 @@ fn events() -> Vec<AuditEvent> {
             class: "read".into(),
             kind: "select".into(),
             tables: Vec::new(),
+            upstream_role: String::new(),
             effective_role: None,
             decision: Decision::Allowed,
             denied_by: None,

@@ -63,6 +63,7 @@ async fn a_cut_sends_the_fatal_and_closes_the_client_stream_before_the_relay_ret
         database: "app".into(),
         access: AccessLevel::Read,
         client_addr: "127.0.0.1:5555".parse().unwrap(),
+        upstream_role: "jit_reader".into(),
     };
     let sessions = Arc::new(Sessions::default());
     let registration = sessions.register(NewSession {

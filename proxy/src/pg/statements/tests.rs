@@ -19,6 +19,7 @@ fn read_tracker() -> Tracker {
         database: "app".into(),
         access: AccessLevel::Read,
         client_addr: "127.0.0.1:5555".parse().unwrap(),
+        upstream_role: "jit_reader".into(),
     };
     let limits = TextLimits {
         max_statement_bytes: 1024,
