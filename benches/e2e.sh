@@ -181,7 +181,8 @@ printf 'local all all trust\nhost all all 127.0.0.1/32 trust\n' >"$WORK/pg/data/
 as_pg "$PGBIN/pg_ctl" -D "$WORK/pg/data" -l "$WORK/pg/log" -w start >/dev/null
 PG_STARTED=1
 psql_pg() { as_pg "$PGBIN/psql" -X -q -v ON_ERROR_STOP=1 -h "$WORK/pg" -p "$PG_PORT" -U postgres "$@"; }
-psql_pg -d postgres -c "CREATE ROLE bench LOGIN" -c "CREATE DATABASE bench OWNER bench"
+psql_pg -d postgres -c "CREATE ROLE bench LOGIN" -c "CREATE DATABASE bench OWNER bench" \
+    -c "CREATE ROLE bench_manager LOGIN CREATEROLE"
 say "pgbench -i -s $SCALE"
 "$PGBENCH" -i -q -s "$SCALE" "host=127.0.0.1 port=$PG_PORT dbname=bench user=bench sslmode=disable" \
     >"$RESULTS_DIR/pgbench-init.log" 2>&1 || die "pgbench -i failed: $(tail -5 "$RESULTS_DIR/pgbench-init.log")"
@@ -274,6 +275,21 @@ address = \"127.0.0.1:$PG_PORT\"
 database = \"bench\"
 [targets.credentials.write]
 user = \"bench\"
+
+# The same database in ephemeral mode: a temporary role per grant (session start measured).
+[[targets]]
+name = \"bench-eph\"
+address = \"127.0.0.1:$PG_PORT\"
+database = \"bench\"
+[targets.credentials]
+mode = \"ephemeral\"
+connection_limit = 1000
+[targets.credentials.write]
+user = \"bench\"
+[targets.manager]
+user = \"bench_manager\"
+[targets.on_end]
+drop_owned = true
 $( ((AGENT)) && agent_target bench-agent bench-east)"
 start_jitgate "$JGD"
 JG_PID=$JG_PID_OUT
@@ -281,6 +297,8 @@ wait_port "${JG_PORTS[0]}" jitgate
 wait_port "${JG_PORTS[1]}" "jitgate api"
 "$JG" grant create --data-dir "$JGD" --user bench --target bench-db --access write --for 8h \
     --reason "e2e benchmark" >/dev/null
+"$JG" grant create --data-dir "$JGD" --user bench --target bench-eph --access write --for 8h \
+    --reason "e2e benchmark, ephemeral mode" >/dev/null
 AUDIT=$JGD/audit.jsonl
 
 # jitgate-agent on loopback, beside PostgreSQL: joins with a token, serves one target.
@@ -352,6 +370,7 @@ CONN_TLS="host=127.0.0.1 port=$PG_PORT dbname=bench user=bench sslmode=verify-fu
 CONN_BOUNCER="host=127.0.0.1 port=$BOUNCER_PORT dbname=bench user=bench sslmode=disable"
 CONN_BOUNCER_MTLS="host=127.0.0.1 port=$BOUNCER_MTLS_PORT dbname=bench user=bench sslmode=verify-full sslrootcert=$JGD/bench/ca.crt sslcert=$JGD/bench/bench.crt sslkey=$JGD/bench/bench.key"
 CONN_JG="host=127.0.0.1 port=${JG_PORTS[0]} dbname=bench-db user=bench sslmode=verify-full sslrootcert=$JGD/bench/ca.crt sslcert=$JGD/bench/bench.crt sslkey=$JGD/bench/bench.key"
+CONN_JGE=${CONN_JG/dbname=bench-db/dbname=bench-eph}
 CONN_JGA=${CONN_JG/dbname=bench-db/dbname=bench-agent}
 TARGETS=(direct-tcp direct-tls pgbouncer pgbouncer-mtls jitgate)
 ((AGENT)) && TARGETS+=(jitgate-agent)
@@ -359,7 +378,7 @@ TARGETS=(direct-tcp direct-tls pgbouncer pgbouncer-mtls jitgate)
 conn_of() {
     case $1 in
     direct-tcp) echo "$CONN_TCP" ;; direct-tls) echo "$CONN_TLS" ;;
-    pgbouncer) echo "$CONN_BOUNCER" ;; pgbouncer-mtls) echo "$CONN_BOUNCER_MTLS" ;; jitgate) echo "$CONN_JG" ;; jitgate-base) echo "$CONN_JGB" ;;
+    pgbouncer) echo "$CONN_BOUNCER" ;; pgbouncer-mtls) echo "$CONN_BOUNCER_MTLS" ;; jitgate) echo "$CONN_JG" ;; jitgate-ephemeral) echo "$CONN_JGE" ;; jitgate-base) echo "$CONN_JGB" ;;
     jitgate-agent) echo "$CONN_JGA" ;;
     esac
 }
@@ -447,7 +466,7 @@ done
 
 # Session start, one after another (TLS, startup, the upstream's login, first ReadyForQuery),
 # and what one simple query costs at -c 1: pgbench's per-transaction log.
-latency_targets=(direct-tls pgbouncer-mtls jitgate)
+latency_targets=(direct-tls pgbouncer-mtls jitgate jitgate-ephemeral)
 ((AGENT)) && latency_targets+=(jitgate-agent)
 [[ -n ${BASELINE_JITGATE:-} ]] && latency_targets+=(jitgate-base)
 connect_args() { # target
@@ -455,6 +474,7 @@ connect_args() { # target
     direct-tls) echo "--addr 127.0.0.1:$PG_PORT --dbname bench --user bench --ca $WORK/pg/ca.crt" ;;
     pgbouncer-mtls) echo "--addr 127.0.0.1:$BOUNCER_MTLS_PORT --dbname bench --user bench --cert $JGD/bench/bench.crt --key $JGD/bench/bench.key --ca $JGD/bench/ca.crt" ;;
     jitgate) echo "--addr 127.0.0.1:${JG_PORTS[0]} --dbname bench-db --user bench --cert $JGD/bench/bench.crt --key $JGD/bench/bench.key --ca $JGD/bench/ca.crt" ;;
+    jitgate-ephemeral) echo "--addr 127.0.0.1:${JG_PORTS[0]} --dbname bench-eph --user bench --cert $JGD/bench/bench.crt --key $JGD/bench/bench.key --ca $JGD/bench/ca.crt" ;;
     jitgate-base) echo "--addr 127.0.0.1:${JGB_PORTS[0]} --dbname bench-db --user bench --cert $JGB/bench/bench.crt --key $JGB/bench/bench.key --ca $JGB/bench/ca.crt" ;;
     jitgate-agent) echo "--addr 127.0.0.1:${JG_PORTS[0]} --dbname bench-agent --user bench --cert $JGD/bench/bench.crt --key $JGD/bench/bench.key --ca $JGD/bench/ca.crt" ;;
     esac

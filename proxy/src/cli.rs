@@ -122,7 +122,8 @@ struct InitArgs {
 #[derive(Debug, Subcommand)]
 enum ConfigCommand {
     /// Validate FILE; exits non-zero naming the offending key. With a `[store]`, also checks
-    /// that the shared store answers.
+    /// that the shared store answers; for targets with `credentials.mode = "ephemeral"`, that
+    /// the manager role logs in, has CREATEROLE and finds the roles the config names.
     Check { file: PathBuf },
 }
 

@@ -525,3 +525,52 @@ async fn static_sessions_carry_the_user_and_session_in_application_name() {
         .await;
     assert!(out.stdout.starts_with("psql jitgate:alice:s-"), "{}", out.stdout);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_documented_ephemeral_target_passes_config_check() {
+    let h = Harness::start().await;
+    prepare(&h);
+    h.pg.sql(
+        "postgres",
+        "CREATE ROLE jitgate_manager LOGIN CREATEROLE PASSWORD 'manager-secret-pw'; GRANT app_owner TO jitgate_manager",
+    )
+    .unwrap();
+    let example = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/examples/jitgate.toml"),
+    )
+    .unwrap();
+    let start = example
+        .find("# [[targets]]\n# name = \"ledger-db\"")
+        .expect("the ephemeral example");
+    let block: String = example[start..]
+        .lines()
+        .take_while(|l| l.starts_with('#'))
+        .map(|l| l.strip_prefix("# ").unwrap_or(l.strip_prefix('#').unwrap_or(l)))
+        .collect::<Vec<_>>()
+        .join("\n");
+    let block = block
+        .replace("db2.internal.example.com:5432", &h.pg.address())
+        .replace("database = \"ledger\"", "database = \"app\"")
+        .replace(
+            "/etc/jitgate/secrets/ledger-db-manager",
+            &h.data_dir().join("manager.password").display().to_string(),
+        );
+    assert!(
+        block.contains("mode = \"ephemeral\"") && block.contains("[targets.on_end]"),
+        "{block}"
+    );
+    let path = h.data_dir().join("example-ephemeral.toml");
+    std::fs::write(
+        &path,
+        format!("{}\n{block}\n", std::fs::read_to_string(h.config_path()).unwrap()),
+    )
+    .unwrap();
+    let run = run_jitgate(&["config", "check", path.to_str().unwrap()], &[]).await;
+    assert!(run.ok, "{}", run.stderr);
+    assert!(
+        run.stdout
+            .contains("target ledger-db: manager jitgate_manager may create temporary roles"),
+        "{}",
+        run.stdout
+    );
+}

@@ -219,11 +219,11 @@ async fn options_and_unknown_parameters_are_refused() {
         let (code, message) = error_of(&read_until_ready(&mut s).await).expect("an ErrorResponse");
         assert_eq!(code, "42501", "{param}: {message}");
     }
-    // Allowlisted parameters pass through.
+    // Allowlisted parameters pass through (application_name with jitgate's attribution after it).
     let conninfo = format!("{} application_name=jit-test", h.conninfo(&alice, "prod-db"));
     let out = h.psql_conninfo(&conninfo, "SHOW application_name").await;
     assert!(out.success, "{out:?}");
-    assert_eq!(out.stdout, "jit-test");
+    assert!(out.stdout.starts_with("jit-test jitgate:alice:s-"), "{}", out.stdout);
     assert_eq!(h.backends_of("jit_writer"), 0);
 }
 
