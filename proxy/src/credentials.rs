@@ -294,11 +294,28 @@ impl Credentials {
         let mut salt = [0u8; 16];
         rand::thread_rng().fill_bytes(&mut salt);
         let verifier = jitgate_protocol::postgres::scram::verifier(&password, &salt, 4096);
-        let exists = manager
-            .query_opt("SELECT 1 FROM pg_roles WHERE rolname = $1", &[&role])
+        let found = manager
+            .query_opt(
+                "SELECT coalesce(shobj_description(oid, 'pg_authid'), ''), \
+                 rolsuper OR rolcreaterole OR rolcreatedb OR rolreplication OR rolbypassrls \
+                 FROM pg_roles WHERE rolname = $1",
+                &[&role],
+            )
             .await
-            .map_err(|e| failed(sql_error(e)))?
-            .is_some();
+            .map_err(|e| failed(sql_error(e)))?;
+        let exists = found.is_some();
+        if let Some(row) = found {
+            // A role of that name that is not this grant's, or that has gained an attribute
+            // it was not made with, is never logged in as (someone made it to be taken over).
+            let (marker, privileged): (String, bool) = (row.get(0), row.get(1));
+            if marker != self.marker(&target.name, &grant.id) || privileged {
+                let _ = manager.execute("SELECT pg_advisory_unlock($1)", &[&key]).await;
+                return Err(failed(ManagerError::Sql(format!(
+                    "a role named {role} exists on the target but is not the one jitgate made for grant {} (its comment or attributes differ); refusing to log in as it",
+                    grant.id
+                ))));
+            }
+        }
         if exists {
             let sql = format!(
                 "ALTER ROLE {} PASSWORD {} VALID UNTIL {}",

@@ -574,3 +574,34 @@ async fn the_documented_ephemeral_target_passes_config_check() {
         run.stdout
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_role_planted_under_the_grants_name_is_never_logged_in_as() {
+    let h = ephemeral_harness(10).await;
+    let alice = h.user("alice", &["dev"]);
+    let grant = h.grant("alice", "temp-db", AccessLevel::Read, HOUR).await;
+    let role = role_of(&grant);
+    // Someone who learned the grant id makes the role first, with more than a read grant's
+    // rights, and even copies the marker comment.
+    h.pg.sql(
+        "postgres",
+        &format!(
+            "CREATE ROLE \"{role}\" LOGIN CREATEDB PASSWORD 'planted' IN ROLE jit_writer;
+             COMMENT ON ROLE \"{role}\" IS 'jitgate deployment=000000000000 target=temp-db grant={}'",
+            grant.id
+        ),
+    )
+    .unwrap();
+    let out = h.psql(&alice, "temp-db", "SELECT current_user").await;
+    assert!(!out.success, "logged in as a planted role: {}", out.stdout);
+    assert!(out.stderr.contains("is not the one jitgate made"), "{}", out.stderr);
+    assert_eq!(h.backends_of(&role), 0);
+    assert!(h.audit_events("credential.created").is_empty());
+    let (_, text) = h.metrics_get("/metrics").await;
+    assert!(
+        metric(
+            &text,
+            "jitgate_credential_failures_total{op=\"create\",target=\"temp-db\"}"
+        ) >= 1.0
+    );
+}
