@@ -90,6 +90,20 @@ async fn settle(dir: &Path) {
     .await;
 }
 
+/// Waits until the writer has finished its last append, the check after it included: every
+/// line in the (never rotated) active file is counted in `jitgate_audit_records_total`, which
+/// the writer bumps only once the path check after the write passed. A record can be readable in
+/// the file while that check is still to come; a file changed in that window fails the record
+/// the test did not mean to fail.
+async fn writer_idle(h: &Harness, dir: &Path) {
+    eventually("the writer's last append checked", Duration::from_secs(10), || async {
+        let lines = std::fs::read_to_string(dir.join("audit.jsonl")).unwrap_or_default().lines().count();
+        let (_, text) = h.metrics_get("/metrics").await;
+        jitgate_tests::metric(&text, "jitgate_audit_records_total") as usize == lines
+    })
+    .await;
+}
+
 /// Panics naming the committed rows of `items` (id >= `from`) with no `statement` record.
 fn assert_every_row_audited(h: &Harness, dir: &Path, from: u64) -> usize {
     assert_rows_audited_in(h, &log_files(dir), from)
@@ -274,6 +288,7 @@ async fn a_log_truncated_behind_the_proxys_back_is_noticed_and_never_extended() 
         assert_eq!(insert(&mut s, id).await, None);
     }
     settle(&dir).await;
+    writer_idle(&h, &dir).await;
     // copytruncate: copy, then truncate the file the proxy holds open.
     let active = dir.join("audit.jsonl");
     std::fs::copy(&active, dir.join("audit.jsonl.1")).unwrap();
