@@ -91,6 +91,10 @@ enum Command {
         #[command(subcommand)]
         command: crate::policy::command::PolicyCommand,
     },
+    /// Listen on a loopback port for PostgreSQL clients that cannot present a certificate
+    /// (GUI tools, `sslmode=disable`) and tunnel each to TARGET through the proxy over mTLS
+    /// with your certificate (`jitgate connect prod-db --port 15432`).
+    Connect(crate::connect::ConnectArgs),
     /// SSH into TARGET through the proxy with the system `ssh` and the key and certificate
     /// from `jitgate cert issue` (`jitgate ssh web-1`, `jitgate ssh web-1 -- uptime`).
     Ssh(crate::ssh::command::SshArgs),
@@ -390,6 +394,7 @@ async fn dispatch(cli: Cli) -> Result<()> {
         Command::Agent { command, api } => agent(command, &api).await,
         Command::Audit { command } => crate::audit::command::run(command).await,
         Command::Policy { command } => crate::policy::command::run(command),
+        Command::Connect(args) => crate::connect::run(args).await,
         Command::Ssh(args) => crate::ssh::command::ssh(args),
         Command::SshConfig(args) => crate::ssh::command::ssh_config(args),
         Command::Recording { command } => crate::recordings::run(command),

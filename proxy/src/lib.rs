@@ -16,6 +16,7 @@ pub mod client;
 pub mod clock;
 pub mod cluster;
 pub mod config;
+pub mod connect;
 pub mod credentials;
 pub mod demo;
 pub mod grants;

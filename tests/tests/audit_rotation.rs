@@ -97,7 +97,10 @@ async fn settle(dir: &Path) {
 /// the test did not mean to fail.
 async fn writer_idle(h: &Harness, dir: &Path) {
     eventually("the writer's last append checked", Duration::from_secs(10), || async {
-        let lines = std::fs::read_to_string(dir.join("audit.jsonl")).unwrap_or_default().lines().count();
+        let lines = std::fs::read_to_string(dir.join("audit.jsonl"))
+            .unwrap_or_default()
+            .lines()
+            .count();
         let (_, text) = h.metrics_get("/metrics").await;
         jitgate_tests::metric(&text, "jitgate_audit_records_total") as usize == lines
     })
