@@ -269,3 +269,35 @@ async fn bad_startup_bytes_get_a_fatal_and_a_closed_connection() {
     // The listener still serves.
     assert!(psql(&plain(c.port, "prod-db"), "SELECT 1").await.success);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_cancel_request_to_the_local_port_cancels_the_query_on_the_target() {
+    use jitgate_tests::raw::{error_of, read_until_ready, send_query, send_startup};
+    let h = Harness::start().await;
+    let alice = h.user("alice", &["dev"]);
+    h.grant("alice", "prod-db", AccessLevel::Read, HOUR).await;
+    let c = connect(&h, &alice, "prod-db").await;
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", c.port)).await.unwrap();
+    send_startup(&mut s, &[("user", "gui"), ("database", "prod-db")]).await;
+    let hello = read_until_ready(&mut s).await;
+    let key = hello
+        .iter()
+        .find(|m| m.tag == b'K')
+        .expect("BackendKeyData through the tunnel");
+    // 'K', the length, then the process id and the secret.
+    let (pid, secret) = (&key.raw[5..9], &key.raw[9..13]);
+    send_query(&mut s, "SELECT pg_sleep(30)").await;
+    eventually("the query runs", Duration::from_secs(10), || async {
+        jitgate_tests::sleeping(&h) == 1
+    })
+    .await;
+    let mut cancel = tokio::net::TcpStream::connect(("127.0.0.1", c.port)).await.unwrap();
+    let mut msg = vec![0, 0, 0, 16, 0x04, 0xd2, 0x16, 0x2e];
+    msg.extend_from_slice(pid);
+    msg.extend_from_slice(secret);
+    cancel.write_all(&msg).await.unwrap();
+    let answer = tokio::time::timeout(Duration::from_secs(15), read_until_ready(&mut s))
+        .await
+        .expect("the cancel reached the target");
+    assert_eq!(error_of(&answer).map(|(code, _)| code).as_deref(), Some("57014"));
+}
