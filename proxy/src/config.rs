@@ -1105,27 +1105,13 @@ impl RawTarget {
             }
             let credential = match kind {
                 TargetKind::Postgres => {
-                    if c.key_env.is_some() || c.key_file.is_some() {
-                        return Err(invalid(format!("{ckey}.key_file"), "only for kind = \"ssh\""));
-                    }
-                    let keys = SecretKeys {
-                        table: &ckey,
-                        env: "password_env",
-                        file: "password_file",
-                        both: &ckey,
-                    };
                     if ephemeral && (c.password_env.is_some() || c.password_file.is_some()) {
                         return Err(invalid(
                             format!("{ckey}.password_file"),
                             "with credentials.mode = \"ephemeral\" the proxy never logs in as the level's role, so it takes no password: `user` names the role each temporary role becomes a member of",
                         ));
                     }
-                    let password = resolve_secret(&keys, c.password_env, c.password_file, secrets)?;
-                    Credential {
-                        user: c.user,
-                        password,
-                        ssh_key: None,
-                    }
+                    postgres_credential(&ckey, c, secrets)?
                 }
                 TargetKind::Ssh => {
                     if access == AccessLevel::Read {
@@ -1247,6 +1233,26 @@ impl RawTarget {
     }
 }
 
+/// A PostgreSQL login (`[targets.credentials.LEVEL]`, `[targets.manager]`) under `table`: a
+/// user and an optional password from `password_env` or `password_file`; no SSH key.
+fn postgres_credential(table: &str, c: RawCredential, secrets: Secrets) -> Result<Credential, ConfigError> {
+    if c.key_env.is_some() || c.key_file.is_some() {
+        return Err(invalid(format!("{table}.key_file"), "only for kind = \"ssh\""));
+    }
+    let keys = SecretKeys {
+        table,
+        env: "password_env",
+        file: "password_file",
+        both: table,
+    };
+    let password = resolve_secret(&keys, c.password_env, c.password_file, secrets)?;
+    Ok(Credential {
+        user: c.user,
+        password,
+        ssh_key: None,
+    })
+}
+
 /// Reads `credentials.mode`, `connection_limit`, `[targets.manager]` and `[targets.on_end]`.
 fn ephemeral_mode(
     key: &dyn Fn(&str) -> String,
@@ -1286,16 +1292,7 @@ fn ephemeral_mode(
             if m.user.is_empty() {
                 return Err(invalid(format!("{mkey}.user"), "must not be empty"));
             }
-            if m.key_env.is_some() || m.key_file.is_some() {
-                return Err(invalid(format!("{mkey}.key_file"), "only for kind = \"ssh\""));
-            }
-            let keys = SecretKeys {
-                table: &mkey,
-                env: "password_env",
-                file: "password_file",
-                both: &mkey,
-            };
-            let password = resolve_secret(&keys, m.password_env, m.password_file, secrets)?;
+            let manager = postgres_credential(&mkey, m, secrets)?;
             let connection_limit = match connection_limit {
                 None => DEFAULT_CONNECTION_LIMIT,
                 Some(n) if (1..=10_000).contains(&n) => n as u32,
@@ -1323,11 +1320,7 @@ fn ephemeral_mode(
                 }
             };
             Ok(CredentialsMode::Ephemeral(Arc::new(Ephemeral {
-                manager: Credential {
-                    user: m.user,
-                    password,
-                    ssh_key: None,
-                },
+                manager,
                 connection_limit,
                 on_end,
             })))

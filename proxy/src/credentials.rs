@@ -392,11 +392,6 @@ impl Credentials {
         v
     }
 
-    /// Whether any target is in ephemeral mode.
-    pub fn any_ephemeral(&self) -> bool {
-        !self.ephemeral_targets().is_empty()
-    }
-
     /// The reconciler: every ephemeral target at start, when a grant ends or moves, and every
     /// [`RECONCILE_EVERY`]; a target that failed is retried with backoff.
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
