@@ -540,10 +540,13 @@ key_file = "{key}"
             .unwrap()
     }
 
-    /// Every audit record so far, parsed.
+    /// Every audit record so far, parsed: the complete lines (the writer may be in the middle
+    /// of appending the last one while it is read).
     pub fn audit(&self) -> Vec<serde_json::Value> {
         let text = std::fs::read_to_string(self.data.path().join("audit.jsonl")).unwrap_or_default();
-        text.lines()
+        let complete = text.rfind('\n').map_or("", |end| &text[..end]);
+        complete
+            .lines()
             .map(|l| serde_json::from_str(l).expect("audit line is JSON"))
             .collect()
     }
