@@ -10,6 +10,7 @@
 //! (it wraps `h2` streams; the sockets stay with its callers). [`sftp`] reads the SFTP packets
 //! relayed over SSH, for the audit.
 
+pub mod pin;
 pub mod postgres;
 pub mod sftp;
 pub mod sql;

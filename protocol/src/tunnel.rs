@@ -257,22 +257,61 @@ impl FromStr for JoinToken {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let bad = || "not a jitgate join token (jgj1.ID.SECRET.FINGERPRINT)".to_owned();
-        let mut parts = s.trim().split('.');
-        let (Some(TOKEN_PREFIX), Some(id), Some(secret), Some(fp), None) =
-            (parts.next(), parts.next(), parts.next(), parts.next(), parts.next())
-        else {
-            return Err(bad());
-        };
-        let word = |p: &str| !p.is_empty() && p.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
-        if !word(id) || !word(secret) || fp.len() != 64 || !fp.bytes().all(|b| b.is_ascii_hexdigit()) {
-            return Err(bad());
-        }
-        Ok(Self {
-            id: id.to_owned(),
-            secret: secret.to_owned(),
-            ca_sha256: fp.to_ascii_lowercase(),
-        })
+        let (id, secret, ca_sha256) = parse_pinned(TOKEN_PREFIX, "join token", s)?;
+        Ok(Self { id, secret, ca_sha256 })
+    }
+}
+
+/// `PREFIX.ID.SECRET.FINGERPRINT`, the shape of join tokens and invite codes.
+fn parse_pinned(prefix: &str, what: &str, s: &str) -> Result<(String, String, String), String> {
+    let bad = || format!("not a jitgate {what} ({prefix}.ID.SECRET.FINGERPRINT)");
+    let mut parts = s.trim().split('.');
+    let (Some(p), Some(id), Some(secret), Some(fp), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Err(bad());
+    };
+    let word = |p: &str| !p.is_empty() && p.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    if p != prefix || !word(id) || !word(secret) || fp.len() != 64 || !fp.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(bad());
+    }
+    Ok((id.to_owned(), secret.to_owned(), fp.to_ascii_lowercase()))
+}
+
+/// A one-time invite code for `jitgate login --invite`: `jgi1.ID.SECRET.CA_SHA256`, made like
+/// a join token (the store keeps the secret's hash; the fingerprint pins the proxy's CA).
+#[derive(Clone, PartialEq, Eq)]
+pub struct InviteCode {
+    pub id: String,
+    pub secret: String,
+    /// SHA-256 of the CA certificate's DER, lower-case hex.
+    pub ca_sha256: String,
+}
+
+const INVITE_PREFIX: &str = "jgi1";
+
+impl fmt::Display for InviteCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{INVITE_PREFIX}.{}.{}.{}", self.id, self.secret, self.ca_sha256)
+    }
+}
+
+impl fmt::Debug for InviteCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Never the secret.
+        f.debug_struct("InviteCode")
+            .field("id", &self.id)
+            .field("ca_sha256", &self.ca_sha256)
+            .finish_non_exhaustive()
+    }
+}
+
+impl FromStr for InviteCode {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (id, secret, ca_sha256) = parse_pinned(INVITE_PREFIX, "invite code", s)?;
+        Ok(Self { id, secret, ca_sha256 })
     }
 }
 

@@ -45,6 +45,14 @@ pub const OPENAPI: &str = include_str!("../../docs/openapi.json");
 /// Every route: method and path (axum syntax), as the OpenAPI document lists them.
 pub const ROUTES: &[(&str, &str)] = &[
     ("get", "/openapi.json"),
+    ("get", "/v1/login"),
+    ("post", "/v1/login/device"),
+    ("post", "/v1/login/device/token"),
+    ("post", "/v1/login/authorize"),
+    ("post", "/v1/login/code"),
+    ("post", "/v1/login/invite"),
+    ("post", "/v1/login/renew"),
+    ("post", "/v1/invites"),
     ("get", "/v1/whoami"),
     ("get", "/v1/grants"),
     ("post", "/v1/grants"),
@@ -67,6 +75,8 @@ pub const ROUTES: &[(&str, &str)] = &[
 
 /// State shared by API handlers.
 pub struct ApiState {
+    /// `jitgate login`: OIDC, invites, renewals.
+    pub logins: Arc<crate::login::Logins>,
     pub config: Config,
     pub store: Arc<dyn crate::store::Store>,
     pub hub: Arc<crate::agents::Hub>,
@@ -191,9 +201,39 @@ pub struct WhoAmI {
 type Caller = Extension<Arc<Identity>>;
 type Shared = State<Arc<ApiState>>;
 
-fn router(state: Arc<ApiState>) -> Router {
+/// The routes a caller without a client certificate may use: logging in.
+fn login_routes() -> Router<Arc<ApiState>> {
     Router::new()
         .route("/openapi.json", get(openapi))
+        .route("/v1/login", get(login_methods))
+        .route("/v1/login/device", post(login_device))
+        .route("/v1/login/device/token", post(login_device_token))
+        .route("/v1/login/authorize", post(login_authorize))
+        .route("/v1/login/code", post(login_code))
+        .route("/v1/login/invite", post(login_invite))
+}
+
+/// The router of a connection without a client certificate: the login routes, and `401` for
+/// everything else.
+fn anonymous_router(state: Arc<ApiState>) -> Router {
+    login_routes()
+        .fallback(|uri: axum::http::Uri| async move {
+            ApiError(
+                StatusCode::UNAUTHORIZED,
+                "unauthenticated",
+                format!(
+                    "{} needs a client certificate: run jitgate login (or pass --cert and --key)",
+                    uri.path()
+                ),
+            )
+        })
+        .with_state(state)
+}
+
+fn router(state: Arc<ApiState>) -> Router {
+    login_routes()
+        .route("/v1/login/renew", post(login_renew))
+        .route("/v1/invites", post(create_invite))
         .route("/v1/whoami", get(whoami))
         .route("/v1/grants", get(list_grants).post(create_grant))
         .route("/v1/grants/{id}/revoke", post(revoke_grant))
@@ -233,6 +273,100 @@ fn require_admin(id: &Identity) -> Result<(), ApiError> {
     } else {
         Err(ApiError::forbidden(format!("{} lacks the admin role", id.user)))
     }
+}
+
+impl From<crate::login::LoginError> for ApiError {
+    fn from(e: crate::login::LoginError) -> Self {
+        use crate::login::LoginError;
+        let (status, code) = match &e {
+            LoginError::Invalid(_) => (StatusCode::BAD_REQUEST, "invalid"),
+            LoginError::Pending => (StatusCode::BAD_REQUEST, "authorization_pending"),
+            LoginError::SlowDown => (StatusCode::BAD_REQUEST, "slow_down"),
+            LoginError::Refused(_) => (StatusCode::FORBIDDEN, "refused"),
+            LoginError::NotConfigured(_) => (StatusCode::NOT_FOUND, "not_configured"),
+            LoginError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+        };
+        ApiError(status, code, e.to_string())
+    }
+}
+
+/// The TCP peer of an API connection.
+#[derive(Debug, Clone, Copy)]
+struct Peer(std::net::SocketAddr);
+
+fn caller(peer: Option<Extension<Peer>>) -> crate::login::Caller {
+    crate::login::Caller {
+        remote_addr: peer.map(|Extension(Peer(a))| a),
+    }
+}
+
+async fn login_methods(State(s): Shared) -> Json<crate::login::LoginMethods> {
+    Json(s.logins.methods())
+}
+
+async fn login_device(
+    State(s): Shared,
+    peer: Option<Extension<Peer>>,
+) -> Result<Json<crate::login::DeviceStarted>, ApiError> {
+    Ok(Json(s.logins.start_device(caller(peer)).await?))
+}
+
+async fn login_device_token(
+    State(s): Shared,
+    peer: Option<Extension<Peer>>,
+    body: Result<Json<crate::login::DeviceToken>, JsonRejection>,
+) -> Result<Json<crate::login::Issued>, ApiError> {
+    let Json(body) = body?;
+    Ok(Json(s.logins.poll_device(caller(peer), body).await?))
+}
+
+async fn login_authorize(
+    State(s): Shared,
+    peer: Option<Extension<Peer>>,
+    body: Result<Json<crate::login::Authorize>, JsonRejection>,
+) -> Result<Json<crate::login::Authorization>, ApiError> {
+    let Json(body) = body?;
+    Ok(Json(s.logins.authorize(caller(peer), body).await?))
+}
+
+async fn login_code(
+    State(s): Shared,
+    peer: Option<Extension<Peer>>,
+    body: Result<Json<crate::login::CodeLogin>, JsonRejection>,
+) -> Result<Json<crate::login::Issued>, ApiError> {
+    let Json(body) = body?;
+    Ok(Json(s.logins.code(caller(peer), body).await?))
+}
+
+async fn login_invite(
+    State(s): Shared,
+    peer: Option<Extension<Peer>>,
+    body: Result<Json<crate::login::InviteLogin>, JsonRejection>,
+) -> Result<Json<crate::login::Issued>, ApiError> {
+    let Json(body) = body?;
+    Ok(Json(s.logins.redeem_invite(caller(peer), body).await?))
+}
+
+async fn login_renew(
+    State(s): Shared,
+    Extension(id): Caller,
+    peer: Option<Extension<Peer>>,
+    body: Result<Json<crate::login::Renew>, JsonRejection>,
+) -> Result<Json<crate::login::Issued>, ApiError> {
+    let Json(body) = body?;
+    Ok(Json(s.logins.renew(caller(peer), &id, body).await?))
+}
+
+async fn create_invite(
+    State(s): Shared,
+    Extension(id): Caller,
+    body: Result<Json<crate::login::NewInvite>, JsonRejection>,
+) -> Result<(StatusCode, Json<crate::login::CreatedInvite>), ApiError> {
+    require_admin(&id)?;
+    let Json(new) = body?;
+    let created = s.logins.create_invite(&id.user, new).await?;
+    tracing::info!(invite.id = %created.id, user = %created.user, by = %id.user, "invite created");
+    Ok((StatusCode::CREATED, Json(created)))
 }
 
 async fn openapi() -> impl IntoResponse {
@@ -561,6 +695,7 @@ pub async fn serve_connection(
     state: Arc<ApiState>,
     tls: Arc<rustls::ServerConfig>,
     tcp: TcpStream,
+    peer: std::net::SocketAddr,
     ticket: Ticket,
     shutdown: CancellationToken,
 ) {
@@ -600,9 +735,38 @@ pub async fn serve_connection(
         .peer_certificates()
         .and_then(|c| c.first())
         .map(|c| c.as_ref().to_vec());
-    let identity = match der.as_deref().map(identity_from_der) {
-        Some(Ok(id)) => Arc::new(id),
-        _ => {
+    // Without a certificate: the login routes only, one request per connection, and the
+    // connection keeps its slot in the unauthenticated budget (it can be evicted).
+    let (app, ticket, slot) = match der.as_deref().map(identity_from_der) {
+        None => (
+            anonymous_router(Arc::clone(&state)).layer(Extension(Peer(peer))),
+            Some(ticket),
+            None,
+        ),
+        Some(Ok(id)) => {
+            let slot = state.connections.try_take();
+            match &slot {
+                Some(_) => {
+                    drop(ticket);
+                    let app = router(Arc::clone(&state))
+                        .layer(Extension(Arc::new(id)))
+                        .layer(Extension(Peer(peer)));
+                    (app, None, slot)
+                }
+                None => {
+                    state
+                        .metrics
+                        .connections_refused_total
+                        .with_label_values(&["api", "max_connections"])
+                        .inc();
+                    let max = state.connections.max();
+                    let detail =
+                        format!("too many connections: the API holds its limit of {max} (limits.max_connections)");
+                    (refusing_router(detail), Some(ticket), None)
+                }
+            }
+        }
+        Some(Err(_)) => {
             state
                 .metrics
                 .tls_handshake_failures_total
@@ -610,23 +774,6 @@ pub async fn serve_connection(
                 .inc();
             let _ = tokio::time::timeout(CLOSE_BOUND, stream.shutdown()).await;
             return;
-        }
-    };
-    let slot = state.connections.try_take();
-    let (app, ticket) = match &slot {
-        Some(_) => {
-            drop(ticket);
-            (router(Arc::clone(&state)).layer(Extension(identity)), None)
-        }
-        None => {
-            state
-                .metrics
-                .connections_refused_total
-                .with_label_values(&["api", "max_connections"])
-                .inc();
-            let max = state.connections.max();
-            let detail = format!("too many connections: the API holds its limit of {max} (limits.max_connections)");
-            (refusing_router(detail), Some(ticket))
         }
     };
     let service = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {

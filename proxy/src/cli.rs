@@ -91,6 +91,25 @@ enum Command {
         #[command(subcommand)]
         command: crate::policy::command::PolicyCommand,
     },
+    /// Get your own certificate: single sign-on (device code flow by default, `--browser` for
+    /// the browser), an admin's invite code (`--invite CODE`) or a renewal (`--renew`). The
+    /// files go to ~/.jitgate/ (mode 0600), where later commands find them.
+    Login(crate::login::command::LoginArgs),
+    /// Remove the certificate, key and settings `jitgate login` wrote to ~/.jitgate/.
+    Logout,
+    /// Print the user, roles and expiry of your certificate in ~/.jitgate/.
+    Whoami {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Invite engineers (admin): `jitgate user invite alice --roles dev --ttl 24h`.
+    User {
+        #[command(subcommand)]
+        command: crate::login::command::UserCommand,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
     /// Listen on a loopback port for PostgreSQL clients that cannot present a certificate
     /// (GUI tools, `sslmode=disable`) and tunnel each to TARGET through the proxy over mTLS
     /// with your certificate (`jitgate connect prod-db --port 15432`).
@@ -150,6 +169,12 @@ enum CertCommand {
         /// Output directory.
         #[arg(long, default_value = ".")]
         out: PathBuf,
+    },
+    /// Print the SHA-256 fingerprint of the data directory's CA certificate: engineers pass
+    /// it to their first `jitgate login --ca-fingerprint`.
+    Fingerprint {
+        #[arg(long, env = "JITGATE_DATA_DIR")]
+        data_dir: PathBuf,
     },
 }
 
@@ -385,6 +410,18 @@ async fn dispatch(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
+        Command::Cert {
+            command: CertCommand::Fingerprint { data_dir },
+        } => {
+            let path = data_dir.join(files::CA_CERT);
+            let pem = std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
+            println!("{}", pki::cert_fingerprint(&pem)?);
+            Ok(())
+        }
+        Command::Login(args) => crate::login::command::login(args).await,
+        Command::Logout => crate::login::command::logout(),
+        Command::Whoami { json } => crate::login::command::whoami(json),
+        Command::User { command, api } => crate::login::command::user(command, &api).await,
         Command::Request(args) => crate::requests::command::request(args).await,
         Command::Approve(args) => crate::requests::command::approve(args).await,
         Command::Deny(args) => crate::requests::command::deny(args).await,
@@ -521,25 +558,39 @@ metrics = "127.0.0.1:9187"    # Prometheus /metrics, /healthz, /readyz (plain HT
 # database = "app"
 "#;
 
+/// The API client for a command: flags and environment first, then `--data-dir` (the admin
+/// identity), then the profile `jitgate login` wrote (~/.jitgate/).
 pub(crate) fn api_client(a: &ApiArgs) -> Result<ApiClient> {
     let dir = a.data_dir.as_deref();
     let from_dir = |name: &str| dir.map(|d| d.join(name));
-    let api = match (&a.api, dir) {
-        (Some(api), _) => api.clone(),
-        (None, Some(d)) => api_from_config(&d.join("jitgate.toml"))?,
-        (None, None) => bail!("no API address: pass --api HOST:PORT (or JITGATE_API), or --data-dir DIR"),
+    let profile = crate::login::profile::settings();
+    let from_profile = |name: &str| match dir {
+        None => crate::login::profile::file(name),
+        Some(_) => None,
     };
-    let pick = |v: &Option<PathBuf>, name: &str, flag: &str| {
-        v.clone().or_else(|| from_dir(name)).with_context(|| {
-            format!(
-                "no {flag}: pass --{flag} (or JITGATE_{}), or --data-dir DIR",
-                flag.to_uppercase()
-            )
-        })
+    let api = match (&a.api, dir, &profile) {
+        (Some(api), _, _) => api.clone(),
+        (None, Some(d), _) => api_from_config(&d.join("jitgate.toml"))?,
+        (None, None, Some(p)) => p.api.clone(),
+        (None, None, None) => {
+            bail!("no API address: pass --api HOST:PORT (or JITGATE_API), or --data-dir DIR, or run jitgate login")
+        }
     };
-    let cert = pick(&a.cert, files::ADMIN_CERT, "cert")?;
-    let key = pick(&a.key, files::ADMIN_KEY, "key")?;
-    let ca = pick(&a.ca, files::CA_CERT, "ca")?;
+    use crate::login::profile as p;
+    let pick = |v: &Option<PathBuf>, name: &str, mine: &str, flag: &str| {
+        v.clone()
+            .or_else(|| from_dir(name))
+            .or_else(|| from_profile(mine))
+            .with_context(|| {
+                format!(
+                    "no {flag}: pass --{flag} (or JITGATE_{}), or --data-dir DIR, or run jitgate login",
+                    flag.to_uppercase()
+                )
+            })
+    };
+    let cert = pick(&a.cert, files::ADMIN_CERT, p::CERT, "cert")?;
+    let key = pick(&a.key, files::ADMIN_KEY, p::KEY, "key")?;
+    let ca = pick(&a.ca, files::CA_CERT, p::CA, "ca")?;
     Ok(ApiClient::from_files(&api, &cert, &key, &ca)?)
 }
 

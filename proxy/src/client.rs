@@ -46,12 +46,17 @@ impl ApiClient {
         let roots = crate::tls::load_roots(ca).map_err(setup)?;
         let certs = crate::tls::load_certs(cert).map_err(setup)?;
         let key = crate::tls::load_key(key).map_err(setup)?;
-        let mut cfg = rustls::ClientConfig::builder_with_provider(crate::tls::provider())
+        let cfg = rustls::ClientConfig::builder_with_provider(crate::tls::provider())
             .with_safe_default_protocol_versions()
             .map_err(|e| ClientError::Setup(e.to_string()))?
             .with_root_certificates(roots)
             .with_client_auth_cert(certs, key)
             .map_err(|e| ClientError::Setup(e.to_string()))?;
+        Ok(Self::with_tls(api, cfg))
+    }
+
+    /// A client with its own TLS settings (`jitgate login`: no certificate yet, a pinned CA).
+    pub fn with_tls(api: &str, mut cfg: rustls::ClientConfig) -> Self {
         cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
         let addr = api.trim_start_matches("https://").trim_end_matches('/').to_owned();
         let host = addr
@@ -59,11 +64,11 @@ impl ApiClient {
             .map_or(addr.as_str(), |(h, _)| h)
             .trim_matches(['[', ']'])
             .to_owned();
-        Ok(Self {
+        Self {
             addr,
             host,
             tls: Arc::new(cfg),
-        })
+        }
     }
 
     /// Sends one request; returns the status and body as received.
@@ -104,7 +109,8 @@ impl ApiClient {
         Ok((status.as_u16(), bytes.to_vec()))
     }
 
-    async fn call<T: DeserializeOwned>(
+    /// One call; a problem answer becomes [`ClientError::Api`].
+    pub async fn call<T: DeserializeOwned>(
         &self,
         method: Method,
         path: &str,
@@ -128,7 +134,8 @@ impl ApiClient {
         serde_json::from_slice(&bytes).map_err(|e| ClientError::Decode(e.to_string()))
     }
 
-    async fn post<B: Serialize, T: DeserializeOwned>(&self, path: &str, body: &B) -> Result<T, ClientError> {
+    /// `POST path` with a JSON body; the answer decoded.
+    pub async fn post<B: Serialize, T: DeserializeOwned>(&self, path: &str, body: &B) -> Result<T, ClientError> {
         let body = serde_json::to_vec(body).map_err(|e| ClientError::Setup(e.to_string()))?;
         self.call(Method::POST, path, Some(body)).await
     }

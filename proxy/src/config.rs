@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::model::{AccessLevel, TargetName};
+use crate::model::{AccessLevel, Role, TargetName};
 
 /// A configuration problem, naming the offending key.
 #[derive(Debug, thiserror::Error)]
@@ -59,6 +59,33 @@ struct RawConfig {
     ssh: RawSsh,
     #[serde(default)]
     store: RawStore,
+    oidc: Option<RawOidc>,
+    #[serde(default)]
+    enrollment: RawEnrollment,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawOidc {
+    issuer: String,
+    client_id: String,
+    client_secret_env: Option<String>,
+    client_secret_file: Option<PathBuf>,
+    scopes: Option<Vec<String>>,
+    user_claim: Option<String>,
+    groups_claim: Option<String>,
+    #[serde(default)]
+    roles: BTreeMap<String, Vec<String>>,
+    allowed_domains: Option<Vec<String>>,
+    max_cert_ttl: Option<String>,
+    ca_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawEnrollment {
+    cert_ttl: Option<String>,
+    max_lifetime: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -276,6 +303,56 @@ pub struct Config {
     pub ssh: SshConfig,
     /// `[store]`: the shared PostgreSQL store, or `None` for SQLite.
     pub store: Option<StoreConfig>,
+    /// `[oidc]`: single sign-on for `jitgate login`, or `None` (invites only).
+    pub oidc: Option<Arc<OidcConfig>>,
+    /// `[enrollment]`: certificates from invites and renewals.
+    pub enrollment: EnrollmentConfig,
+}
+
+/// `[oidc]`: the identity provider `jitgate login` signs engineers in with. The proxy is the
+/// OpenID Connect client: it asks the provider for device and authorization codes, redeems
+/// them itself (so `client_secret` never leaves it) and verifies the ID token it gets back.
+#[derive(Clone)]
+pub struct OidcConfig {
+    /// The issuer URL: `https://...`, or `http://` on a loopback address (for tests).
+    pub issuer: String,
+    pub client_id: String,
+    pub client_secret: Option<String>,
+    /// Default `["openid", "email", "profile"]`; `openid` is always sent.
+    pub scopes: Vec<String>,
+    /// The ID token claim naming the jitgate user. Default `email`.
+    pub user_claim: String,
+    /// The ID token claim listing the user's groups. Default `groups`.
+    pub groups_claim: String,
+    /// Group to jitgate roles. A login whose groups map to no role is refused.
+    pub roles: BTreeMap<String, Vec<Role>>,
+    /// When set, the `email` claim must be verified and in one of these domains.
+    pub allowed_domains: Option<Vec<String>>,
+    /// Longest a certificate from a login lives. Default 12h, at most 7d.
+    pub max_cert_ttl: Duration,
+    /// Extra CA certificates (PEM) trusted for the provider's TLS, besides the system's.
+    pub ca_file: Option<PathBuf>,
+}
+
+impl std::fmt::Debug for OidcConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OidcConfig")
+            .field("issuer", &self.issuer)
+            .field("client_id", &self.client_id)
+            .field("client_secret", &self.client_secret.as_ref().map(|_| "<redacted>"))
+            .field("roles", &self.roles)
+            .finish_non_exhaustive()
+    }
+}
+
+/// `[enrollment]`: certificates for people who signed up with an invite code.
+#[derive(Debug, Clone)]
+pub struct EnrollmentConfig {
+    /// Lifetime of each certificate an invite or a renewal gives. Default 12h.
+    pub cert_ttl: Duration,
+    /// An enrollment ends this long after its invite was redeemed; renewals stop there.
+    /// Default 30d.
+    pub max_lifetime: Duration,
 }
 
 /// `[store]`: a shared PostgreSQL store for several replicas. Absent: the embedded SQLite
@@ -819,7 +896,11 @@ impl RawConfig {
             replica: store.as_ref().map(|s| s.replica_id.clone()),
             ..audit
         };
+        let oidc = self.oidc.map(|o| o.validate(secrets)).transpose()?.map(Arc::new);
+        let enrollment = self.enrollment.validate()?;
         Ok(Config {
+            oidc,
+            enrollment,
             store,
             ssh: SshConfig {
                 recordings_dir: data_dir.join("recordings"),
@@ -839,6 +920,129 @@ impl RawConfig {
             limits,
             targets: Arc::new(targets),
         })
+    }
+}
+
+/// Longest certificate a login or a renewal may give.
+const MAX_LOGIN_CERT_TTL: Duration = Duration::from_secs(7 * 86_400);
+
+impl RawOidc {
+    fn validate(self, secrets: Secrets) -> Result<OidcConfig, ConfigError> {
+        let issuer = self.issuer.trim_end_matches('/').to_owned();
+        if !issuer_allowed(&issuer) {
+            return Err(invalid(
+                "oidc.issuer",
+                format!("{issuer:?}: an https:// URL (http:// only on a loopback address)"),
+            ));
+        }
+        if self.client_id.is_empty() {
+            return Err(invalid("oidc.client_id", "must not be empty"));
+        }
+        let keys = SecretKeys {
+            table: "oidc",
+            env: "client_secret_env",
+            file: "client_secret_file",
+            both: "oidc",
+        };
+        let client_secret = resolve_secret(&keys, self.client_secret_env, self.client_secret_file, secrets)?;
+        let mut scopes = self
+            .scopes
+            .unwrap_or_else(|| vec!["openid".into(), "email".into(), "profile".into()]);
+        if let Some(bad) = scopes.iter().find(|s| s.is_empty() || s.contains(char::is_whitespace)) {
+            return Err(invalid("oidc.scopes", format!("{bad:?} is not a scope")));
+        }
+        if !scopes.iter().any(|s| s == "openid") {
+            scopes.insert(0, "openid".into());
+        }
+        let mut roles = std::collections::BTreeMap::new();
+        for (group, names) in self.roles {
+            let key = format!("oidc.roles.{group:?}");
+            if names.is_empty() {
+                return Err(invalid(key, "map the group to at least one role"));
+            }
+            let names = names
+                .into_iter()
+                .map(Role::new)
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| invalid(key, e.to_string()))?;
+            roles.insert(group, names);
+        }
+        if roles.is_empty() {
+            return Err(invalid(
+                "oidc.roles",
+                "map at least one group to roles: without a mapping every login is refused",
+            ));
+        }
+        let max_cert_ttl = duration(
+            "oidc.max_cert_ttl",
+            self.max_cert_ttl.as_deref(),
+            Duration::from_secs(12 * 3600),
+        )?;
+        if !(Duration::from_secs(60)..=MAX_LOGIN_CERT_TTL).contains(&max_cert_ttl) {
+            return Err(invalid("oidc.max_cert_ttl", "must be between 1m and 7d"));
+        }
+        let allowed_domains = match self.allowed_domains {
+            Some(d) if d.is_empty() => return Err(invalid("oidc.allowed_domains", "list at least one domain")),
+            Some(d) => Some(
+                d.into_iter()
+                    .map(|d| d.trim_start_matches('@').to_ascii_lowercase())
+                    .collect(),
+            ),
+            None => None,
+        };
+        Ok(OidcConfig {
+            issuer,
+            client_id: self.client_id,
+            client_secret,
+            scopes,
+            user_claim: self.user_claim.unwrap_or_else(|| "email".into()),
+            groups_claim: self.groups_claim.unwrap_or_else(|| "groups".into()),
+            roles,
+            allowed_domains,
+            max_cert_ttl,
+            ca_file: self.ca_file,
+        })
+    }
+}
+
+/// `https://...`, or `http://` on a loopback address.
+pub(crate) fn issuer_allowed(url: &str) -> bool {
+    if let Some(rest) = url.strip_prefix("https://") {
+        return !rest.is_empty();
+    }
+    let Some(rest) = url.strip_prefix("http://") else {
+        return false;
+    };
+    let host = rest.split('/').next().unwrap_or("");
+    let host = match host.rsplit_once(':') {
+        Some((h, port)) if port.bytes().all(|b| b.is_ascii_digit()) => h,
+        _ => host,
+    };
+    matches!(host, "localhost" | "[::1]") || host.parse::<std::net::Ipv4Addr>().is_ok_and(|ip| ip.is_loopback())
+}
+
+impl RawEnrollment {
+    fn validate(self) -> Result<EnrollmentConfig, ConfigError> {
+        let cert_ttl = duration(
+            "enrollment.cert_ttl",
+            self.cert_ttl.as_deref(),
+            Duration::from_secs(12 * 3600),
+        )?;
+        if !(Duration::from_secs(60)..=MAX_LOGIN_CERT_TTL).contains(&cert_ttl) {
+            return Err(invalid("enrollment.cert_ttl", "must be between 1m and 7d"));
+        }
+        let max_lifetime = duration(
+            "enrollment.max_lifetime",
+            self.max_lifetime.as_deref(),
+            Duration::from_secs(30 * 86_400),
+        )?;
+        if max_lifetime < cert_ttl || max_lifetime > Duration::from_secs(366 * 86_400) {
+            return Err(invalid(
+                "enrollment.max_lifetime",
+                "must be at least enrollment.cert_ttl and at most 366d",
+            ));
+        }
+        Ok(EnrollmentConfig { cert_ttl, max_lifetime })
     }
 }
 

@@ -41,22 +41,59 @@ pub struct ConnectArgs {
     /// refused, since the tunnel carries your identity.
     #[arg(long, default_value = "127.0.0.1")]
     listen: IpAddr,
-    /// The proxy's PostgreSQL listener, HOST:PORT (`listen.postgres`).
-    #[arg(long, env = "JITGATE_PROXY", default_value = "localhost:5433")]
-    proxy: String,
-    /// Client certificate (PEM) presented to the proxy.
+    /// The proxy's PostgreSQL listener, HOST:PORT (`listen.postgres`). Default: the one
+    /// `jitgate login` saved, else localhost:5433.
+    #[arg(long, env = "JITGATE_PROXY")]
+    proxy: Option<String>,
+    /// Client certificate (PEM) presented to the proxy. Default: ~/.jitgate/cert.pem.
     #[arg(long, env = "JITGATE_CERT")]
-    cert: PathBuf,
-    /// Its key (PEM).
+    cert: Option<PathBuf>,
+    /// Its key (PEM). Default: ~/.jitgate/key.pem.
     #[arg(long, env = "JITGATE_KEY")]
-    key: PathBuf,
-    /// CA certificate that signed the proxy's server certificate (PEM).
+    key: Option<PathBuf>,
+    /// CA certificate that signed the proxy's server certificate (PEM). Default:
+    /// ~/.jitgate/ca.pem.
     #[arg(long, env = "JITGATE_CA")]
-    ca: PathBuf,
-    /// The control API (HOST:PORT), to warn when no grant is active or it ends soon. Without
-    /// it the check is skipped.
+    ca: Option<PathBuf>,
+    /// The control API (HOST:PORT), to warn when no grant is active or it ends soon. Default:
+    /// the one `jitgate login` saved; without any the check is skipped.
     #[arg(long, env = "JITGATE_API")]
     api: Option<String>,
+}
+
+/// [`ConnectArgs`] with the profile's defaults filled in.
+struct Resolved {
+    proxy: String,
+    cert: PathBuf,
+    key: PathBuf,
+    ca: PathBuf,
+    api: Option<String>,
+}
+
+impl ConnectArgs {
+    fn resolve(&self) -> Result<Resolved> {
+        use crate::login::profile;
+        let settings = profile::settings();
+        let pick = |v: &Option<PathBuf>, name: &str, flag: &str| {
+            v.clone().or_else(|| profile::file(name)).with_context(|| {
+                format!(
+                    "no {flag}: pass --{flag} (or JITGATE_{}), or run jitgate login",
+                    flag.to_uppercase()
+                )
+            })
+        };
+        Ok(Resolved {
+            proxy: self
+                .proxy
+                .clone()
+                .or_else(|| settings.as_ref().map(|s| s.postgres.clone()))
+                .unwrap_or_else(|| "localhost:5433".to_owned()),
+            cert: pick(&self.cert, profile::CERT, "cert")?,
+            key: pick(&self.key, profile::KEY, "key")?,
+            ca: pick(&self.ca, profile::CA, "ca")?,
+            api: self.api.clone().or_else(|| settings.map(|s| s.api)),
+        })
+    }
 }
 
 /// What every tunnelled connection needs.
@@ -69,13 +106,14 @@ struct Tunnel {
 }
 
 /// Runs `jitgate connect` until Ctrl-C.
-pub async fn run(a: ConnectArgs) -> Result<()> {
-    if !a.listen.is_loopback() {
+pub async fn run(args: ConnectArgs) -> Result<()> {
+    if !args.listen.is_loopback() {
         bail!(
             "--listen {}: jitgate connect listens on loopback only (127.0.0.1 or ::1): anyone who reached the port would use your identity",
-            a.listen
+            args.listen
         );
     }
+    let a = args.resolve()?;
     let certs = crate::tls::load_certs(&a.cert).with_context(|| format!("--cert {}", a.cert.display()))?;
     let first = certs.first().context("--cert holds no certificate")?;
     let identity = crate::pki::identity_from_der(first.as_ref()).context("--cert is not a jitgate user certificate")?;
@@ -92,13 +130,13 @@ pub async fn run(a: ConnectArgs) -> Result<()> {
         .with_context(|| format!("--proxy {:?} is not HOST:PORT", a.proxy))?;
     let server_name = ServerName::try_from(host).context("--proxy host")?;
     let tunnel = Arc::new(Tunnel {
-        target: a.target.clone(),
+        target: args.target.clone(),
         user: identity.user.to_string(),
         proxy: a.proxy.clone(),
         server_name,
         tls: tokio_rustls::TlsConnector::from(Arc::new(cfg)),
     });
-    let bind = SocketAddr::new(a.listen, a.port);
+    let bind = SocketAddr::new(args.listen, args.port);
     let listener = TcpListener::bind(bind)
         .await
         .with_context(|| format!("cannot listen on {bind}"))?;
@@ -109,18 +147,18 @@ pub async fn run(a: ConnectArgs) -> Result<()> {
     };
     println!(
         "jitgate connect: {} as {} through {}; listening on {local} (loopback only)",
-        a.target, identity.user, a.proxy
+        args.target, identity.user, a.proxy
     );
     println!(
         "connect with: host={host} port={} dbname={} sslmode=disable   (any user name; no password)",
         local.port(),
-        a.target
+        args.target
     );
     if identity.not_after <= SystemTime::now() + WARN_BEFORE {
         eprintln!("warning: your certificate expires in under 15 minutes; sessions end with it");
     }
     if let Some(api) = &a.api {
-        warn_about_grant(api, &a, &identity.user.to_string()).await;
+        warn_about_grant(api, &a, &args.target, &identity.user.to_string()).await;
     }
     loop {
         tokio::select! {
@@ -145,7 +183,7 @@ pub async fn run(a: ConnectArgs) -> Result<()> {
 }
 
 /// Warns when the user has no grant on the target, or one that ends soon.
-async fn warn_about_grant(api: &str, a: &ConnectArgs, user: &str) {
+async fn warn_about_grant(api: &str, a: &Resolved, target: &str, user: &str) {
     let client = match crate::client::ApiClient::from_files(api, &a.cert, &a.key, &a.ca) {
         Ok(c) => c,
         Err(e) => return eprintln!("warning: cannot check your grants ({e})"),
@@ -156,12 +194,12 @@ async fn warn_about_grant(api: &str, a: &ConnectArgs, user: &str) {
     };
     let mine = grants
         .iter()
-        .filter(|g| g.user.as_str() == user && g.target.as_str() == a.target)
+        .filter(|g| g.user.as_str() == user && g.target.as_str() == target)
         .max_by_key(|g| g.expires_at);
     match mine {
         None => eprintln!(
             "warning: no active grant for {user} on {}: sessions are refused until one exists (jitgate request {} --access read --for 30m --reason \"...\")",
-            a.target, a.target
+            target, target
         ),
         Some(g) => {
             let left = g.expires_at.duration_since(SystemTime::now()).unwrap_or_default();

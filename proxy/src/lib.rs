@@ -21,6 +21,7 @@ pub mod credentials;
 pub mod demo;
 pub mod grants;
 pub mod lanes;
+pub mod login;
 pub mod metrics;
 pub mod model;
 pub mod notify;

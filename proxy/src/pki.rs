@@ -25,6 +25,9 @@ use crate::model::{AgentName, Role, UserName};
 const USER_URI: &str = "jitgate:user:";
 const ROLE_URI: &str = "jitgate:role:";
 const AGENT_URI: &str = "jitgate:agent:";
+/// Certificates from an invite or a renewal: the end of the enrollment (Unix seconds), past
+/// which `jitgate login --renew` is refused.
+const ENROLLED_URI: &str = "jitgate:enrolled-until:";
 const CA_ORG: &str = "jitgate";
 
 /// Errors creating or reading certificates.
@@ -62,6 +65,8 @@ pub struct Identity {
     pub roles: Vec<Role>,
     /// End of the certificate's validity; sessions are cut at this instant.
     pub not_after: SystemTime,
+    /// For certificates of an enrollment (an invite, then renewals): when renewals stop.
+    pub enrolled_until: Option<SystemTime>,
 }
 
 impl Identity {
@@ -113,6 +118,7 @@ pub fn identity_from_der(der: &[u8]) -> Result<Identity, PkiError> {
     let cert = client_cert(der)?;
     let mut user = None;
     let mut roles = Vec::new();
+    let mut enrolled_until = None;
     for uri in &cert.uris {
         if uri.starts_with(AGENT_URI) {
             return Err(PkiError::Invalid(
@@ -126,6 +132,11 @@ pub fn identity_from_der(der: &[u8]) -> Result<Identity, PkiError> {
             user = Some(UserName::new(u).map_err(|e| PkiError::Invalid(e.to_string()))?);
         } else if let Some(r) = uri.strip_prefix(ROLE_URI) {
             roles.push(Role::new(r).map_err(|e| PkiError::Invalid(e.to_string()))?);
+        } else if let Some(t) = uri.strip_prefix(ENROLLED_URI) {
+            let secs: u64 = t
+                .parse()
+                .map_err(|_| PkiError::Invalid("unreadable enrollment end".into()))?;
+            enrolled_until = Some(SystemTime::UNIX_EPOCH + Duration::from_secs(secs));
         }
     }
     let user = user.ok_or_else(|| PkiError::Invalid("certificate names no jitgate user".into()))?;
@@ -133,6 +144,7 @@ pub fn identity_from_der(der: &[u8]) -> Result<Identity, PkiError> {
         user,
         roles,
         not_after: cert.not_after,
+        enrolled_until,
     })
 }
 
@@ -315,6 +327,57 @@ impl Authority {
         csr.params = params;
         let issuer = self.params.clone().self_signed(&self.key)?;
         Ok(csr.signed_by(&issuer, &self.key)?.pem())
+    }
+}
+
+/// What a certificate from a login or an invite says: who, which roles, until when.
+pub struct UserCert<'a> {
+    pub user: &'a UserName,
+    pub roles: &'a [Role],
+    pub not_after: SystemTime,
+    /// Set for certificates of an enrollment (see [`Identity::enrolled_until`]).
+    pub enrolled_until: Option<SystemTime>,
+}
+
+impl Authority {
+    /// Signs a user certificate for the key in `csr_pem`: the CLI made the key, and only the
+    /// request's public key is used (names, roles and validity come from `what`).
+    pub fn issue_user_csr(&self, what: &UserCert<'_>, csr_pem: &str) -> Result<String, PkiError> {
+        let mut csr = rcgen::CertificateSigningRequestParams::from_pem(csr_pem)
+            .map_err(|e| PkiError::Invalid(format!("unreadable certificate request: {e}")))?;
+        let mut params = leaf_params(what.user.as_str(), Duration::ZERO);
+        params.not_after = time::OffsetDateTime::from(what.not_after);
+        params
+            .subject_alt_names
+            .push(SanType::URI(format!("{USER_URI}{}", what.user).try_into()?));
+        for role in what.roles {
+            params
+                .subject_alt_names
+                .push(SanType::URI(format!("{ROLE_URI}{role}").try_into()?));
+        }
+        if let Some(until) = what.enrolled_until {
+            let secs = until
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_secs();
+            params
+                .subject_alt_names
+                .push(SanType::URI(format!("{ENROLLED_URI}{secs}").try_into()?));
+        }
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        csr.params = params;
+        let issuer = self.params.clone().self_signed(&self.key)?;
+        Ok(csr.signed_by(&issuer, &self.key)?.pem())
+    }
+
+    /// A key derived from the CA key for `purpose`: the same on every replica holding this CA,
+    /// unknown to anyone without `ca.key`.
+    pub fn derived_key(&self, purpose: &str) -> [u8; 32] {
+        let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &self.key.serialize_der());
+        let tag = ring::hmac::sign(&key, purpose.as_bytes());
+        let mut out = [0u8; 32];
+        out.copy_from_slice(&tag.as_ref()[..32]);
+        out
     }
 }
 

@@ -59,6 +59,8 @@ pub enum ServerError {
     Ssh(String),
     #[error("{0}")]
     Credentials(String),
+    #[error("logins: {0}")]
+    Login(String),
 }
 
 /// Checks the manager role of every ephemeral target reached directly: one that answers but
@@ -240,7 +242,10 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: impl Future<Out
         cluster: store.replica().is_some().then(|| Arc::clone(&store)),
     });
     crate::cluster::start(&store, &pg, &hub, &metrics, &tracker, &cancel);
+    let logins = crate::login::Logins::new(config.clone(), Arc::clone(&store), Arc::clone(&audit))
+        .map_err(|e| ServerError::Login(e.to_string()))?;
     let api_state = Arc::new(ApiState {
+        logins: Arc::new(logins),
         store: Arc::clone(&store),
         hub: Arc::clone(&hub),
         config: config.clone(),
@@ -283,11 +288,12 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: impl Future<Out
         listeners.api,
         Unauthenticated::new("api", unauthenticated, &metrics),
         cancel.clone(),
-        move |tcp, _peer, ticket, span| {
+        move |tcp, peer, ticket, span| {
             let serve = api::serve_connection(
                 Arc::clone(&api_state),
                 Arc::clone(&api_tls),
                 tcp,
+                peer,
                 ticket,
                 api_cancel.clone(),
             );

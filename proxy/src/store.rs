@@ -22,7 +22,7 @@ pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
 
 use crate::model::{
-    AgentName, AgentRecord, AgentToken, Grant, GrantEnd, GrantId, Request, RequestId, RequestState, SessionId,
+    AgentName, AgentRecord, AgentToken, Grant, GrantEnd, GrantId, Invite, Request, RequestId, RequestState, SessionId,
     TokenRefusal, UserName,
 };
 use crate::sessions::{CancelKey, SessionInfo};
@@ -144,6 +144,16 @@ pub trait Store: Send + Sync + 'static {
         secret_sha256: &str,
         now: SystemTime,
     ) -> Result<Result<AgentRecord, TokenRefusal>, StoreError>;
+    /// Records a new invite code.
+    async fn insert_invite(&self, invite: &Invite) -> Result<(), StoreError>;
+    /// Spends the invite `id` if its secret hashes to `secret_sha256`, it is unused and not
+    /// expired at `now`, in one compare-and-set: of two redemptions, one wins.
+    async fn redeem_invite(
+        &self,
+        id: &str,
+        secret_sha256: &str,
+        now: SystemTime,
+    ) -> Result<Result<Invite, TokenRefusal>, StoreError>;
     /// Every agent that joined, by name.
     async fn agents(&self) -> Result<Vec<AgentRecord>, StoreError>;
     /// Forgets an agent (its links and renewals are refused from then on) and publishes

@@ -1,6 +1,8 @@
 //! TLS configuration for the client-facing listeners and classification of handshake
-//! failures. Both listeners require a client certificate chaining to the jitgate CA; rustls
-//! (webpki) checks the chain, validity period and client-auth usage during the handshake.
+//! failures. The PostgreSQL listener requires a client certificate chaining to the jitgate
+//! CA; the API and agent listeners verify one when it is sent, and serve a caller without
+//! one only what a first contact needs (logins, joins). rustls (webpki) checks the chain,
+//! validity period and client-auth usage during the handshake.
 //!
 //! Session resumption is off: a resumed TLS session carries the certificate of the handshake
 //! it resumes and is not verified again, so a certificate that has expired since (or a CA
@@ -30,6 +32,8 @@ pub enum TlsError {
 /// Server configurations for the PostgreSQL, API and agent listeners.
 pub struct ServerTls {
     pub postgres: Arc<ServerConfig>,
+    /// The API listener: a client certificate is optional at the TLS layer (`jitgate login`
+    /// has none yet); without one only the login routes answer (`api::serve_connection`).
     pub api: Arc<ServerConfig>,
     /// The agent listener: a client certificate is optional at the TLS layer (an agent's first
     /// contact, the join, has none yet; everything else needs an agent certificate, checked
@@ -99,7 +103,11 @@ impl ServerTls {
             cfg.send_tls13_tickets = 0;
             Ok(Arc::new(cfg))
         };
-        let agents = {
+        // The API and agent listeners: a client certificate is optional at the TLS layer (a
+        // login or an agent's join has none yet; every other call needs one, checked after the
+        // handshake), and the chain sent includes the CA, so a first contact can pin it by the
+        // fingerprint of an invite, a join token or `--ca-fingerprint`.
+        let optional = |alpn: Vec<Vec<u8>>| -> Result<Arc<ServerConfig>, TlsError> {
             let verifier = WebPkiClientVerifier::builder_with_provider(Arc::clone(&roots), provider())
                 .allow_unauthenticated()
                 .build()
@@ -110,18 +118,19 @@ impl ServerTls {
                 .with_safe_default_protocol_versions()?
                 .with_client_cert_verifier(verifier)
                 .with_single_cert(chain, key.clone_key())?;
-            // In order of preference: an agent that offers the first takes the replica list.
-            cfg.alpn_protocols = vec![
-                jitgate_protocol::tunnel::ALPN_REPLICAS.to_vec(),
-                jitgate_protocol::tunnel::ALPN.to_vec(),
-            ];
+            cfg.alpn_protocols = alpn;
             cfg.session_storage = Arc::new(NoServerSessionStorage {});
             cfg.send_tls13_tickets = 0;
-            Arc::new(cfg)
+            Ok(Arc::new(cfg))
         };
+        // In order of preference: an agent that offers the first takes the replica list.
+        let agents = optional(vec![
+            jitgate_protocol::tunnel::ALPN_REPLICAS.to_vec(),
+            jitgate_protocol::tunnel::ALPN.to_vec(),
+        ])?;
         Ok(Self {
             postgres: build(ALPN_POSTGRESQL)?,
-            api: build(b"http/1.1")?,
+            api: optional(vec![b"http/1.1".to_vec()])?,
             agents,
         })
     }

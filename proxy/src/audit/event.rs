@@ -332,6 +332,43 @@ pub enum AuditEvent {
         bytes_out: u64,
         cut: bool,
     },
+    /// A certificate was given to an engineer: by an OIDC login (`subject` is the provider's
+    /// `sub`), an invite (`subject` is the invite's id) or a renewal. Written before the
+    /// certificate is returned.
+    #[serde(rename = "login.succeeded")]
+    LoginSucceeded {
+        /// `oidc`, `invite` or `renew`.
+        method: String,
+        user: UserName,
+        roles: Vec<Role>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        subject: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        remote_addr: Option<SocketAddr>,
+        #[serde(with = "crate::timefmt::serde_rfc3339")]
+        cert_expires_at: SystemTime,
+    },
+    /// A login was refused, with the reason (the user when the refusal came after the ID token
+    /// or certificate named one).
+    #[serde(rename = "login.refused")]
+    LoginRefused {
+        method: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        user: Option<UserName>,
+        reason: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        remote_addr: Option<SocketAddr>,
+    },
+    /// An admin created an invite code (the code itself is never recorded).
+    #[serde(rename = "invite.created")]
+    InviteCreated {
+        invite_id: String,
+        user: UserName,
+        roles: Vec<Role>,
+        by: UserName,
+        #[serde(with = "crate::timefmt::serde_rfc3339")]
+        expires_at: SystemTime,
+    },
     /// An admin created a join token for an agent (the token itself is never recorded).
     #[serde(rename = "agent.token_created")]
     AgentTokenCreated {
@@ -459,6 +496,9 @@ impl AuditEvent {
             Self::SshExec { .. } => "ssh.exec",
             Self::SshSftp { .. } => "ssh.sftp",
             Self::SshForward { .. } => "ssh.forward",
+            Self::LoginSucceeded { .. } => "login.succeeded",
+            Self::LoginRefused { .. } => "login.refused",
+            Self::InviteCreated { .. } => "invite.created",
             Self::AgentTokenCreated { .. } => "agent.token_created",
             Self::AgentJoined { .. } => "agent.joined",
             Self::AgentRenewed { .. } => "agent.renewed",

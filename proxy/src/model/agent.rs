@@ -51,3 +51,17 @@ impl TokenRefusal {
         }
     }
 }
+
+/// A one-time invite code as stored: whom it enrolls, with which roles, and the hash of its
+/// secret, never the secret.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Invite {
+    pub id: String,
+    pub user: UserName,
+    pub roles: Vec<super::Role>,
+    /// SHA-256 of the secret part, hex.
+    pub secret_sha256: String,
+    pub created_by: UserName,
+    pub created_at: SystemTime,
+    pub expires_at: SystemTime,
+}

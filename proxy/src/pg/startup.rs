@@ -159,6 +159,7 @@ mod tests {
             user: UserName::new("alice").unwrap(),
             roles: vec![],
             not_after: std::time::SystemTime::now(),
+            enrolled_until: None,
         }
     }
 

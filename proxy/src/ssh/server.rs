@@ -212,6 +212,7 @@ impl Conn {
             user,
             roles,
             not_after: cert.valid_before_time(),
+            enrolled_until: None,
         };
         let ask = Ask {
             identity: &identity,

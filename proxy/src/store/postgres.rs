@@ -26,7 +26,7 @@ use tokio_util::sync::CancellationToken;
 use super::{Change, GrantWrite, RequestQuery, Store, StoreError, Versioned};
 use crate::config::{StoreConfig, UpstreamTls};
 use crate::model::{
-    AgentName, AgentRecord, AgentToken, Grant, GrantEnd, GrantId, Request, RequestId, SessionId, TargetName,
+    AgentName, AgentRecord, AgentToken, Grant, GrantEnd, GrantId, Invite, Request, RequestId, SessionId, TargetName,
     TokenRefusal, UserName,
 };
 use crate::sessions::{CancelKey, SessionInfo};
@@ -111,6 +111,19 @@ CREATE TABLE replicas (
     // Where agents reach the replica (`[agents] advertise`); NULL: nowhere.
     "
 ALTER TABLE replicas ADD COLUMN agents_addr TEXT;
+",
+    // Invite codes for `jitgate login --invite`.
+    "
+CREATE TABLE invites (
+    id            TEXT PRIMARY KEY,
+    \"user\"    TEXT NOT NULL,
+    roles         TEXT NOT NULL,
+    secret_sha256 TEXT NOT NULL,
+    created_by    TEXT NOT NULL,
+    created_at    BIGINT NOT NULL,
+    expires_at    BIGINT NOT NULL,
+    used_at       BIGINT
+);
 ",
 ];
 
@@ -993,6 +1006,103 @@ impl Store for PgStore {
                     targets: decode_targets(&targets)?,
                     joined_at: now,
                     token: id,
+                }))
+            })
+        })
+        .await
+    }
+
+    async fn insert_invite(&self, invite: &Invite) -> Result<(), StoreError> {
+        let i = invite.clone();
+        let roles = serde_json::to_string(&i.roles).map_err(db)?;
+        self.with(move |c| {
+            Box::pin(async move {
+                c.execute(
+                    "INSERT INTO invites (id, \"user\", roles, secret_sha256, created_by, created_at, expires_at)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7)",
+                    &[
+                        &i.id,
+                        &i.user.as_str(),
+                        &roles,
+                        &i.secret_sha256,
+                        &i.created_by.as_str(),
+                        &to_millis(i.created_at),
+                        &to_millis(i.expires_at),
+                    ],
+                )
+                .await
+                .map_err(db)?;
+                Ok(())
+            })
+        })
+        .await
+    }
+
+    async fn redeem_invite(
+        &self,
+        id: &str,
+        secret_sha256: &str,
+        now: SystemTime,
+    ) -> Result<Result<Invite, TokenRefusal>, StoreError> {
+        let (id, secret) = (id.to_owned(), secret_sha256.to_owned());
+        self.with(move |c| {
+            Box::pin(async move {
+                // The compare-and-set is the UPDATE: of two redemptions at once, one updates the row.
+                let row = c
+                    .query_opt(
+                        "SELECT \"user\", roles, secret_sha256, created_by, created_at, expires_at, used_at
+                         FROM invites WHERE id = $1",
+                        &[&id],
+                    )
+                    .await
+                    .map_err(db)?;
+                let Some(row) = row else {
+                    return Ok(Err(TokenRefusal::Unknown));
+                };
+                let (user, roles, stored, created_by, created_at, expires_at, used_at): (
+                    String,
+                    String,
+                    String,
+                    String,
+                    i64,
+                    i64,
+                    Option<i64>,
+                ) = (
+                    row.get(0),
+                    row.get(1),
+                    row.get(2),
+                    row.get(3),
+                    row.get(4),
+                    row.get(5),
+                    row.get(6),
+                );
+                if !ct_eq(stored.as_bytes(), secret.as_bytes()) {
+                    return Ok(Err(TokenRefusal::Unknown));
+                }
+                if used_at.is_some() {
+                    return Ok(Err(TokenRefusal::Used));
+                }
+                if from_millis(expires_at) <= now {
+                    return Ok(Err(TokenRefusal::Expired));
+                }
+                let n = c
+                    .execute(
+                        "UPDATE invites SET used_at = $2 WHERE id = $1 AND used_at IS NULL",
+                        &[&id, &to_millis(now)],
+                    )
+                    .await
+                    .map_err(db)?;
+                if n != 1 {
+                    return Ok(Err(TokenRefusal::Used));
+                }
+                Ok(Ok(Invite {
+                    id,
+                    user: UserName::new(user).map_err(db)?,
+                    roles: serde_json::from_str(&roles).map_err(db)?,
+                    secret_sha256: stored,
+                    created_by: UserName::new(created_by).map_err(db)?,
+                    created_at: from_millis(created_at),
+                    expires_at: from_millis(expires_at),
                 }))
             })
         })

@@ -16,7 +16,7 @@ use tokio::sync::{broadcast, oneshot};
 
 use super::{Change, GrantWrite, RequestQuery, Store, StoreError, Versioned};
 use crate::model::{
-    AgentName, AgentRecord, AgentToken, Grant, GrantEnd, GrantId, Request, RequestId, RequestState, TargetName,
+    AgentName, AgentRecord, AgentToken, Grant, GrantEnd, GrantId, Invite, Request, RequestId, RequestState, TargetName,
     TokenRefusal, UserName,
 };
 use crate::timefmt::{from_millis, to_millis};
@@ -56,6 +56,16 @@ CREATE TABLE IF NOT EXISTS agent_tokens (
     expires_at    INTEGER NOT NULL,
     used_at       INTEGER
 );
+CREATE TABLE IF NOT EXISTS invites (
+    id            TEXT PRIMARY KEY,
+    user          TEXT NOT NULL,
+    roles         TEXT NOT NULL,
+    secret_sha256 TEXT NOT NULL,
+    created_by    TEXT NOT NULL,
+    created_at    INTEGER NOT NULL,
+    expires_at    INTEGER NOT NULL,
+    used_at       INTEGER
+);
 CREATE TABLE IF NOT EXISTS agents (
     name      TEXT PRIMARY KEY,
     targets   TEXT NOT NULL,
@@ -65,8 +75,9 @@ CREATE TABLE IF NOT EXISTS agents (
 ";
 
 /// `PRAGMA user_version` of the current schema: 1 added `requests.version`; 2 added the
-/// `agent_tokens` and `agents` tables (created by `SCHEMA`, nothing to migrate).
-const SCHEMA_VERSION: i64 = 2;
+/// `agent_tokens` and `agents` tables; 3 the `invites` table (created by `SCHEMA`, nothing
+/// to migrate).
+const SCHEMA_VERSION: i64 = 3;
 
 /// How many changes a slow follower of [`Store::changes`] may fall behind.
 const CHANGES: usize = 4096;
@@ -278,6 +289,64 @@ fn redeem_agent_token(
     }))
 }
 
+fn redeem_invite(
+    conn: &mut Connection,
+    id: &str,
+    secret_sha256: &str,
+    now: SystemTime,
+) -> Result<Result<Invite, TokenRefusal>, StoreError> {
+    let tx = conn.transaction().map_err(err)?;
+    let row = tx
+        .query_row(
+            "SELECT user, roles, secret_sha256, created_by, created_at, expires_at, used_at FROM invites WHERE id = ?1",
+            [id],
+            |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, String>(2)?,
+                    r.get::<_, String>(3)?,
+                    r.get::<_, i64>(4)?,
+                    r.get::<_, i64>(5)?,
+                    r.get::<_, Option<i64>>(6)?,
+                ))
+            },
+        )
+        .optional()
+        .map_err(err)?;
+    let Some((user, roles, stored, created_by, created_at, expires_at, used_at)) = row else {
+        return Ok(Err(TokenRefusal::Unknown));
+    };
+    if !ring_eq(stored.as_bytes(), secret_sha256.as_bytes()) {
+        return Ok(Err(TokenRefusal::Unknown));
+    }
+    if used_at.is_some() {
+        return Ok(Err(TokenRefusal::Used));
+    }
+    if from_millis(expires_at) <= now {
+        return Ok(Err(TokenRefusal::Expired));
+    }
+    let n = tx
+        .execute(
+            "UPDATE invites SET used_at = ?2 WHERE id = ?1 AND used_at IS NULL",
+            params![id, to_millis(now)],
+        )
+        .map_err(err)?;
+    if n != 1 {
+        return Ok(Err(TokenRefusal::Used));
+    }
+    tx.commit().map_err(err)?;
+    Ok(Ok(Invite {
+        id: id.to_owned(),
+        user: UserName::new(user).map_err(err)?,
+        roles: serde_json::from_str(&roles).map_err(|e| err(format!("stored invite roles: {e}")))?,
+        secret_sha256: stored,
+        created_by: UserName::new(created_by).map_err(err)?,
+        created_at: from_millis(created_at),
+        expires_at: from_millis(expires_at),
+    }))
+}
+
 /// Constant-time equality of two byte strings (false when the lengths differ).
 fn ring_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
@@ -315,6 +384,38 @@ impl Store for SqliteStore {
     ) -> Result<Result<AgentRecord, TokenRefusal>, StoreError> {
         let (id, secret) = (id.to_owned(), secret_sha256.to_owned());
         self.call(move |conn| redeem_agent_token(conn, &id, &secret, now)).await
+    }
+
+    async fn insert_invite(&self, invite: &Invite) -> Result<(), StoreError> {
+        let i = invite.clone();
+        self.call(move |conn| {
+            conn.execute(
+                "INSERT INTO invites (id, user, roles, secret_sha256, created_by, created_at, expires_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                params![
+                    i.id,
+                    i.user.as_str(),
+                    serde_json::to_string(&i.roles).map_err(err)?,
+                    i.secret_sha256,
+                    i.created_by.as_str(),
+                    to_millis(i.created_at),
+                    to_millis(i.expires_at)
+                ],
+            )
+            .map_err(err)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn redeem_invite(
+        &self,
+        id: &str,
+        secret_sha256: &str,
+        now: SystemTime,
+    ) -> Result<Result<Invite, TokenRefusal>, StoreError> {
+        let (id, secret) = (id.to_owned(), secret_sha256.to_owned());
+        self.call(move |conn| redeem_invite(conn, &id, &secret, now)).await
     }
 
     async fn remove_agent(&self, name: &AgentName) -> Result<(), StoreError> {

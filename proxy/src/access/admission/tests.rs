@@ -106,6 +106,7 @@ impl Core {
             user: UserName::new(user).unwrap(),
             roles: Vec::new(),
             not_after: self.clock.now() + Duration::from_secs(cert_secs),
+            enrolled_until: None,
         }
     }
 
@@ -146,6 +147,7 @@ async fn refusals_name_their_reason_in_order() {
     c.grant("alice", "prod-db", 600);
     let expired_cert = Identity {
         not_after: c.clock.now(),
+        enrolled_until: None,
         ..alice.clone()
     };
     let r = c.admit(&expired_cert, "prod-db").unwrap_err();
@@ -366,6 +368,7 @@ fn the_expiry_check_uses_the_clock_not_the_system_time() {
             user: UserName::new("alice").unwrap(),
             roles: Vec::new(),
             not_after: SystemTime::now() - Duration::from_secs(60),
+            enrolled_until: None,
         };
         assert!(c.admit(&id, "prod-db").is_ok());
     });
