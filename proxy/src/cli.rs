@@ -507,6 +507,11 @@ fn init(args: InitArgs) -> Result<()> {
     let dir = args.data_dir.canonicalize()?;
     println!("initialised {}", dir.display());
     println!("  CA:          {}/ca.crt (key ca.key: keep it private)", dir.display());
+    let ca_pem = std::fs::read_to_string(dir.join(files::CA_CERT))?;
+    println!(
+        "  CA SHA-256:  {} (for engineers' first jitgate login --ca-fingerprint)",
+        pki::cert_fingerprint(&ca_pem)?
+    );
     println!("  server cert: {}/server.crt", dir.display());
     println!(
         "  admin:       {}/admin.crt, admin.key (expires in {})",
@@ -556,6 +561,9 @@ metrics = "127.0.0.1:9187"    # Prometheus /metrics, /healthz, /readyz (plain HT
 # name = "east-db"
 # via = "db-east"                     # no address: the agent's config has it
 # database = "app"
+
+# Engineers get their own certificates with `jitgate login`: from invite codes
+# (`jitgate user invite`), or single sign-on with an [oidc] table (README: "Logging in (SSO)").
 "#;
 
 /// The API client for a command: flags and environment first, then `--data-dir` (the admin
