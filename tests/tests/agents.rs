@@ -397,7 +397,7 @@ async fn tokens_are_single_use_expire_and_pin_the_ca_and_certificates_stay_in_th
     let pinned = run_agent(&["join", "--proxy", &addr, "--token", &flipped, "--data-dir", &d("d")]).await;
     assert!(!pinned.ok);
     assert!(
-        pinned.stderr.contains("does not match the token's fingerprint"),
+        pinned.stderr.contains("does not match the pinned fingerprint"),
         "{}",
         pinned.stderr
     );

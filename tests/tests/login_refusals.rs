@@ -24,6 +24,9 @@ const CLIENT: &str = "jitgate-cli";
 /// What the token endpoint answers with, given the nonce of the device request.
 type Mint = Box<dyn Fn(&Idp, &str) -> String + Send + Sync>;
 
+/// Mints the ID token a refusal case answers with, given the login's nonce.
+type MintToken = dyn Fn(&Idp, &str) -> String + Send + Sync;
+
 /// The scripted provider.
 struct Idp {
     addr: SocketAddr,
@@ -285,7 +288,7 @@ async fn every_bad_id_token_is_refused_with_its_reason_and_a_good_one_gets_a_cer
     );
     assert!(!run.stdout.contains("s3cret") && !run.stderr.contains("s3cret"));
 
-    let cases: Vec<(&str, Box<dyn Fn(&Idp, &str) -> String + Send + Sync>)> = vec![
+    let cases: Vec<(&str, Box<MintToken>)> = vec![
         (
             "issued by another issuer",
             Box::new(|idp: &Idp, n: &str| {
