@@ -34,6 +34,7 @@ use crate::config::Config;
 use crate::model::{Invite, Role, TokenRefusal, UserName};
 use crate::pki::{Authority, Identity, UserCert};
 use crate::store::{Store, StoreError};
+use oidc::Nonce;
 
 /// Longest an invite code may be used.
 pub const MAX_INVITE_TTL: Duration = Duration::from_secs(7 * 86_400);
@@ -217,6 +218,8 @@ pub struct Logins {
     /// `None` when the CA key is not here: then no login can give a certificate.
     authority: Option<Arc<Authority>>,
     ca_pem: String,
+    /// The PostgreSQL listener's bound port, told to the CLI for its profile.
+    postgres_port: u16,
     provider: Option<oidc::Provider>,
     seal_key: ring::hmac::Key,
     /// Nonces of logins finished here, until their handle expires: a handle is used once.
@@ -248,7 +251,12 @@ pub(crate) fn ct_eq(a: &[u8], b: &[u8]) -> bool {
 
 impl Logins {
     /// Reads the CA (key included, when present) and prepares the OIDC client.
-    pub fn new(config: Config, store: Arc<dyn Store>, audit: Arc<AuditLog>) -> Result<Self, LoginError> {
+    pub fn new(
+        config: Config,
+        store: Arc<dyn Store>,
+        audit: Arc<AuditLog>,
+        postgres_port: u16,
+    ) -> Result<Self, LoginError> {
         let authority = match Authority::load(&config.data_dir) {
             Ok(ca) => Some(Arc::new(ca)),
             Err(error) => {
@@ -270,6 +278,7 @@ impl Logins {
             audit,
             authority,
             ca_pem,
+            postgres_port,
             provider,
             seal_key: ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &seal),
             used: Mutex::new(HashMap::new()),
@@ -429,7 +438,11 @@ impl Logins {
         csr: &str,
     ) -> Result<Issued, LoginError> {
         let provider = self.provider()?;
-        let person = match provider.verify(token, &pending.nonce).await {
+        let nonce = match pending.kind.as_str() {
+            "code" => Nonce::Required(&pending.nonce),
+            _ => Nonce::IfPresent(&pending.nonce),
+        };
+        let person = match provider.verify(token, nonce).await {
             Ok(p) => p,
             Err(e) => return Err(self.refused("oidc", None, caller, e)),
         };
@@ -595,7 +608,7 @@ impl Logins {
             ca: self.ca_pem.clone(),
             not_after: what.not_after,
             enrolled_until: what.enrolled_until,
-            postgres_port: self.config.listen.postgres.port(),
+            postgres_port: self.postgres_port,
         })
     }
 

@@ -242,7 +242,9 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: impl Future<Out
         cluster: store.replica().is_some().then(|| Arc::clone(&store)),
     });
     crate::cluster::start(&store, &pg, &hub, &metrics, &tracker, &cancel);
-    let logins = crate::login::Logins::new(config.clone(), Arc::clone(&store), Arc::clone(&audit))
+    // The bound port, not the configured one: `listen = "...:0"` picks a free port.
+    let postgres_port = listeners.addrs().postgres.port();
+    let logins = crate::login::Logins::new(config.clone(), Arc::clone(&store), Arc::clone(&audit), postgres_port)
         .map_err(|e| ServerError::Login(e.to_string()))?;
     let api_state = Arc::new(ApiState {
         logins: Arc::new(logins),

@@ -75,6 +75,14 @@ async fn an_invite_gets_a_first_certificate_once_and_later_commands_find_it() {
         std::fs::read_to_string(dir.join("ca.pem")).unwrap(),
         std::fs::read_to_string(h.data_dir().join("ca.crt")).unwrap()
     );
+    // The profile points at the proxy's bound PostgreSQL port (the config says port 0).
+    let profile: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("profile.json")).unwrap()).unwrap();
+    assert_eq!(
+        profile["postgres"],
+        format!("127.0.0.1:{}", h.addrs().postgres.port()),
+        "{profile}"
+    );
 
     let who = as_engineer(home.path(), &["whoami"]).await;
     assert!(who.ok, "{who:?}");

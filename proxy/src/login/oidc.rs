@@ -155,7 +155,7 @@ impl Provider {
         }
     }
 
-    /// Starts a device authorization, carrying `nonce` (the ID token must echo it).
+    /// Starts a device authorization, carrying `nonce` (a token that echoes one must echo it).
     pub async fn start_device(&self, nonce: &str) -> Result<DeviceAuthorization, LoginError> {
         let meta = self.metadata().await?;
         let endpoint = meta.device_authorization_endpoint.as_deref().ok_or_else(|| {
@@ -251,7 +251,7 @@ impl Provider {
 
     /// Verifies `id_token` (signature, issuer, audience, times, `nonce`) and maps its claims
     /// to a jitgate user and roles.
-    pub async fn verify(&self, id_token: &str, nonce: &str) -> Result<Person, LoginError> {
+    pub async fn verify(&self, id_token: &str, nonce: Nonce<'_>) -> Result<Person, LoginError> {
         let header = jsonwebtoken::decode_header(id_token)
             .map_err(|e| LoginError::Refused(format!("the ID token is unreadable: {e}")))?;
         let keys = self.keys(header.kid.as_deref()).await?;
@@ -292,15 +292,28 @@ const ALGORITHMS: &[Algorithm] = &[
     Algorithm::EdDSA,
 ];
 
+/// What an ID token's `nonce` claim must be.
+#[derive(Clone, Copy, Debug)]
+pub enum Nonce<'a> {
+    /// Authorization code flow: the token came back through the browser's redirect, so it
+    /// must echo the nonce the proxy put in the authorization request.
+    Required(&'a str),
+    /// Device flow: the proxy itself fetched the token from the token endpoint with its client
+    /// credentials and a device code only it holds. RFC 8628 has no nonce and providers
+    /// (oidc-provider among them) drop it, so a token without one is accepted; a token with
+    /// one must still carry this login's.
+    IfPresent(&'a str),
+}
+
 /// Verifies an ID token against `keys`: the signature, `iss` equal to `issuer`, `aud`
 /// containing `client_id` (and `azp` equal to it when there are several audiences), `exp` and
-/// `nbf` with 60 s of leeway, `iat` present, and `nonce` equal to the login's. Returns the
+/// `nbf` with 60 s of leeway, `iat` present, and `nonce` as [`Nonce`] says. Returns the
 /// claims, or the reason for the refusal.
 pub fn verify_token(
     keys: &JwkSet,
     issuer: &str,
     client_id: &str,
-    nonce: &str,
+    nonce: Nonce<'_>,
     token: &str,
 ) -> Result<Map<String, Value>, String> {
     let header = jsonwebtoken::decode_header(token).map_err(|e| format!("the ID token is unreadable: {e}"))?;
@@ -347,10 +360,15 @@ pub fn verify_token(
             ));
         }
     }
-    match claims.get("nonce").and_then(Value::as_str) {
-        Some(n) if super::ct_eq(n.as_bytes(), nonce.as_bytes()) => Ok(claims),
+    let (expected, required) = match nonce {
+        Nonce::Required(n) => (n, true),
+        Nonce::IfPresent(n) => (n, false),
+    };
+    match claims.get("nonce") {
+        Some(Value::String(n)) if super::ct_eq(n.as_bytes(), expected.as_bytes()) => Ok(claims),
         Some(_) => Err("the ID token's nonce is not this login's (a replayed token)".into()),
-        None => Err("the ID token carries no nonce (a replayed or unsolicited token)".into()),
+        None if required => Err("the ID token carries no nonce (a replayed or unsolicited token)".into()),
+        None => Ok(claims),
     }
 }
 

@@ -9,7 +9,7 @@ use jsonwebtoken::jwk::JwkSet;
 use jsonwebtoken::{EncodingKey, Header};
 use serde_json::{json, Map, Value};
 
-use super::oidc::{person, verify_token};
+use super::oidc::{person, verify_token, Nonce};
 use super::*;
 use crate::config::OidcConfig;
 
@@ -66,10 +66,19 @@ fn with(mut c: Map<String, Value>, k: &str, v: Value) -> Map<String, Value> {
 #[test]
 fn a_good_token_verifies_and_every_wrong_claim_is_refused_with_its_reason() {
     let (k, jwks) = key("k1");
-    let ok = verify_token(&jwks, ISSUER, CLIENT, "n-1", &sign(&k, "k1", &claims())).unwrap();
+    let ok = verify_token(
+        &jwks,
+        ISSUER,
+        CLIENT,
+        Nonce::Required("n-1"),
+        &sign(&k, "k1", &claims()),
+    )
+    .unwrap();
     assert_eq!(ok["sub"], "u-1");
 
-    let refused = |c: Map<String, Value>| verify_token(&jwks, ISSUER, CLIENT, "n-1", &sign(&k, "k1", &c)).unwrap_err();
+    let refused = |c: Map<String, Value>| {
+        verify_token(&jwks, ISSUER, CLIENT, Nonce::Required("n-1"), &sign(&k, "k1", &c)).unwrap_err()
+    };
     assert!(refused(with(claims(), "iss", json!("http://evil/"))).contains("another issuer"));
     assert!(refused(with(claims(), "aud", json!("other-app"))).contains("another audience"));
     assert!(refused(with(claims(), "exp", json!(now() - 120))).contains("expired"));
@@ -77,7 +86,17 @@ fn a_good_token_verifies_and_every_wrong_claim_is_refused_with_its_reason() {
     assert!(refused(with(claims(), "nonce", json!("n-0"))).contains("nonce is not this login's"));
     let mut no_nonce = claims();
     no_nonce.remove("nonce");
-    assert!(refused(no_nonce).contains("no nonce"));
+    assert!(refused(no_nonce.clone()).contains("no nonce"));
+    // Device flow: the proxy fetched the token itself, so a missing nonce is accepted, a wrong
+    // one never is.
+    let device =
+        |c: &Map<String, Value>| verify_token(&jwks, ISSUER, CLIENT, Nonce::IfPresent("n-1"), &sign(&k, "k1", c));
+    assert!(device(&no_nonce).is_ok());
+    assert!(device(&claims()).is_ok());
+    assert!(device(&with(claims(), "nonce", json!("n-0")))
+        .unwrap_err()
+        .contains("nonce is not this login's"));
+    assert!(device(&with(claims(), "nonce", json!(1))).is_err());
     let mut no_exp = claims();
     no_exp.remove("exp");
     assert!(refused(no_exp).contains("exp"));
@@ -88,7 +107,7 @@ fn a_good_token_verifies_and_every_wrong_claim_is_refused_with_its_reason() {
         &jwks,
         ISSUER,
         CLIENT,
-        "n-1",
+        Nonce::Required("n-1"),
         &sign(&k, "k1", &with(multi, "azp", json!(CLIENT)))
     )
     .is_ok());
@@ -99,11 +118,11 @@ fn signatures_from_other_keys_and_unsigned_tokens_are_refused() {
     let (k, jwks) = key("k1");
     let (other, _) = key("k1");
     let forged = sign(&other, "k1", &claims());
-    assert!(verify_token(&jwks, ISSUER, CLIENT, "n-1", &forged)
+    assert!(verify_token(&jwks, ISSUER, CLIENT, Nonce::Required("n-1"), &forged)
         .unwrap_err()
         .contains("signature"));
     let unknown = sign(&k, "k9", &claims());
-    assert!(verify_token(&jwks, ISSUER, CLIENT, "n-1", &unknown)
+    assert!(verify_token(&jwks, ISSUER, CLIENT, Nonce::Required("n-1"), &unknown)
         .unwrap_err()
         .contains("not among"));
     // alg "none": header and payload with an empty signature.
@@ -113,7 +132,7 @@ fn signatures_from_other_keys_and_unsigned_tokens_are_refused() {
         b64.encode(br#"{"alg":"none","kid":"k1"}"#),
         b64.encode(serde_json::to_vec(&claims()).unwrap())
     );
-    assert!(verify_token(&jwks, ISSUER, CLIENT, "n-1", &none).is_err());
+    assert!(verify_token(&jwks, ISSUER, CLIENT, Nonce::Required("n-1"), &none).is_err());
     // HS256 signed with the public key's bytes as the secret (the key-confusion attack).
     let hs = jsonwebtoken::encode(
         &Header {
@@ -124,10 +143,10 @@ fn signatures_from_other_keys_and_unsigned_tokens_are_refused() {
         &EncodingKey::from_secret(b"x"),
     )
     .unwrap();
-    assert!(verify_token(&jwks, ISSUER, CLIENT, "n-1", &hs)
+    assert!(verify_token(&jwks, ISSUER, CLIENT, Nonce::Required("n-1"), &hs)
         .unwrap_err()
         .contains("not accepted"));
-    assert!(verify_token(&jwks, ISSUER, CLIENT, "n-1", "not.a.jwt").is_err());
+    assert!(verify_token(&jwks, ISSUER, CLIENT, Nonce::Required("n-1"), "not.a.jwt").is_err());
 }
 
 fn oidc_config() -> OidcConfig {
