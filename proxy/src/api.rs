@@ -53,6 +53,8 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("post", "/v1/login/invite"),
     ("post", "/v1/login/renew"),
     ("post", "/v1/invites"),
+    ("post", "/v1/slack/interactions"),
+    ("post", "/v1/slack/links"),
     ("get", "/v1/whoami"),
     ("get", "/v1/grants"),
     ("post", "/v1/grants"),
@@ -75,6 +77,8 @@ pub const ROUTES: &[(&str, &str)] = &[
 
 /// State shared by API handlers.
 pub struct ApiState {
+    /// The Slack app (`[slack]`), or `None`.
+    pub slack: Option<Arc<crate::slack::Slack>>,
     /// `jitgate login`: OIDC, invites, renewals.
     pub logins: Arc<crate::login::Logins>,
     pub config: Config,
@@ -211,6 +215,7 @@ fn login_routes() -> Router<Arc<ApiState>> {
         .route("/v1/login/authorize", post(login_authorize))
         .route("/v1/login/code", post(login_code))
         .route("/v1/login/invite", post(login_invite))
+        .route("/v1/slack/interactions", post(slack_interaction))
 }
 
 /// The router of a connection without a client certificate: the login routes, and `401` for
@@ -234,6 +239,7 @@ fn router(state: Arc<ApiState>) -> Router {
     login_routes()
         .route("/v1/login/renew", post(login_renew))
         .route("/v1/invites", post(create_invite))
+        .route("/v1/slack/links", post(slack_link))
         .route("/v1/whoami", get(whoami))
         .route("/v1/grants", get(list_grants).post(create_grant))
         .route("/v1/grants/{id}/revoke", post(revoke_grant))
@@ -288,6 +294,71 @@ impl From<crate::login::LoginError> for ApiError {
         };
         ApiError(status, code, e.to_string())
     }
+}
+
+/// Body of `POST /v1/slack/links`.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SlackLinkBody {
+    /// Slack's member ID of the account to link (`U...`).
+    pub slack_user: String,
+}
+
+/// Answer of `POST /v1/slack/links`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct SlackLinkOffered {
+    pub slack_user: String,
+    pub message: String,
+}
+
+fn slack_of(s: &ApiState) -> Result<&crate::slack::Slack, ApiError> {
+    s.slack.as_deref().ok_or_else(|| {
+        ApiError(
+            StatusCode::NOT_FOUND,
+            "not_configured",
+            "this proxy has no [slack] app".into(),
+        )
+    })
+}
+
+/// `POST /v1/slack/interactions`: Slack's calls (signed, without a client certificate).
+async fn slack_interaction(
+    State(s): Shared,
+    headers: axum::http::HeaderMap,
+    body: axum::body::Bytes,
+) -> Result<Json<crate::slack::Outcome>, ApiError> {
+    let slack = slack_of(&s)?;
+    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    slack
+        .interaction(
+            &s.requests,
+            header("x-slack-request-timestamp"),
+            header("x-slack-signature"),
+            &body,
+        )
+        .await
+        .map(Json)
+        .map_err(|r| ApiError(StatusCode::UNAUTHORIZED, "refused", r.to_string()))
+}
+
+/// `POST /v1/slack/links`: the caller offers a Slack account a link (it confirms in Slack).
+async fn slack_link(
+    State(s): Shared,
+    Extension(id): Caller,
+    body: Result<Json<SlackLinkBody>, JsonRejection>,
+) -> Result<Json<SlackLinkOffered>, ApiError> {
+    let Json(body) = body?;
+    let slack = slack_of(&s)?;
+    slack
+        .offer_link(&id, &body.slack_user)
+        .map_err(|m| ApiError(StatusCode::BAD_REQUEST, "invalid", m))?;
+    Ok(Json(SlackLinkOffered {
+        message: format!(
+            "sent {} a direct message in Slack: click Confirm there to link it to {}",
+            body.slack_user, id.user
+        ),
+        slack_user: body.slack_user,
+    }))
 }
 
 /// The TCP peer of an API connection.

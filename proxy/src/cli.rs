@@ -110,6 +110,14 @@ enum Command {
         #[command(flatten)]
         api: ApiArgs,
     },
+    /// Link your Slack account, so your clicks on Approve and Deny in Slack act as you
+    /// (`jitgate slack link U0123ABCD`; then confirm in the direct message the bot sends).
+    Slack {
+        #[command(subcommand)]
+        command: SlackCommand,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
     /// Listen on a loopback port for PostgreSQL clients that cannot present a certificate
     /// (GUI tools, `sslmode=disable`) and tunnel each to TARGET through the proxy over mTLS
     /// with your certificate (`jitgate connect prod-db --port 15432`).
@@ -422,6 +430,7 @@ async fn dispatch(cli: Cli) -> Result<()> {
         Command::Logout => crate::login::command::logout(),
         Command::Whoami { json } => crate::login::command::whoami(json),
         Command::User { command, api } => crate::login::command::user(command, &api).await,
+        Command::Slack { command, api } => slack(command, &api).await,
         Command::Request(args) => crate::requests::command::request(args).await,
         Command::Approve(args) => crate::requests::command::approve(args).await,
         Command::Deny(args) => crate::requests::command::deny(args).await,
@@ -805,6 +814,36 @@ async fn session(cmd: SessionCommand, a: &ApiArgs) -> Result<()> {
                 }
                 Ok(())
             }
+        }
+    }
+}
+
+/// `jitgate slack ...`.
+#[derive(Debug, clap::Subcommand)]
+pub enum SlackCommand {
+    /// Offer SLACK_USER_ID (your member ID: in Slack, your profile's menu, Copy member ID) a
+    /// link to your jitgate user and roles; the bot asks that account to confirm.
+    Link { slack_user_id: String },
+}
+
+async fn slack(cmd: SlackCommand, a: &ApiArgs) -> anyhow::Result<()> {
+    match cmd {
+        SlackCommand::Link { slack_user_id } => {
+            let client = api_client(a)?;
+            let offered: crate::api::SlackLinkOffered = client
+                .post(
+                    "/v1/slack/links",
+                    &crate::api::SlackLinkBody {
+                        slack_user: slack_user_id,
+                    },
+                )
+                .await?;
+            if a.json {
+                println!("{}", serde_json::to_string_pretty(&offered)?);
+            } else {
+                println!("{}", offered.message);
+            }
+            Ok(())
         }
     }
 }

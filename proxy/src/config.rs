@@ -62,6 +62,19 @@ struct RawConfig {
     oidc: Option<RawOidc>,
     #[serde(default)]
     enrollment: RawEnrollment,
+    slack: Option<RawSlack>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSlack {
+    signing_secret_env: Option<String>,
+    signing_secret_file: Option<PathBuf>,
+    bot_token_env: Option<String>,
+    bot_token_file: Option<PathBuf>,
+    api_url: Option<String>,
+    console_url: Option<String>,
+    link_ttl: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -307,6 +320,35 @@ pub struct Config {
     pub oidc: Option<Arc<OidcConfig>>,
     /// `[enrollment]`: certificates from invites and renewals.
     pub enrollment: EnrollmentConfig,
+    /// `[slack]`: approvals in Slack (see [`crate::slack`]), or `None`.
+    pub slack: Option<Arc<SlackConfig>>,
+}
+
+/// `[slack]`: the Slack app that posts requests with Approve and Deny buttons and receives the
+/// clicks. Which channel a request goes to is its policy's `slack_channel`.
+#[derive(Clone)]
+pub struct SlackConfig {
+    /// The app's signing secret: every interaction must carry its HMAC. `None` only when the
+    /// config was read without secrets.
+    pub signing_secret: Option<String>,
+    /// The bot token (`xoxb-...`) for `chat.postMessage` and `chat.update`.
+    pub bot_token: Option<String>,
+    /// The Web API base, default `https://slack.com/api` (`http://` only on loopback).
+    pub api_url: String,
+    /// Where the web console is, for policies with `approve_in_chat = false`.
+    pub console_url: Option<String>,
+    /// How long a linked Slack account approves with the roles it was linked with. Default 30d.
+    pub link_ttl: Duration,
+}
+
+impl std::fmt::Debug for SlackConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SlackConfig")
+            .field("api_url", &self.api_url)
+            .field("console_url", &self.console_url)
+            .field("link_ttl", &self.link_ttl)
+            .finish_non_exhaustive()
+    }
 }
 
 /// `[oidc]`: the identity provider `jitgate login` signs engineers in with. The proxy is the
@@ -898,7 +940,17 @@ impl RawConfig {
         };
         let oidc = self.oidc.map(|o| o.validate(secrets)).transpose()?.map(Arc::new);
         let enrollment = self.enrollment.validate()?;
+        let slack = self.slack.map(|s| s.validate(secrets)).transpose()?.map(Arc::new);
+        if slack.is_none() {
+            if let Some(p) = policies.iter().find(|p| p.slack_channel.is_some()) {
+                return Err(invalid(
+                    format!("policies.{}.slack_channel", p.name),
+                    "set [slack] (the app's signing secret and bot token) to post to a channel",
+                ));
+            }
+        }
         Ok(Config {
+            slack,
             oidc,
             enrollment,
             store,
@@ -919,6 +971,68 @@ impl RawConfig {
             tls,
             limits,
             targets: Arc::new(targets),
+        })
+    }
+}
+
+impl RawSlack {
+    fn validate(self, secrets: Secrets) -> Result<SlackConfig, ConfigError> {
+        let signing = SecretKeys {
+            table: "slack",
+            env: "signing_secret_env",
+            file: "signing_secret_file",
+            both: "slack",
+        };
+        let signing_secret = resolve_secret(&signing, self.signing_secret_env, self.signing_secret_file, secrets)?;
+        let bot = SecretKeys {
+            table: "slack",
+            env: "bot_token_env",
+            file: "bot_token_file",
+            both: "slack",
+        };
+        let bot_token = resolve_secret(&bot, self.bot_token_env, self.bot_token_file, secrets)?;
+        if secrets == Secrets::Resolve {
+            if signing_secret.as_deref().is_none_or(str::is_empty) {
+                return Err(invalid(
+                    "slack.signing_secret_env",
+                    "set signing_secret_env or signing_secret_file: interactions are verified with it",
+                ));
+            }
+            if bot_token.as_deref().is_none_or(str::is_empty) {
+                return Err(invalid("slack.bot_token_env", "set bot_token_env or bot_token_file"));
+            }
+        }
+        let api_url = self
+            .api_url
+            .unwrap_or_else(|| "https://slack.com/api".into())
+            .trim_end_matches('/')
+            .to_owned();
+        if !issuer_allowed(&api_url) {
+            return Err(invalid(
+                "slack.api_url",
+                format!("{api_url:?}: an https:// URL (http:// only on a loopback address)"),
+            ));
+        }
+        let console_url = self.console_url.map(|u| u.trim_end_matches('/').to_owned());
+        if let Some(u) = &console_url {
+            if !u.starts_with("https://") && !u.starts_with("http://") {
+                return Err(invalid("slack.console_url", format!("{u:?}: an http(s) URL")));
+            }
+        }
+        let link_ttl = duration(
+            "slack.link_ttl",
+            self.link_ttl.as_deref(),
+            Duration::from_secs(30 * 86_400),
+        )?;
+        if !(Duration::from_secs(60)..=Duration::from_secs(366 * 86_400)).contains(&link_ttl) {
+            return Err(invalid("slack.link_ttl", "must be between 1m and 366d"));
+        }
+        Ok(SlackConfig {
+            signing_secret,
+            bot_token,
+            api_url,
+            console_url,
+            link_ttl,
         })
     }
 }
@@ -1569,6 +1683,70 @@ password_env = "JITGATE_TEST_CONFIG_PW"
         );
         assert_eq!(parse(&text).unwrap().audit.replica.as_deref(), Some("east-1"));
         assert_eq!(parse(MINIMAL).unwrap().audit.replica, None);
+    }
+
+    const SLACK_POLICY: &str = r#"
+[[policies]]
+name = "prod-in-slack"
+roles = ["dev"]
+targets = { env = "prod" }
+access = ["read"]
+max_duration = "1h"
+approvers = ["dba"]
+slack_channel = "C0APPROVALS"
+"#;
+
+    #[test]
+    fn slack_needs_its_secrets_and_a_safe_api_url() {
+        std::env::set_var("JITGATE_TEST_CONFIG_PW", "pw");
+        std::env::set_var("JITGATE_TEST_SLACK_SIGNING_CFG", "s3cret");
+        std::env::set_var("JITGATE_TEST_SLACK_BOT_CFG", "xoxb-1");
+        let with = |slack: &str| parse(&format!("{MINIMAL}{SLACK_POLICY}[slack]\n{slack}"));
+        let both =
+            "signing_secret_env = \"JITGATE_TEST_SLACK_SIGNING_CFG\"\nbot_token_env = \"JITGATE_TEST_SLACK_BOT_CFG\"\n";
+        let c = with(both).unwrap();
+        let slack = c.slack.as_deref().unwrap();
+        assert_eq!(slack.api_url, "https://slack.com/api");
+        assert_eq!(slack.signing_secret.as_deref(), Some("s3cret"));
+        assert_eq!(slack.link_ttl, Duration::from_secs(30 * 86_400));
+        let policy = c.policies.iter().next().unwrap();
+        assert_eq!(policy.slack_channel.as_deref(), Some("C0APPROVALS"));
+        assert!(policy.approve_in_chat);
+
+        let err = with("bot_token_env = \"JITGATE_TEST_SLACK_BOT_CFG\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("slack.signing_secret_env"), "{err}");
+        let err = with("signing_secret_env = \"JITGATE_TEST_SLACK_SIGNING_CFG\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("slack.bot_token_env"), "{err}");
+        let err = with(&format!("{both}api_url = \"http://slack.example.com/api\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("slack.api_url"), "{err}");
+        assert!(with(&format!("{both}api_url = \"http://127.0.0.1:9/api\"\n")).is_ok());
+        let err = with(&format!("{both}link_ttl = \"10s\"\n")).unwrap_err().to_string();
+        assert!(err.starts_with("slack.link_ttl"), "{err}");
+        let err = with(&format!("{both}console_url = \"javascript:alert(1)\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("slack.console_url"), "{err}");
+        assert!(
+            with(&format!("{both}channel = \"C1\"\n")).is_err(),
+            "unknown keys are refused"
+        );
+    }
+
+    #[test]
+    fn a_policy_cannot_name_a_slack_channel_without_the_slack_app() {
+        std::env::set_var("JITGATE_TEST_CONFIG_PW", "pw");
+        let err = parse(&format!("{MINIMAL}{SLACK_POLICY}")).unwrap_err().to_string();
+        assert!(err.starts_with("policies.prod-in-slack.slack_channel"), "{err}");
+        assert!(err.contains("[slack]"), "{err}");
+        let bad = SLACK_POLICY.replace("C0APPROVALS", "C0 APPROVALS");
+        let err = parse(&format!("{MINIMAL}{bad}")).unwrap_err().to_string();
+        assert!(err.contains("slack_channel"), "{err}");
     }
 
     #[test]

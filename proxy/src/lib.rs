@@ -33,6 +33,7 @@ pub mod requests;
 pub mod sandbox;
 pub mod server;
 pub mod sessions;
+pub mod slack;
 pub mod ssh;
 pub mod sshca;
 pub mod store;

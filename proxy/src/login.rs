@@ -17,7 +17,7 @@
 //! certificate: the API listener accepts TLS without one and serves nothing else to it.
 
 pub mod command;
-mod http;
+pub(crate) mod http;
 pub mod oidc;
 pub mod profile;
 

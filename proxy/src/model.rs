@@ -9,7 +9,7 @@ mod ids;
 mod request;
 mod session;
 
-pub use agent::{AgentRecord, AgentToken, Invite, TokenRefusal};
+pub use agent::{AgentRecord, AgentToken, Invite, SlackLink, TokenRefusal};
 pub use grant::{Deadline, Grant, GrantEnd, NewGrant};
 pub use ids::{AccessLevel, AgentName, GrantId, InvalidName, RequestId, Role, SessionId, TargetName, UserName};
 pub use request::{ListFilter, NewExtension, NewRequest, Request, RequestState, Vote};

@@ -23,7 +23,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::metrics::Metrics;
 
-pub use delivery::signature;
+pub use delivery::{backoff, signature};
 pub use payload::{EventKind, GrantData, Notification, NotificationData, RequestInfo};
 pub use webhook::{validate as validate_webhooks, Endpoint, Format, RawWebhook, WebhookConfig};
 
@@ -42,6 +42,8 @@ struct Hook {
 /// Fans notifications out to the configured webhooks.
 pub struct Notifier {
     hooks: Vec<Hook>,
+    /// The Slack app, told of request events too (`[slack]`).
+    slack: Option<Arc<crate::slack::Slack>>,
 }
 
 impl Notifier {
@@ -53,7 +55,19 @@ impl Notifier {
         tracker: &TaskTracker,
         shutdown: CancellationToken,
     ) -> Arc<Notifier> {
-        let (notifier, workers) = Self::build(webhooks, metrics, QUEUE_SIZE);
+        Self::start_with_slack(webhooks, None, metrics, tracker, shutdown)
+    }
+
+    /// [`Notifier::start`], and request events also go to the Slack app.
+    pub fn start_with_slack(
+        webhooks: &[WebhookConfig],
+        slack: Option<Arc<crate::slack::Slack>>,
+        metrics: &Metrics,
+        tracker: &TaskTracker,
+        shutdown: CancellationToken,
+    ) -> Arc<Notifier> {
+        let (mut notifier, workers) = Self::build(webhooks, metrics, QUEUE_SIZE);
+        notifier.slack = slack;
         for (hook, queue) in workers {
             let m = hook_metrics(metrics, &hook.name);
             tracker.spawn(delivery::run(hook, queue, m, shutdown.clone()));
@@ -63,7 +77,10 @@ impl Notifier {
 
     /// A notifier without webhooks: every notification is ignored.
     pub fn disabled() -> Arc<Notifier> {
-        Arc::new(Notifier { hooks: Vec::new() })
+        Arc::new(Notifier {
+            hooks: Vec::new(),
+            slack: None,
+        })
     }
 
     /// The queues and, separately, their receiving ends (for the workers).
@@ -86,11 +103,14 @@ impl Notifier {
             });
             workers.push((w.clone(), rx));
         }
-        (Notifier { hooks }, workers)
+        (Notifier { hooks, slack: None }, workers)
     }
 
     /// Queues `event` for every webhook subscribed to its kind. Never waits.
     pub fn notify(&self, event: Notification) {
+        if let Some(slack) = &self.slack {
+            slack.notify(&event);
+        }
         for hook in self.hooks.iter().filter(|h| h.events.contains(&event.kind)) {
             hook.depth.inc();
             if let Err(e) = hook.queue.try_send(event.clone()) {

@@ -46,6 +46,11 @@ pub struct Policy {
     /// Whether requesters may ask for break-glass access (granted at once, flagged). Default
     /// false.
     pub break_glass: bool,
+    /// `slack_channel`: the Slack channel (ID or `#name`) its pending requests are posted to.
+    pub slack_channel: Option<String>,
+    /// `approve_in_chat` (default true): Approve and Deny buttons in the Slack message;
+    /// false posts a link to the web console instead.
+    pub approve_in_chat: bool,
 }
 
 /// Who decides requests under a policy.

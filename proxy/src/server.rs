@@ -173,7 +173,21 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: impl Future<Out
     };
     let clock = clock::system();
     let tracker = TaskTracker::new();
-    let notifier = Notifier::start(&config.webhooks, &metrics, &tracker, cancel.clone());
+    let slack = match &config.slack {
+        Some(sc) => Some(
+            crate::slack::Slack::start(
+                Arc::clone(sc),
+                Arc::clone(&config.policies),
+                Arc::clone(&store),
+                Arc::clone(&audit),
+                &tracker,
+                cancel.clone(),
+            )
+            .map_err(ServerError::Login)?,
+        ),
+        None => None,
+    };
+    let notifier = Notifier::start_with_slack(&config.webhooks, slack.clone(), &metrics, &tracker, cancel.clone());
     let grants = Grants::start(GrantsDeps {
         store: Arc::clone(&store),
         audit: Arc::clone(&audit),
@@ -247,6 +261,7 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: impl Future<Out
     let logins = crate::login::Logins::new(config.clone(), Arc::clone(&store), Arc::clone(&audit), postgres_port)
         .map_err(|e| ServerError::Login(e.to_string()))?;
     let api_state = Arc::new(ApiState {
+        slack,
         logins: Arc::new(logins),
         store: Arc::clone(&store),
         hub: Arc::clone(&hub),

@@ -23,7 +23,7 @@ pub use sqlite::SqliteStore;
 
 use crate::model::{
     AgentName, AgentRecord, AgentToken, Grant, GrantEnd, GrantId, Invite, Request, RequestId, RequestState, SessionId,
-    TokenRefusal, UserName,
+    SlackLink, TokenRefusal, UserName,
 };
 use crate::sessions::{CancelKey, SessionInfo};
 
@@ -154,6 +154,10 @@ pub trait Store: Send + Sync + 'static {
         secret_sha256: &str,
         now: SystemTime,
     ) -> Result<Result<Invite, TokenRefusal>, StoreError>;
+    /// Records (or replaces) the link of a Slack account to a jitgate user.
+    async fn upsert_slack_link(&self, link: &SlackLink) -> Result<(), StoreError>;
+    /// The link of Slack user `slack_user` in `team`, expired or not.
+    async fn slack_link(&self, team: &str, slack_user: &str) -> Result<Option<SlackLink>, StoreError>;
     /// Every agent that joined, by name.
     async fn agents(&self) -> Result<Vec<AgentRecord>, StoreError>;
     /// Forgets an agent (its links and renewals are refused from then on) and publishes

@@ -359,6 +359,28 @@ pub enum AuditEvent {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         remote_addr: Option<SocketAddr>,
     },
+    /// A Slack account was linked to a jitgate user (the Slack user confirmed in Slack).
+    #[serde(rename = "slack.linked")]
+    SlackLinked {
+        user: UserName,
+        roles: Vec<Role>,
+        team: String,
+        slack_user: String,
+        #[serde(with = "crate::timefmt::serde_rfc3339")]
+        expires_at: SystemTime,
+    },
+    /// A Slack interaction was refused: a bad or old signature, a replay, an unlinked
+    /// account, or an approval the rules refuse.
+    #[serde(rename = "slack.refused")]
+    SlackRefused {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        slack_user: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        user: Option<UserName>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        request_id: Option<String>,
+        reason: String,
+    },
     /// An admin created an invite code (the code itself is never recorded).
     #[serde(rename = "invite.created")]
     InviteCreated {
@@ -499,6 +521,8 @@ impl AuditEvent {
             Self::LoginSucceeded { .. } => "login.succeeded",
             Self::LoginRefused { .. } => "login.refused",
             Self::InviteCreated { .. } => "invite.created",
+            Self::SlackLinked { .. } => "slack.linked",
+            Self::SlackRefused { .. } => "slack.refused",
             Self::AgentTokenCreated { .. } => "agent.token_created",
             Self::AgentJoined { .. } => "agent.joined",
             Self::AgentRenewed { .. } => "agent.renewed",

@@ -17,6 +17,12 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 /// Largest answer read from the provider.
 const MAX_BODY: usize = 1 << 20;
 
+/// A request body and its type.
+struct Body {
+    content_type: &'static str,
+    bytes: String,
+}
+
 /// A failed call to the provider.
 #[derive(Debug, thiserror::Error)]
 pub enum HttpError {
@@ -62,18 +68,43 @@ impl Http {
 
     /// `GET url`, JSON answer.
     pub async fn get_json<T: DeserializeOwned>(&self, url: &str) -> Result<T, HttpError> {
-        let body = self.call(hyper::Method::GET, url, None).await?;
+        let body = self.call(hyper::Method::GET, url, None, None).await?;
         decode(url, &body)
     }
 
     /// `POST url` with a form body, JSON answer.
     pub async fn post_form<T: DeserializeOwned>(&self, url: &str, form: &[(&str, &str)]) -> Result<T, HttpError> {
-        let body = self.call(hyper::Method::POST, url, Some(encode_form(form))).await?;
+        let body = Body {
+            content_type: "application/x-www-form-urlencoded",
+            bytes: encode_form(form),
+        };
+        let body = self.call(hyper::Method::POST, url, Some(body), None).await?;
         decode(url, &body)
     }
 
-    async fn call(&self, method: hyper::Method, url: &str, form: Option<String>) -> Result<Vec<u8>, HttpError> {
-        match tokio::time::timeout(CALL_TIMEOUT, self.call_unbounded(method, url, form)).await {
+    /// `POST url` with a JSON body and `Authorization: Bearer token`, JSON answer.
+    pub async fn post_json_bearer<T: DeserializeOwned>(
+        &self,
+        url: &str,
+        token: &str,
+        json: &serde_json::Value,
+    ) -> Result<T, HttpError> {
+        let body = Body {
+            content_type: "application/json; charset=utf-8",
+            bytes: json.to_string(),
+        };
+        let body = self.call(hyper::Method::POST, url, Some(body), Some(token)).await?;
+        decode(url, &body)
+    }
+
+    async fn call(
+        &self,
+        method: hyper::Method,
+        url: &str,
+        form: Option<Body>,
+        bearer: Option<&str>,
+    ) -> Result<Vec<u8>, HttpError> {
+        match tokio::time::timeout(CALL_TIMEOUT, self.call_unbounded(method, url, form, bearer)).await {
             Ok(r) => r,
             Err(_) => Err(HttpError::Unreachable {
                 url: url.to_owned(),
@@ -86,7 +117,8 @@ impl Http {
         &self,
         method: hyper::Method,
         url: &str,
-        form: Option<String>,
+        form: Option<Body>,
+        bearer: Option<&str>,
     ) -> Result<Vec<u8>, HttpError> {
         let unreachable = |message: String| HttpError::Unreachable {
             url: url.to_owned(),
@@ -101,7 +133,6 @@ impl Http {
         let tcp = TcpStream::connect((parsed.host.as_str(), parsed.port))
             .await
             .map_err(|e| unreachable(e.to_string()))?;
-        let content_type = form.as_ref().map(|_| "application/x-www-form-urlencoded");
         let request = hyper::Request::builder()
             .method(method)
             .uri(&parsed.path)
@@ -111,12 +142,17 @@ impl Http {
                 hyper::header::USER_AGENT,
                 concat!("jitgate/", env!("CARGO_PKG_VERSION")),
             );
-        let request = match content_type {
-            Some(ct) => request.header(hyper::header::CONTENT_TYPE, ct),
+        let request = match bearer {
+            Some(token) => request.header(hyper::header::AUTHORIZATION, format!("Bearer {token}")),
             None => request,
-        }
-        .body(Full::new(bytes::Bytes::from(form.unwrap_or_default())))
-        .map_err(|e| HttpError::Setup(e.to_string()))?;
+        };
+        let (request, bytes) = match form {
+            Some(b) => (request.header(hyper::header::CONTENT_TYPE, b.content_type), b.bytes),
+            None => (request, String::new()),
+        };
+        let request = request
+            .body(Full::new(bytes::Bytes::from(bytes)))
+            .map_err(|e| HttpError::Setup(e.to_string()))?;
         let response = if parsed.https {
             let name = ServerName::try_from(parsed.host.clone()).map_err(|e| HttpError::Setup(e.to_string()))?;
             let tls = tokio_rustls::TlsConnector::from(Arc::clone(&self.tls))

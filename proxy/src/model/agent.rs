@@ -65,3 +65,16 @@ pub struct Invite {
     pub created_at: SystemTime,
     pub expires_at: SystemTime,
 }
+
+/// A Slack account linked to a jitgate user: its clicks on Approve and Deny act as `user`
+/// with `roles` (those of the certificate that asked for the link) until `expires_at`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct SlackLink {
+    /// Slack's user ID (`U...`), within `team`.
+    pub slack_user: String,
+    pub team: String,
+    pub user: UserName,
+    pub roles: Vec<super::Role>,
+    pub linked_at: SystemTime,
+    pub expires_at: SystemTime,
+}

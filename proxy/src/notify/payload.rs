@@ -73,6 +73,12 @@ pub struct RequestInfo {
     /// The grant that resulted, once approved (or at once for break-glass).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub grant_id: Option<GrantId>,
+    /// The deciding policy (for the Slack channel; not in webhook payloads).
+    #[serde(skip)]
+    pub policy: String,
+    /// Approvals given so far, and needed (for the Slack message).
+    #[serde(skip)]
+    pub approvals: (usize, u32),
 }
 
 impl RequestInfo {
@@ -88,6 +94,8 @@ impl RequestInfo {
             state: request.state.as_str().to_owned(),
             decided_by: request.decided_by.clone(),
             grant_id: request.grant_id.clone(),
+            policy: request.policy.clone(),
+            approvals: (request.approvals.len(), request.approvals_needed),
         }
     }
 }

@@ -50,6 +50,8 @@ fn request(state: &str) -> RequestInfo {
         state: state.into(),
         decided_by: Some(UserName::new("carol").unwrap()),
         grant_id: None,
+        policy: "oncall".into(),
+        approvals: (0, 1),
     }
 }
 

@@ -33,6 +33,8 @@ pub struct RawPolicy {
     approvals: Option<u32>,
     #[serde(default)]
     break_glass: bool,
+    slack_channel: Option<String>,
+    approve_in_chat: Option<bool>,
 }
 
 fn invalid(key: String, message: impl Into<String>) -> ConfigError {
@@ -164,6 +166,12 @@ impl RawPolicy {
                 ));
             }
         }
+        let slack_channel = match self.slack_channel {
+            Some(c) if c.is_empty() || c.len() > 80 || c.chars().any(|ch| ch.is_whitespace() || ch.is_control()) => {
+                return Err(invalid(key("slack_channel"), format!("{c:?} is not a Slack channel")));
+            }
+            other => other,
+        };
         Ok(Policy {
             name: self.name,
             roles,
@@ -172,6 +180,8 @@ impl RawPolicy {
             max_duration,
             approval,
             break_glass: self.break_glass,
+            slack_channel,
+            approve_in_chat: self.approve_in_chat.unwrap_or(true),
         })
     }
 }

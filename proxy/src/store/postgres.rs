@@ -26,8 +26,8 @@ use tokio_util::sync::CancellationToken;
 use super::{Change, GrantWrite, RequestQuery, Store, StoreError, Versioned};
 use crate::config::{StoreConfig, UpstreamTls};
 use crate::model::{
-    AgentName, AgentRecord, AgentToken, Grant, GrantEnd, GrantId, Invite, Request, RequestId, SessionId, TargetName,
-    TokenRefusal, UserName,
+    AgentName, AgentRecord, AgentToken, Grant, GrantEnd, GrantId, Invite, Request, RequestId, SessionId, SlackLink,
+    TargetName, TokenRefusal, UserName,
 };
 use crate::sessions::{CancelKey, SessionInfo};
 use crate::timefmt::{from_millis, to_millis};
@@ -123,6 +123,18 @@ CREATE TABLE invites (
     created_at    BIGINT NOT NULL,
     expires_at    BIGINT NOT NULL,
     used_at       BIGINT
+);
+",
+    // Slack accounts linked to jitgate users (`jitgate slack link`).
+    "
+CREATE TABLE slack_links (
+    team       TEXT NOT NULL,
+    slack_user TEXT NOT NULL,
+    \"user\"   TEXT NOT NULL,
+    roles      TEXT NOT NULL,
+    linked_at  BIGINT NOT NULL,
+    expires_at BIGINT NOT NULL,
+    PRIMARY KEY (team, slack_user)
 );
 ",
 ];
@@ -1033,6 +1045,64 @@ impl Store for PgStore {
                 .await
                 .map_err(db)?;
                 Ok(())
+            })
+        })
+        .await
+    }
+
+    async fn upsert_slack_link(&self, link: &SlackLink) -> Result<(), StoreError> {
+        let l = link.clone();
+        let roles = serde_json::to_string(&l.roles).map_err(db)?;
+        self.with(move |c| {
+            Box::pin(async move {
+                c.execute(
+                    "INSERT INTO slack_links (team, slack_user, \"user\", roles, linked_at, expires_at)
+                     VALUES ($1, $2, $3, $4, $5, $6)
+                     ON CONFLICT (team, slack_user) DO UPDATE SET
+                       \"user\" = EXCLUDED.\"user\", roles = EXCLUDED.roles,
+                       linked_at = EXCLUDED.linked_at, expires_at = EXCLUDED.expires_at",
+                    &[
+                        &l.team,
+                        &l.slack_user,
+                        &l.user.as_str(),
+                        &roles,
+                        &to_millis(l.linked_at),
+                        &to_millis(l.expires_at),
+                    ],
+                )
+                .await
+                .map_err(db)?;
+                Ok(())
+            })
+        })
+        .await
+    }
+
+    async fn slack_link(&self, team: &str, slack_user: &str) -> Result<Option<SlackLink>, StoreError> {
+        let (team, slack_user) = (team.to_owned(), slack_user.to_owned());
+        self.with(move |c| {
+            Box::pin(async move {
+                let row = c
+                    .query_opt(
+                        "SELECT \"user\", roles, linked_at, expires_at FROM slack_links
+                         WHERE team = $1 AND slack_user = $2",
+                        &[&team, &slack_user],
+                    )
+                    .await
+                    .map_err(db)?;
+                let Some(row) = row else {
+                    return Ok(None);
+                };
+                let user: String = row.get(0);
+                let roles: String = row.get(1);
+                Ok(Some(SlackLink {
+                    slack_user,
+                    team,
+                    user: UserName::new(user).map_err(db)?,
+                    roles: serde_json::from_str(&roles).map_err(db)?,
+                    linked_at: from_millis(row.get(2)),
+                    expires_at: from_millis(row.get(3)),
+                }))
             })
         })
         .await

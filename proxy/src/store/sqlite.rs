@@ -16,8 +16,8 @@ use tokio::sync::{broadcast, oneshot};
 
 use super::{Change, GrantWrite, RequestQuery, Store, StoreError, Versioned};
 use crate::model::{
-    AgentName, AgentRecord, AgentToken, Grant, GrantEnd, GrantId, Invite, Request, RequestId, RequestState, TargetName,
-    TokenRefusal, UserName,
+    AgentName, AgentRecord, AgentToken, Grant, GrantEnd, GrantId, Invite, Request, RequestId, RequestState, SlackLink,
+    TargetName, TokenRefusal, UserName,
 };
 use crate::timefmt::{from_millis, to_millis};
 
@@ -66,6 +66,15 @@ CREATE TABLE IF NOT EXISTS invites (
     expires_at    INTEGER NOT NULL,
     used_at       INTEGER
 );
+CREATE TABLE IF NOT EXISTS slack_links (
+    team       TEXT NOT NULL,
+    slack_user TEXT NOT NULL,
+    user       TEXT NOT NULL,
+    roles      TEXT NOT NULL,
+    linked_at  INTEGER NOT NULL,
+    expires_at INTEGER NOT NULL,
+    PRIMARY KEY (team, slack_user)
+);
 CREATE TABLE IF NOT EXISTS agents (
     name      TEXT PRIMARY KEY,
     targets   TEXT NOT NULL,
@@ -75,9 +84,9 @@ CREATE TABLE IF NOT EXISTS agents (
 ";
 
 /// `PRAGMA user_version` of the current schema: 1 added `requests.version`; 2 added the
-/// `agent_tokens` and `agents` tables; 3 the `invites` table (created by `SCHEMA`, nothing
-/// to migrate).
-const SCHEMA_VERSION: i64 = 3;
+/// `agent_tokens` and `agents` tables; 3 the `invites` table; 4 the `slack_links` table
+/// (both created by `SCHEMA`, nothing to migrate).
+const SCHEMA_VERSION: i64 = 4;
 
 /// How many changes a slow follower of [`Store::changes`] may fall behind.
 const CHANGES: usize = 4096;
@@ -416,6 +425,63 @@ impl Store for SqliteStore {
     ) -> Result<Result<Invite, TokenRefusal>, StoreError> {
         let (id, secret) = (id.to_owned(), secret_sha256.to_owned());
         self.call(move |conn| redeem_invite(conn, &id, &secret, now)).await
+    }
+
+    async fn upsert_slack_link(&self, link: &SlackLink) -> Result<(), StoreError> {
+        let l = link.clone();
+        self.call(move |conn| {
+            conn.execute(
+                "INSERT INTO slack_links (team, slack_user, user, roles, linked_at, expires_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                 ON CONFLICT (team, slack_user) DO UPDATE SET
+                   user = excluded.user, roles = excluded.roles,
+                   linked_at = excluded.linked_at, expires_at = excluded.expires_at",
+                params![
+                    l.team,
+                    l.slack_user,
+                    l.user.as_str(),
+                    serde_json::to_string(&l.roles).map_err(err)?,
+                    to_millis(l.linked_at),
+                    to_millis(l.expires_at)
+                ],
+            )
+            .map_err(err)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn slack_link(&self, team: &str, slack_user: &str) -> Result<Option<SlackLink>, StoreError> {
+        let (team, slack_user) = (team.to_owned(), slack_user.to_owned());
+        self.call(move |conn| {
+            let row = conn
+                .query_row(
+                    "SELECT user, roles, linked_at, expires_at FROM slack_links WHERE team = ?1 AND slack_user = ?2",
+                    params![team, slack_user],
+                    |r| {
+                        Ok((
+                            r.get::<_, String>(0)?,
+                            r.get::<_, String>(1)?,
+                            r.get::<_, i64>(2)?,
+                            r.get::<_, i64>(3)?,
+                        ))
+                    },
+                )
+                .optional()
+                .map_err(err)?;
+            let Some((user, roles, linked_at, expires_at)) = row else {
+                return Ok(None);
+            };
+            Ok(Some(SlackLink {
+                slack_user,
+                team,
+                user: UserName::new(user).map_err(|e| err(format!("stored slack link user: {e}")))?,
+                roles: serde_json::from_str(&roles).map_err(|e| err(format!("stored slack link roles: {e}")))?,
+                linked_at: from_millis(linked_at),
+                expires_at: from_millis(expires_at),
+            }))
+        })
+        .await
     }
 
     async fn remove_agent(&self, name: &AgentName) -> Result<(), StoreError> {
