@@ -1,12 +1,15 @@
-//! The control API: HTTPS + JSON over mTLS, for the CLI (and later the web console). Each
-//! caller is identified by its client certificate (user and roles) and authorized by role:
+//! The control API: HTTPS + JSON over mTLS, for the CLI and the web console (`/ui/`, see
+//! [`crate::console`]). Each caller is identified by its client certificate (user and roles),
+//! or by its console session's cookie, and authorized by role:
 //!
 //! - anyone: `GET /v1/whoami`, `GET /openapi.json`, filing requests (the policies decide),
 //!   listing their own grants, and extension requests for them;
 //! - requests: visible to the requester, to holders of an approver role of the deciding
 //!   policy, and to admins; approvals and denials need an approver role (admins may deny);
 //! - `admin` role: direct grants (`POST /v1/grants`, revoke, extend), sessions, and
-//!   reopening the audit log (`POST /v1/audit/reopen`, for logrotate).
+//!   reopening the audit log (`POST /v1/audit/reopen`, for logrotate);
+//! - `admin` or `auditor` role: searching the audit log (`GET /v1/audit`) and fetching shell
+//!   recordings (`GET /v1/recordings/{id}`).
 //!
 //! Errors are RFC 9457 problem details (`application/problem+json`). The routes are described
 //! by `docs/openapi.json`, served at `/openapi.json`.
@@ -69,7 +72,9 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("post", "/v1/requests/{id}/withdraw"),
     ("get", "/v1/sessions"),
     ("post", "/v1/sessions/{id}/kill"),
+    ("get", "/v1/audit"),
     ("post", "/v1/audit/reopen"),
+    ("get", "/v1/recordings/{id}"),
     ("get", "/v1/agents"),
     ("post", "/v1/agents/tokens"),
     ("post", "/v1/agents/{name}/remove"),
@@ -77,6 +82,8 @@ pub const ROUTES: &[(&str, &str)] = &[
 
 /// State shared by API handlers.
 pub struct ApiState {
+    /// Web console sessions of this replica.
+    pub consoles: crate::console::Consoles,
     /// The Slack app (`[slack]`), or `None`.
     pub slack: Option<Arc<crate::slack::Slack>>,
     /// `jitgate login`: OIDC, invites, renewals.
@@ -111,6 +118,11 @@ pub struct Problem {
 
 /// A failed call: status, problem code and detail.
 pub struct ApiError(StatusCode, &'static str, String);
+
+/// A problem-details response.
+pub fn problem(status: StatusCode, code: &'static str, detail: String) -> Response {
+    ApiError(status, code, detail).into_response()
+}
 
 impl ApiError {
     fn forbidden(detail: String) -> Self {
@@ -216,6 +228,11 @@ fn login_routes() -> Router<Arc<ApiState>> {
         .route("/v1/login/code", post(login_code))
         .route("/v1/login/invite", post(login_invite))
         .route("/v1/slack/interactions", post(slack_interaction))
+        .route("/ui", get(crate::console::root))
+        .route("/ui/", get(crate::console::index))
+        .route("/ui/session", get(crate::console::show).post(crate::console::sign_in))
+        .route("/ui/logout", post(crate::console::sign_out))
+        .route("/ui/{*file}", get(crate::console::asset))
 }
 
 /// The router of a connection without a client certificate: the login routes, and `401` for
@@ -252,7 +269,9 @@ fn router(state: Arc<ApiState>) -> Router {
         .route("/v1/requests/{id}/withdraw", post(withdraw_request))
         .route("/v1/sessions", get(list_sessions))
         .route("/v1/sessions/{id}/kill", post(kill_session))
+        .route("/v1/audit", get(search_audit))
         .route("/v1/audit/reopen", post(reopen_audit))
+        .route("/v1/recordings/{id}", get(show_recording))
         .route("/v1/agents", get(list_agents))
         .route("/v1/agents/tokens", post(create_agent_token))
         .route("/v1/agents/{name}/remove", post(remove_agent))
@@ -738,6 +757,132 @@ async fn reopen_audit(State(s): Shared, Extension(id): Caller) -> Result<Json<Re
     }))
 }
 
+fn require_auditor(id: &Identity) -> Result<(), ApiError> {
+    if id.has_role("admin") || id.has_role("auditor") {
+        Ok(())
+    } else {
+        Err(ApiError::forbidden(format!(
+            "{} lacks the admin or auditor role",
+            id.user
+        )))
+    }
+}
+
+/// Query of `GET /v1/audit`.
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditQuery {
+    pub user: Option<String>,
+    pub target: Option<String>,
+    pub session: Option<String>,
+    /// An event (`statement`) or a family (`grant` for every `grant.*`).
+    pub event: Option<String>,
+    /// RFC 3339, or an age (`15m`, `2h`).
+    pub since: Option<String>,
+    /// RFC 3339, or an age.
+    pub until: Option<String>,
+    /// Text anywhere in the record, ignoring case.
+    pub text: Option<String>,
+    /// At most this many (the latest); default 200, at most 1000.
+    pub limit: Option<usize>,
+}
+
+/// Answer of `GET /v1/audit`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct AuditRecords {
+    /// Matching records, in log order.
+    pub records: Vec<serde_json::Value>,
+    /// Earlier records matched too but were left out (past `limit`).
+    pub truncated: bool,
+}
+
+fn instant(name: &str, v: Option<&str>) -> Result<Option<std::time::SystemTime>, ApiError> {
+    let Some(v) = v.map(str::trim).filter(|v| !v.is_empty()) else {
+        return Ok(None);
+    };
+    if let Ok(t) = humantime::parse_rfc3339_weak(v) {
+        return Ok(Some(t));
+    }
+    humantime::parse_duration(v)
+        .ok()
+        .and_then(|d| std::time::SystemTime::now().checked_sub(d))
+        .map(Some)
+        .ok_or_else(|| {
+            ApiError(
+                StatusCode::BAD_REQUEST,
+                "invalid",
+                format!("{name}: {v:?} is neither an RFC 3339 time nor an age like 15m"),
+            )
+        })
+}
+
+/// `GET /v1/audit`: records of this replica's audit log (admins and auditors).
+async fn search_audit(
+    State(s): Shared,
+    Extension(id): Caller,
+    query: Result<Query<AuditQuery>, QueryRejection>,
+) -> Result<Json<AuditRecords>, ApiError> {
+    require_auditor(&id)?;
+    let Query(q) = query?;
+    let search = crate::audit::tail::Search {
+        filter: crate::audit::tail::Filter {
+            user: q.user.filter(|v| !v.is_empty()),
+            target: q.target.filter(|v| !v.is_empty()),
+            session: q.session.filter(|v| !v.is_empty()),
+            since: instant("since", q.since.as_deref())?,
+        },
+        event: q.event.filter(|v| !v.is_empty()),
+        until: instant("until", q.until.as_deref())?,
+        text: q.text,
+        limit: q.limit.unwrap_or(200).clamp(1, 1000),
+    };
+    let path = s.config.audit.path.clone();
+    let found = tokio::task::spawn_blocking(move || crate::audit::tail::search(&path, &search)).await;
+    match found {
+        Ok(Ok((records, truncated))) => Ok(Json(AuditRecords { records, truncated })),
+        Ok(Err(e)) => Err(ApiError(StatusCode::SERVICE_UNAVAILABLE, "unavailable", e.to_string())),
+        Err(e) => Err(ApiError(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "unavailable",
+            e.to_string(),
+        )),
+    }
+}
+
+/// `GET /v1/recordings/{id}`: a shell recording (asciicast v2) named by the audit log, only
+/// while its bytes still hash to what the log says (admins and auditors).
+async fn show_recording(
+    State(s): Shared,
+    Extension(id): Caller,
+    Path(rec): Path<String>,
+) -> Result<Response, ApiError> {
+    require_auditor(&id)?;
+    let path = s.config.audit.path.clone();
+    let dir = s.config.ssh.recordings_dir.clone();
+    let found = tokio::task::spawn_blocking(move || -> Result<Vec<u8>, ApiError> {
+        let files = crate::audit::files::chain_files(&path)
+            .map_err(|e| ApiError(StatusCode::SERVICE_UNAVAILABLE, "unavailable", e.to_string()))?;
+        let all = crate::recordings::from_log(&files)
+            .map_err(|e| ApiError(StatusCode::SERVICE_UNAVAILABLE, "unavailable", e.to_string()))?;
+        let r = all
+            .into_iter()
+            .find(|r| r.id() == rec)
+            .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, "not_found", format!("no recording {rec}")))?;
+        match crate::recordings::check(&r, Some(&dir)) {
+            crate::recordings::State::Intact => std::fs::read(r.path(Some(&dir)))
+                .map_err(|e| ApiError(StatusCode::SERVICE_UNAVAILABLE, "unavailable", e.to_string())),
+            state => Err(ApiError(
+                StatusCode::CONFLICT,
+                "conflict",
+                crate::recordings::problem(&r, &state, Some(&dir)).unwrap_or_else(|| "not intact".into()),
+            )),
+        }
+    })
+    .await
+    .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, "unavailable", e.to_string()))??;
+    Ok(([(header::CONTENT_TYPE, "application/x-asciicast")], found).into_response())
+}
+
 /// How long a refused connection may take to get its `close_notify` out.
 const CLOSE_BOUND: Duration = Duration::from_secs(1);
 
@@ -748,6 +893,48 @@ fn refusing_router(detail: String) -> Router {
         let detail = detail.clone();
         async move { ApiError(StatusCode::SERVICE_UNAVAILABLE, "unavailable", detail) }
     })
+}
+
+/// The routers of one connection.
+enum Apps {
+    /// No client certificate: the login routes, or every route for a console session.
+    Anonymous { anonymous: Router, console: Router },
+    /// A client certificate: every route, as `id`.
+    Certified { app: Router, id: Arc<Identity> },
+    /// Over `limits.max_connections`.
+    Refusing(Router),
+}
+
+impl Apps {
+    /// The router for `req` after the console's rules (CSRF, its session cookie), with the
+    /// caller set on the request; `Err`: the refusal to answer instead.
+    fn route(
+        &self,
+        consoles: &crate::console::Consoles,
+        req: &mut axum::extract::Request,
+    ) -> Result<Router, crate::console::Refused> {
+        let cert = match self {
+            Apps::Refusing(app) => return Ok(app.clone()),
+            Apps::Anonymous { .. } => None,
+            Apps::Certified { id, .. } => Some(id),
+        };
+        let caller = consoles.gate(cert, req.method(), req.headers(), req.uri().path())?;
+        if let Some(id) = cert {
+            req.extensions_mut().insert(crate::console::Certified(Arc::clone(id)));
+        }
+        Ok(match (self, caller) {
+            (Apps::Certified { app, .. }, Some(id)) | (Apps::Anonymous { console: app, .. }, Some(id)) => {
+                req.extensions_mut().insert(id);
+                app.clone()
+            }
+            (Apps::Anonymous { anonymous, .. }, None) => anonymous.clone(),
+            (Apps::Certified { app, id }, None) => {
+                req.extensions_mut().insert(Arc::clone(id));
+                app.clone()
+            }
+            (Apps::Refusing(app), _) => app.clone(),
+        })
+    }
 }
 
 /// Resolves when `ticket` is evicted; never without one.
@@ -806,11 +993,15 @@ pub async fn serve_connection(
         .peer_certificates()
         .and_then(|c| c.first())
         .map(|c| c.as_ref().to_vec());
-    // Without a certificate: the login routes only, one request per connection, and the
-    // connection keeps its slot in the unauthenticated budget (it can be evicted).
-    let (app, ticket, slot) = match der.as_deref().map(identity_from_der) {
+    // Without a certificate: the login routes (and the console's, with its cookie), one
+    // request per connection, and the connection keeps its slot in the unauthenticated budget
+    // (it can be evicted).
+    let (apps, ticket, slot) = match der.as_deref().map(identity_from_der) {
         None => (
-            anonymous_router(Arc::clone(&state)).layer(Extension(Peer(peer))),
+            Apps::Anonymous {
+                anonymous: anonymous_router(Arc::clone(&state)),
+                console: router(Arc::clone(&state)),
+            },
             Some(ticket),
             None,
         ),
@@ -819,10 +1010,14 @@ pub async fn serve_connection(
             match &slot {
                 Some(_) => {
                     drop(ticket);
-                    let app = router(Arc::clone(&state))
-                        .layer(Extension(Arc::new(id)))
-                        .layer(Extension(Peer(peer)));
-                    (app, None, slot)
+                    (
+                        Apps::Certified {
+                            app: router(Arc::clone(&state)),
+                            id: Arc::new(id),
+                        },
+                        None,
+                        slot,
+                    )
                 }
                 None => {
                     state
@@ -833,7 +1028,7 @@ pub async fn serve_connection(
                     let max = state.connections.max();
                     let detail =
                         format!("too many connections: the API holds its limit of {max} (limits.max_connections)");
-                    (refusing_router(detail), Some(ticket), None)
+                    (Apps::Refusing(refusing_router(detail)), Some(ticket), None)
                 }
             }
         }
@@ -847,14 +1042,16 @@ pub async fn serve_connection(
             return;
         }
     };
+    let gate_state = Arc::clone(&state);
     let service = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
-        let app = app.clone();
+        let mut req = req.map(axum::body::Body::new);
+        req.extensions_mut().insert(Peer(peer));
+        let app = apps.route(&gate_state.consoles, &mut req);
         async move {
-            Ok::<_, Infallible>(
-                app.oneshot(req.map(axum::body::Body::new))
-                    .await
-                    .unwrap_or_else(|e| match e {}),
-            )
+            Ok::<_, Infallible>(match app {
+                Ok(app) => app.oneshot(req).await.unwrap_or_else(|e| match e {}),
+                Err(refused) => refused.into_response(),
+            })
         }
     });
     // On a normal end hyper shuts the stream down, which sends close_notify.

@@ -17,6 +17,7 @@ pub mod clock;
 pub mod cluster;
 pub mod config;
 pub mod connect;
+pub mod console;
 pub mod credentials;
 pub mod demo;
 pub mod grants;

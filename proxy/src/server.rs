@@ -261,6 +261,7 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: impl Future<Out
     let logins = crate::login::Logins::new(config.clone(), Arc::clone(&store), Arc::clone(&audit), postgres_port)
         .map_err(|e| ServerError::Login(e.to_string()))?;
     let api_state = Arc::new(ApiState {
+        consoles: crate::console::Consoles::default(),
         slack,
         logins: Arc::new(logins),
         store: Arc::clone(&store),

@@ -23,6 +23,8 @@ pub struct SessionHandle {
     pub bytes_from_client: AtomicU64,
     /// Bytes written to the client.
     pub bytes_to_client: AtomicU64,
+    /// Statements audited (PostgreSQL) or commands run (SSH exec) so far.
+    pub statements: AtomicU64,
     /// The key this session's client was given in `BackendKeyData`.
     pub cancel_key: CancelKey,
     /// Where a matching CancelRequest goes: the target and its backend's own key, once the
@@ -85,6 +87,7 @@ impl SessionHandle {
             started_at: self.started_at,
             bytes_from_client: self.bytes_from_client.load(Ordering::Relaxed),
             bytes_to_client: self.bytes_to_client.load(Ordering::Relaxed),
+            statements: self.statements.load(Ordering::Relaxed),
             replica: replica.map(str::to_owned),
         }
     }
@@ -104,6 +107,9 @@ pub struct SessionInfo {
     pub started_at: SystemTime,
     pub bytes_from_client: u64,
     pub bytes_to_client: u64,
+    /// Statements audited (PostgreSQL) or commands run (SSH exec) so far.
+    #[serde(default)]
+    pub statements: u64,
     /// The replica holding the session, when replicas share a store.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub replica: Option<String>,
@@ -211,6 +217,7 @@ impl Sessions {
             started_at: SystemTime::now(),
             bytes_from_client: AtomicU64::new(0),
             bytes_to_client: AtomicU64::new(0),
+            statements: AtomicU64::new(0),
             cancel_key,
             upstream_cancel: OnceLock::new(),
             kill: s.cut_parent.child_token(),

@@ -776,3 +776,21 @@ pub fn statements(h: &Harness) -> Vec<(serde_json::Value, Option<serde_json::Val
         })
         .collect()
 }
+
+/// `tests/NAME` with its npm packages installed (`module` present under node_modules):
+/// scripts/test installs them, and so does the first test that finds them missing (`npm ci`
+/// under a lock, as nextest runs tests in parallel processes).
+pub fn npm_fixture(name: &str, module: &str) -> PathBuf {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join(name);
+    if !dir.join("node_modules").join(module).is_dir() {
+        let script = format!("[ -d node_modules/{module} ] || npm ci --no-audit --no-fund --loglevel=error");
+        let status = std::process::Command::new("flock")
+            .arg(dir.join(".npm-install.lock"))
+            .args(["sh", "-c", &script])
+            .current_dir(&dir)
+            .status()
+            .expect("flock and npm run (scripts/test installs Node.js)");
+        assert!(status.success(), "npm ci in {} failed", dir.display());
+    }
+    dir
+}

@@ -20,24 +20,9 @@ use tokio::process::{Child, Command};
 const CLIENT: &str = "jitgate-at-the-provider";
 const SECRET: &str = "provider-secret-kept-by-the-proxy";
 
-/// `tests/oidc`, with oidc-provider installed: scripts/test does it, and so does the first test
-/// that finds it missing (`npm ci` under a lock, as nextest runs tests in parallel processes).
+/// `tests/oidc`, with oidc-provider installed.
 fn fixture() -> PathBuf {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("oidc");
-    if !dir.join("node_modules/oidc-provider").is_dir() {
-        let status = std::process::Command::new("flock")
-            .arg(dir.join(".npm-install.lock"))
-            .args([
-                "sh",
-                "-c",
-                "[ -d node_modules/oidc-provider ] || npm ci --no-audit --no-fund --loglevel=error",
-            ])
-            .current_dir(&dir)
-            .status()
-            .expect("flock and npm run (scripts/test installs Node.js)");
-        assert!(status.success(), "npm ci in {} failed", dir.display());
-    }
-    dir
+    jitgate_tests::npm_fixture("oidc", "oidc-provider")
 }
 
 /// The running provider; killed when dropped.

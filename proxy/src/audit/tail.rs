@@ -85,6 +85,12 @@ impl Printer {
         }
     }
 
+    /// True when the parsed record `v` matches the filter (and remembers its session, as
+    /// [`Printer::line`] does).
+    pub fn matches_record(&mut self, v: &Value) -> bool {
+        self.matches(v)
+    }
+
     fn filtering(&self) -> bool {
         let f = &self.filter;
         f.user.is_some() || f.target.is_some() || f.session.is_some() || f.since.is_some()
@@ -590,4 +596,75 @@ impl Log {
             return Ok(self.ready.pop_front());
         }
     }
+}
+
+/// What `GET /v1/audit` looks for: the [`Filter`], and more.
+#[derive(Debug, Clone, Default)]
+pub struct Search {
+    pub filter: Filter,
+    /// The record's `event`, or a family of them: `statement` finds `statement` and
+    /// `statement.end`, `grant` every `grant.*`.
+    pub event: Option<String>,
+    /// Records stamped before this time.
+    pub until: Option<SystemTime>,
+    /// Text anywhere in the record's line, ignoring ASCII case.
+    pub text: Option<String>,
+    /// At most this many records: the latest that match.
+    pub limit: usize,
+}
+
+/// The records of the log `active` (its rotated files, then itself) that match `q`, in log
+/// order: the last `q.limit` of them, and whether earlier ones were left out.
+pub fn search(active: &Path, q: &Search) -> std::io::Result<(Vec<Value>, bool)> {
+    let mut printer = Printer::new(q.filter.clone(), true);
+    let needle = q.text.as_deref().map(str::to_ascii_lowercase).filter(|t| !t.is_empty());
+    let mut out = VecDeque::new();
+    let mut truncated = false;
+    for file in files::chain_files(active)? {
+        let reader = match super::siblings::open(&file) {
+            Ok(r) => r,
+            // Rotated away (or compressed and removed) while listing: skip it.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e),
+        };
+        for line in reader.split(b'\n') {
+            let line = line?;
+            let Ok(v) = serde_json::from_slice::<Value>(&line) else {
+                continue;
+            };
+            if !printer.matches_record(&v) {
+                continue;
+            }
+            if let Some(want) = &q.event {
+                let event = v.get("event").and_then(Value::as_str).unwrap_or_default();
+                let family = event
+                    .strip_prefix(want.as_str())
+                    .is_some_and(|rest| rest.starts_with('.'));
+                if event != want && !family {
+                    continue;
+                }
+            }
+            if let Some(until) = q.until {
+                let ts = field(&v, "ts").and_then(|t| humantime::parse_rfc3339_weak(t).ok());
+                if ts.is_none_or(|ts| ts >= until) {
+                    continue;
+                }
+            }
+            if let Some(needle) = &needle {
+                if !line
+                    .to_ascii_lowercase()
+                    .windows(needle.len())
+                    .any(|w| w == needle.as_bytes())
+                {
+                    continue;
+                }
+            }
+            out.push_back(v);
+            if out.len() > q.limit {
+                out.pop_front();
+                truncated = true;
+            }
+        }
+    }
+    Ok((out.into(), truncated))
 }

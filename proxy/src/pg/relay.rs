@@ -253,6 +253,10 @@ impl Upward {
         for reason in &batch.denials {
             sh.counters.denial(reason, 1);
         }
+        let statements = batch.classes.len() + batch.denials.len();
+        if statements > 0 {
+            sh.session.statements.fetch_add(statements as u64, Ordering::Relaxed);
+        }
         if batch.records.is_empty() {
             self.out.set(batch.forward);
         } else {

@@ -65,8 +65,10 @@ impl Recorder {
             .unwrap_or_default();
         let head = serde_json::json!({
             "version": 2,
-            "width": header.width.max(1),
-            "height": header.height.max(1),
+            // A pty request without a size (ssh -tt from a pipe) gets a terminal's usual
+            // 80x24: players lay the text out by these.
+            "width": if header.width == 0 { 80 } else { header.width },
+            "height": if header.height == 0 { 24 } else { header.height },
             "timestamp": timestamp,
             "title": header.title,
             "env": {"TERM": header.term},

@@ -1050,6 +1050,7 @@ impl Relay {
         let _ = client.close().await;
         match mode {
             Mode::Exec(command) => {
+                self.lease.session().statements.fetch_add(1, Ordering::Relaxed);
                 let meta = &self.lease.session().meta;
                 self.ctx.audit.submit(AuditEvent::SshExec {
                     session: meta.clone(),
