@@ -232,6 +232,8 @@ fn login_routes() -> Router<Arc<ApiState>> {
         .route("/ui/", get(crate::console::index))
         .route("/ui/session", get(crate::console::show).post(crate::console::sign_in))
         .route("/ui/logout", post(crate::console::sign_out))
+        .route("/ui/oidc/start", get(crate::console::oidc_start))
+        .route("/ui/oidc/callback", get(crate::console::oidc_callback))
         .route("/ui/{*file}", get(crate::console::asset))
 }
 
@@ -382,9 +384,9 @@ async fn slack_link(
 
 /// The TCP peer of an API connection.
 #[derive(Debug, Clone, Copy)]
-struct Peer(std::net::SocketAddr);
+pub(crate) struct Peer(std::net::SocketAddr);
 
-fn caller(peer: Option<Extension<Peer>>) -> crate::login::Caller {
+pub(crate) fn caller(peer: Option<Extension<Peer>>) -> crate::login::Caller {
     crate::login::Caller {
         remote_addr: peer.map(|Extension(Peer(a))| a),
     }

@@ -92,6 +92,7 @@ struct RawOidc {
     allowed_domains: Option<Vec<String>>,
     max_cert_ttl: Option<String>,
     ca_file: Option<PathBuf>,
+    console_redirect_uri: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -374,6 +375,10 @@ pub struct OidcConfig {
     pub max_cert_ttl: Duration,
     /// Extra CA certificates (PEM) trusted for the provider's TLS, besides the system's.
     pub ca_file: Option<PathBuf>,
+    /// Where the provider sends browsers back to the web console
+    /// (`https://PROXY:PORT/ui/oidc/callback`, registered with the provider); `None`: the
+    /// console signs in with client certificates only.
+    pub console_redirect_uri: Option<String>,
 }
 
 impl std::fmt::Debug for OidcConfig {
@@ -1104,6 +1109,17 @@ impl RawOidc {
             ),
             None => None,
         };
+        let console_redirect_uri = self.console_redirect_uri.map(|u| u.trim().to_owned());
+        if let Some(u) = &console_redirect_uri {
+            if !issuer_allowed(u) || !u.ends_with("/ui/oidc/callback") {
+                return Err(invalid(
+                    "oidc.console_redirect_uri",
+                    format!(
+                        "{u:?}: the console's https://HOST:PORT/ui/oidc/callback (http:// only on a loopback address)"
+                    ),
+                ));
+            }
+        }
         Ok(OidcConfig {
             issuer,
             client_id: self.client_id,
@@ -1115,6 +1131,7 @@ impl RawOidc {
             allowed_domains,
             max_cert_ttl,
             ca_file: self.ca_file,
+            console_redirect_uri,
         })
     }
 }

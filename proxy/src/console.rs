@@ -27,6 +27,10 @@ use crate::pki::Identity;
 
 /// The console's session cookie.
 pub const COOKIE: &str = "jitgate_console";
+/// The cookie that carries a single sign-on in progress back from the provider: the sealed
+/// handle (state, nonce, PKCE verifier). `SameSite=Lax`, as the provider's redirect back is
+/// a cross-site navigation; scoped to `/ui/oidc`.
+pub const LOGIN_COOKIE: &str = "jitgate_console_login";
 /// The header that carries the CSRF token.
 pub const CSRF_HEADER: &str = "x-csrf-token";
 /// Longest console session.
@@ -324,6 +328,80 @@ pub async fn sign_out(State(s): State<Arc<ApiState>>, headers: HeaderMap) -> Res
     s.consoles.remove(&headers);
     let mut r = StatusCode::NO_CONTENT.into_response();
     r.headers_mut().insert(header::SET_COOKIE, set_cookie("", 0));
+    secured(r, "no-store")
+}
+
+fn login_cookie(value: &str, max_age: u64) -> HeaderValue {
+    let c = format!("{LOGIN_COOKIE}={value}; Path=/ui/oidc; Secure; HttpOnly; SameSite=Lax; Max-Age={max_age}");
+    HeaderValue::from_str(&c).unwrap_or_else(|_| HeaderValue::from_static("invalid=1"))
+}
+
+/// Back to the console's page, which shows `error`; the sign-in cookie is cleared.
+fn back_with_error(error: &str) -> Response {
+    let location = format!("/ui/?error={}", crate::login::http::percent(error));
+    let mut r = Redirect::to(&location).into_response();
+    r.headers_mut().append(header::SET_COOKIE, login_cookie("", 0));
+    secured(r, "no-store")
+}
+
+/// `GET /ui/oidc/start`: to the provider, with the sign-in's sealed handle in a cookie.
+pub(crate) async fn oidc_start(State(s): State<Arc<ApiState>>, peer: Option<Extension<crate::api::Peer>>) -> Response {
+    match s.logins.console_authorize(crate::api::caller(peer)).await {
+        Ok(a) => {
+            let mut r = Redirect::to(&a.authorization_url).into_response();
+            let ttl = crate::login::CODE_LOGIN_TTL.as_secs();
+            r.headers_mut().append(header::SET_COOKIE, login_cookie(&a.handle, ttl));
+            secured(r, "no-store")
+        }
+        Err(e) => back_with_error(&e.to_string()),
+    }
+}
+
+/// What the provider's redirect brings back.
+#[derive(Debug, Deserialize)]
+pub struct Callback {
+    code: Option<String>,
+    state: Option<String>,
+    error: Option<String>,
+    error_description: Option<String>,
+}
+
+/// `GET /ui/oidc/callback`: the provider sent the browser back; on success a console
+/// session (as [`sign_in`]) and on to the page.
+pub(crate) async fn oidc_callback(
+    State(s): State<Arc<ApiState>>,
+    peer: Option<Extension<crate::api::Peer>>,
+    headers: HeaderMap,
+    query: Result<axum::extract::Query<Callback>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    let Ok(axum::extract::Query(cb)) = query else {
+        return back_with_error("the provider's answer could not be read");
+    };
+    if let Some(error) = cb.error {
+        let detail = cb.error_description.unwrap_or_default();
+        return back_with_error(&format!("the provider refused the sign-in: {error} {detail}"));
+    }
+    let (Some(code), Some(state)) = (cb.code, cb.state) else {
+        return back_with_error("the provider's answer has no code");
+    };
+    let Some(handle) = cookie(&headers, LOGIN_COOKIE) else {
+        return back_with_error("this browser did not start the sign-in (no sign-in cookie): sign in again");
+    };
+    let id = match s
+        .logins
+        .console_finish(crate::api::caller(peer), handle, &code, &state)
+        .await
+    {
+        Ok(id) => Arc::new(id),
+        Err(e) => return back_with_error(&e.to_string()),
+    };
+    let now = SystemTime::now();
+    let (token, shown) = s.consoles.create(id, now);
+    let max_age = shown.expires_at.duration_since(now).unwrap_or_default().as_secs();
+    tracing::info!(user = %shown.user, "console: signed in by single sign-on");
+    let mut r = Redirect::to("/ui/").into_response();
+    r.headers_mut().append(header::SET_COOKIE, set_cookie(&token, max_age));
+    r.headers_mut().append(header::SET_COOKIE, login_cookie("", 0));
     secured(r, "no-store")
 }
 

@@ -39,7 +39,7 @@ use oidc::Nonce;
 /// Longest an invite code may be used.
 pub const MAX_INVITE_TTL: Duration = Duration::from_secs(7 * 86_400);
 /// Longest a browser login may take from `authorize` to `code`.
-const CODE_LOGIN_TTL: Duration = Duration::from_secs(600);
+pub(crate) const CODE_LOGIN_TTL: Duration = Duration::from_secs(600);
 /// Purpose string of the key that seals login handles.
 const SEAL_PURPOSE: &str = "jitgate login handle v1";
 
@@ -102,6 +102,9 @@ pub struct LoginMethods {
     pub oidc_issuer: Option<String>,
     /// Invite codes and renewals always work.
     pub invites: bool,
+    /// The web console offers single sign-on (`[oidc] console_redirect_uri`).
+    #[serde(default)]
+    pub console_oidc: bool,
 }
 
 /// `POST /v1/login/device` answer: what to show the user.
@@ -206,8 +209,20 @@ struct Pending {
     device_code: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     redirect_uri: Option<String>,
+    /// Console sign-ins: the `state` the redirect must bring back, and the PKCE verifier.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    state: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    verifier: Option<String>,
     /// Unix seconds.
     expires: u64,
+}
+
+/// A console sign-in on its way to the provider: where to send the browser, and the sealed
+/// handle the browser keeps (in a cookie) until it comes back.
+pub struct ConsoleAuthorization {
+    pub authorization_url: String,
+    pub handle: String,
 }
 
 /// The login service the API handlers call.
@@ -289,6 +304,11 @@ impl Logins {
         LoginMethods {
             oidc_issuer: self.config.oidc.as_ref().map(|o| o.issuer.clone()),
             invites: true,
+            console_oidc: self
+                .config
+                .oidc
+                .as_ref()
+                .is_some_and(|o| o.console_redirect_uri.is_some()),
         }
     }
 
@@ -352,6 +372,8 @@ impl Logins {
             nonce,
             device_code: Some(d.device_code),
             redirect_uri: None,
+            state: None,
+            verifier: None,
             expires: unix(SystemTime::now()) + expires_in,
         };
         Ok(DeviceStarted {
@@ -406,6 +428,8 @@ impl Logins {
             nonce,
             device_code: None,
             redirect_uri: Some(body.redirect_uri),
+            state: None,
+            verifier: None,
             expires: unix(SystemTime::now() + CODE_LOGIN_TTL),
         };
         Ok(Authorization {
@@ -428,6 +452,94 @@ impl Logins {
             .await
             .map_err(|e| self.refused("oidc", None, caller, e))?;
         self.finish_oidc(caller, &pending, &token, &body.csr).await
+    }
+
+    /// Starts a web console sign-in at the provider (`[oidc] console_redirect_uri`): the
+    /// proxy holds the PKCE verifier, sealed in the handle the browser keeps.
+    pub async fn console_authorize(&self, caller: Caller) -> Result<ConsoleAuthorization, LoginError> {
+        let provider = self.provider()?;
+        let Some(redirect) = provider.config().console_redirect_uri.clone() else {
+            return Err(LoginError::NotConfigured(
+                "this proxy offers no single sign-on for the console ([oidc] console_redirect_uri)".into(),
+            ));
+        };
+        let nonce = random_token();
+        let state = random_token();
+        let verifier = random_token();
+        let challenge = b64().encode(ring::digest::digest(&ring::digest::SHA256, verifier.as_bytes()));
+        let url = provider
+            .authorization_url(&redirect, &state, &nonce, &challenge)
+            .await
+            .map_err(|e| self.refused("console", None, caller, e))?;
+        let pending = Pending {
+            kind: "console".into(),
+            nonce,
+            device_code: None,
+            redirect_uri: Some(redirect),
+            state: Some(state),
+            verifier: Some(verifier),
+            expires: unix(SystemTime::now() + CODE_LOGIN_TTL),
+        };
+        Ok(ConsoleAuthorization {
+            authorization_url: url,
+            handle: self.seal(&pending),
+        })
+    }
+
+    /// Finishes a console sign-in: the handle from the browser's cookie, the `code` and
+    /// `state` the provider redirected with. The identity lasts `max_cert_ttl`; no
+    /// certificate is made.
+    pub async fn console_finish(
+        &self,
+        caller: Caller,
+        handle: &str,
+        code: &str,
+        state: &str,
+    ) -> Result<Identity, LoginError> {
+        let provider = self.provider()?;
+        let pending = self
+            .unseal(handle, "console")
+            .map_err(|e| self.refused("console", None, caller, e))?;
+        if !ct_eq(
+            pending.state.as_deref().unwrap_or_default().as_bytes(),
+            state.as_bytes(),
+        ) {
+            let e = LoginError::Refused("the sign-in came back with another state (not this browser's)".into());
+            return Err(self.refused("console", None, caller, e));
+        }
+        let redirect = pending.redirect_uri.as_deref().unwrap_or_default();
+        let verifier = pending.verifier.as_deref().unwrap_or_default();
+        let token = provider
+            .redeem_code(code, redirect, verifier)
+            .await
+            .map_err(|e| self.refused("console", None, caller, e))?;
+        let person = match provider.verify(&token, Nonce::Required(&pending.nonce)).await {
+            Ok(p) => p,
+            Err(e) => return Err(self.refused("console", None, caller, e)),
+        };
+        if !self.spend(&pending) {
+            let e = LoginError::Refused("this sign-in was finished already (a replayed nonce)".into());
+            return Err(self.refused("console", Some(&person.user), caller, e));
+        }
+        let not_after = SystemTime::now() + provider.config().max_cert_ttl;
+        self.audit
+            .record(AuditEvent::LoginSucceeded {
+                method: "console".into(),
+                user: person.user.clone(),
+                roles: person.roles.clone(),
+                subject: Some(person.subject),
+                remote_addr: caller.remote_addr,
+                cert_expires_at: not_after,
+            })
+            .await
+            .map_err(|e| LoginError::Unavailable(format!("the audit log: {e}")))?;
+        tracing::info!(user = %person.user, "login: console session by single sign-on");
+        Ok(Identity {
+            user: person.user,
+            roles: person.roles,
+            not_after,
+            enrolled_until: None,
+        })
     }
 
     async fn finish_oidc(

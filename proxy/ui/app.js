@@ -409,7 +409,10 @@ function signedOut() {
   document.getElementById('sign-out').hidden = true;
   document.getElementById('who').textContent = '';
   document.getElementById('sign-in').hidden = false;
-  document.body.dataset.ready = 'sign-in';
+  api('GET', '/v1/login')
+    .then((m) => { document.getElementById('sso').hidden = !m.console_oidc; })
+    .catch(() => {})
+    .finally(() => { document.body.dataset.ready = 'sign-in'; });
 }
 
 async function start() {
@@ -421,6 +424,12 @@ async function start() {
     signedOut();
   });
   window.addEventListener('hashchange', route);
+  // A single sign-on that failed comes back as /ui/?error=...
+  const error = new URLSearchParams(location.search).get('error');
+  if (error) {
+    say(`Sign-in failed: ${error}`, true);
+    history.replaceState(null, '', `/ui/${location.hash}`);
+  }
   try { signedIn(await api('GET', '/ui/session')); } catch (_) { signedOut(); }
 }
 

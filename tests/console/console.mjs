@@ -16,20 +16,27 @@ const next = async () => (await lines.next()).value;
 const say = (s) => process.stdout.write(`${s}\n`);
 mkdirSync(SHOTS, { recursive: true });
 
+// HOST_MAP names a host the browser reaches on 127.0.0.1 (the console's registered
+// redirect URI cannot be localhost for the provider's native client).
+const hostMap = process.env.HOST_MAP ? [`--host-resolver-rules=MAP ${process.env.HOST_MAP} 127.0.0.1`] : [];
 const browser = await chromium.launch({
   executablePath: '/usr/bin/chromium',
   args: ['--headless', '--no-sandbox', '--disable-gpu', '--disable-background-networking',
-    '--disable-quic', '--no-first-run', '--disable-component-update', '--disable-sync'],
+    '--disable-quic', '--no-first-run', '--disable-component-update', '--disable-sync', ...hostMap],
 });
 const problems = [];
 try {
   const context = await browser.newContext({
     ignoreHTTPSErrors: true,
-    clientCertificates: [{ origin: base, certPath: CERT, keyPath: KEY }],
+    // MODE=sso: a browser without a certificate, signing in at the provider.
+    clientCertificates: process.env.MODE === 'sso' ? [] : [{ origin: base, certPath: CERT, keyPath: KEY }],
     viewport: { width: 1400, height: 900 },
   });
   const page = await context.newPage();
-  page.on('console', (m) => { if (m.type() === 'error') problems.push(m.text()); });
+  // Errors of the console's pages (not of the provider's, in MODE=sso).
+  page.on('console', (m) => {
+    if (m.type() === 'error' && page.url().startsWith(base)) problems.push(m.text());
+  });
   page.on('pageerror', (e) => problems.push(`page error: ${e.message}`));
   const shot = (name) => page.screenshot({ path: join(SHOTS, `${name}.png`), fullPage: true });
   const ready = (name) => page.waitForSelector(`body[data-ready="${name}"]`, { timeout: 15000 });
@@ -43,6 +50,42 @@ try {
   const first = await page.goto(`${base}/ui/`);
   say(`CSP ${first.headers()['content-security-policy']}`);
   await page.waitForSelector('#sign-in-cert', { state: 'visible' });
+  if (process.env.MODE === 'sso') {
+    await ready('sign-in');
+    await page.click('#sign-in-sso');
+    // The provider's own pages: the login name (any password), then consent.
+    await page.waitForSelector('input[name="login"]', { timeout: 15000 });
+    await shot('sso-provider');
+    await page.fill('input[name="login"]', process.env.LOGIN);
+    await page.fill('input[name="password"]', 'any-password');
+    await Promise.all([page.waitForNavigation(), page.click('button[type="submit"]')]);
+    if (!page.url().startsWith(base)) {
+      await page.waitForSelector('button[type="submit"]', { timeout: 15000 });
+      await shot('sso-consent');
+      await Promise.all([
+        page.waitForURL((u) => u.href.startsWith(`${base}/ui/`), { timeout: 15000 }),
+        page.click('button[type="submit"]'),
+      ]);
+    }
+    await ready('overview');
+    await shot('sso-overview');
+    say(`WHO ${await page.textContent('#who')}`);
+    const cookies = (await context.cookies()).map((c) => `${c.name}:${c.sameSite}`);
+    say(`COOKIES ${JSON.stringify(cookies)}`);
+    const forged = await page.evaluate(async (id) => {
+      const r = await fetch(`/v1/requests/${id}/approve`, { method: 'POST', headers: { 'Content-Type': 'application/json' }, body: '{}' });
+      return r.status;
+    }, REQUEST);
+    say(`CSRF ${forged}`);
+    await page.goto(`${base}/ui/#/requests`);
+    await ready('requests');
+    await page.click(`#approve-${REQUEST}`);
+    await done(`Approve ${REQUEST}`);
+    say(`APPROVED ${await status()}`);
+    say(`PROBLEMS ${JSON.stringify(problems)}`);
+    say('DONE');
+    process.exit(0);
+  }
   await shot('sign-in');
   await page.click('#sign-in-cert');
   await ready('overview');

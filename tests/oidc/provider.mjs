@@ -4,7 +4,8 @@
 // CONFIG.json: {
 //   "client_id": "...", "client_secret": "...",
 //   "accounts": { "LOGIN": { "email": "...", "groups": ["..."] } },
-//   "id_token_ttl": 600            (optional, seconds)
+//   "id_token_ttl": 600,           (optional, seconds)
+//   "redirect_uris": ["https://..."] (optional: more, such as the web console's callback)
 // }
 // Listens on 127.0.0.1 and a free port, then prints `READY http://127.0.0.1:PORT` (the
 // issuer) on stdout. Sign-in uses the provider's development interactions: any password,
@@ -28,7 +29,7 @@ const provider = new Provider(issuer, {
     token_endpoint_auth_method: 'client_secret_post',
     grant_types: ['authorization_code', 'urn:ietf:params:oauth:grant-type:device_code'],
     response_types: ['code'],
-    redirect_uris: ['http://127.0.0.1/callback'],
+    redirect_uris: ['http://127.0.0.1/callback', ...(config.redirect_uris ?? [])],
   }],
   async findAccount(ctx, id) {
     const account = config.accounts[id];

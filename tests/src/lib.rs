@@ -794,3 +794,40 @@ pub fn npm_fixture(name: &str, module: &str) -> PathBuf {
     }
     dir
 }
+
+/// A real OpenID Provider (oidc-provider, tests/oidc/provider.mjs) on loopback, started with
+/// `config` (client, accounts; see provider.mjs): the process (killed when dropped) and the
+/// issuer URL.
+pub async fn start_oidc_provider(config: &serde_json::Value) -> (tokio::process::Child, String) {
+    use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _};
+    let dir = npm_fixture("oidc", "oidc-provider");
+    let file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(file.path(), config.to_string()).unwrap();
+    let mut child = tokio::process::Command::new("node")
+        .arg(dir.join("provider.mjs"))
+        .arg(file.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("node runs (scripts/test installs Node.js)");
+    let mut out = tokio::io::BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    tokio::time::timeout(Duration::from_secs(30), out.read_line(&mut line))
+        .await
+        .expect("the provider starts")
+        .unwrap();
+    let issuer = line
+        .trim()
+        .strip_prefix("READY ")
+        .unwrap_or_else(|| panic!("provider said {line:?}"))
+        .to_owned();
+    // Keep draining stdout so the provider never blocks on a full pipe.
+    tokio::spawn(async move {
+        let mut sink = Vec::new();
+        let _ = out.read_to_end(&mut sink).await;
+    });
+    // The config file is read at start; it may go now.
+    drop(file);
+    (child, issuer)
+}

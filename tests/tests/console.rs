@@ -284,3 +284,74 @@ async fn a_shell_recording_plays_in_the_audit_page() {
         .unwrap();
     assert_eq!(status, 403);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_approver_signs_in_to_the_console_with_single_sign_on() {
+    const HOST: &str = "console.jitgate.test";
+    std::env::set_var("JITGATE_TEST_CONSOLE_OIDC_SECRET", "console-provider-secret");
+    // The API on a port chosen here: the provider must know the console's callback first.
+    let port = jitgate_tests::jitgate::sandbox::free_port().unwrap();
+    let mut h = start().await;
+    h.stop_proxy().await.unwrap();
+    h.edit_config(|c| c.replace("api = \"127.0.0.1:0\"", &format!("api = \"127.0.0.1:{port}\"")));
+    let callback = format!("https://{HOST}:{port}/ui/oidc/callback");
+    let (_provider, issuer) = jitgate_tests::start_oidc_provider(&serde_json::json!({
+        "client_id": "jitgate-console",
+        "client_secret": "console-provider-secret",
+        "redirect_uris": [callback],
+        "accounts": { "carol": { "email": "carol@example.com", "groups": ["db-admins"] } },
+    }))
+    .await;
+    h.edit_config(|c| {
+        format!(
+            "{c}\n[oidc]\nissuer = \"{issuer}\"\nclient_id = \"jitgate-console\"\n\
+             client_secret_env = \"JITGATE_TEST_CONSOLE_OIDC_SECRET\"\nscopes = [\"openid\", \"email\", \"groups\"]\n\
+             console_redirect_uri = \"{callback}\"\n[oidc.roles]\n\"db-admins\" = [\"dba\"]\n"
+        )
+    });
+    h.start_proxy().await;
+    assert_eq!(h.addrs().api.port(), port);
+    let alice = h.user("alice", &["dev"]);
+    let id = file_request(&h, &alice).await;
+
+    // A browser without any certificate signs in at the provider as carol (group db-admins).
+    let mut driver = driver(
+        &h,
+        &alice,
+        &[
+            ("MODE", "sso"),
+            ("HOST_MAP", HOST),
+            ("LOGIN", "carol"),
+            ("REQUEST", &id),
+            ("URL", &format!("https://{HOST}:{port}")),
+        ],
+    );
+    let mut lines = BufReader::new(driver.stdout.take().unwrap()).lines();
+    assert_eq!(expect_line(&mut lines, "WHO").await, "carol@example.com (dba)");
+    let cookies: Vec<String> = serde_json::from_str(&expect_line(&mut lines, "COOKIES").await).unwrap();
+    assert!(cookies.contains(&"jitgate_console:Strict".to_owned()), "{cookies:?}");
+    assert!(
+        !cookies.iter().any(|c| c.starts_with("jitgate_console_login")),
+        "the sign-in cookie is cleared: {cookies:?}"
+    );
+    assert_eq!(expect_line(&mut lines, "CSRF").await, "403");
+    let approved = expect_line(&mut lines, "APPROVED").await;
+    assert!(approved.ends_with("done"), "{approved}");
+    assert_no_page_errors(&expect_line(&mut lines, "PROBLEMS").await);
+    expect_line(&mut lines, "DONE").await;
+
+    let shown = json_of(&h.cli_as(&alice, &["request", "show", &id, "--json"]).await);
+    assert_eq!(
+        (shown["state"].as_str(), shown["decided_by"].as_str()),
+        (Some("approved"), Some("carol@example.com"))
+    );
+    let logins = h.audit_events("login.succeeded");
+    assert!(
+        logins
+            .iter()
+            .any(|l| l["method"] == "console" && l["user"] == "carol@example.com" && l["subject"] == "sub-carol"),
+        "{logins:?}"
+    );
+    let out = h.psql(&alice, "prod-db", "SELECT 1").await;
+    assert!(out.success, "{}", out.stderr);
+}

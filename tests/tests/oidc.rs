@@ -34,9 +34,7 @@ struct Provider {
 impl Provider {
     /// Starts oidc-provider with alice (group db-admins) and bob (group contractors).
     async fn start() -> Provider {
-        let dir = fixture();
-        let config = tempfile::NamedTempFile::new().unwrap();
-        let accounts = serde_json::json!({
+        let config = serde_json::json!({
             "client_id": CLIENT,
             "client_secret": SECRET,
             "accounts": {
@@ -44,33 +42,7 @@ impl Provider {
                 "bob": { "email": "bob@example.com", "groups": ["contractors"] },
             },
         });
-        std::fs::write(config.path(), accounts.to_string()).unwrap();
-        let mut child = Command::new("node")
-            .arg(dir.join("provider.mjs"))
-            .arg(config.path())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("node runs");
-        let mut out = BufReader::new(child.stdout.take().unwrap());
-        let mut line = String::new();
-        tokio::time::timeout(Duration::from_secs(30), out.read_line(&mut line))
-            .await
-            .expect("the provider starts")
-            .unwrap();
-        let issuer = line
-            .trim()
-            .strip_prefix("READY ")
-            .unwrap_or_else(|| panic!("provider said {line:?}"))
-            .to_owned();
-        // Keep draining stdout so the provider never blocks on a full pipe.
-        tokio::spawn(async move {
-            let mut sink = Vec::new();
-            let _ = out.read_to_end(&mut sink).await;
-        });
-        // The config file is read at start; it may go now.
-        drop(config);
+        let (child, issuer) = jitgate_tests::start_oidc_provider(&config).await;
         Provider { _child: child, issuer }
     }
 

@@ -170,6 +170,7 @@ fn oidc_config() -> OidcConfig {
         allowed_domains: None,
         max_cert_ttl: Duration::from_secs(3600),
         ca_file: None,
+        console_redirect_uri: None,
     }
 }
 
