@@ -680,6 +680,10 @@ impl Slack {
         };
         match result {
             Ok(r) => {
+                if r.state.as_str() == "pending" {
+                    // One approval of several: the message shows the new count.
+                    self.enqueue(Job::Update(RequestInfo::of(&r)));
+                }
                 let text = match r.state.as_str() {
                     "pending" => format!(
                         "your approval of {} is recorded: {} of {}",

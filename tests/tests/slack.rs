@@ -156,6 +156,16 @@ approvers = ["dba"]
 approvals = 1
 slack_channel = "{CHANNEL}"
 approve_in_chat = false
+
+[[policies]]
+name = "prod-two-approvers"
+roles = ["qa"]
+targets = {{ env = "prod" }}
+access = ["read"]
+max_duration = "1h"
+approvers = ["dba"]
+approvals = 2
+slack_channel = "{CHANNEL}"
 "#,
         slack.addr
     ))
@@ -576,4 +586,49 @@ async fn a_failing_or_silent_slack_never_holds_up_a_decision() {
     assert!(run.ok, "{run:?}");
     let out = h.psql(&alice, "prod-db", "SELECT 1").await;
     assert!(out.success, "{}", out.stderr);
+}
+
+/// Links `user`'s certificate to Slack account `slack_user` (the `dm`th direct message).
+async fn link(h: &Harness, slack: &FakeSlack, user: &jitgate_tests::UserCert, slack_user: &str, dm: usize) {
+    assert!(h.cli_as(user, &["slack", "link", slack_user]).await.ok);
+    let offer = slack.nth("chat.postMessage", dm).await;
+    assert_eq!(offer.body["channel"], slack_user);
+    let value = actions(&offer.body)[0]["value"].as_str().unwrap().to_owned();
+    let (_, answer) = click(h, &payload(slack_user, "link", &value, "1.9")).await;
+    assert_eq!(answer["ok"], true, "{answer}");
+}
+
+#[tokio::test]
+async fn each_approval_of_several_updates_the_message() {
+    let slack = FakeSlack::start().await;
+    let h = start(&slack).await;
+    let quinn = h.user("quinn", &["qa"]);
+    let bob = h.user("bob", &["dba"]);
+    let dan = h.user("dan", &["dba"]);
+    let req = json_of(
+        &h.cli_as(
+            &quinn,
+            &[
+                "request", "prod-db", "--access", "read", "--for", "30m", "--reason", "INC-11", "--json",
+            ],
+        )
+        .await,
+    );
+    let id = req["id"].as_str().unwrap().to_owned();
+    let posted = slack.nth("chat.postMessage", 1).await;
+    assert!(all_text(&posted.body).contains("Pending: 0 of 2"), "{}", posted.body);
+    link(&h, &slack, &bob, "UBOB", 2).await;
+    link(&h, &slack, &dan, "UDAN", 3).await;
+
+    let (_, answer) = click(&h, &payload("UBOB", "approve", &id, "1700000000.000001")).await;
+    assert_eq!(answer["ok"], true, "{answer}");
+    let first = slack.nth("chat.update", 1).await;
+    assert!(all_text(&first.body).contains("Pending: 1 of 2"), "{}", first.body);
+    assert_eq!(actions(&first.body).len(), 2, "still decidable: {}", first.body);
+
+    let (_, answer) = click(&h, &payload("UDAN", "approve", &id, "1700000000.000001")).await;
+    assert_eq!(answer["ok"], true, "{answer}");
+    let second = slack.nth("chat.update", 2).await;
+    assert!(all_text(&second.body).contains("Approved by dan"), "{}", second.body);
+    assert!(actions(&second.body).is_empty());
 }
