@@ -1756,6 +1756,32 @@ slack_channel = "C0APPROVALS"
     }
 
     #[test]
+    fn the_console_callback_is_https_and_the_consoles_path() {
+        std::env::set_var("JITGATE_TEST_CONFIG_PW", "pw");
+        let with = |uri: &str| {
+            parse(&format!(
+                "{MINIMAL}[oidc]\nissuer = \"https://idp.example.com\"\nclient_id = \"jitgate\"\nconsole_redirect_uri = \"{uri}\"\n[oidc.roles]\ng = [\"dev\"]\n"
+            ))
+        };
+        let c = with("https://jitgate.example.com:8443/ui/oidc/callback").unwrap();
+        let oidc = c.oidc.as_deref().unwrap();
+        assert_eq!(
+            oidc.console_redirect_uri.as_deref(),
+            Some("https://jitgate.example.com:8443/ui/oidc/callback")
+        );
+        assert!(with("http://127.0.0.1:8443/ui/oidc/callback").is_ok());
+        for bad in [
+            "http://jitgate.example.com/ui/oidc/callback",
+            "https://jitgate.example.com/elsewhere",
+            "https://jitgate.example.com/ui/oidc/callback/../../evil",
+            "javascript:alert(1)",
+        ] {
+            let err = with(bad).unwrap_err().to_string();
+            assert!(err.starts_with("oidc.console_redirect_uri"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
     fn a_policy_cannot_name_a_slack_channel_without_the_slack_app() {
         std::env::set_var("JITGATE_TEST_CONFIG_PW", "pw");
         let err = parse(&format!("{MINIMAL}{SLACK_POLICY}")).unwrap_err().to_string();

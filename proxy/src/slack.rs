@@ -148,7 +148,7 @@ pub fn request_message(r: &RequestInfo, approve_in_chat: bool, console_url: Opti
                 Some(base) => blocks.push(json!({"type": "actions", "block_id": "jitgate-open", "elements": [
                     {"type": "button", "action_id": "open",
                      "text": {"type": "plain_text", "text": "Review in the console"},
-                     "url": format!("{base}/requests/{}", r.id)},
+                     "url": format!("{base}/#/requests/{}", r.id)},
                 ]})),
                 None => blocks.push(json!({"type": "context", "elements": [{"type": "mrkdwn",
                     "text": format!("Decide with `jitgate approve {}`", escape(&r.id))}]})),

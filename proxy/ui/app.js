@@ -374,8 +374,10 @@ const pages = { overview, requests, grants, sessions, audit };
 async function route() {
   stopTimers();
   if (!state.me) return;
+  // #/PAGE, #/PAGE?QUERY, or #/PAGE/ITEM (a link to one request: #/requests/r-...).
   const [path, query] = (location.hash.replace(/^#\/?/, '') || 'overview').split('?');
-  const name = pages[path] ? path : 'overview';
+  const [first, item] = path.split('/');
+  const name = pages[first] ? first : 'overview';
   document.querySelectorAll('#nav a').forEach((a) => {
     if (a.id === `nav-${name}`) a.setAttribute('aria-current', 'page'); else a.removeAttribute('aria-current');
   });
@@ -384,6 +386,13 @@ async function route() {
   document.title = `jitgate: ${name}`;
   try {
     await pages[name](page, new URLSearchParams(query || ''));
+    const focus = item && document.getElementById(`${name.replace(/s$/, '')}-${item}`);
+    if (focus) {
+      focus.classList.add('focus');
+      focus.scrollIntoView({ block: 'center' });
+    } else if (item) {
+      say(`${item} is not listed here (decided, or not yours to see)`);
+    }
     document.body.dataset.ready = name;
   } catch (e) {
     say(e.message, true);

@@ -129,10 +129,11 @@ try {
   }, REQUEST);
   say(`CSRF ${JSON.stringify(forged)}`);
 
-  // Requests: approve alice's from the inbox.
-  await page.goto(`${base}/ui/#/requests`);
+  // Requests: approve alice's from the inbox, reached by the link Slack's Review button has.
+  await page.goto(`${base}/ui/#/requests/${REQUEST}`);
   await ready('requests');
   await page.waitForSelector(`#approve-${REQUEST}`);
+  say(`FOCUS ${await page.getAttribute('tr.focus', 'id')}`);
   await shot('requests');
   await page.click(`#approve-${REQUEST}`);
   await done(`Approve ${REQUEST}`);

@@ -146,6 +146,7 @@ async fn an_approver_works_the_console_in_chromium() {
         "the refused POSTs approved nothing"
     );
 
+    assert_eq!(expect_line(&mut lines, "FOCUS").await, format!("request-{id}"));
     // Approved in the console: alice's psql gets in, and stays for the next steps.
     let approved = expect_line(&mut lines, "APPROVED").await;
     assert!(approved.ends_with("done"), "{approved}");

@@ -514,7 +514,7 @@ async fn a_policy_decided_in_the_console_gets_a_link_and_its_clicks_are_refused(
     assert_eq!(buttons.len(), 1, "{}", posted.body);
     assert_eq!(
         buttons[0]["url"],
-        format!("https://jitgate.example.test/ui/requests/{id}").as_str()
+        format!("https://jitgate.example.test/ui/#/requests/{id}").as_str()
     );
     assert!(!all_text(&posted.body).contains("\"approve\""));
 

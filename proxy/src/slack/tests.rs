@@ -150,7 +150,7 @@ fn a_console_only_policy_gets_a_link_or_the_cli_command_but_no_buttons() {
     let m = request_message(&request("pending"), false, Some("https://proxy:8443/ui"));
     let buttons = actions(&m);
     assert_eq!(buttons.len(), 1);
-    assert_eq!(buttons[0]["url"], "https://proxy:8443/ui/requests/r-42");
+    assert_eq!(buttons[0]["url"], "https://proxy:8443/ui/#/requests/r-42");
     assert!(buttons
         .iter()
         .all(|b| b["action_id"] != "approve" && b["action_id"] != "deny"));
