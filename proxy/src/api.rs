@@ -862,7 +862,7 @@ async fn show_recording(
     let path = s.config.audit.path.clone();
     let dir = s.config.ssh.recordings_dir.clone();
     let found = tokio::task::spawn_blocking(move || -> Result<Vec<u8>, ApiError> {
-        let files = crate::audit::files::chain_files(&path)
+        let files = crate::audit::siblings::log_files(&path)
             .map_err(|e| ApiError(StatusCode::SERVICE_UNAVAILABLE, "unavailable", e.to_string()))?;
         let all = crate::recordings::from_log(&files)
             .map_err(|e| ApiError(StatusCode::SERVICE_UNAVAILABLE, "unavailable", e.to_string()))?;

@@ -34,7 +34,7 @@ pub const LOGIN_COOKIE: &str = "jitgate_console_login";
 /// The header that carries the CSRF token.
 pub const CSRF_HEADER: &str = "x-csrf-token";
 /// Longest console session.
-const SESSION_TTL: Duration = Duration::from_secs(8 * 3600);
+pub const SESSION_TTL: Duration = Duration::from_secs(8 * 3600);
 /// Most console sessions held at once; the oldest go first.
 const MAX_SESSIONS: usize = 10_000;
 

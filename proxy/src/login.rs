@@ -521,7 +521,7 @@ impl Logins {
             let e = LoginError::Refused("this sign-in was finished already (a replayed nonce)".into());
             return Err(self.refused("console", Some(&person.user), caller, e));
         }
-        let not_after = SystemTime::now() + provider.config().max_cert_ttl;
+        let not_after = SystemTime::now() + provider.config().max_cert_ttl.min(crate::console::SESSION_TTL);
         self.audit
             .record(AuditEvent::LoginSucceeded {
                 method: "console".into(),

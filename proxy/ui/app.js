@@ -100,8 +100,8 @@ async function act(what, f) {
   try {
     say(`${what}...`);
     await f();
-    say(`${what}: done`);
     await route();
+    say(`${what}: done`);
   } catch (e) {
     say(`${what}: ${e.message}`, true);
   }
@@ -139,6 +139,7 @@ async function overview(page) {
   });
   put(starts.records, 's');
   put(created.records, 'r');
+  const partial = starts.truncated || created.truncated;
   const max = Math.max(1, ...buckets.map((b) => Math.max(b.s, b.r)));
   const W = 24 * 22, H = 120;
   const chart = svg('svg', { width: W + 30, height: H + 30, role: 'img', 'aria-label': 'Sessions and requests per hour, last 24 hours' });
@@ -155,7 +156,8 @@ async function overview(page) {
   page.append(el('h2', {}, 'Last 24 hours'),
     el('p', {}, el('span', { class: 'legend-sessions' }, '■ sessions started'), '  ',
       el('span', { class: 'legend-requests' }, '■ requests filed')),
-    el('div', { class: 'chart', id: 'chart' }, chart));
+    el('div', { class: 'chart', id: 'chart' }, chart),
+    partial ? el('p', { class: 'empty' }, 'More than 1000 in the window: the chart shows the latest 1000 of each.') : null);
 }
 
 // ---- Requests ---------------------------------------------------------------------------

@@ -337,7 +337,8 @@ pub enum AuditEvent {
     /// certificate is returned.
     #[serde(rename = "login.succeeded")]
     LoginSucceeded {
-        /// `oidc`, `invite` or `renew`.
+        /// `oidc`, `invite`, `renew`, or `console` (a web console sign-in: no certificate;
+        /// `cert_expires_at` is then when the console session ends).
         method: String,
         user: UserName,
         roles: Vec<Role>,

@@ -28,6 +28,16 @@ fn is_sibling(base: &str, name: &str) -> bool {
     (rest.starts_with('.') || rest.starts_with('-')) && rest.len() > 1 && !rest.starts_with(".unchained-")
 }
 
+/// Every file of the log whose active file is `active`, in chain order: the rotated ones
+/// (the proxy's own and logrotate's, compressed or not), then `active` if it exists.
+pub fn log_files(active: &Path) -> std::io::Result<Vec<PathBuf>> {
+    let mut files = find(active)?;
+    if active.exists() {
+        files.push(active.to_owned());
+    }
+    Ok(chain_order(files))
+}
+
 /// The files next to `active` that belong to its log (not `active` itself), in no order.
 pub fn find(active: &Path) -> std::io::Result<Vec<PathBuf>> {
     let dir = match active.parent() {

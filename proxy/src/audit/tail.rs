@@ -613,14 +613,14 @@ pub struct Search {
     pub limit: usize,
 }
 
-/// The records of the log `active` (its rotated files, then itself) that match `q`, in log
-/// order: the last `q.limit` of them, and whether earlier ones were left out.
+/// The records of the log `active` (its rotated files, the proxy's and logrotate's, then
+/// itself) that match `q`, in log order: the last `q.limit` of them, and whether earlier ones were left out.
 pub fn search(active: &Path, q: &Search) -> std::io::Result<(Vec<Value>, bool)> {
     let mut printer = Printer::new(q.filter.clone(), true);
     let needle = q.text.as_deref().map(str::to_ascii_lowercase).filter(|t| !t.is_empty());
     let mut out = VecDeque::new();
     let mut truncated = false;
-    for file in files::chain_files(active)? {
+    for file in super::siblings::log_files(active)? {
         let reader = match super::siblings::open(&file) {
             Ok(r) => r,
             // Rotated away (or compressed and removed) while listing: skip it.
