@@ -6,7 +6,8 @@
 //   node user.mjs device-abort VERIFICATION_URI USER_CODE LOGIN   (clicks [ Abort ])
 //   node user.mjs authorize AUTHORIZATION_URL LOGIN
 // For `authorize`, the final redirect (to jitgate's loopback listener) is followed too, so the
-// CLI receives its code. Prints `DONE` and exits 0 when the provider says the sign-in
+// CLI receives its code; with PRINT_REDIRECT=1 in the environment it is printed instead
+// (`REDIRECT URL`). Prints `DONE` and exits 0 when the provider says the sign-in
 // finished; prints the page and exits 1 otherwise.
 const [mode, url, ...rest] = process.argv.slice(2);
 const device = mode.startsWith('device');
@@ -65,6 +66,11 @@ let res = await go(device ? `${url}?user_code=${encodeURIComponent(userCode)}` :
 for (let step = 0; step < 30; step += 1) {
   if (res.status >= 300 && res.status < 400) {
     const next = new URL(res.headers.get('location'), res.url || url).toString();
+    if (new URL(next).origin !== issuer && process.env.PRINT_REDIRECT) {
+      // The test delivers the redirect itself.
+      console.log(`REDIRECT ${next}`);
+      process.exit(0);
+    }
     if (new URL(next).origin !== issuer) {
       // The redirect back to jitgate's loopback listener: deliver it, as a browser would.
       const back = await fetch(next);

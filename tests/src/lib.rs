@@ -831,3 +831,38 @@ pub async fn start_oidc_provider(config: &serde_json::Value) -> (tokio::process:
     drop(file);
     (child, issuer)
 }
+
+/// The host the console's single sign-on tests reach the proxy by (the provider's native
+/// client may not register `https://localhost` or `https://127.0.0.1`): browsers map it to
+/// 127.0.0.1, raw clients connect to the API address whatever the name.
+pub const CONSOLE_SSO_HOST: &str = "console.jitgate.test";
+
+/// A harness whose web console signs in at a real OpenID Provider (account `carol`, group
+/// `db-admins` = role `dba`): the API on a port chosen first, so that the provider knows the
+/// console's callback (`https://CONSOLE_SSO_HOST:PORT/ui/oidc/callback`). `extra` is added to
+/// the config. Returns the harness, the provider (killed when dropped) and its issuer.
+pub async fn console_sso_harness(extra: &str) -> (Harness, tokio::process::Child, String) {
+    std::env::set_var("JITGATE_TEST_CONSOLE_OIDC_SECRET", "console-provider-secret");
+    let port = sandbox::free_port().unwrap();
+    let mut h = Harness::start().await;
+    h.stop_proxy().await.unwrap();
+    h.edit_config(|c| c.replace("api = \"127.0.0.1:0\"", &format!("api = \"127.0.0.1:{port}\"")));
+    let callback = format!("https://{CONSOLE_SSO_HOST}:{port}/ui/oidc/callback");
+    let (provider, issuer) = start_oidc_provider(&serde_json::json!({
+        "client_id": "jitgate-console",
+        "client_secret": "console-provider-secret",
+        "redirect_uris": [callback],
+        "accounts": { "carol": { "email": "carol@example.com", "groups": ["db-admins"] } },
+    }))
+    .await;
+    h.edit_config(|c| {
+        format!(
+            "{c}\n{extra}\n[oidc]\nissuer = \"{issuer}\"\nclient_id = \"jitgate-console\"\n\
+             client_secret_env = \"JITGATE_TEST_CONSOLE_OIDC_SECRET\"\nscopes = [\"openid\", \"email\", \"groups\"]\n\
+             console_redirect_uri = \"{callback}\"\n[oidc.roles]\n\"db-admins\" = [\"dba\"]\n"
+        )
+    });
+    h.start_proxy().await;
+    assert_eq!(h.addrs().api.port(), port);
+    (h, provider, issuer)
+}

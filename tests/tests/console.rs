@@ -288,30 +288,9 @@ async fn a_shell_recording_plays_in_the_audit_page() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn an_approver_signs_in_to_the_console_with_single_sign_on() {
-    const HOST: &str = "console.jitgate.test";
-    std::env::set_var("JITGATE_TEST_CONSOLE_OIDC_SECRET", "console-provider-secret");
-    // The API on a port chosen here: the provider must know the console's callback first.
-    let port = jitgate_tests::jitgate::sandbox::free_port().unwrap();
-    let mut h = start().await;
-    h.stop_proxy().await.unwrap();
-    h.edit_config(|c| c.replace("api = \"127.0.0.1:0\"", &format!("api = \"127.0.0.1:{port}\"")));
-    let callback = format!("https://{HOST}:{port}/ui/oidc/callback");
-    let (_provider, issuer) = jitgate_tests::start_oidc_provider(&serde_json::json!({
-        "client_id": "jitgate-console",
-        "client_secret": "console-provider-secret",
-        "redirect_uris": [callback],
-        "accounts": { "carol": { "email": "carol@example.com", "groups": ["db-admins"] } },
-    }))
-    .await;
-    h.edit_config(|c| {
-        format!(
-            "{c}\n[oidc]\nissuer = \"{issuer}\"\nclient_id = \"jitgate-console\"\n\
-             client_secret_env = \"JITGATE_TEST_CONSOLE_OIDC_SECRET\"\nscopes = [\"openid\", \"email\", \"groups\"]\n\
-             console_redirect_uri = \"{callback}\"\n[oidc.roles]\n\"db-admins\" = [\"dba\"]\n"
-        )
-    });
-    h.start_proxy().await;
-    assert_eq!(h.addrs().api.port(), port);
+    const HOST: &str = jitgate_tests::CONSOLE_SSO_HOST;
+    let (h, _provider, _) = jitgate_tests::console_sso_harness(POLICY).await;
+    let port = h.addrs().api.port();
     let alice = h.user("alice", &["dev"]);
     let id = file_request(&h, &alice).await;
 

@@ -804,3 +804,158 @@ async fn the_audit_search_is_for_auditors_and_finds_what_it_is_asked() {
     audit(&h, &sam, "bogus=1").await.refused(400, "invalid");
     audit(&h, &sam, "limit=many").await.refused(400, "invalid");
 }
+
+impl Reply {
+    /// Every value of header `name`.
+    fn all(&self, name: &str) -> Vec<&str> {
+        self.headers
+            .iter()
+            .filter(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+            .collect()
+    }
+
+    /// The error the console's page is sent back with (`/ui/?error=...`), decoded.
+    fn sent_back_with_error(&self) -> String {
+        assert_eq!(self.status, 303, "{self:?}");
+        let location = self.header("location").unwrap_or_default();
+        let error = location
+            .strip_prefix("/ui/?error=")
+            .unwrap_or_else(|| panic!("back to the page with an error: {location}"));
+        assert!(
+            !self.all("set-cookie").iter().any(|c| c.starts_with("jitgate_console=")),
+            "no console session: {self:?}"
+        );
+        percent_decode(error)
+    }
+}
+
+fn percent_decode(s: &str) -> String {
+    let mut out = Vec::new();
+    let b = s.as_bytes();
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' && i + 3 <= b.len() {
+            if let Ok(v) = u8::from_str_radix(&s[i + 1..i + 3], 16) {
+                out.push(v);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Starts a console sign-in: (the provider's authorization URL, the sign-in cookie).
+async fn start_sso(h: &Harness) -> (String, String) {
+    let r = send(h, None, "GET", "/ui/oidc/start", &[]).await;
+    assert_eq!(r.status, 303, "{r:?}");
+    let cookie = r.header("set-cookie").unwrap().to_owned();
+    for attr in ["Path=/ui/oidc", "Secure", "HttpOnly", "SameSite=Lax"] {
+        assert!(cookie.contains(attr), "{attr}: {cookie}");
+    }
+    let pair = cookie.split(';').next().unwrap().to_owned();
+    assert!(pair.starts_with("jitgate_console_login="), "{pair}");
+    (r.header("location").unwrap().to_owned(), pair)
+}
+
+/// carol signs in at the provider: the callback path and query it redirects the browser to.
+async fn provider_sign_in(authorization_url: &str) -> String {
+    let fixture = jitgate_tests::npm_fixture("oidc", "oidc-provider");
+    let out = tokio::time::timeout(
+        Duration::from_secs(60),
+        tokio::process::Command::new("node")
+            .arg(fixture.join("user.mjs"))
+            .args(["authorize", authorization_url, "carol"])
+            .env("PRINT_REDIRECT", "1")
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .expect("user.mjs finishes")
+    .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let url = text
+        .lines()
+        .find_map(|l| l.strip_prefix("REDIRECT "))
+        .unwrap_or_else(|| panic!("no redirect: {text}"));
+    let path = url.split_once("/ui/oidc/callback").map(|(_, q)| q).unwrap();
+    format!("/ui/oidc/callback{path}")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn single_sign_on_callbacks_that_are_not_this_browsers_are_refused() {
+    let (h, _provider, issuer) = jitgate_tests::console_sso_harness("").await;
+
+    // The start sends the browser to the provider, with PKCE and a nonce.
+    let (url, cookie) = start_sso(&h).await;
+    assert!(url.starts_with(&issuer), "{url}");
+    for part in ["code_challenge_method=S256", "code_challenge=", "nonce=", "state="] {
+        assert!(url.contains(part), "{part}: {url}");
+    }
+    let callback = provider_sign_in(&url).await;
+    let state = callback.split("state=").nth(1).unwrap().split('&').next().unwrap();
+    assert!(callback.contains("code="), "{callback}");
+
+    // Not this browser's: without the sign-in cookie, or with another sign-in's cookie.
+    let r = send(&h, None, "GET", &callback, &[]).await;
+    assert!(r.sent_back_with_error().contains("did not start the sign-in"), "{r:?}");
+    let (_, other) = start_sso(&h).await;
+    let r = send(&h, None, "GET", &callback, &[("Cookie", &other)]).await;
+    assert!(r.sent_back_with_error().contains("another state"), "{r:?}");
+    // A state changed on the way, and an edited handle.
+    let changed = callback.replace(state, "forged-state");
+    let r = send(&h, None, "GET", &changed, &[("Cookie", &cookie)]).await;
+    assert!(r.sent_back_with_error().contains("another state"), "{r:?}");
+    let edited = format!("{cookie}x");
+    let r = send(&h, None, "GET", &callback, &[("Cookie", &edited)]).await;
+    assert!(r.sent_back_with_error().contains("unknown login"), "{r:?}");
+    // The provider's own refusal comes back as such.
+    let r = send(
+        &h,
+        None,
+        "GET",
+        "/ui/oidc/callback?error=access_denied&error_description=aborted",
+        &[("Cookie", &cookie)],
+    )
+    .await;
+    assert!(r.sent_back_with_error().contains("access_denied"), "{r:?}");
+
+    // This browser's: a console session as carol, and the sign-in cookie is cleared.
+    let r = send(&h, None, "GET", &callback, &[("Cookie", &cookie)]).await;
+    assert_eq!((r.status, r.header("location")), (303, Some("/ui/")), "{r:?}");
+    let cookies = r.all("set-cookie");
+    assert!(
+        cookies
+            .iter()
+            .any(|c| c.starts_with("jitgate_console_login=;") && c.contains("Max-Age=0")),
+        "{cookies:?}"
+    );
+    let session = cookies
+        .iter()
+        .find_map(|c| c.strip_prefix("jitgate_console="))
+        .map(|c| format!("jitgate_console={}", c.split(';').next().unwrap()))
+        .expect("a console session");
+    let me = send(&h, None, "GET", "/v1/whoami", &[("Cookie", &session)]).await.ok();
+    assert_eq!(me["user"], "carol@example.com");
+    assert_eq!(me["roles"], serde_json::json!(["dba"]));
+
+    // The same callback again (a replay): refused, no second session.
+    let r = send(&h, None, "GET", &callback, &[("Cookie", &cookie)]).await;
+    let error = r.sent_back_with_error();
+    assert!(!error.is_empty(), "{r:?}");
+
+    eventually("the refusals audited", Duration::from_secs(10), || async {
+        let refused = h.audit_events("login.refused");
+        refused.iter().filter(|e| e["method"] == "console").count() >= 3
+    })
+    .await;
+    let ok = h.audit_events("login.succeeded");
+    assert_eq!(
+        ok.iter().filter(|e| e["method"] == "console").count(),
+        1,
+        "one sign-in: {ok:?}"
+    );
+}
