@@ -307,3 +307,49 @@ fn with_several_logs_a_missing_one_is_named() {
     assert_eq!(err.kind(), std::io::ErrorKind::NotFound);
     assert!(err.to_string().starts_with(&missing.display().to_string()), "{err}");
 }
+
+#[test]
+fn the_search_reads_logrotates_files_and_the_proxys_in_chain_order() {
+    use super::super::tail::{search, Search};
+    let dir = tempfile::tempdir().unwrap();
+    let active = dir.path().join("audit.jsonl");
+    let lines = chained();
+    // Records 1-2 rotated by logrotate (gzip), 3-4 by the proxy, the rest active.
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    gz.write_all(&lines[..2].concat()).unwrap();
+    std::fs::write(dir.path().join("audit.jsonl.2.gz"), gz.finish().unwrap()).unwrap();
+    std::fs::write(super::super::files::rotated_path(&active, 3), lines[2..4].concat()).unwrap();
+    std::fs::write(&active, lines[4..].concat()).unwrap();
+    let all = Search {
+        limit: 100,
+        ..Search::default()
+    };
+    let (found, truncated) = search(&active, &all).unwrap();
+    let seqs: Vec<u64> = found.iter().map(|v| v["seq"].as_u64().unwrap()).collect();
+    assert_eq!(seqs, (1..=RECORDS.len() as u64).collect::<Vec<_>>());
+    assert!(!truncated);
+
+    // alice's session, statements only (statement.end by its session), the latest one.
+    let q = Search {
+        filter: Filter {
+            user: Some("alice".into()),
+            ..Filter::default()
+        },
+        event: Some("statement".into()),
+        limit: 1,
+        ..Search::default()
+    };
+    let (found, truncated) = search(&active, &q).unwrap();
+    assert_eq!(found.len(), 1);
+    assert_eq!(
+        (found[0]["event"].as_str(), found[0]["statement"].as_u64()),
+        (Some("statement.end"), Some(1))
+    );
+    assert!(truncated, "the statement itself matched too");
+    let text = Search {
+        text: Some("from T".into()),
+        limit: 10,
+        ..Search::default()
+    };
+    assert_eq!(search(&active, &text).unwrap().0.len(), 1, "case-insensitive text");
+}
