@@ -106,6 +106,14 @@ impl Notifier {
         (Notifier { hooks, slack: None }, workers)
     }
 
+    /// A pending request got one approval of several: only the Slack message shows it (there
+    /// is no webhook event for votes; `request.approval` is in the audit log). Never waits.
+    pub fn progress(&self, info: RequestInfo) {
+        if let Some(slack) = &self.slack {
+            slack.progress(info);
+        }
+    }
+
     /// Queues `event` for every webhook subscribed to its kind. Never waits.
     pub fn notify(&self, event: Notification) {
         if let Some(slack) = &self.slack {

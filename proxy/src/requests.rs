@@ -616,6 +616,7 @@ impl Requests {
                     Err(e) => return Err(e.into()),
                 }
                 self.audit.record(vote).await?;
+                self.notifier.progress(RequestInfo::of(&request));
                 return Ok(request);
             }
             let approvers: Vec<&str> = request.approvals.iter().map(|v| v.by.as_str()).collect();

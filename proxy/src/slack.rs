@@ -319,6 +319,11 @@ impl Slack {
         self.enqueue(job);
     }
 
+    /// A pending request's approvals changed: the message shows the new count.
+    pub fn progress(&self, info: RequestInfo) {
+        self.enqueue(Job::Update(info));
+    }
+
     fn enqueue(&self, job: Job) {
         if let Err(e) = self.queue.try_send(job) {
             tracing::warn!(error = %e, "slack: call dropped (queue full or shutting down)");
@@ -680,10 +685,6 @@ impl Slack {
         };
         match result {
             Ok(r) => {
-                if r.state.as_str() == "pending" {
-                    // One approval of several: the message shows the new count.
-                    self.enqueue(Job::Update(RequestInfo::of(&r)));
-                }
                 let text = match r.state.as_str() {
                     "pending" => format!(
                         "your approval of {} is recorded: {} of {}",
