@@ -138,6 +138,15 @@ try {
   await page.click(`#approve-${REQUEST}`);
   await done(`Approve ${REQUEST}`);
   say(`APPROVED ${await status()}`);
+  if (process.env.DENY) {
+    // Deny needs a reason: without one nothing is sent; with one, the request is denied.
+    await page.click(`#deny-${process.env.DENY}`);
+    say(`DENY_WITHOUT_REASON ${await status()}`);
+    await page.fill(`#deny-reason-${process.env.DENY}`, 'not during the freeze');
+    await page.click(`#deny-${process.env.DENY}`);
+    await done(`Deny ${process.env.DENY}`);
+    say(`DENIED ${await status()}`);
+  }
   await next();
 
   // Sessions: alice's live psql is listed, with its statements.

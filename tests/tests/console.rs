@@ -115,9 +115,10 @@ async fn an_approver_works_the_console_in_chromium() {
     let alice = h.user("alice", &["dev"]);
     let bob = h.user("bob", &["dba", "admin"]);
     let id = file_request(&h, &alice).await;
+    let other = file_request(&h, &alice).await;
     let marker = format!("SELECT 'console-{}' AS marker", std::process::id());
     let shots = artifacts();
-    let mut driver = driver(&h, &bob, &[("REQUEST", &id), ("MARKER", &marker)]);
+    let mut driver = driver(&h, &bob, &[("REQUEST", &id), ("MARKER", &marker), ("DENY", &other)]);
     let mut stdin = driver.stdin.take().unwrap();
     let mut lines = BufReader::new(driver.stdout.take().unwrap()).lines();
 
@@ -155,6 +156,16 @@ async fn an_approver_works_the_console_in_chromium() {
         (shown["state"].as_str(), shown["decided_by"].as_str()),
         (Some("approved"), Some("bob"))
     );
+    assert!(expect_line(&mut lines, "DENY_WITHOUT_REASON")
+        .await
+        .contains("Give a reason"));
+    assert!(expect_line(&mut lines, "DENIED").await.ends_with("done"));
+    let denied = json_of(&h.cli_as(&alice, &["request", "show", &other, "--json"]).await);
+    assert_eq!(
+        (denied["state"].as_str(), denied["decided_by"].as_str()),
+        (Some("denied"), Some("bob"))
+    );
+    assert!(denied.to_string().contains("not during the freeze"), "{denied}");
     let out = h.psql(&alice, "prod-db", &marker).await;
     assert!(out.success, "{}", out.stderr);
     let mut live = h.psql_interactive(&alice, "prod-db");

@@ -255,14 +255,15 @@ async fn echo_server() -> u16 {
     port
 }
 
-/// Runs `ssh -N -L` and sends a line through the forward: what came back (empty when the
-/// proxy refused the forward and the client closed the connection). The local end is a Unix
+/// Runs `ssh -N -L`, sends a line through the forward and kills ssh with the forward open:
+/// what came back (empty when the proxy refused the forward and the client closed the
+/// connection). The local end is a Unix
 /// socket in a directory of the test's own, so no other process can be listening there.
 async fn through_forward(h: &Harness, user: &jitgate_tests::ssh::SshUser, target: &str, to: u16) -> String {
     let dir = tempfile::tempdir().unwrap();
     let local = dir.path().join("fwd.sock");
     let spec = format!("{}:127.0.0.1:{to}", local.display());
-    let _ssh = ssh_command(h, user, target, &["-N", "-o", "ExitOnForwardFailure=yes", "-L", &spec])
+    let mut ssh = ssh_command(h, user, target, &["-N", "-o", "ExitOnForwardFailure=yes", "-L", &spec])
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
@@ -280,10 +281,15 @@ async fn through_forward(h: &Harness, user: &jitgate_tests::ssh::SshUser, target
         return String::new();
     }
     let mut got = vec![0u8; 64];
-    match tokio::time::timeout(Duration::from_secs(20), conn.read(&mut got)).await {
+    let answer = match tokio::time::timeout(Duration::from_secs(20), conn.read(&mut got)).await {
         Ok(Ok(n)) => String::from_utf8_lossy(&got[..n]).into_owned(),
         _ => String::new(),
-    }
+    };
+    // The client dies with the forward still open (no EOF, no close): the proxy must still
+    // end the forward, audit it and end the session.
+    let _ = ssh.kill().await;
+    drop(conn);
+    answer
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -330,6 +336,13 @@ async fn local_forwards_are_refused_unless_the_target_allows_them_and_both_are_a
     );
     assert_eq!(allowed["bytes_in"], 25);
     assert_eq!(allowed["bytes_out"], 25);
+    // The killed client's session ended with it.
+    eventually("the forwarding session ended", Duration::from_secs(10), || async {
+        h.audit_events("session.end")
+            .iter()
+            .any(|e| e["target"] == "web-fwd" && e["reason"] == "client_closed")
+    })
+    .await;
     // Remote forwarding is refused outright: ssh -R with ExitOnForwardFailure exits.
     let (ok, _, err) = ssh(
         &h,

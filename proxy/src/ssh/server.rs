@@ -150,6 +150,10 @@ pub async fn serve_connection(ctx: Arc<SshContext>, tcp: TcpStream, peer: Socket
         started: Instant::now(),
     };
     let deadline = ctx.config.limits.handshake_timeout;
+    // When the connection ends, so does everything relayed for it (forwards, shells waiting on
+    // their target): they write their records and the session ends as the client's doing.
+    let cut = Arc::clone(&conn.cut);
+    let _end_with_connection = cut.token.clone().drop_guard();
     let running =
         match tokio::time::timeout(deadline, russh::server::run_stream(Arc::clone(&ctx.server), tcp, conn)).await {
             Ok(Ok(r)) => r,
@@ -972,9 +976,13 @@ impl Relay {
             tokio::select! {
                 biased;
                 () = self.cut.token.cancelled() => {
-                    let line = format!("\r\n{}\r\n", self.cut.message());
-                    let _ = self.downward(&mut mode, line.as_bytes(), true).await;
-                    let _ = client.extended_data(1, line.as_bytes()).await;
+                    // No message: the connection itself ended; nothing to tell or record.
+                    let message = self.cut.message();
+                    if !message.is_empty() {
+                        let line = format!("\r\n{message}\r\n");
+                        let _ = self.downward(&mut mode, line.as_bytes(), true).await;
+                        let _ = client.extended_data(1, line.as_bytes()).await;
+                    }
                     let _ = client.eof().await;
                     break;
                 }
