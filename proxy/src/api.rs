@@ -920,22 +920,21 @@ impl Apps {
             Apps::Anonymous { .. } => None,
             Apps::Certified { id, .. } => Some(id),
         };
+        // The certificate's identity when there is one, else a console session's, if any.
         let caller = consoles.gate(cert, req.method(), req.headers(), req.uri().path())?;
-        if let Some(id) = cert {
-            req.extensions_mut().insert(crate::console::Certified(Arc::clone(id)));
+        let app = match (self, &caller) {
+            (Apps::Anonymous { console, .. }, Some(_)) => console,
+            (Apps::Anonymous { anonymous, .. }, None) => anonymous,
+            (Apps::Certified { app, id }, _) => {
+                req.extensions_mut().insert(crate::console::Certified(Arc::clone(id)));
+                app
+            }
+            (Apps::Refusing(app), _) => app,
+        };
+        if let Some(id) = caller {
+            req.extensions_mut().insert(id);
         }
-        Ok(match (self, caller) {
-            (Apps::Certified { app, .. }, Some(id)) | (Apps::Anonymous { console: app, .. }, Some(id)) => {
-                req.extensions_mut().insert(id);
-                app.clone()
-            }
-            (Apps::Anonymous { anonymous, .. }, None) => anonymous.clone(),
-            (Apps::Certified { app, id }, None) => {
-                req.extensions_mut().insert(Arc::clone(id));
-                app.clone()
-            }
-            (Apps::Refusing(app), _) => app.clone(),
-        })
+        Ok(app.clone())
     }
 }
 

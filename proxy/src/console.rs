@@ -19,10 +19,10 @@ use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Redirect, Response};
 use axum::{Extension, Json};
-use base64::Engine as _;
 use serde::{Deserialize, Serialize};
 
 use crate::api::ApiState;
+use crate::login::random_token;
 use crate::pki::Identity;
 
 /// The console's session cookie.
@@ -103,10 +103,6 @@ fn digest(token: &str) -> [u8; 32] {
     let mut out = [0; 32];
     out.copy_from_slice(d.as_ref());
     out
-}
-
-fn random_token() -> String {
-    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(rand::random::<[u8; 32]>())
 }
 
 /// The value of cookie `name` in `headers`.

@@ -32,6 +32,7 @@ pub mod policy;
 pub mod recordings;
 pub mod requests;
 pub mod sandbox;
+pub mod seal;
 pub mod server;
 pub mod sessions;
 pub mod slack;

@@ -236,7 +236,7 @@ pub struct Logins {
     /// The PostgreSQL listener's bound port, told to the CLI for its profile.
     postgres_port: u16,
     provider: Option<oidc::Provider>,
-    seal_key: ring::hmac::Key,
+    sealer: crate::seal::Sealer,
     /// Nonces of logins finished here, until their handle expires: a handle is used once.
     used: Mutex<HashMap<String, SystemTime>>,
 }
@@ -251,11 +251,11 @@ fn b64() -> base64::engine::GeneralPurpose {
     base64::engine::general_purpose::URL_SAFE_NO_PAD
 }
 
-fn random_token() -> String {
+pub(crate) fn random_token() -> String {
     b64().encode(rand::random::<[u8; 32]>())
 }
 
-fn unix(t: SystemTime) -> u64 {
+pub(crate) fn unix(t: SystemTime) -> u64 {
     t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_secs()
 }
 
@@ -295,7 +295,7 @@ impl Logins {
             ca_pem,
             postgres_port,
             provider,
-            seal_key: ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &seal),
+            sealer: crate::seal::Sealer::new(&seal),
             used: Mutex::new(HashMap::new()),
         })
     }
@@ -322,17 +322,12 @@ impl Logins {
     }
 
     fn seal(&self, p: &Pending) -> String {
-        let body = b64().encode(serde_json::to_vec(p).unwrap_or_default());
-        let tag = ring::hmac::sign(&self.seal_key, body.as_bytes());
-        format!("{body}.{}", b64().encode(tag.as_ref()))
+        self.sealer.seal(p)
     }
 
     fn unseal(&self, handle: &str, kind: &str) -> Result<Pending, LoginError> {
         let bad = || LoginError::Invalid("unknown login: start again with jitgate login".into());
-        let (body, tag) = handle.split_once('.').ok_or_else(bad)?;
-        let tag = b64().decode(tag).map_err(|_| bad())?;
-        ring::hmac::verify(&self.seal_key, body.as_bytes(), &tag).map_err(|_| bad())?;
-        let p: Pending = serde_json::from_slice(&b64().decode(body).map_err(|_| bad())?).map_err(|_| bad())?;
+        let p: Pending = self.sealer.unseal(handle).ok_or_else(bad)?;
         if p.kind != kind {
             return Err(bad());
         }
@@ -740,7 +735,7 @@ impl Logins {
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 

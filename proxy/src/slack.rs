@@ -20,7 +20,6 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use base64::Engine as _;
 use hmac::{Hmac, Mac};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
@@ -31,6 +30,7 @@ use tokio_util::sync::CancellationToken;
 use crate::audit::{AuditEvent, AuditLog};
 use crate::config::SlackConfig;
 use crate::login::http::Http;
+use crate::login::{lock, unix};
 use crate::model::{RequestId, Role, SlackLink, UserName};
 use crate::notify::{EventKind, Notification, NotificationData, RequestInfo};
 use crate::pki::Identity;
@@ -205,22 +205,12 @@ pub struct Slack {
     audit: Arc<AuditLog>,
     http: Http,
     queue: mpsc::Sender<Job>,
-    seal_key: Vec<u8>,
+    sealer: crate::seal::Sealer,
     /// Request ID to (channel, ts) of its message, as posted or clicked here.
     messages: Mutex<HashMap<String, (String, String)>>,
     /// Signatures of interactions received in the last [`MAX_SKEW`] (twice, for both sides
     /// of now): a signed payload is acted on once.
     seen: Mutex<HashMap<String, SystemTime>>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
-fn unix(t: SystemTime) -> u64 {
-    t.duration_since(SystemTime::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
 }
 
 /// The fields of a `block_actions` payload jitgate reads.
@@ -284,12 +274,12 @@ impl Slack {
         let http = Http::new(None).map_err(|e| e.to_string())?;
         let (queue, jobs) = mpsc::channel(QUEUE_SIZE);
         let secret = config.signing_secret.clone().unwrap_or_default();
-        let seal_key = {
+        let sealer = {
             let Ok(mut mac) = <Hmac<Sha256> as Mac>::new_from_slice(secret.as_bytes()) else {
                 return Err("the signing secret is unusable".into());
             };
             mac.update(b"jitgate slack link offer v1");
-            mac.finalize().into_bytes().to_vec()
+            crate::seal::Sealer::new(&mac.finalize().into_bytes())
         };
         let slack = Arc::new(Slack {
             config,
@@ -298,7 +288,7 @@ impl Slack {
             audit,
             http,
             queue,
-            seal_key,
+            sealer,
             messages: Mutex::new(HashMap::new()),
             seen: Mutex::new(HashMap::new()),
         });
@@ -480,22 +470,11 @@ impl Slack {
     }
 
     fn seal(&self, offer: &LinkOffer) -> String {
-        let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
-        let body = b64.encode(serde_json::to_vec(offer).unwrap_or_default());
-        let tag = ring::hmac::sign(
-            &ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &self.seal_key),
-            body.as_bytes(),
-        );
-        format!("{body}.{}", b64.encode(tag.as_ref()))
+        self.sealer.seal(offer)
     }
 
     fn unseal(&self, value: &str) -> Option<LinkOffer> {
-        let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
-        let (body, tag) = value.split_once('.')?;
-        let tag = b64.decode(tag).ok()?;
-        let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &self.seal_key);
-        ring::hmac::verify(&key, body.as_bytes(), &tag).ok()?;
-        serde_json::from_slice(&b64.decode(body).ok()?).ok()
+        self.sealer.unseal(value)
     }
 
     /// Remembers `signature` as used; false when it was seen already.

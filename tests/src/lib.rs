@@ -397,6 +397,15 @@ key_file = "{key}"
         run_jitgate(args, &env).await
     }
 
+    /// `jitgate request TARGET --access read --for 30m --reason REASON --json` as `user`: the
+    /// request as the CLI prints it.
+    pub async fn request_read(&self, user: &UserCert, target: &str, reason: &str) -> serde_json::Value {
+        let args = [
+            "request", target, "--access", "read", "--for", "30m", "--reason", reason, "--json",
+        ];
+        self.cli_as(user, &args).await.json()
+    }
+
     /// Issues a client certificate from the data directory's CA.
     pub fn user(&self, name: &str, roles: &[&str]) -> UserCert {
         self.user_with_ttl(name, roles, Duration::from_secs(3600))
@@ -685,6 +694,15 @@ pub struct CliRun {
     pub code: Option<i32>,
     pub stdout: String,
     pub stderr: String,
+}
+
+impl CliRun {
+    /// Stdout as JSON; panics (with the run) when the command failed.
+    #[track_caller]
+    pub fn json(&self) -> serde_json::Value {
+        assert!(self.ok, "{self:?}");
+        serde_json::from_str(&self.stdout).unwrap_or_else(|e| panic!("{e}: {self:?}"))
+    }
 }
 
 /// Runs the `jitgate` binary with `args`, `JITGATE_*` variables cleared and `env` set.

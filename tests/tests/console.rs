@@ -40,21 +40,8 @@ fn artifacts() -> PathBuf {
     target.join("test-artifacts").join("console")
 }
 
-fn json_of(run: &jitgate_tests::CliRun) -> serde_json::Value {
-    assert!(run.ok, "{run:?}");
-    serde_json::from_str(&run.stdout).unwrap()
-}
-
 async fn file_request(h: &Harness, alice: &UserCert) -> String {
-    let r = json_of(
-        &h.cli_as(
-            alice,
-            &[
-                "request", "prod-db", "--access", "read", "--for", "30m", "--reason", "INC-77", "--json",
-            ],
-        )
-        .await,
-    );
+    let r = h.request_read(alice, "prod-db", "INC-77").await;
     assert_eq!(r["state"], "pending");
     r["id"].as_str().unwrap().to_owned()
 }
@@ -142,7 +129,7 @@ async fn an_approver_works_the_console_in_chromium() {
         "CSRF-less POSTs refused"
     );
     assert_eq!(
-        json_of(&h.cli_as(&alice, &["request", "show", &id, "--json"]).await)["state"],
+        h.cli_as(&alice, &["request", "show", &id, "--json"]).await.json()["state"],
         "pending",
         "the refused POSTs approved nothing"
     );
@@ -151,7 +138,7 @@ async fn an_approver_works_the_console_in_chromium() {
     // Approved in the console: alice's psql gets in, and stays for the next steps.
     let approved = expect_line(&mut lines, "APPROVED").await;
     assert!(approved.ends_with("done"), "{approved}");
-    let shown = json_of(&h.cli_as(&alice, &["request", "show", &id, "--json"]).await);
+    let shown = h.cli_as(&alice, &["request", "show", &id, "--json"]).await.json();
     assert_eq!(
         (shown["state"].as_str(), shown["decided_by"].as_str()),
         (Some("approved"), Some("bob"))
@@ -160,7 +147,7 @@ async fn an_approver_works_the_console_in_chromium() {
         .await
         .contains("Give a reason"));
     assert!(expect_line(&mut lines, "DENIED").await.ends_with("done"));
-    let denied = json_of(&h.cli_as(&alice, &["request", "show", &other, "--json"]).await);
+    let denied = h.cli_as(&alice, &["request", "show", &other, "--json"]).await.json();
     assert_eq!(
         (denied["state"].as_str(), denied["decided_by"].as_str()),
         (Some("denied"), Some("bob"))
@@ -331,7 +318,7 @@ async fn an_approver_signs_in_to_the_console_with_single_sign_on() {
     assert_no_page_errors(&expect_line(&mut lines, "PROBLEMS").await);
     expect_line(&mut lines, "DONE").await;
 
-    let shown = json_of(&h.cli_as(&alice, &["request", "show", &id, "--json"]).await);
+    let shown = h.cli_as(&alice, &["request", "show", &id, "--json"]).await.json();
     assert_eq!(
         (shown["state"].as_str(), shown["decided_by"].as_str()),
         (Some("approved"), Some("carol@example.com"))

@@ -15,7 +15,7 @@ use std::time::{Duration, SystemTime};
 
 use http_body_util::{BodyExt as _, Full};
 use hyper_util::rt::TokioIo;
-use jitgate_tests::{eventually, CliRun, Harness};
+use jitgate_tests::{eventually, Harness};
 use serde_json::{json, Value};
 
 const SIGNING: &str = "8f742231b10e8888abcd99yyyzzz85a5";
@@ -259,11 +259,6 @@ async fn click(h: &Harness, body: &str) -> (u16, Value) {
     deliver(h, &ts, &sign(SIGNING, &ts, body), body).await
 }
 
-fn json_of(r: &CliRun) -> Value {
-    assert!(r.ok, "{r:?}");
-    serde_json::from_str(&r.stdout).unwrap()
-}
-
 /// Checks `message` has the Block Kit shape Slack accepts for the blocks jitgate uses.
 fn assert_block_kit(message: &Value) {
     assert!(
@@ -326,23 +321,7 @@ async fn a_linked_approver_approves_in_slack_and_every_bad_interaction_is_refuse
     let bob = h.user("bob", &["dba"]);
 
     // alice's request is posted to the policy's channel with the bot's token.
-    let req = json_of(
-        &h.cli_as(
-            &alice,
-            &[
-                "request",
-                "prod-db",
-                "--access",
-                "read",
-                "--for",
-                "30m",
-                "--reason",
-                "INC-7 <!channel> & co",
-                "--json",
-            ],
-        )
-        .await,
-    );
+    let req = h.request_read(&alice, "prod-db", "INC-7 <!channel> & co").await;
     let id = req["id"].as_str().unwrap().to_owned();
     assert_eq!(req["state"], "pending");
     let posted = slack.nth("chat.postMessage", 1).await;
@@ -391,7 +370,7 @@ async fn a_linked_approver_approves_in_slack_and_every_bad_interaction_is_refuse
         (eph.body["user"].as_str(), eph.body["channel"].as_str()),
         (Some("UBOB"), Some(CHANNEL))
     );
-    let shown = json_of(&h.cli_as(&alice, &["request", "show", &id, "--json"]).await);
+    let shown = h.cli_as(&alice, &["request", "show", &id, "--json"]).await.json();
     assert_eq!(shown["state"], "pending");
 
     // bob links his Slack account: the bot DMs UBOB a Confirm button.
@@ -436,7 +415,7 @@ async fn a_linked_approver_approves_in_slack_and_every_bad_interaction_is_refuse
     assert_eq!(answer["ok"], false, "{answer}");
     assert!(answer["text"].as_str().unwrap().contains("alice"), "{answer}");
     assert_eq!(
-        json_of(&h.cli_as(&alice, &["request", "show", &id, "--json"]).await)["state"],
+        h.cli_as(&alice, &["request", "show", &id, "--json"]).await.json()["state"],
         "pending"
     );
 
@@ -446,7 +425,7 @@ async fn a_linked_approver_approves_in_slack_and_every_bad_interaction_is_refuse
     let sig = sign(SIGNING, &ts, &body);
     let (status, answer) = deliver(&h, &ts, &sig, &body).await;
     assert_eq!((status, answer["ok"].as_bool()), (200, Some(true)), "{answer}");
-    let shown = json_of(&h.cli_as(&alice, &["request", "show", &id, "--json"]).await);
+    let shown = h.cli_as(&alice, &["request", "show", &id, "--json"]).await.json();
     assert_eq!(shown["state"], "approved");
     assert_eq!(shown["decided_by"], "bob");
     let out = h.psql(&alice, "prod-db", "SELECT count(*) FROM items").await;
@@ -498,15 +477,7 @@ async fn a_policy_decided_in_the_console_gets_a_link_and_its_clicks_are_refused(
     let h = start(&slack).await;
     let carol = h.user("carol", &["ops"]);
     let bob = h.user("bob", &["dba"]);
-    let req = json_of(
-        &h.cli_as(
-            &carol,
-            &[
-                "request", "prod-db", "--access", "read", "--for", "30m", "--reason", "INC-8", "--json",
-            ],
-        )
-        .await,
-    );
+    let req = h.request_read(&carol, "prod-db", "INC-8").await;
     let id = req["id"].as_str().unwrap().to_owned();
     let posted = slack.nth("chat.postMessage", 1).await;
     assert_block_kit(&posted.body);
@@ -531,7 +502,7 @@ async fn a_policy_decided_in_the_console_gets_a_link_and_its_clicks_are_refused(
     assert_eq!(answer["ok"], false, "{answer}");
     assert!(answer["text"].as_str().unwrap().contains("console"), "{answer}");
     assert_eq!(
-        json_of(&h.cli_as(&carol, &["request", "show", &id, "--json"]).await)["state"],
+        h.cli_as(&carol, &["request", "show", &id, "--json"]).await.json()["state"],
         "pending"
     );
     // Decided with the CLI instead: the Slack message is still updated (this replica posted it).
@@ -548,26 +519,10 @@ async fn a_failing_or_silent_slack_never_holds_up_a_decision() {
     let h = start(&slack).await;
     let alice = h.user("alice", &["dev"]);
     let bob = h.user("bob", &["dba"]);
-    let file = |reason: &'static str| {
-        let h = &h;
-        let alice = &alice;
-        async move {
-            let run = h
-                .cli_as(
-                    alice,
-                    &[
-                        "request", "prod-db", "--access", "read", "--for", "30m", "--reason", reason, "--json",
-                    ],
-                )
-                .await;
-            assert!(run.ok, "{run:?}");
-            json_of(&run)
-        }
-    };
 
     // Slack answers 503 twice: the request is filed at once, the post is retried until it lands.
     slack.fail_next.store(2, Ordering::SeqCst);
-    let first = file("INC-9").await;
+    let first = h.request_read(&alice, "prod-db", "INC-9").await;
     assert_eq!(first["state"], "pending");
     let third = slack.nth("chat.postMessage", 3).await;
     assert!(all_text(&third.body).contains("INC-9"), "{}", third.body);
@@ -580,7 +535,7 @@ async fn a_failing_or_silent_slack_never_holds_up_a_decision() {
 
     // Slack stops answering: filing, approving and connecting go on without it.
     slack.hang.store(true, Ordering::SeqCst);
-    let second = file("INC-10").await;
+    let second = h.request_read(&alice, "prod-db", "INC-10").await;
     let id = second["id"].as_str().unwrap();
     let run = h.cli_as(&bob, &["approve", id]).await;
     assert!(run.ok, "{run:?}");
@@ -605,15 +560,7 @@ async fn each_approval_of_several_updates_the_message() {
     let quinn = h.user("quinn", &["qa"]);
     let bob = h.user("bob", &["dba"]);
     let dan = h.user("dan", &["dba"]);
-    let req = json_of(
-        &h.cli_as(
-            &quinn,
-            &[
-                "request", "prod-db", "--access", "read", "--for", "30m", "--reason", "INC-11", "--json",
-            ],
-        )
-        .await,
-    );
+    let req = h.request_read(&quinn, "prod-db", "INC-11").await;
     let id = req["id"].as_str().unwrap().to_owned();
     let posted = slack.nth("chat.postMessage", 1).await;
     assert!(all_text(&posted.body).contains("Pending: 0 of 2"), "{}", posted.body);
