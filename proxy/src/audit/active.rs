@@ -295,17 +295,17 @@ impl ActiveFile {
         Ok(true)
     }
 
-    /// A second handle on the file to sync it with, outside the writer's lock; `None` when
-    /// nothing was written since the last sync, or for a pipe or device. Marks the file
-    /// synced: the caller syncs the handle (and counts a failure).
-    pub fn sync_handle(&mut self) -> std::io::Result<Option<File>> {
+    /// A second handle on the file to sync it with, outside the writer's lock, and the bytes
+    /// that sync covers; `None` when nothing was written since the last sync, or for a pipe
+    /// or device. Marks the file synced: the caller syncs the handle (and counts a failure).
+    pub fn sync_handle(&mut self) -> std::io::Result<Option<(File, u64)>> {
         if !self.unsynced || !self.is_regular() {
             self.unsynced = false;
             return Ok(None);
         }
         let handle = self.file.try_clone()?;
         self.unsynced = false;
-        Ok(Some(handle))
+        Ok(Some((handle, self.len)))
     }
 
     /// Syncs the file, renames it to `PATH.<first seq>` and continues in a fresh `PATH`.
@@ -329,5 +329,20 @@ impl ActiveFile {
         self.first_seq = None;
         files::sync_parent(&self.path)?;
         Ok(to)
+    }
+}
+
+/// Lets the kernel drop the page cache of `file`'s first `synced` bytes (whole pages only: the
+/// last one is still being appended to), after an `fsync` made them durable. The log is
+/// written once and read rarely, so its pages would otherwise fill memory; reused, they also
+/// spare every append the cost of a page the kernel has not handed out lately (zeroing it,
+/// and on a VM with free page reporting, the host mapping it again). Advice only: a failure
+/// changes nothing that was written.
+pub fn drop_cached(file: &File, synced: u64) {
+    const PAGE: u64 = 4096;
+    if let Some(len) = std::num::NonZeroU64::new(synced / PAGE * PAGE) {
+        if let Err(error) = rustix::fs::fadvise(file, 0, Some(len), rustix::fs::Advice::DontNeed) {
+            tracing::debug!(%error, "cannot drop the synced audit log from the page cache");
+        }
     }
 }

@@ -41,7 +41,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use tokio::sync::oneshot;
 
-use super::active::{ActiveFile, AppendError, Ident};
+use super::active::{self, ActiveFile, AppendError, Ident};
 use super::chain;
 use super::event::{encode_record, record_head, AuditEvent, ReopenReason};
 use super::tip::{Tip, TipFile};
@@ -863,7 +863,7 @@ impl Core {
     /// The periodic sync's first half, under the lock: a handle to sync the file with after
     /// the lock is released, and the tip that sync makes durable. Falls back to syncing here
     /// when the handle cannot be had.
-    fn begin_sync(&mut self) -> (Option<std::fs::File>, Tip) {
+    fn begin_sync(&mut self) -> (Option<(std::fs::File, u64)>, Tip) {
         let handle = match self.file.as_mut().map(ActiveFile::sync_handle) {
             Some(Ok(handle)) => handle,
             Some(Err(error)) => {
@@ -1060,9 +1060,14 @@ impl Writer {
     /// then the tip it made durable goes to the tip file.
     fn sync(&mut self) {
         let (handle, tip) = self.core().begin_sync();
-        if let Some(handle) = handle {
+        if let Some((handle, synced)) = handle {
             let start = Instant::now();
-            observe_sync(&self.metrics, &self.path, start, handle.sync_data().map(|()| true));
+            let result = handle.sync_data();
+            let ok = result.is_ok();
+            observe_sync(&self.metrics, &self.path, start, result.map(|()| true));
+            if ok {
+                active::drop_cached(&handle, synced);
+            }
         }
         self.core().write_tip_at(tip);
         self.last_sync = Instant::now();

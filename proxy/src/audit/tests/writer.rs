@@ -556,3 +556,44 @@ fn records_that_find_the_file_held_go_out_with_the_next_holders_write() {
     assert_eq!(grant_ids(&config), ["g-waited", "g-holder", "g-at-close"]);
     assert_eq!(verify(&config).records, 3);
 }
+
+/// Bytes of `path` in the page cache, as `fincore` (util-linux) counts them.
+fn resident_bytes(path: &std::path::Path) -> u64 {
+    let out = std::process::Command::new("fincore")
+        .args(["--bytes", "--noheadings", "--output", "RES"])
+        .arg(path)
+        .output()
+        .expect("fincore (util-linux) runs; scripts/test installs it");
+    assert!(
+        out.status.success(),
+        "fincore: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
+}
+
+#[test]
+fn the_periodic_sync_lets_the_kernel_drop_the_synced_pages_of_the_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = config(dir.path());
+    let log = AuditLog::open(&config, Metrics::new()).unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+    let events = (0..4000).map(|i| event(&format!("page-{i}"))).collect();
+    rt.block_on(log.enqueue(events).unwrap()).unwrap();
+    let written = std::fs::metadata(&config.path).unwrap().len();
+    assert!(written > 64 << 10, "{written} bytes");
+    // The writer syncs every 20 ms; once it has, at most the page still appended to stays.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let mut resident = resident_bytes(&config.path);
+    while resident > 4096 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+        resident = resident_bytes(&config.path);
+    }
+    assert!(
+        resident <= 4096,
+        "{resident} of {written} bytes still cached after the sync"
+    );
+    // Advice only: everything is still there, in order.
+    assert_eq!(verify(&config).records, 4000);
+    log.close();
+}
