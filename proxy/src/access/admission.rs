@@ -135,7 +135,7 @@ impl Admission {
                 database: ask.database.unwrap_or_else(|| target.database.clone()),
                 access: grant.access,
                 client_addr: ask.client_addr,
-                upstream_role: crate::credentials::upstream_role(&target, grant),
+                upstream_role: crate::credentials::upstream_role(&target, grant).into(),
             },
             cut_parent: permit.cut_token().clone(),
         });

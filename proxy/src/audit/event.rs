@@ -5,6 +5,9 @@
 use std::net::SocketAddr;
 use std::time::SystemTime;
 
+use std::borrow::Cow;
+use std::sync::Arc;
+
 use serde::{Deserialize, Serialize};
 
 use crate::model::{
@@ -241,14 +244,18 @@ pub enum AuditEvent {
         /// Bound parameters: text as sent, binary as hex, capped; `null` for SQL NULL.
         #[serde(skip_serializing_if = "Vec::is_empty", default)]
         params: Vec<Option<String>>,
-        class: String,
-        kind: String,
+        /// Borrowed from the classifier's names when written (no allocation per statement).
+        class: Cow<'static, str>,
+        kind: Cow<'static, str>,
         #[serde(skip_serializing_if = "Vec::is_empty", default)]
         tables: Vec<String>,
         /// The role the proxy logged in to the target as: the level's role, or the grant's
-        /// temporary role (`credentials.mode = "ephemeral"`).
-        #[serde(skip_serializing_if = "String::is_empty", default)]
-        upstream_role: String,
+        /// temporary role (`credentials.mode = "ephemeral"`). Shared with the session.
+        #[serde(
+            skip_serializing_if = "crate::model::str_is_empty",
+            default = "crate::model::no_role"
+        )]
+        upstream_role: Arc<str>,
         /// The role statements run as, when changed with SET ROLE / SET SESSION AUTHORIZATION.
         #[serde(skip_serializing_if = "Option::is_none", default)]
         effective_role: Option<String>,

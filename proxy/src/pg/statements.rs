@@ -352,10 +352,10 @@ impl Tracker {
             protocol: path,
             text,
             params,
-            class: class.as_str().to_owned(),
-            kind: kind.to_owned(),
+            class: std::borrow::Cow::Borrowed(class.as_str()),
+            kind: std::borrow::Cow::Borrowed(kind),
             tables,
-            upstream_role: f.upstream_role.clone(),
+            upstream_role: std::sync::Arc::clone(&f.upstream_role),
             effective_role: self.effective_role.clone(),
             decision: if denial.is_some() {
                 Decision::Denied

@@ -56,7 +56,7 @@ fn events() -> Vec<AuditEvent> {
             class: "read".into(),
             kind: "select".into(),
             tables: Vec::new(),
-            upstream_role: String::new(),
+            upstream_role: "".into(),
             effective_role: None,
             decision: Decision::Allowed,
             denied_by: None,

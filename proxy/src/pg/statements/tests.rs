@@ -38,7 +38,7 @@ fn decisions(t: &mut Tracker, msg: &[u8]) -> Vec<(String, String, String)> {
         .map(|r| match r {
             AuditEvent::Statement {
                 class, kind, decision, ..
-            } => (class, kind, format!("{decision:?}")),
+            } => (class.into_owned(), kind.into_owned(), format!("{decision:?}")),
             other => panic!("not a statement record: {other:?}"),
         })
         .collect()
