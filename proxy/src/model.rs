@@ -14,13 +14,3 @@ pub use grant::{Deadline, Grant, GrantEnd, NewGrant};
 pub use ids::{AccessLevel, AgentName, GrantId, InvalidName, RequestId, Role, SessionId, TargetName, UserName};
 pub use request::{ListFilter, NewExtension, NewRequest, Request, RequestState, Vote};
 pub use session::SessionMeta;
-
-/// `skip_serializing_if` for a shared string (`upstream_role`).
-pub(crate) fn str_is_empty(s: &std::sync::Arc<str>) -> bool {
-    s.is_empty()
-}
-
-/// The `upstream_role` of records written before it was recorded.
-pub(crate) fn no_role() -> std::sync::Arc<str> {
-    std::sync::Arc::from("")
-}

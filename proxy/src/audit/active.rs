@@ -282,8 +282,9 @@ impl ActiveFile {
         }
     }
 
-    /// Flushes written records to stable storage; a no-op when nothing was written since the
-    /// last sync. Returns whether a sync ran.
+    /// Flushes written records to stable storage, then lets their pages go
+    /// ([`drop_cached`]); a no-op when nothing was written since the last sync. Returns
+    /// whether a sync ran.
     pub fn sync(&mut self) -> std::io::Result<bool> {
         if !self.unsynced {
             return Ok(false);
@@ -291,6 +292,7 @@ impl ActiveFile {
         self.unsynced = false;
         if self.is_regular() {
             self.file.sync_data()?;
+            drop_cached(&self.file, self.len);
         }
         Ok(true)
     }

@@ -251,10 +251,7 @@ pub enum AuditEvent {
         tables: Vec<String>,
         /// The role the proxy logged in to the target as: the level's role, or the grant's
         /// temporary role (`credentials.mode = "ephemeral"`). Shared with the session.
-        #[serde(
-            skip_serializing_if = "crate::model::str_is_empty",
-            default = "crate::model::no_role"
-        )]
+        #[serde(skip_serializing_if = "str::is_empty", default)]
         upstream_role: Arc<str>,
         /// The role statements run as, when changed with SET ROLE / SET SESSION AUTHORIZATION.
         #[serde(skip_serializing_if = "Option::is_none", default)]

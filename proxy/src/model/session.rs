@@ -24,9 +24,6 @@ pub struct SessionMeta {
     pub client_addr: SocketAddr,
     /// The role the proxy logs in to the target as (PostgreSQL; the login user for SSH): the
     /// access level's role, or the grant's temporary role in `credentials.mode = "ephemeral"`.
-    #[serde(
-        default = "crate::model::no_role",
-        skip_serializing_if = "crate::model::str_is_empty"
-    )]
+    #[serde(default, skip_serializing_if = "str::is_empty")]
     pub upstream_role: std::sync::Arc<str>,
 }

@@ -17,6 +17,7 @@ mod answers;
 #[cfg(test)]
 mod tests;
 
+use std::borrow::Cow;
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Instant;
@@ -352,10 +353,10 @@ impl Tracker {
             protocol: path,
             text,
             params,
-            class: std::borrow::Cow::Borrowed(class.as_str()),
-            kind: std::borrow::Cow::Borrowed(kind),
+            class: Cow::Borrowed(class.as_str()),
+            kind: Cow::Borrowed(kind),
             tables,
-            upstream_role: std::sync::Arc::clone(&f.upstream_role),
+            upstream_role: Arc::clone(&f.upstream_role),
             effective_role: self.effective_role.clone(),
             decision: if denial.is_some() {
                 Decision::Denied
